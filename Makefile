@@ -1,0 +1,37 @@
+# Two commands do all set-up on a fresh CPU machine: `make demo` and `make test`.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.qlaunch-installed
+
+.PHONY: install demo test lint format bench-gpu clean
+
+# torch is installed first and pinned: on CPU machines torch==2.13.0 is the CPU wheel; an unpinned
+# torch would pull a multi-GB CUDA build.
+$(STAMP): pyproject.toml requirements-cpu.txt
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -c requirements-cpu.txt -e '.[dev,deepspeed]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/qlaunch run recipes/tiny-cpu.toml --gpus 2
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: $(STAMP)
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .
+
+test: lint
+	$(VENV)/bin/python -m pytest -q -m "not gpu" tests
+
+bench-gpu:
+	bash scripts/bench_gpu.sh
+
+clean:
+	rm -rf runs .pytest_cache

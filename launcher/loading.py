@@ -1,0 +1,495 @@
+"""Meta-device skeleton, 4-bit layer replacement, LoRA, and per-rank shard materialisation.
+
+Order matters and is the whole point of this module:
+  1. build the architecture on the meta device (no memory),
+  2. swap target linears for bitsandbytes 4-bit layers and inject LoRA (still meta),
+  3. let the backend shard the parameters (FSDP2 `fully_shard`) — shards are still meta,
+  4. allocate each rank's local shards and fill them, tensor by tensor, from a sliceable source.
+No rank ever holds a whole tensor it does not own, and no rank waits for another to broadcast weights.
+
+4-bit layout: bitsandbytes quantizes in independent blocks of `blocksize` consecutive elements of the
+flattened weight, so rank r can quantize just the blocks under its shard and get the very bytes a
+whole-tensor quantization would give. The per-block scales (absmax) are computed the same way for the
+blocks each rank owns and all-gathered (they are 1/32 to 1/8 of the packed bytes): every rank needs all
+of them to dequantize the all-gathered weight.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from launcher.errors import UserError
+from launcher.recipe import QuantConfig, Recipe
+from launcher.sources import (
+    ABSMAX_SUFFIX,
+    PACKED_SUFFIX,
+    RandomSource,
+    SafetensorsSource,
+    read_quant_meta,
+)
+
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+# Architectures whose decoder layers live at `model.layers` and that were tested with this loader.
+SUPPORTED_ARCHS = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
+
+
+# ------------------------------------------------------------------ config & skeleton
+
+
+def resolve_model_dir(recipe: Recipe) -> Path:
+    """Local directory for the model's config/weights; hub ids go through huggingface_hub's cache."""
+    p = Path(recipe.model.path)
+    if p.exists():
+        if not (p / "config.json").is_file():
+            raise UserError(f"model.path = {recipe.model.path!r}: directory has no config.json")
+        return p
+    if recipe.model.path.count("/") == 1 and not recipe.model.path.startswith((".", "/")):
+        from huggingface_hub import snapshot_download
+
+        patterns = ["*.json", "*.model", "*.txt"]
+        if recipe.model.init == "pretrained":
+            patterns.append("*.safetensors")
+        try:
+            return Path(snapshot_download(recipe.model.path, revision=recipe.model.revision, allow_patterns=patterns))
+        except Exception as err:  # network, auth, missing repo: all user-facing
+            raise UserError(f"model.path = {recipe.model.path!r}: could not fetch from the hub ({err})") from None
+    raise UserError(f"model.path = {recipe.model.path!r}: no such directory (and not a hub id of the form org/name)")
+
+
+def load_config(recipe: Recipe, model_dir: Path):
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(str(model_dir), trust_remote_code=recipe.model.trust_remote_code)
+    archs = list(getattr(config, "architectures", None) or [])
+    if not archs or archs[0] not in SUPPORTED_ARCHS:
+        raise UserError(
+            f"{model_dir}/config.json: architecture {archs[0] if archs else '(none)'} is not supported; "
+            f"supported: {', '.join(SUPPORTED_ARCHS)}"
+        )
+    return config
+
+
+def build_skeleton(recipe: Recipe, config) -> nn.Module:
+    """The architecture with parameters on meta; buffers (rotary tables) stay real on CPU."""
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(
+            config,
+            dtype=DTYPES[recipe.model.dtype],
+            attn_implementation=recipe.model.attn_implementation,
+            trust_remote_code=recipe.model.trust_remote_code,
+        )
+    return model
+
+
+def decoder_layers(causal_lm: nn.Module) -> nn.ModuleList:
+    return causal_lm.model.layers
+
+
+def linear_names(causal_lm: nn.Module) -> list[str]:
+    return [n for n, m in causal_lm.named_modules() if isinstance(m, nn.Linear)]
+
+
+def _matches(name: str, suffixes: list[str]) -> bool:
+    return any(name == s or name.endswith("." + s) for s in suffixes)
+
+
+def lora_targets(recipe: Recipe, causal_lm: nn.Module) -> list[str]:
+    """Module-name suffixes LoRA wraps; validated against the architecture before any weight is read."""
+    names = linear_names(causal_lm)
+    if recipe.lora.target_modules == "all-linear":
+        leaves = sorted({n.rsplit(".", 1)[-1] for n in names if ".layers." in n})
+        return leaves
+    for t in recipe.lora.target_modules:
+        if not any(_matches(n, [t]) for n in names):
+            leaves = sorted({n.rsplit(".", 1)[-1] for n in names})
+            raise UserError(f"lora.target_modules: {t!r} matches no linear layer; this model has {', '.join(leaves)}")
+    return list(recipe.lora.target_modules)
+
+
+# ------------------------------------------------------------------ quantized layers
+
+
+def replace_with_4bit(causal_lm: nn.Module, q: QuantConfig) -> dict[str, nn.Module]:
+    """Swap every non-skipped linear for a bitsandbytes Linear4bit on meta; returns {name: layer}."""
+    import bitsandbytes as bnb
+    from bitsandbytes.nn import Params4bit
+
+    storage = DTYPES[q.storage_dtype]
+    out: dict[str, nn.Module] = {}
+    for name in linear_names(causal_lm):
+        if _matches(name, q.skip_modules):
+            continue
+        parent_name, _, leaf = name.rpartition(".")
+        parent = causal_lm.get_submodule(parent_name)
+        lin: nn.Linear = getattr(parent, leaf)
+        layer = bnb.nn.Linear4bit(
+            lin.in_features,
+            lin.out_features,
+            bias=lin.bias is not None,
+            compute_dtype=DTYPES[q.compute_dtype],
+            compress_statistics=q.double_quant,
+            quant_type=q.type,
+            quant_storage=storage,
+            device="meta",
+        )
+        # bitsandbytes' CPU inference path repacks the weight and rewrites the shared quant state in place
+        # on the first no-grad forward. A sharded backend re-gathers the original bytes every step, so
+        # the rewritten state would no longer match them (the loss drifts with lr=0). Never repack.
+        layer.support_avx512bf16_for_cpu = False
+        n = lin.in_features * lin.out_features
+        if n % 2:
+            raise UserError(f"{name}: {n} weights cannot be packed two per byte")
+        rows = n // 2 // storage.itemsize if n // 2 % storage.itemsize == 0 else None
+        if rows is None:
+            raise UserError(f"{name}: {n} 4-bit weights do not fill whole {q.storage_dtype} storage elements")
+        layer.weight = Params4bit(
+            torch.empty(rows, 1, dtype=storage, device="meta"),
+            requires_grad=False,
+            blocksize=q.blocksize,
+            compress_statistics=q.double_quant,
+            quant_type=q.type,
+            quant_storage=storage,
+            module=layer,
+            bnb_quantized=True,
+        )
+        if lin.bias is not None:
+            layer.bias = nn.Parameter(torch.empty_like(lin.bias, device="meta"), requires_grad=False)
+        setattr(parent, leaf, layer)
+        out[name] = layer
+    causal_lm.is_loaded_in_4bit = True  # peft dispatches its 4-bit LoRA layer on this flag
+    return out
+
+
+def make_quant_state(absmax: torch.Tensor, shape: tuple[int, int], q: QuantConfig):
+    """bitsandbytes QuantState from full per-block fp32 scales; double quantization done the library's way."""
+    from bitsandbytes.functional import QuantState, get_4bit_type, quantize_blockwise
+
+    code = get_4bit_type(q.type, device=absmax.device)
+    dtype = DTYPES[q.compute_dtype]
+    if q.double_quant:
+        offset = absmax.mean()
+        qabsmax, state2 = quantize_blockwise(absmax - offset, blocksize=256)
+        return QuantState(
+            absmax=qabsmax,
+            shape=torch.Size(shape),
+            dtype=dtype,
+            blocksize=q.blocksize,
+            code=code,
+            quant_type=q.type,
+            offset=offset,
+            state2=state2,
+        )
+    return QuantState(
+        absmax=absmax,
+        shape=torch.Size(shape),
+        dtype=dtype,
+        blocksize=q.blocksize,
+        code=code,
+        quant_type=q.type,
+    )
+
+
+def quantize_blocks(flat: torch.Tensor, q: QuantConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """Packed uint8 bytes and fp32 absmax of a block-aligned run of elements (bitsandbytes' own kernel)."""
+    packed, absmax = torch.ops.bitsandbytes.quantize_4bit.default(flat, q.blocksize, q.type, torch.uint8)
+    return packed.reshape(-1), absmax.reshape(-1).float()
+
+
+# ------------------------------------------------------------------ shard geometry
+
+
+def shard_rows(dim0: int, rank: int, world: int) -> tuple[int, int]:
+    """Rows [start, end) of dim 0 that rank owns under FSDP2's even (torch.chunk-style) split."""
+    c = -(-dim0 // world)
+    s = min(rank * c, dim0)
+    return s, min(s + c, dim0)
+
+
+def local_view(p: torch.Tensor) -> tuple[torch.Tensor, int, int]:
+    """(local tensor, first global row, row count) of a parameter, sharded (DTensor) or not."""
+    from torch.distributed.tensor import DTensor, Shard
+
+    if isinstance(p, DTensor):
+        assert len(p.placements) == 1 and isinstance(p.placements[0], Shard) and p.placements[0].dim == 0, p.placements
+        mesh = p.device_mesh
+        s, e = shard_rows(p.shape[0], mesh.get_local_rank(), mesh.size())
+        local = p.to_local()
+        assert local.shape[0] == e - s, (local.shape, s, e)
+        return local, s, e
+    return p.data, 0, p.shape[0]
+
+
+# ------------------------------------------------------------------ filling
+
+
+@dataclass
+class LoadStats:
+    bytes_read: int = 0
+    seconds: float = 0.0
+    tensors: int = 0
+    events: list[str] = field(default_factory=list)
+
+
+def _group_world(p: torch.Tensor) -> tuple[int, int, object]:
+    from torch.distributed.tensor import DTensor
+
+    if isinstance(p, DTensor):
+        mesh = p.device_mesh
+        return mesh.get_local_rank(), mesh.size(), mesh.get_group()
+    return 0, 1, None
+
+
+def fill_quantized(
+    layer: nn.Module, hf_name: str, source, q: QuantConfig, device: torch.device, prequant: bool
+) -> None:
+    """Fill this rank's packed bytes of a Linear4bit and attach the full quant state (see module doc)."""
+    p = layer.weight
+    local, r0, r1 = local_view(p)
+    rank, world, group = _group_world(p)
+    out_f, in_f = layer.out_features, layer.in_features
+    n = out_f * in_f
+    per_row = 2 * local.element_size()  # 4-bit elements per storage element
+    e0, e1 = r0 * per_row, min(r1 * per_row, n)
+    bs = q.blocksize
+    nblocks = -(-n // bs)
+    b0, b1 = shard_rows(nblocks, rank, world)  # absmax blocks this rank computes for the all-gather
+
+    if prequant:
+        packed_local = source.read_raw(hf_name + PACKED_SUFFIX, e0 // 2, e1 // 2).to(device)
+        absmax_own = source.read_raw(hf_name + ABSMAX_SUFFIX, b0, b1).to(device).float()
+    else:
+        spans = [(e0 // bs, -(-e1 // bs))] if e1 > e0 else []
+        if b1 > b0:
+            spans.append((b0, b1))
+        u0 = min(s for s, _ in spans) if spans else 0
+        u1 = max(e for _, e in spans) if spans else 0
+        if u1 > u0:
+            flat = source.read_flat(hf_name, u0 * bs, min(u1 * bs, n)).to(device)
+            packed, absmax = quantize_blocks(flat, q)
+        else:
+            packed = absmax = torch.empty(0, device=device)
+        off = (e0 - u0 * bs) // 2
+        packed_local = packed[off : off + (e1 - e0) // 2]
+        absmax_own = absmax[b0 - u0 : b1 - u0].float()
+
+    if e1 > e0:
+        local.view(torch.uint8).reshape(-1)[: (e1 - e0) // 2].copy_(packed_local)
+    absmax_full = _all_gather_blocks(absmax_own, nblocks, world, group, device)
+    qs = make_quant_state(absmax_full, (out_f, in_f), q)
+    layer.quant_state = qs
+    from torch.distributed.tensor import DTensor
+
+    if not isinstance(p, DTensor):
+        from bitsandbytes.nn import Params4bit
+
+        layer.weight = Params4bit(
+            local,
+            requires_grad=False,
+            quant_state=qs,
+            blocksize=bs,
+            compress_statistics=q.double_quant,
+            quant_type=q.type,
+            quant_storage=local.dtype,
+            module=layer,
+            bnb_quantized=True,
+        )
+
+
+def _all_gather_blocks(own: torch.Tensor, total: int, world: int, group, device) -> torch.Tensor:
+    if world == 1:
+        return own.contiguous()
+    c = -(-total // world)
+    buf = torch.zeros(c, dtype=torch.float32, device=device)
+    buf[: own.numel()] = own
+    parts = [torch.empty_like(buf) for _ in range(world)]
+    dist.all_gather(parts, buf, group=group)
+    return torch.cat(parts)[:total].contiguous()
+
+
+def fill_dense(p: torch.Tensor, hf_name: str, source, device: torch.device) -> None:
+    local, r0, r1 = local_view(p)
+    if r1 <= r0:
+        return
+    row = math.prod(p.shape[1:]) if p.dim() > 1 else 1
+    src = source.read_flat(hf_name, r0 * row, r1 * row)
+    local.copy_(src.to(device=device, dtype=local.dtype).reshape(local.shape))
+
+
+def lora_init(name: str, shape: tuple[int, ...], seed: int) -> torch.Tensor:
+    """peft's default LoRA A init (kaiming-uniform, a=sqrt(5)) from a generator keyed by the module name.
+
+    Generated whole on every rank (LoRA matrices are small) so all ranks and all world sizes agree.
+    """
+    from launcher.sources import _name_seed
+
+    g = torch.Generator().manual_seed(_name_seed(seed, name, 0))
+    t = torch.empty(shape, dtype=torch.float32)
+    bound = 1.0 / math.sqrt(shape[1]) if len(shape) > 1 else 0.0  # = kaiming_uniform(a=sqrt(5)) bound
+    return t.uniform_(-bound, bound, generator=g)
+
+
+def iter_base_params(
+    module_names: dict[nn.Module, str],
+) -> Iterator[tuple[str, nn.Module, str, torch.Tensor]]:
+    seen: set[int] = set()
+    for module, prefix in module_names.items():
+        for pname, p in module.named_parameters(recurse=False):
+            if id(p) in seen:
+                continue
+            seen.add(id(p))
+            yield (f"{prefix}.{pname}" if prefix else pname), module, pname, p
+
+
+def materialize(
+    root: nn.Module,
+    module_names: dict[nn.Module, str],
+    quant_layers: set[nn.Module],
+    source,
+    recipe: Recipe,
+    device: torch.device,
+    prequant: bool,
+    progress: Callable[[str], None] | None = None,
+) -> LoadStats:
+    """Allocate local shards on `device` and fill them; non-persistent buffers are restored afterwards."""
+    stats = LoadStats()
+    t0 = time.perf_counter()
+    buffers = {n: b.detach().clone() for n, b in root.named_buffers()}
+    root.to_empty(device=device)
+    with torch.no_grad():
+        for n, b in root.named_buffers():
+            b.copy_(buffers[n].to(b.device))
+        for hf_name, module, pname, p in iter_base_params(module_names):
+            if module in quant_layers and pname == "weight":
+                fill_quantized(module, hf_name, source, recipe.quant, device, prequant)
+            else:
+                fill_dense(p, hf_name, source, device)
+            stats.tensors += 1
+            if progress and hf_name.endswith(("mlp.down_proj.weight", "embed_tokens.weight")):
+                progress(hf_name)
+        for name, p in root.named_parameters():
+            if "lora_A" in name or "lora_B" in name or "lora_embedding" in name:
+                local, r0, r1 = local_view(p)
+                if "lora_B" in name:
+                    local.zero_()
+                else:
+                    key = name.split("base_model.model.", 1)[-1]
+                    full = lora_init(key, tuple(p.shape), recipe.lora.init_seed)
+                    local.copy_(full[r0:r1].to(device=device, dtype=local.dtype))
+            elif "lora_magnitude" in name:
+                raise UserError("lora.use_dora = true is not supported by the sharded loader yet; set it to false")
+    stats.bytes_read = getattr(source, "bytes_read", 0)
+    stats.seconds = time.perf_counter() - t0
+    return stats
+
+
+def open_source(recipe: Recipe, model_dir: Path, config, shapes: dict[str, tuple[int, ...]], device):
+    """(source, prequantized?) for the recipe's model.init and the directory's contents."""
+    if recipe.model.init == "random":
+        std = float(getattr(config, "initializer_range", 0.02))
+        return RandomSource(shapes, std, recipe.train.seed, device), False
+    meta = read_quant_meta(model_dir)
+    src = SafetensorsSource(model_dir)
+    if meta is not None:
+        q = recipe.quant
+        want = {"type": q.type, "blocksize": q.blocksize}
+        have = {k: meta.get(k) for k in want}
+        if want != have or q.bits != 4:
+            raise UserError(
+                f"{model_dir}: pre-quantized with {have}, but the recipe asks for bits={q.bits} {want}; "
+                "quantize again or match the recipe"
+            )
+        return src, True
+    for name, shape in shapes.items():
+        if name not in src:
+            raise UserError(f"{model_dir}: tensor '{name}' missing from the checkpoint (a shard file missing?)")
+        if tuple(src.shape(name)) != tuple(shape):
+            raise UserError(f"{model_dir}: tensor '{name}' has shape {src.shape(name)}, the config implies {shape}")
+        src.dtype(name)  # rejects int/unknown dtypes with the file named
+    return src, False
+
+
+# ------------------------------------------------------------------ assembly
+
+
+@dataclass
+class Built:
+    peft_model: nn.Module  # peft's PeftModel (for export)
+    loss_model: nn.Module  # CausalLMLoss: what the step loop calls (the FSDP root)
+    causal_lm: nn.Module
+    stats: LoadStats
+    model_dir: Path
+
+
+def build_model(
+    recipe: Recipe,
+    device: torch.device,
+    mesh=None,
+    progress: Callable[[str], None] | None = None,
+) -> Built:
+    """Skeleton -> 4-bit layers -> LoRA -> shard (if a mesh is given) -> fill this rank's shards."""
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import get_peft_model
+
+    from launcher.train import CausalLMLoss
+
+    model_dir = resolve_model_dir(recipe)
+    config = load_config(recipe, model_dir)
+    causal_lm = build_skeleton(recipe, config)
+    # Checkpoint names of every module, recorded before peft moves linears under `.base_layer`.
+    module_names = {m: n for n, m in causal_lm.named_modules()}
+    shapes = {
+        f"{n}.{pn}" if n else pn: tuple(p.shape)
+        for n, m in causal_lm.named_modules()
+        for pn, p in m.named_parameters(recurse=False)
+    }
+    targets = lora_targets(recipe, causal_lm)
+    quant_layers: dict[str, nn.Module] = {}
+    if recipe.quant.bits == 4:
+        quant_layers = replace_with_4bit(causal_lm, recipe.quant)
+        module_names = {m: n for n, m in causal_lm.named_modules()}
+    elif recipe.quant.bits == 8:
+        raise UserError("quant.bits = 8 is not implemented by this loader yet; use quant.bits = 4 or 'none'")
+    peft_cfg = PeftLoraConfig(
+        r=recipe.lora.rank,
+        lora_alpha=recipe.lora.alpha,
+        lora_dropout=recipe.lora.dropout,
+        target_modules=targets,
+        use_dora=recipe.lora.use_dora,
+        bias="none",
+        task_type="CAUSAL_LM",
+        base_model_name_or_path=recipe.model.path,
+    )
+    peft_model = get_peft_model(causal_lm, peft_cfg)
+    quant_params = {id(layer.weight) for layer in quant_layers.values()}
+    compute = DTYPES[recipe.quant.compute_dtype]
+    for p in peft_model.parameters():
+        if p.requires_grad:
+            p.data = p.data.to(torch.float32)  # fp32 masters; FSDP casts them to compute dtype for matmuls
+        elif mesh is None and id(p) not in quant_params and p.is_floating_point():
+            # Unsharded runs have no mixed-precision policy: hold frozen dense weights in compute dtype.
+            p.data = p.data.to(compute)
+    if recipe.train.gradient_checkpointing:
+        causal_lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    loss_model = CausalLMLoss(causal_lm)
+    if mesh is not None:
+        from launcher.parallel.fsdp import apply_fsdp
+
+        apply_fsdp(loss_model, causal_lm, recipe, mesh)
+    source, prequant = open_source(recipe, model_dir, config, shapes, device)
+    stats = materialize(
+        loss_model, module_names, set(quant_layers.values()), source, recipe, device, prequant, progress
+    )
+    loss_model.train()
+    return Built(peft_model, loss_model, causal_lm, stats, model_dir)

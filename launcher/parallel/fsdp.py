@@ -1,0 +1,39 @@
+"""FSDP2 (`fully_shard`) wrapping of the LoRA model: per decoder layer, the embedding, then the root."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from launcher.recipe import Recipe
+
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+def apply_fsdp(loss_model: nn.Module, causal_lm: nn.Module, recipe: Recipe, mesh) -> None:
+    """Shard in place. Must run while parameters are still on meta (before materialisation)."""
+    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
+
+    opts = recipe.parallel.fsdp
+    compute = DTYPES[recipe.quant.compute_dtype]
+    # param_dtype is what FSDP all-gathers; the packed 4-bit bytes are stored in this very dtype
+    # (quant.storage_dtype == quant.compute_dtype is validated in the recipe), so the cast is a no-op
+    # for them and their bits survive. LoRA masters stay fp32; gradients are reduced in fp32.
+    mp = MixedPrecisionPolicy(param_dtype=compute, reduce_dtype=torch.float32)
+    offload = CPUOffloadPolicy() if opts.cpu_offload else OffloadPolicy()
+    common = dict(mesh=mesh, mp_policy=mp, offload_policy=offload)
+    layers = list(causal_lm.model.layers)
+    for i, layer in enumerate(layers):
+        # The last layer's parameters are needed again at the start of backward: keep them gathered.
+        reshard = opts.reshard_after_forward and i < len(layers) - 1
+        fully_shard(layer, reshard_after_forward=reshard, **common)
+    emb = causal_lm.model.embed_tokens
+    tied = emb.weight is causal_lm.lm_head.weight
+    if not tied:
+        fully_shard(emb, reshard_after_forward=True, **common)
+    # Root: final norm + lm_head (+ tied embedding), used first thing in backward, so not resharded.
+    fully_shard(loss_model, reshard_after_forward=False, **common)
+    # Each rank's loss is its share of the global token-mean (see train.py), so gradients are summed,
+    # not averaged, across ranks.
+    setter = getattr(loss_model, "set_gradient_divide_factor", None) or loss_model.set_reduce_scatter_divide_factor
+    setter(1.0)

@@ -1,0 +1,75 @@
+"""`qlaunch quantize`: a pre-quantized 4-bit checkpoint, written one tensor at a time.
+
+For each quantized linear weight W it stores `NAME.qweight` (the packed 4-bit bytes, uint8, flat) and
+`NAME.absmax` (fp32 per-block scales, before double quantization); every other tensor is copied. Ranks
+loading it read just the byte range of their shard (half a byte per weight instead of two).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from launcher.errors import UserError
+from launcher.recipe import QuantConfig
+from launcher.sources import ABSMAX_SUFFIX, PACKED_SUFFIX, QUANT_META, SafetensorsSource, read_quant_meta
+
+
+def quantize_checkpoint(model_dir: str, out: str, quant_type: str, blocksize: int, skip: list[str]) -> Path:
+    from launcher.loading import quantize_blocks
+
+    src_dir, out_dir = Path(model_dir), Path(out)
+    if not (src_dir / "config.json").is_file():
+        raise UserError(f"{model_dir}: not a model directory (no config.json)")
+    if read_quant_meta(src_dir) is not None:
+        raise UserError(f"{model_dir}: already pre-quantized")
+    if out_dir.exists() and any(out_dir.iterdir()):
+        raise UserError(f"{out}: exists and is not empty")
+    try:
+        q = QuantConfig(type=quant_type, blocksize=blocksize)
+    except Exception as err:  # pydantic's message names the field
+        raise UserError(f"qlaunch quantize: {err.errors()[0]['msg']}") from None  # type: ignore[attr-defined]
+    src = SafetensorsSource(src_dir)
+    tmp = out_dir.with_name(out_dir.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    quantized = []
+    # One output file per input file keeps peak memory at one shard's worth of tensors.
+    by_file: dict[Path, list[str]] = {}
+    for name, f in src.where.items():
+        by_file.setdefault(f, []).append(name)
+    for f, names in sorted(by_file.items()):
+        tensors: dict[str, torch.Tensor] = {}
+        for name in sorted(names):
+            shape = src.shape(name)
+            module = name.rsplit(".", 1)[0]
+            is_linear = name.endswith(".weight") and len(shape) == 2 and ".layers." in name
+            if is_linear and not any(module == s or module.endswith("." + s) for s in skip):
+                flat = src.read_flat(name, 0, shape[0] * shape[1])
+                packed, absmax = quantize_blocks(flat, q)
+                tensors[name + PACKED_SUFFIX] = packed.contiguous()
+                tensors[name + ABSMAX_SUFFIX] = absmax.contiguous()
+                quantized.append(name)
+            else:
+                tensors[name] = src.read_flat(name, 0, int(torch.Size(shape).numel())).reshape(shape).clone()
+        save_file(tensors, str(tmp / f.name), metadata={"format": "pt"})
+    for extra in src_dir.iterdir():
+        if extra.is_file() and not extra.name.endswith(".safetensors") and extra.name != "model.safetensors.index.json":
+            shutil.copy2(extra, tmp / extra.name)
+    meta = {
+        "format": "qlaunch-4bit-v1",
+        "type": q.type,
+        "blocksize": q.blocksize,
+        "quantized": quantized,
+        "shapes": {n: list(src.shape(n)) for n in quantized},
+    }
+    (tmp / QUANT_META).write_text(json.dumps(meta, indent=1) + "\n")
+    if out_dir.exists():
+        out_dir.rmdir()
+    os.replace(tmp, out_dir)
+    return out_dir

@@ -1,0 +1,106 @@
+"""Per-rank entry point: `python -m launcher.worker RUN_DIR` (spawned by torch.distributed.run).
+
+The only place that creates and destroys the process group. Everything it needs comes from the run
+directory (resolved recipe + plan); torchrun's own variables (RANK, WORLD_SIZE, ...) are read here only.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch.distributed as dist
+
+from launcher.errors import UserError
+from launcher.rundir import RunDir
+
+
+@dataclass(frozen=True)
+class Dist:
+    rank: int
+    local_rank: int
+    world: int
+
+    @classmethod
+    def from_env(cls) -> Dist:
+        return cls(
+            int(os.environ.get("RANK", 0)),
+            int(os.environ.get("LOCAL_RANK", 0)),
+            int(os.environ.get("WORLD_SIZE", 1)),
+        )
+
+
+def redirect_output(path: Path) -> None:
+    """Send this process's stdout/stderr (including C-level writes) to its own log file, appending."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    sys.stdout.flush(), sys.stderr.flush()
+    os.dup2(fd, 1), os.dup2(fd, 2)
+    os.close(fd)
+    sys.stdout = os.fdopen(1, "w", buffering=1, closefd=False)
+    sys.stderr = os.fdopen(2, "w", buffering=1, closefd=False)
+
+
+class Metrics:
+    """Rank 0 appends one JSON object per line; the launching terminal tails the file."""
+
+    def __init__(self, path: Path, enabled: bool):
+        self.fh = open(path, "a", buffering=1) if enabled else None
+
+    def __call__(self, event: str, **fields) -> None:
+        if self.fh:
+            self.fh.write(json.dumps({"event": event, "time": time.time(), **fields}) + "\n")
+
+    def close(self) -> None:
+        if self.fh:
+            self.fh.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    run = RunDir(Path(argv[0]).resolve())
+    d = Dist.from_env()
+    if os.environ.get("QLAUNCH_NO_REDIRECT") != "1":
+        redirect_output(run.rank_log(d.rank))
+    print(
+        f"[rank {d.rank}] start pid={os.getpid()} world={d.world} restart={os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}",
+        flush=True,
+    )
+    try:
+        from launcher.session import run_training
+
+        run_training(run, d)
+        return 0
+    except UserError as err:
+        _write_error(run, d.rank, str(err), "user")
+        print(f"error: {err}", flush=True)
+        return err.exit_code
+    except BaseException as err:  # noqa: BLE001 - every failure must reach the rank's log and error file
+        traceback.print_exc()
+        sys.stdout.flush()
+        _write_error(run, d.rank, f"{type(err).__name__}: {err}".splitlines()[0][:500], "crash")
+        return 1
+    finally:
+        if dist.is_initialized():
+            try:
+                dist.destroy_process_group()
+            except Exception:  # noqa: BLE001
+                pass
+
+
+def _write_error(run: RunDir, rank: int, message: str, kind: str) -> None:
+    try:
+        (run.logs / f"rank{rank}.error.json").write_text(
+            json.dumps({"rank": rank, "time": time.time(), "kind": kind, "message": message})
+        )
+    except OSError:
+        pass
+
+
+if __name__ == "__main__":
+    sys.exit(main())
