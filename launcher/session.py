@@ -15,8 +15,8 @@ import torch.distributed as dist
 from launcher import export
 from launcher.data import StepSampler, build_data, build_tokenizer
 from launcher.loading import build_model
+from launcher.parallel import make_engine
 from launcher.rundir import RunDir
-from launcher.train import clip_grad_norm, lr_lambda, make_optimizer
 
 
 def seed_everything(seed: int) -> None:
@@ -32,11 +32,12 @@ def init_process_group(plan: dict, d) -> tuple[torch.device, object]:
     else:
         device = torch.device("cpu")
     mesh = None
+    if plan["backend"] != "none":
+        kw = {"device_id": device} if device.type == "cuda" else {}
+        dist.init_process_group(plan["dist_backend"], timeout=timedelta(minutes=30), **kw)
     if plan["backend"] == "fsdp":
         from torch.distributed.device_mesh import init_device_mesh
 
-        kw = {"device_id": device} if device.type == "cuda" else {}
-        dist.init_process_group(plan["dist_backend"], timeout=timedelta(minutes=30), **kw)
         mesh = init_device_mesh(device.type, (d.world,))
     return device, mesh
 
@@ -78,11 +79,9 @@ def run_training(run: RunDir, d) -> None:
     )
     total_steps = recipe.train.max_steps or max(1, math.ceil(recipe.train.epochs * sampler.steps_per_epoch))
 
-    params = [p for p in built.loss_model.parameters() if p.requires_grad]
-    opt = make_optimizer(params, recipe.train.lr, recipe.train.weight_decay, recipe.train.betas, device.type)
+    engine = make_engine(built, recipe, plan, total_steps, device)
+    model = engine.model
     t = recipe.train
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(t.schedule, t.warmup_steps, total_steps, t.min_lr_ratio))
-    model = built.loss_model
     metrics("start", total_steps=total_steps, world=d.world, first_step_after_s=time.time() - t_spawn)
 
     tokens_seen = 0
@@ -100,12 +99,9 @@ def run_training(run: RunDir, d) -> None:
         for b in micro:
             b = {k: v.to(device, non_blocking=True) for k, v in b.items()}
             s, _ = model(b["input_ids"], b["labels"], b["position_ids"])
-            (s / n_global).backward()
+            engine.backward(s / n_global)
             loss_sum += s.detach()
-        grad_norm = clip_grad_norm(params, t.grad_clip)
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
+        grad_norm = engine.step()
         if dist.is_initialized():
             dist.all_reduce(loss_sum)
         loss = float(loss_sum) / n_global
@@ -124,7 +120,7 @@ def run_training(run: RunDir, d) -> None:
                 step=step + 1,
                 total_steps=total_steps,
                 loss=loss,
-                lr=sched.get_last_lr()[0],
+                lr=engine.lr(),
                 grad_norm=grad_norm,
                 tokens_per_s=tps,
                 tokens_per_s_per_gpu=tps / d.world,
