@@ -203,6 +203,8 @@ def make_quant_state(absmax: torch.Tensor, shape: tuple[int, int], q: QuantConfi
 
 def quantize_blocks(flat: torch.Tensor, q: QuantConfig) -> tuple[torch.Tensor, torch.Tensor]:
     """Packed uint8 bytes and fp32 absmax of a block-aligned run of elements (bitsandbytes' own kernel)."""
+    import bitsandbytes  # noqa: F401 - registers the torch.ops.bitsandbytes kernels
+
     packed, absmax = torch.ops.bitsandbytes.quantize_4bit.default(flat, q.blocksize, q.type, torch.uint8)
     return packed.reshape(-1), absmax.reshape(-1).float()
 
@@ -251,46 +253,59 @@ def _group_world(p: torch.Tensor) -> tuple[int, int, object]:
     return 0, 1, None
 
 
+def shard_spans(n: int, r0: int, r1: int, per_row: int, blocksize: int, rank: int, world: int):
+    """Element range [e0, e1) of this rank's packed rows, and the absmax blocks [b0, b1) it contributes.
+
+    Rows are FSDP's dim-0 shard of the packed storage tensor (`per_row` 4-bit elements per row); blocks are
+    an even split of all quantization blocks, so every block's scale is computed by exactly one rank.
+    """
+    e0, e1 = r0 * per_row, min(r1 * per_row, n)
+    b0, b1 = shard_rows(-(-n // blocksize), rank, world)
+    return e0, e1, b0, b1
+
+
+def quantize_shard(read_flat: Callable[[int, int], torch.Tensor], n: int, spans, q: QuantConfig, device):
+    """(packed bytes of elements [e0, e1), fp32 absmax of blocks [b0, b1)) from the source values.
+
+    Reads and quantizes only the block-aligned union of the two ranges; blockwise quantization is local
+    to each block, so the bytes equal those of quantizing the whole tensor.
+    """
+    e0, e1, b0, b1 = spans
+    bs = q.blocksize
+    ranges = ([(e0 // bs, -(-e1 // bs))] if e1 > e0 else []) + ([(b0, b1)] if b1 > b0 else [])
+    if not ranges:
+        empty = torch.empty(0, device=device)
+        return empty.to(torch.uint8), empty.float()
+    u0, u1 = min(r[0] for r in ranges), max(r[1] for r in ranges)
+    flat = read_flat(u0 * bs, min(u1 * bs, n)).to(device)
+    packed, absmax = quantize_blocks(flat, q)
+    off = (e0 - u0 * bs) // 2
+    return packed[off : off + max(e1 - e0, 0) // 2], absmax[b0 - u0 : b1 - u0]
+
+
 def fill_quantized(
     layer: nn.Module, hf_name: str, source, q: QuantConfig, device: torch.device, prequant: bool
 ) -> None:
     """Fill this rank's packed bytes of a Linear4bit and attach the full quant state (see module doc)."""
+    from torch.distributed.tensor import DTensor
+
     p = layer.weight
     local, r0, r1 = local_view(p)
     rank, world, group = _group_world(p)
     out_f, in_f = layer.out_features, layer.in_features
     n = out_f * in_f
-    per_row = 2 * local.element_size()  # 4-bit elements per storage element
-    e0, e1 = r0 * per_row, min(r1 * per_row, n)
-    bs = q.blocksize
-    nblocks = -(-n // bs)
-    b0, b1 = shard_rows(nblocks, rank, world)  # absmax blocks this rank computes for the all-gather
-
+    spans = shard_spans(n, r0, r1, 2 * local.element_size(), q.blocksize, rank, world)
+    e0, e1, b0, b1 = spans
     if prequant:
         packed_local = source.read_raw(hf_name + PACKED_SUFFIX, e0 // 2, e1 // 2).to(device)
         absmax_own = source.read_raw(hf_name + ABSMAX_SUFFIX, b0, b1).to(device).float()
     else:
-        spans = [(e0 // bs, -(-e1 // bs))] if e1 > e0 else []
-        if b1 > b0:
-            spans.append((b0, b1))
-        u0 = min(s for s, _ in spans) if spans else 0
-        u1 = max(e for _, e in spans) if spans else 0
-        if u1 > u0:
-            flat = source.read_flat(hf_name, u0 * bs, min(u1 * bs, n)).to(device)
-            packed, absmax = quantize_blocks(flat, q)
-        else:
-            packed = absmax = torch.empty(0, device=device)
-        off = (e0 - u0 * bs) // 2
-        packed_local = packed[off : off + (e1 - e0) // 2]
-        absmax_own = absmax[b0 - u0 : b1 - u0].float()
-
+        packed_local, absmax_own = quantize_shard(lambda a, b: source.read_flat(hf_name, a, b), n, spans, q, device)
     if e1 > e0:
         local.view(torch.uint8).reshape(-1)[: (e1 - e0) // 2].copy_(packed_local)
-    absmax_full = _all_gather_blocks(absmax_own, nblocks, world, group, device)
+    absmax_full = _all_gather_blocks(absmax_own, -(-n // q.blocksize), world, group, device)
     qs = make_quant_state(absmax_full, (out_f, in_f), q)
     layer.quant_state = qs
-    from torch.distributed.tensor import DTensor
-
     if not isinstance(p, DTensor):
         from bitsandbytes.nn import Params4bit
 
@@ -298,7 +313,7 @@ def fill_quantized(
             local,
             requires_grad=False,
             quant_state=qs,
-            blocksize=bs,
+            blocksize=q.blocksize,
             compress_statistics=q.double_quant,
             quant_type=q.type,
             quant_storage=local.dtype,

@@ -1,0 +1,63 @@
+"""Shared fixtures: the shipped tiny model/data, and a way to run the real CLI in a subprocess."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+ASSETS = ROOT / "assets"
+TINY_MODEL = ASSETS / "tiny-llama"
+TINY_DATA = ASSETS / "tiny-data"
+
+# A small but complete recipe; tests write variants of it with `write_recipe`.
+BASE_RECIPE = f"""
+name = "t"
+[model]
+path = "{TINY_MODEL}"
+[quant]
+bits = 4
+[lora]
+rank = 8
+alpha = 16
+[data]
+datasets = [{{ path = "{TINY_DATA / "train.jsonl"}" }}]
+format = "alpaca"
+seq_len = 64
+[train]
+max_steps = 2
+micro_batch = 2
+global_batch = 4
+lr = 1e-3
+[launch]
+gpus = 2
+"""
+
+
+@pytest.fixture
+def recipe_file(tmp_path):
+    """Write BASE_RECIPE (or a given text) into tmp_path/recipe.toml and return its path."""
+
+    def write(text: str = BASE_RECIPE, name: str = "recipe.toml") -> Path:
+        p = tmp_path / name
+        p.write_text(text)
+        return p
+
+    return write
+
+
+def run_cli(*args: str, cwd: Path | None = None, timeout: int = 600, env: dict | None = None):
+    """Run `qlaunch ARGS` as a user would; returns CompletedProcess with text stdout/stderr."""
+    e = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
+    return subprocess.run(
+        [sys.executable, "-m", "launcher.cli", *args],
+        cwd=cwd or ROOT,
+        env=e,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
