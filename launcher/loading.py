@@ -93,6 +93,18 @@ def build_skeleton(recipe: Recipe, config) -> nn.Module:
     return model
 
 
+def checkpoint_shapes(causal_lm: nn.Module) -> dict[str, tuple[int, ...]]:
+    """Checkpoint tensor name -> shape the architecture expects (tied weights appear once)."""
+    out: dict[str, tuple[int, ...]] = {}
+    seen: set[int] = set()
+    for n, m in causal_lm.named_modules():
+        for pn, p in m.named_parameters(recurse=False):
+            if id(p) not in seen:
+                seen.add(id(p))
+                out[f"{n}.{pn}" if n else pn] = tuple(p.shape)
+    return out
+
+
 def decoder_layers(causal_lm: nn.Module) -> nn.ModuleList:
     return causal_lm.model.layers
 
@@ -464,11 +476,7 @@ def build_model(
     causal_lm = build_skeleton(recipe, config)
     # Checkpoint names of every module, recorded before peft moves linears under `.base_layer`.
     module_names = {m: n for n, m in causal_lm.named_modules()}
-    shapes = {
-        f"{n}.{pn}" if n else pn: tuple(p.shape)
-        for n, m in causal_lm.named_modules()
-        for pn, p in m.named_parameters(recurse=False)
-    }
+    shapes = checkpoint_shapes(causal_lm)
     targets = lora_targets(recipe, causal_lm)
     quant_layers: dict[str, nn.Module] = {}
     if recipe.quant.bits == 4:

@@ -7,11 +7,21 @@ from launcher.recipe import Recipe
 
 def check(recipe: Recipe) -> None:
     """Raise UserError for anything a rank would otherwise discover minutes later."""
-    from launcher.loading import build_skeleton, load_config, lora_targets, resolve_model_dir
+    from launcher.loading import (
+        build_skeleton,
+        checkpoint_shapes,
+        load_config,
+        lora_targets,
+        open_source,
+        resolve_model_dir,
+    )
 
     model_dir = resolve_model_dir(recipe)
     config = load_config(recipe, model_dir)
-    lora_targets(recipe, build_skeleton(recipe, config))
+    skeleton = build_skeleton(recipe, config)
+    lora_targets(recipe, skeleton)
+    # Headers only: missing shards, corrupt files, wrong dtypes or shapes are found before any rank starts.
+    open_source(recipe, model_dir, config, checkpoint_shapes(skeleton), "cpu")
     from launcher import data
 
     check_data = getattr(data, "check", None)

@@ -48,7 +48,9 @@ def test_shard_quantization_equals_whole_tensor(world, storage, double_quant):
         assert torch.equal(state.offset, ref_state.offset)
         assert torch.equal(state.state2.absmax, ref_state.state2.absmax)
     # And the dequantized weight is what bitsandbytes gives for its own state.
-    assert torch.equal(F.dequantize_4bit(ref_packed, state).to(torch.bfloat16), F.dequantize_4bit(ref_packed, ref_state))
+    assert torch.equal(
+        F.dequantize_4bit(ref_packed, state).to(torch.bfloat16), F.dequantize_4bit(ref_packed, ref_state)
+    )
 
 
 def _free_port() -> int:

@@ -82,10 +82,14 @@ def trajectories(tmp_path_factory):
     """Loss over 6 steps for the single-process reference and FSDP2 at world 1, 2, 4 (fp32 compute)."""
     tmp = tmp_path_factory.mktemp("traj")
     recipe = tmp / "r.toml"
-    recipe.write_text(BASE_RECIPE.replace("max_steps = 2", "max_steps = 6").replace("global_batch = 4", "global_batch = 8"))
+    recipe.write_text(
+        BASE_RECIPE.replace("max_steps = 2", "max_steps = 6").replace("global_batch = 4", "global_batch = 8")
+    )
     common = [*FP32, "--set", "train.warmup_steps=0", "--set", "train.lr=2e-3"]
     out = {
-        "ref": train(tmp, recipe, "ref", 1, *common, "--set", 'parallel.backend="none"', "--set", "train.micro_batch=8"),
+        "ref": train(
+            tmp, recipe, "ref", 1, *common, "--set", 'parallel.backend="none"', "--set", "train.micro_batch=8"
+        ),
         "fsdp1": train(tmp, recipe, "fsdp1", 1, *common, "--set", "train.micro_batch=8"),
         "fsdp2_accum": train(tmp, recipe, "fsdp2a", 2, *common, "--set", "train.micro_batch=2"),
         "fsdp2": train(tmp, recipe, "fsdp2", 2, *common, "--set", "train.micro_batch=4"),
