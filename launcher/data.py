@@ -5,38 +5,211 @@ Interface used by the worker (keep it stable):
   build_data(recipe, tokenizer, rank, world, cache_dir) -> (train: Packed, val: Packed | None)
   StepSampler(n, global_batch, micro_batch, world, rank, seed).micro_batches(step) -> list[list[int]]
   Packed.collate(indices) -> {"input_ids", "labels", "position_ids"} LongTensors [B, seq_len]
+and by preflight, in the launching process before anything is written:
+  check(recipe) -> None
+
+The flow, per dataset: source (file, saved dataset, hub name) -> rows -> each row validated and rendered
+into text segments marked trainable or not -> token ids + labels per document -> over-long policy ->
+validation carve -> weighted mixture -> documents packed into rows of seq_len. The result is a pure
+function of (data files, tokenizer, data settings, seed), so one process per cache directory computes it,
+stores it under a fingerprint of those inputs, and every other rank memory-maps the same file.
+
+No attention across packed documents: rows carry no attention mask; their position_ids restart at 0 for
+each document, and transformers (checked on 5.17 and 5.24, sdpa and eager; flash-attention uses the same
+position_ids for its varlen path) derives a block-diagonal causal mask from them whenever attention_mask
+is None (masking_utils.find_packed_sequence_indices). tests/test_data.py proves it: the loss of a packed
+batch equals the loss of the same documents one by one. The first token of every document carries no
+label, because in a packed row it would otherwise be predicted from the previous document's last token.
 """
 
 from __future__ import annotations
 
+import bisect
+import hashlib
 import json
-from dataclasses import dataclass
+import math
+import os
+import re
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
 
 from launcher.errors import UserError
-from launcher.recipe import Recipe
+
+if TYPE_CHECKING:  # annotations only: packing and sampling import without pydantic (GPU hosts, tools)
+    from launcher.recipe import DataConfig, Recipe
 
 IGNORE = -100
+# Bump when rendering, tokenization or the cached layout changes, so old caches stop matching.
+CACHE_VERSION = 1
+# Rows per source that `check` reads in the launching process (enough to catch a systematic mistake).
+CHECK_ROWS = 2000
+# Rows rendered and tokenized per batched tokenizer call.
+CHUNK_ROWS = 1024
+# Waiting ranks give up after this long, or after the builder's lock file stopped being refreshed for
+# STALE_LOCK_S (the builder touches it every STALE_LOCK_S / 4 while it works).
+WAIT_TIMEOUT_S = 4 * 3600.0
+STALE_LOCK_S = 300.0
+# The validation carve uses its own fixed seed so the validation set does not change with train.seed.
+VAL_SEED = 1_234_567
+
+FILE_KINDS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv", ".arrow": "arrow"}
+ROLES = ("system", "user", "assistant", "tool")
+
+# The Stanford-Alpaca style prompt; the response follows it and then the EOS token.
+ALPACA_PROMPT = "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
+ALPACA_PROMPT_NO_INPUT = "### Instruction:\n{instruction}\n\n### Response:\n"
+
+# Used for `chat` when neither data.chat_template nor the tokenizer has a template: ChatML-style turn
+# headers, each turn closed by the tokenizer's EOS token so a fine-tuned model learns to stop.
+DEFAULT_CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}{{ eos_token }}{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+
+
+# ------------------------------------------------------------------ packed samples
 
 
 @dataclass
 class Packed:
+    """Rows of seq_len tokens. Stored as int32 (half the memory; possibly memory-mapped from the cache)."""
+
     input_ids: torch.Tensor  # [N, T]
     labels: torch.Tensor  # [N, T], IGNORE where no loss
-    position_ids: torch.Tensor  # [N, T], restarting at 0 per document
+    position_ids: torch.Tensor  # [N, T], restarting at 0 per document; padding continues the last one
+    stats: dict = field(default_factory=dict)
 
     def __len__(self) -> int:
         return self.input_ids.shape[0]
 
+    @property
+    def seq_len(self) -> int:
+        return self.input_ids.shape[1]
+
     def collate(self, idx: list[int]) -> dict[str, torch.Tensor]:
-        i = torch.tensor(idx, dtype=torch.long)
+        i = torch.as_tensor(idx, dtype=torch.long)
         return {
-            "input_ids": self.input_ids[i],
-            "labels": self.labels[i],
-            "position_ids": self.position_ids[i],
+            "input_ids": self.input_ids[i].long(),
+            "labels": self.labels[i].long(),
+            "position_ids": self.position_ids[i].long(),
         }
+
+
+@dataclass
+class Docs:
+    """Tokenized documents, flat: document k is ids[offsets[k]:offsets[k+1]] (labels alike)."""
+
+    ids: np.ndarray  # int32
+    labels: np.ndarray  # int32
+    offsets: np.ndarray  # int64, len = documents + 1
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    @property
+    def lengths(self) -> np.ndarray:
+        return np.diff(self.offsets)
+
+    def doc(self, k: int) -> tuple[np.ndarray, np.ndarray]:
+        s, e = self.offsets[k], self.offsets[k + 1]
+        return self.ids[s:e], self.labels[s:e]
+
+    def take(self, idx: Iterable[int]) -> Docs:
+        return Docs.from_docs([self.doc(int(k)) for k in idx])
+
+    @staticmethod
+    def from_docs(docs: list[tuple[np.ndarray, np.ndarray]]) -> Docs:
+        offsets = np.zeros(len(docs) + 1, dtype=np.int64)
+        offsets[1:] = np.cumsum([len(i) for i, _ in docs], dtype=np.int64)
+        if not docs:
+            empty = np.zeros(0, dtype=np.int32)
+            return Docs(empty, empty.copy(), offsets)
+        ids = np.concatenate([i for i, _ in docs]).astype(np.int32, copy=False)
+        labels = np.concatenate([lab for _, lab in docs]).astype(np.int32, copy=False)
+        return Docs(ids, labels, offsets)
+
+    @staticmethod
+    def concat(parts: list[Docs]) -> Docs:
+        return Docs.from_docs([p.doc(k) for p in parts for k in range(len(p))])
+
+
+def pack(docs: Docs, seq_len: int, pad_id: int, packing: bool = True) -> Packed:
+    """Place documents into rows of seq_len (best-fit decreasing when packing, one per row otherwise).
+
+    Every document must already fit (the over-long policy ran before). Padding takes label IGNORE and
+    position ids that continue the row's last document, so it joins that document's attention block and,
+    being after it, cannot change any of its outputs.
+    """
+    lengths = docs.lengths
+    if len(lengths) and int(lengths.max()) > seq_len:
+        raise AssertionError("pack() got a document longer than seq_len")
+    rows = _best_fit(lengths, seq_len) if packing else [[k] for k in range(len(docs))]
+    n = len(rows)
+    ids = np.full((n, seq_len), pad_id, dtype=np.int32)
+    labels = np.full((n, seq_len), IGNORE, dtype=np.int32)
+    pos = np.zeros((n, seq_len), dtype=np.int32)
+    ar = np.arange(seq_len, dtype=np.int32)
+    for r, members in enumerate(rows):
+        c = 0
+        last = 0
+        for k in members:
+            s, e = docs.offsets[k], docs.offsets[k + 1]
+            m = int(e - s)
+            ids[r, c : c + m] = docs.ids[s:e]
+            labels[r, c : c + m] = docs.labels[s:e]
+            pos[r, c : c + m] = ar[:m]
+            c += m
+            last = m
+        pos[r, c:] = ar[last : last + seq_len - c]
+    return Packed(torch.from_numpy(ids), torch.from_numpy(labels), torch.from_numpy(pos))
+
+
+def _best_fit(lengths: np.ndarray, capacity: int) -> list[list[int]]:
+    """Best-fit decreasing bin packing in O(n log capacity).
+
+    Open rows are bucketed by remaining space; `caps` holds the distinct remaining spaces in order, so it
+    never has more than `capacity` entries however many rows are open. Ties keep the input order, which
+    makes the result a pure function of the (already seeded) document order.
+    """
+    order = np.argsort(-lengths, kind="stable")
+    rows: list[list[int]] = []
+    buckets: dict[int, list[int]] = {}
+    caps: list[int] = []
+    for k in order.tolist():
+        need = int(lengths[k])
+        j = bisect.bisect_left(caps, need)
+        if j == len(caps):
+            r = len(rows)
+            rows.append([])
+            left = capacity - need
+        else:
+            space = caps[j]
+            bucket = buckets[space]
+            r = bucket.pop()
+            if not bucket:
+                del buckets[space]
+                caps.pop(j)
+            left = space - need
+        rows[r].append(k)
+        if left > 0:
+            if left not in buckets:
+                bisect.insort(caps, left)
+                buckets[left] = []
+            buckets[left].append(r)
+    return rows
+
+
+# ------------------------------------------------------------------ tokenizer
 
 
 def build_tokenizer(recipe: Recipe, model_dir: Path):
@@ -46,80 +219,891 @@ def build_tokenizer(recipe: Recipe, model_dir: Path):
     return AutoTokenizer.from_pretrained(path, trust_remote_code=recipe.model.trust_remote_code)
 
 
-def _records(path: str) -> list[dict]:
-    p = Path(path)
-    if not p.is_file():
-        raise UserError(f"data.datasets: {path}: file not found")
-    out = []
-    for n, line in enumerate(p.read_text().splitlines(), 1):
-        if line.strip():
+def tokenizer_fingerprint(tokenizer) -> str:
+    """Hash of everything about a tokenizer that changes the token ids this module produces."""
+    h = hashlib.sha256()
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        h.update(backend.to_str().encode())
+    else:
+        h.update(json.dumps(sorted(tokenizer.get_vocab().items())).encode())
+    meta = [
+        type(tokenizer).__name__,
+        getattr(tokenizer, "chat_template", None),
+        tokenizer.bos_token_id,
+        tokenizer.eos_token_id,
+        tokenizer.pad_token_id,
+        len(tokenizer),
+    ]
+    h.update(json.dumps(meta, default=str).encode())
+    return h.hexdigest()
+
+
+def _leading_special_ids(tokenizer) -> list[int]:
+    """The ids the tokenizer puts before a text by itself (e.g. Llama's BOS); [] for most others."""
+    plain = tokenizer("a", add_special_tokens=False)["input_ids"]
+    full = tokenizer("a", add_special_tokens=True)["input_ids"]
+    for j in range(len(full) - len(plain) + 1):
+        if full[j : j + len(plain)] == plain:
+            return list(full[:j])
+    return []
+
+
+# ------------------------------------------------------------------ sources
+
+
+@dataclass(frozen=True)
+class Source:
+    """One dataset as the recipe names it, classified without reading it."""
+
+    path: str
+    kind: str  # json | parquet | csv | arrow | saved | repo | hub
+    split: str
+    key: str  # the recipe key that named it, for messages
+
+
+def classify(path: str, split: str, key: str) -> Source:
+    """File / saved dataset / directory of data files / hub name; raises for missing or unsupported files."""
+    p = Path(path).expanduser()
+    if p.is_file():
+        kind = FILE_KINDS.get(p.suffix.lower())
+        if kind is None:
+            raise UserError(
+                f"{path}: unsupported file type '{p.suffix or '(no extension)'}' ({key}); use .jsonl, .json, "
+                ".parquet, .csv, .arrow, a directory written by Dataset.save_to_disk, or a hub dataset name"
+            )
+        return Source(str(p), kind, split, key)
+    if p.is_dir():
+        saved = (p / "dataset_dict.json").is_file() or (p / "state.json").is_file()
+        # A plain directory of data files is loaded exactly like a hub dataset repository.
+        return Source(str(p), "saved" if saved else "repo", split, key)
+    if _HUB_ID.fullmatch(path) and Path(path).suffix.lower() not in FILE_KINDS:
+        return Source(path, "hub", split, key)
+    raise UserError(f"{path}: file not found ({key})")
+
+
+def _sources(cfg: DataConfig) -> tuple[list[Source], Source | None]:
+    train = [classify(d.path, d.split, f"data.datasets[{i}].path") for i, d in enumerate(cfg.datasets)]
+    val = classify(cfg.val_path, cfg.val_split, "data.val_path") if cfg.val_path else None
+    return train, val
+
+
+def _identity(src: Source) -> list:
+    """What makes a source's content change: path + size + mtime of its files (name + split for the hub)."""
+    if src.kind == "hub":
+        return [src.kind, src.path, src.split]
+    p = Path(src.path).resolve()
+    if p.is_file():
+        st = p.stat()
+        return [src.kind, str(p), src.split, st.st_size, st.st_mtime_ns]
+    files = []
+    for f in sorted(p.rglob("*")):
+        if f.is_file() and ".cache" not in f.relative_to(p).parts:
+            st = f.stat()
+            files.append([str(f.relative_to(p)), st.st_size, st.st_mtime_ns])
+    return [src.kind, str(p), src.split, files]
+
+
+def fingerprint(recipe: Recipe, tokenizer) -> str:
+    """Cache key of the tokenized data: data files, tokenizer, every data setting that matters, seed."""
+    train, val = _sources(recipe.data)
+    settings = recipe.data.model_dump(mode="json")
+    settings.pop("num_workers", None)  # how the data is read, not what it is
+    payload = {
+        "version": CACHE_VERSION,
+        "settings": settings,
+        "seed": recipe.train.seed,
+        "sources": [_identity(s) for s in train] + ([_identity(val)] if val else []),
+        "tokenizer": tokenizer_fingerprint(tokenizer),
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:32]
+
+
+# ------------------------------------------------------------------ reading rows
+
+
+def _datasets():
+    import datasets
+
+    datasets.disable_progress_bars()
+    return datasets
+
+
+class _Where:
+    """Row index (0-based) of a source -> 'file:LINE' for JSON lines, 'file row N' otherwise.
+
+    Line numbers of a JSON-lines file are only worked out when an error needs one (a scan of the file).
+    datasets skips blank lines, so row k is the k-th non-blank line.
+    """
+
+    def __init__(self, src: Source, lines: list[int] | None = None):
+        self.src = src
+        self._lines = lines
+
+    def __call__(self, i: int) -> str:
+        if self.src.kind == "json":
+            if self._lines is None:
+                self._lines = _json_line_numbers(Path(self.src.path))
+            if self._lines and i < len(self._lines):
+                return f"{self.src.path}:{self._lines[i]}"
+            return f"{self.src.path} record {i + 1}"
+        if self.src.kind == "hub":
+            return f"{self.src.path} (split {self.src.split!r}) row {i + 1}"
+        return f"{self.src.path} row {i + 1}"
+
+
+def _is_json_array(path: Path) -> bool:
+    with open(path, "rb") as f:
+        while chunk := f.read(4096):
+            s = chunk.lstrip()
+            if s:
+                return s[:1] == b"["
+    return False
+
+
+def _json_line_numbers(path: Path) -> list[int]:
+    if _is_json_array(path):
+        return []
+    with open(path, encoding="utf-8", errors="replace") as f:
+        return [n for n, line in enumerate(f, 1) if line.strip()]
+
+
+def _json_msg(err: json.JSONDecodeError) -> str:
+    return f"{err.msg.removesuffix(' at')} at column {err.colno}"
+
+
+def _json_rows(path: Path, limit: int | None = None) -> tuple[list[dict], list[int], bool]:
+    """Parse a JSON / JSON-lines file ourselves: exact line numbers for syntax errors and non-objects.
+
+    Returns (rows, line numbers, complete) with at most `limit` rows; complete = the whole file was read.
+    """
+    if _is_json_array(path):
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as err:
+            raise UserError(f"{path}:{err.lineno}: malformed JSON ({_json_msg(err)})") from None
+        except UnicodeDecodeError as err:
+            raise UserError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from None
+        for k, rec in enumerate(data):
+            if not isinstance(rec, dict):
+                raise UserError(f"{path} record {k + 1}: expected a JSON object, got {_kind(rec)}")
+        rows = data if limit is None else data[:limit]
+        return rows, [], limit is None or len(data) <= limit
+    rows: list[dict] = []
+    lines: list[int] = []
+    with open(path, "rb") as f:
+        for n, raw in enumerate(f, 1):
+            if not raw.strip():
+                continue
+            if limit is not None and len(rows) >= limit:
+                return rows, lines, False
             try:
-                out.append(json.loads(line))
+                rec = json.loads(raw.rstrip(b"\r\n"))
             except json.JSONDecodeError as err:
-                raise UserError(f"{path}:{n}: malformed JSON ({err.msg})") from None
+                raise UserError(f"{path}:{n}: malformed JSON ({_json_msg(err)})") from None
+            except UnicodeDecodeError as err:
+                raise UserError(f"{path}:{n}: not UTF-8 text ({err.reason})") from None
+            if not isinstance(rec, dict):
+                raise UserError(f"{path}:{n}: expected one JSON object per line, got {_kind(rec)}")
+            rows.append(rec)
+            lines.append(n)
+    return rows, lines, True
+
+
+def _csv_is_empty(path: Path) -> bool:
+    with open(path, encoding="utf-8", errors="replace") as f:
+        return sum(1 for line in f if line.strip()) <= 1  # nothing, or a header only
+
+
+def _load_error(src: Source, err: Exception) -> UserError:
+    """Turn a datasets/pyarrow loading failure into one line that says where and what."""
+    p = Path(src.path)
+    if src.kind == "json":
+        rows, _, _ = _json_rows(p)  # raises the precise syntax error if there is one
+        if not rows:
+            return UserError(f"{src.path}: the dataset is empty (no records)")
+    if src.kind == "csv" and _csv_is_empty(p):
+        return UserError(f"{src.path}: the dataset is empty (no rows)")
+    cause = err.__cause__ or err
+    what = " ".join(f"{type(cause).__name__}: {cause}".split())[:300]
+    if src.kind == "hub":
+        return UserError(
+            f"{src.path}: could not load hub dataset split {src.split!r} ({src.key}; no local file of that "
+            f"name either): {what}"
+        )
+    if src.kind in ("saved", "repo"):
+        return UserError(f"{src.path}: could not load split {src.split!r} ({src.key}): {what}")
+    return UserError(f"{src.path}: could not read this {src.kind} file ({src.key}): {what}")
+
+
+def _pick_split(ds, src: Source):
+    if isinstance(ds, dict):  # a DatasetDict (saved with several splits)
+        if src.split not in ds:
+            raise UserError(
+                f"{src.path}: no split {src.split!r} ({src.key}); it has: {', '.join(sorted(ds))} "
+                "(set the split in the recipe)"
+            )
+        return ds[src.split]
+    return ds
+
+
+def load_source(src: Source):
+    """The whole source as a datasets.Dataset (memory-mapped Arrow)."""
+    ds_lib = _datasets()
+    try:
+        if src.kind == "arrow":
+            ds = ds_lib.Dataset.from_file(src.path)
+        elif src.kind == "saved":
+            ds = _pick_split(ds_lib.load_from_disk(src.path), src)
+        elif src.kind in ("repo", "hub"):
+            ds = ds_lib.load_dataset(src.path, split=src.split)
+        else:
+            ds = ds_lib.load_dataset(src.kind, data_files=src.path, split="train")
+    except UserError:
+        raise
+    except Exception as err:  # noqa: BLE001 - every loader failure is about the user's data
+        raise _load_error(src, err) from None
+    if len(ds) == 0:
+        raise UserError(f"{src.path}: the dataset is empty (no rows)")
+    return ds
+
+
+def _dataset_rows(ds) -> Iterator[tuple[int, dict]]:
+    i = 0
+    for batch in ds.iter(batch_size=CHUNK_ROWS):
+        cols = list(batch)
+        n = len(batch[cols[0]]) if cols else 0
+        for j in range(n):
+            yield i, {c: batch[c][j] for c in cols}
+            i += 1
+
+
+def _peek(src: Source, limit: int) -> tuple[list[dict], _Where, bool] | None:
+    """Up to `limit` rows for `check`, writing nothing (no datasets cache). None: cannot peek (hub)."""
+    if src.kind == "hub":
+        return None
+    if src.kind == "json":
+        rows, lines, complete = _json_rows(Path(src.path), limit)
+        return rows, _Where(src, lines), complete
+    ds_lib = _datasets()
+    try:
+        if src.kind == "arrow":
+            ds = ds_lib.Dataset.from_file(src.path)
+        elif src.kind == "saved":
+            ds = _pick_split(ds_lib.load_from_disk(src.path), src)
+        else:
+            # Streaming reads through the same builders (and the same type inference) as training does,
+            # without converting the whole file into the datasets cache.
+            if src.kind == "repo":
+                stream = ds_lib.load_dataset(src.path, split=src.split, streaming=True)
+            else:
+                stream = ds_lib.load_dataset(src.kind, data_files=src.path, split="train", streaming=True)
+            rows = []
+            for row in stream:
+                if len(rows) >= limit:
+                    return rows, _Where(src), False
+                rows.append(row)
+            return rows, _Where(src), True
+    except UserError:
+        raise
+    except Exception as err:  # noqa: BLE001
+        raise _load_error(src, err) from None
+    rows = ds.select(range(min(limit, len(ds)))).to_list()
+    return rows, _Where(src), len(ds) <= limit
+
+
+# ------------------------------------------------------------------ validation and rendering
+
+
+def _kind(v: Any) -> str:
+    if v is None:
+        return "null"
+    if isinstance(v, bool):
+        return "a boolean"
+    if isinstance(v, (int, float)):
+        return "a number"
+    if isinstance(v, str):
+        return "a string"
+    if isinstance(v, (list, tuple)):
+        return "a list"
+    if isinstance(v, dict):
+        return "an object"
+    return type(v).__name__
+
+
+@dataclass
+class _Stats:
+    rows: int = 0
+    truncated: int = 0
+    overlong_dropped: int = 0
+    no_target: int = 0
+
+
+Segments = list[tuple[str, bool]]  # (text, trainable)
+
+
+class Renderer:
+    """Validates one row of the configured format and renders it into trainable / prompt segments."""
+
+    def __init__(self, cfg: DataConfig, tokenizer):
+        self.cfg = cfg
+        self.tok = tokenizer
+        self.eos = tokenizer.eos_token_id
+        self.bos = _leading_special_ids(tokenizer) if cfg.format in ("text", "alpaca") else []
+        self.vocab = len(tokenizer)
+        self.template = cfg.chat_template or getattr(tokenizer, "chat_template", None) or DEFAULT_CHAT_TEMPLATE
+
+    def required_columns(self) -> list[tuple[str, str]]:
+        c = self.cfg
+        return {
+            "text": [(c.text_column, "data.text_column")],
+            "alpaca": [(c.instruction_column, "data.instruction_column"), (c.output_column, "data.output_column")],
+            "chat": [(c.messages_column, "data.messages_column")],
+            "tokenized": [(c.input_ids_column, "data.input_ids_column")],
+        }[c.format]
+
+    def check_columns(self, columns: Iterable[str], src: Source) -> None:
+        have = list(columns)
+        for col, key in self.required_columns():
+            if col not in have:
+                raise UserError(
+                    f"{src.path}: missing column '{col}' ({key}); its columns are: {', '.join(have) or '(none)'}"
+                )
+
+    # -- field validation
+
+    def _string(self, row: dict, col: str, key: str, where: object, lenient: bool, required: bool = True) -> str | None:
+        v = row.get(col)
+        if lenient and isinstance(v, float) and math.isnan(v):
+            v = None  # an empty CSV cell
+        if v is None:
+            if required:
+                raise UserError(f"{where}: column '{col}' is missing or null ({key})")
+            return None
+        if isinstance(v, str):
+            return v
+        if lenient and isinstance(v, (int, float)) and not isinstance(v, bool):
+            return str(v)  # CSV has no types: a cell "47" is text that pandas read as a number
+        raise UserError(f"{where}: column '{col}' must be a string, got {_kind(v)} ({key})")
+
+    def _int_list(self, v: Any, col: str, key: str, where: object, allow_ignore: bool) -> list[int]:
+        if v is None:
+            raise UserError(f"{where}: column '{col}' is missing or null ({key})")
+        if isinstance(v, np.ndarray):
+            v = v.tolist()
+        if not isinstance(v, (list, tuple)) or not all(isinstance(x, int) and not isinstance(x, bool) for x in v):
+            raise UserError(f"{where}: column '{col}' must be a list of integer token ids, got {_kind(v)} ({key})")
+        for x in v:
+            if not (0 <= x < self.vocab) and not (allow_ignore and x == IGNORE):
+                raise UserError(
+                    f"{where}: column '{col}' has token id {x}, outside the tokenizer's 0..{self.vocab - 1} ({key})"
+                )
+        return list(v)
+
+    # -- rendering
+
+    def render(self, row: dict, where: object, lenient: bool = False) -> Segments | tuple[list[int], list[int]]:
+        c = self.cfg
+        if c.format == "text":
+            return [(self._string(row, c.text_column, "data.text_column", where, lenient), True)]
+        if c.format == "alpaca":
+            instruction = self._string(row, c.instruction_column, "data.instruction_column", where, lenient)
+            extra = self._string(row, c.input_column, "data.input_column", where, lenient, required=False)
+            output = self._string(row, c.output_column, "data.output_column", where, lenient)
+            if extra and extra.strip():
+                prompt = ALPACA_PROMPT.format(instruction=instruction, input=extra)
+            else:
+                prompt = ALPACA_PROMPT_NO_INPUT.format(instruction=instruction)
+            return [(prompt, c.train_on_prompt), (output, True)]
+        if c.format == "chat":
+            return self._chat(row.get(c.messages_column), where)
+        ids = self._int_list(row.get(c.input_ids_column), c.input_ids_column, "data.input_ids_column", where, False)
+        raw = row.get(c.labels_column)
+        if raw is None:
+            return ids, list(ids)
+        labels = self._int_list(raw, c.labels_column, "data.labels_column", where, True)
+        if len(labels) != len(ids):
+            raise UserError(
+                f"{where}: column '{c.labels_column}' has {len(labels)} labels for {len(ids)} input ids "
+                "(data.labels_column)"
+            )
+        return ids, labels
+
+    def _messages(self, v: Any, where: object) -> list[dict]:
+        col = self.cfg.messages_column
+        if v is None:
+            raise UserError(f"{where}: column '{col}' is missing or null (data.messages_column)")
+        if not isinstance(v, (list, tuple)) or not v:
+            what = "an empty list" if isinstance(v, (list, tuple)) else _kind(v)
+            raise UserError(
+                f"{where}: column '{col}' must be a non-empty list of {{role, content}} messages, got {what}"
+            )
+        for k, m in enumerate(v, 1):
+            if not isinstance(m, dict):
+                raise UserError(f"{where}: message {k} must be an object with role and content, got {_kind(m)}")
+            role, content = m.get("role"), m.get("content")
+            if role not in ROLES:
+                shown = repr(role) if isinstance(role, str) else _kind(role)
+                raise UserError(f"{where}: message {k} has unknown role {shown} (expected one of {', '.join(ROLES)})")
+            if not isinstance(content, str):
+                raise UserError(f"{where}: message {k} ({role}) content must be a string, got {_kind(content)}")
+        return list(v)
+
+    def _apply(self, messages: list[dict], generation: bool, where: object) -> str:
+        try:
+            out = self.tok.apply_chat_template(
+                messages, tokenize=False, add_generation_prompt=generation, chat_template=self.template
+            )
+        except Exception as err:  # noqa: BLE001 - jinja errors, raise_exception() in templates
+            raise UserError(f"{where}: the chat template failed: {' '.join(str(err).split())[:300]}") from None
+        return out if isinstance(out, str) else str(out)
+
+    def _chat(self, value: Any, where: object) -> Segments:
+        msgs = self._messages(value, where)
+        full = self._apply(msgs, False, where)
+        if not full.strip():
+            raise UserError(
+                f"{where}: the chat template rendered nothing for this conversation "
+                "(check data.chat_template or the tokenizer's chat_template)"
+            )
+        if self.cfg.train_on_prompt:
+            return [(full, True)]
+        # Each assistant reply is the text between the rendering of the conversation before it (with the
+        # generation prompt) and the rendering up to and including it. That needs templates that render
+        # prefixes of a conversation as prefixes of the whole; most do, and we refuse rather than guess.
+        segs: Segments = []
+        pos = 0
+        for i, m in enumerate(msgs):
+            if m["role"] != "assistant":
+                continue
+            start = self._apply(msgs[:i], True, where) if i else ""
+            end = self._apply(msgs[: i + 1], False, where)
+            if not (pos <= len(start) <= len(end) and full.startswith(end) and end.startswith(start)):
+                raise UserError(
+                    f"{where}: the chat template does not render this conversation prefix by prefix, so the "
+                    "assistant replies cannot be located; set data.train_on_prompt = true or data.chat_template"
+                )
+            segs += [(full[pos : len(start)], False), (full[len(start) : len(end)], True)]
+            pos = len(end)
+        segs.append((full[pos:], False))
+        return [s for s in segs if s[0]]
+
+    def tokenize(self, rendered: list[Segments | tuple[list[int], list[int]]]) -> list[tuple[list[int], list[int]]]:
+        """Token ids and labels per rendered row; all text segments of the batch go through one call."""
+        texts = [t for r in rendered if isinstance(r, list) for t, _ in r]
+        enc = iter(self.tok(texts, add_special_tokens=False)["input_ids"]) if texts else iter(())
+        out = []
+        for r in rendered:
+            if isinstance(r, tuple):
+                out.append(r)
+                continue
+            ids: list[int] = list(self.bos)
+            labels: list[int] = [IGNORE] * len(self.bos)
+            for _, trainable in r:
+                piece = list(next(enc))
+                ids += piece
+                labels += piece if trainable else [IGNORE] * len(piece)
+            if self.cfg.format != "chat" and self.eos is not None:
+                ids.append(self.eos)
+                labels.append(self.eos)
+            out.append((ids, labels))
+        return out
+
+
+def _finish(ids: list[int], labels: list[int], cfg: DataConfig, where: object, stats: _Stats):
+    """Apply the over-long policy and drop documents with nothing to learn; None when dropped."""
+    stats.rows += 1
+    if len(ids) > cfg.seq_len:
+        if cfg.overlong == "error":
+            raise UserError(
+                f"{where}: sample has {len(ids)} tokens, more than data.seq_len = {cfg.seq_len} "
+                "(data.overlong = 'error'; 'truncate' or 'drop' accept it)"
+            )
+        if cfg.overlong == "drop":
+            stats.overlong_dropped += 1
+            return None
+        ids, labels = ids[: cfg.seq_len], labels[: cfg.seq_len]
+        stats.truncated += 1
+    lab = np.asarray(labels, dtype=np.int32)
+    if len(lab):
+        lab[0] = IGNORE  # nothing predicts a document's first token (see the module docstring)
+    if not len(lab) or bool((lab == IGNORE).all()):
+        stats.no_target += 1
+        return None
+    return np.asarray(ids, dtype=np.int32), lab
+
+
+class _At:
+    """A row's location, worked out only when a message needs it (JSON line numbers cost a file scan)."""
+
+    __slots__ = ("where", "i")
+
+    def __init__(self, where: Callable[[int], str], i: int):
+        self.where, self.i = where, i
+
+    def __str__(self) -> str:
+        return self.where(self.i)
+
+    def __format__(self, spec: str) -> str:
+        return format(str(self), spec)
+
+
+def encode_rows(
+    renderer: Renderer, rows: Iterable[tuple[int, dict]], where: Callable[[int], str], lenient: bool, stats: _Stats
+) -> Docs:
+    """Validate, render, tokenize and filter rows (index, dict) into documents."""
+    docs = []
+    chunk: list[tuple[int, dict]] = []
+
+    def flush() -> None:
+        rendered = [renderer.render(row, _At(where, i), lenient) for i, row in chunk]
+        for (i, _), (ids, labels) in zip(chunk, renderer.tokenize(rendered), strict=True):
+            doc = _finish(ids, labels, renderer.cfg, _At(where, i), stats)
+            if doc is not None:
+                docs.append(doc)
+        chunk.clear()
+
+    for item in rows:
+        chunk.append(item)
+        if len(chunk) >= CHUNK_ROWS:
+            flush()
+    if chunk:
+        flush()
+    return Docs.from_docs(docs)
+
+
+# ------------------------------------------------------------------ building
+
+
+def _no_samples(src: Source, cfg: DataConfig, stats: _Stats) -> UserError:
+    why = []
+    if stats.overlong_dropped:
+        why.append(
+            f"{stats.overlong_dropped} longer than data.seq_len = {cfg.seq_len} dropped (data.overlong = 'drop')"
+        )
+    if stats.no_target:
+        why.append(
+            f"{stats.no_target} with no token to train on (e.g. a response cut off by truncation, "
+            "or a conversation without an assistant message)"
+        )
+    return UserError(f"{src.path}: no usable samples left of {stats.rows} rows: {'; '.join(why)}")
+
+
+def tokenize_source(src: Source, renderer: Renderer) -> tuple[Docs, _Stats]:
+    """All documents of one source; raises UserError for any bad row, naming its file and line/row."""
+    ds = load_source(src)
+    renderer.check_columns(ds.column_names, src)
+    stats = _Stats()
+    docs = encode_rows(renderer, _dataset_rows(ds), _Where(src), src.kind == "csv", stats)
+    if not len(docs):
+        raise _no_samples(src, renderer.cfg, stats)
+    return docs, stats
+
+
+def carve(docs: Docs, fraction: float, index: int, src: Source) -> tuple[Docs, Docs]:
+    """(train, val): a fixed-seed `fraction` of a source's documents becomes validation data."""
+    n = len(docs)
+    n_val = max(1, round(fraction * n))
+    if n - n_val < 1:
+        raise UserError(
+            f"{src.path}: {n} usable samples are too few to carve off data.val_fraction = {fraction} for validation"
+        )
+    perm = np.random.default_rng([VAL_SEED, index]).permutation(n)
+    return docs.take(np.sort(perm[n_val:])), docs.take(np.sort(perm[:n_val]))
+
+
+def mixture(sizes: list[int], weights: list[float], seed: int) -> list[np.ndarray]:
+    """Document indices each source contributes to one epoch: weight 2 = every document twice, 0.5 = a
+    seeded half (at least one). A pure function of sizes, weights and seed: the same at any world size."""
+    out = []
+    for i, (n, w) in enumerate(zip(sizes, weights, strict=True)):
+        whole = int(math.floor(w))
+        extra = round((w - whole) * n)
+        if whole == 0 and extra == 0:
+            extra = 1
+        rng = np.random.default_rng([seed, i, 1])
+        parts = [np.arange(n)] * whole + [np.sort(rng.permutation(n)[:extra])]
+        out.append(np.concatenate(parts))
     return out
 
 
-def _encode(recipe: Recipe, tok, rec: dict) -> tuple[list[int], list[int]]:
-    d = recipe.data
-    if d.format == "alpaca":
-        prompt = f"{rec[d.instruction_column]}\n{rec.get(d.input_column) or ''}\n".replace("\n\n", "\n")
-        p = tok(prompt, add_special_tokens=False)["input_ids"]
-        r = tok(str(rec[d.output_column]), add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
-        ids = p + r
-        labels = ([IGNORE] * len(p) if not d.train_on_prompt else p) + r
-        return ids, labels
-    ids = tok(str(rec[d.text_column]), add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
-    return ids, list(ids)
+def _pad_id(tokenizer) -> int:
+    for t in (tokenizer.pad_token_id, tokenizer.eos_token_id):
+        if t is not None:
+            return int(t)
+    return 0
 
 
-def _pack(docs: list[tuple[list[int], list[int]]], seq_len: int, pad: int) -> Packed:
-    rows_i, rows_l, rows_p = [], [], []
-    cur_i: list[int] = []
-    cur_l: list[int] = []
-    cur_p: list[int] = []
-    for ids, labels in docs:
-        ids, labels = ids[:seq_len], labels[:seq_len]
-        if len(cur_i) + len(ids) > seq_len:
-            rows_i.append(cur_i), rows_l.append(cur_l), rows_p.append(cur_p)
-            cur_i, cur_l, cur_p = [], [], []
-        cur_i += ids
-        cur_l += labels
-        cur_p += list(range(len(ids)))
-    if cur_i:
-        rows_i.append(cur_i), rows_l.append(cur_l), rows_p.append(cur_p)
-    n = len(rows_i)
-    ids_t = torch.full((n, seq_len), pad, dtype=torch.long)
-    L = torch.full((n, seq_len), IGNORE, dtype=torch.long)
-    P = torch.zeros((n, seq_len), dtype=torch.long)
-    for k in range(n):
-        m = len(rows_i[k])
-        ids_t[k, :m] = torch.tensor(rows_i[k])
-        L[k, :m] = torch.tensor(rows_l[k])
-        P[k, :m] = torch.tensor(rows_p[k])
-        P[k, m:] = torch.arange(seq_len - m)
-    return Packed(ids_t, L, P)
+def _describe(name: str, docs: Docs, packed: Packed) -> dict:
+    real = int(docs.lengths.sum())
+    return {
+        f"{name}_documents": len(docs),
+        f"{name}_rows": len(packed),
+        f"{name}_tokens": real,
+        f"{name}_fill": real / max(1, packed.input_ids.numel()),
+    }
 
 
-def build_data(recipe: Recipe, tokenizer, rank: int, world: int, cache_dir: Path | None = None):
-    docs = []
-    for ds in recipe.data.datasets:
-        docs += [_encode(recipe, tokenizer, r) for r in _records(ds.path)]
-    if not docs:
-        raise UserError("data.datasets: the dataset is empty")
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    train = _pack(docs, recipe.data.seq_len, pad)
+def build_payload(recipe: Recipe, tokenizer) -> dict:
+    """Everything build_data returns, computed from scratch (what the cache stores)."""
+    cfg = recipe.data
+    t0 = time.time()
+    renderer = Renderer(cfg, tokenizer)
+    train_srcs, val_src = _sources(cfg)
+    per = []
+    stats = _Stats()
+    for src in train_srcs:
+        docs, s = tokenize_source(src, renderer)
+        per.append(docs)
+        for k in ("rows", "truncated", "overlong_dropped", "no_target"):
+            setattr(stats, k, getattr(stats, k) + getattr(s, k))
+    val_docs = None
+    if val_src is not None:
+        val_docs, _ = tokenize_source(val_src, renderer)
+    elif cfg.val_fraction > 0:
+        pairs = [carve(d, cfg.val_fraction, i, s) for i, (d, s) in enumerate(zip(per, train_srcs, strict=True))]
+        per = [t for t, _ in pairs]
+        val_docs = Docs.concat([v for _, v in pairs])
+    picks = mixture([len(d) for d in per], [d.weight for d in cfg.datasets], recipe.train.seed)
+    mixed = Docs.concat([d.take(ix) for d, ix in zip(per, picks, strict=True)])
+    # Shuffle before packing so equal-length documents of different sources share rows.
+    mixed = mixed.take(np.random.default_rng([recipe.train.seed, 2]).permutation(len(mixed)))
+    pad = _pad_id(tokenizer)
+    train = pack(mixed, cfg.seq_len, pad, cfg.packing)
+    out_stats = {
+        "rows_read": stats.rows,
+        "truncated": stats.truncated,
+        "overlong_dropped": stats.overlong_dropped,
+        "no_target_dropped": stats.no_target,
+        **_describe("train", mixed, train),
+    }
     val = None
-    if recipe.data.val_path:
-        val = _pack([_encode(recipe, tokenizer, r) for r in _records(recipe.data.val_path)], recipe.data.seq_len, pad)
-    return train, val
+    if val_docs is not None:
+        val = pack(val_docs, cfg.seq_len, pad, cfg.packing)
+        out_stats.update(_describe("val", val_docs, val))
+    out_stats["seconds"] = time.time() - t0
+
+    def tensors(p: Packed | None) -> dict | None:
+        return None if p is None else {"input_ids": p.input_ids, "labels": p.labels, "position_ids": p.position_ids}
+
+    return {"version": CACHE_VERSION, "train": tensors(train), "val": tensors(val), "stats": out_stats}
+
+
+# ------------------------------------------------------------------ one builder per cache directory
+
+
+def _atomic_write_bytes(path: Path, write: Callable[[Any], None]) -> None:
+    tmp = path.with_name(f".{path.name}.{socket.gethostname()}.{os.getpid()}.{threading.get_ident()}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _load_payload(path: Path) -> dict:
+    # mmap: ranks on one machine share the page cache instead of each holding a copy.
+    return torch.load(path, mmap=True, weights_only=True)
+
+
+class _Heartbeat:
+    """Touches the lock file while the builder works, so waiters can tell slow from dead."""
+
+    def __init__(self, path: Path, every_s: float):
+        self.path, self.every_s = path, every_s
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self.stop.wait(self.every_s):
+            try:
+                os.utime(self.path)
+            except OSError:
+                pass
+
+    def __enter__(self) -> _Heartbeat:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop.set()
+        self.thread.join()
+
+
+def _try_lock(lock: Path, rank: int) -> bool:
+    try:
+        fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+    except FileExistsError:
+        return False
+    with os.fdopen(fd, "w") as f:
+        f.write(json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "rank": rank, "time": time.time()}))
+    return True
+
+
+def _raise_marker(marker: Path) -> None:
+    try:
+        info = json.loads(marker.read_text())
+    except (OSError, json.JSONDecodeError):
+        info = {"kind": "crash", "message": f"unreadable error marker {marker}"}
+    if info.get("kind") == "user":
+        raise UserError(info["message"])
+    raise RuntimeError(f"preparing the data failed on the process that built it: {info.get('message')}")
+
+
+def shared_build(
+    cache_dir: Path,
+    key: str,
+    build: Callable[[], dict],
+    *,
+    rank: int = 0,
+    timeout_s: float = WAIT_TIMEOUT_S,
+    stale_s: float = STALE_LOCK_S,
+    poll_s: float = 0.2,
+) -> dict:
+    """Build `<key>.pt` once per cache directory and return it (memory-mapped) to every caller.
+
+    Whoever creates `<key>.lock` first (O_EXCL) builds; the others poll for `<key>.pt` or `<key>.error`.
+    A lock election instead of "rank 0 builds" works whether or not nodes share the directory: with a
+    shared file system one process in the job builds, otherwise one per node. The builder writes the
+    result atomically (tmp + rename); if it fails it writes the error marker with its one-line message
+    (and re-raises), so waiters raise the same error instead of hanging. A lock whose heartbeat stopped
+    for `stale_s` (builder killed) is broken and taken over; `timeout_s` bounds the wait in any case.
+    No collectives: a rank that fails here cannot leave the others blocked in one.
+    """
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    final, marker, lock = (cache_dir / f"{key}{ext}" for ext in (".pt", ".error", ".lock"))
+    deadline = time.monotonic() + timeout_s
+    said = False
+    while True:
+        if final.exists():
+            return _load_payload(final)
+        if marker.exists():
+            _raise_marker(marker)
+        if _try_lock(lock, rank):
+            try:
+                if final.exists():  # finished between our check and the lock
+                    return _load_payload(final)
+                with _Heartbeat(lock, max(stale_s / 4, 0.05)):
+                    try:
+                        payload = build()
+                    except Exception as err:
+                        kind = "user" if isinstance(err, UserError) else "crash"
+                        msg = str(err) if kind == "user" else f"{type(err).__name__}: {err}"
+                        body = json.dumps({"kind": kind, "message": " ".join(msg.split()), "rank": rank}).encode()
+                        _atomic_write_bytes(marker, lambda f, b=body: f.write(b))
+                        raise
+                    _atomic_write_bytes(final, lambda f, p=payload: torch.save(p, f))
+                return _load_payload(final)
+            finally:
+                lock.unlink(missing_ok=True)
+        try:
+            age = time.time() - lock.stat().st_mtime
+        except FileNotFoundError:
+            continue  # the builder just finished or gave up: look again
+        if age > stale_s:
+            print(f"[data] breaking stale lock {lock} (no heartbeat for {age:.0f}s)", flush=True)
+            lock.unlink(missing_ok=True)
+            continue
+        if time.monotonic() > deadline:
+            raise UserError(
+                f"gave up after {timeout_s:.0f}s waiting for another process to prepare the data cache {final} "
+                f"(its lock {lock} is still held); see the other ranks' logs"
+            )
+        if not said:
+            print(f"[data] waiting for another rank to tokenize the data into {final}", flush=True)
+            said = True
+        time.sleep(poll_s)
+
+
+def build_data(
+    recipe: Recipe, tokenizer, rank: int, world: int, cache_dir: Path | None = None
+) -> tuple[Packed, Packed | None]:
+    """Train and validation rows. The same for every rank and world size (ranks pick rows with StepSampler).
+
+    With a cache_dir, one process tokenizes and the rest load its file (see shared_build); without one,
+    every caller builds (single process, tests).
+    """
+    if cache_dir is None:
+        payload = build_payload(recipe, tokenizer)
+    else:
+        key = fingerprint(recipe, tokenizer)
+        payload = shared_build(Path(cache_dir), key, lambda: build_payload(recipe, tokenizer), rank=rank)
+    stats = dict(payload["stats"])
+    if rank == 0:
+        s = stats
+        line = (
+            f"[data] train: {s['train_documents']} documents -> {s['train_rows']} rows of {recipe.data.seq_len} "
+            f"tokens ({100 * s['train_fill']:.0f}% filled); {s['truncated']} truncated, "
+            f"{s['overlong_dropped']} dropped as over-long, {s['no_target_dropped']} without a target"
+        )
+        if payload["val"] is not None:
+            line += f"; val: {s['val_documents']} documents -> {s['val_rows']} rows"
+        print(line, flush=True)
+
+    def packed(t: dict | None) -> Packed | None:
+        return None if t is None else Packed(t["input_ids"], t["labels"], t["position_ids"], stats)
+
+    return packed(payload["train"]), packed(payload["val"])
+
+
+# ------------------------------------------------------------------ preflight
+
+
+def _check_tokenizer(recipe: Recipe):
+    from launcher.loading import resolve_model_dir
+
+    try:
+        return build_tokenizer(recipe, resolve_model_dir(recipe))
+    except UserError:
+        raise
+    except Exception as err:  # noqa: BLE001 - a tokenizer that cannot load is the user's to fix
+        name = recipe.model.tokenizer or recipe.model.path
+        raise UserError(f"{name}: the tokenizer could not be loaded ({type(err).__name__}: {err})") from None
+
+
+def check(recipe: Recipe, rows: int = CHECK_ROWS) -> None:
+    """Cheap validation in the launching process, before any run directory exists.
+
+    Every source: exists, has a supported type, parses, and its first `rows` rows have the format's
+    columns with the right types, valid chat roles, a template that renders, and (with the real tokenizer)
+    pass the over-long policy. A source read to its end must keep at least one usable sample. Hub
+    datasets are only named here; the ranks load them. Writes nothing.
+    """
+    cfg = recipe.data
+    train, val = _sources(cfg)  # all missing files and unsupported types first: the cheapest checks
+    renderer = None
+    for src in train + ([val] if val else []):
+        peeked = _peek(src, rows)
+        if peeked is None:
+            continue
+        got, where, complete = peeked
+        if not got:
+            raise UserError(f"{src.path}: the dataset is empty (no rows)")
+        if renderer is None:
+            renderer = Renderer(cfg, _check_tokenizer(recipe))
+        columns = {c for r in got for c in r if r.get(c) is not None}
+        renderer.check_columns(sorted(columns | set(got[0])), src)
+        stats = _Stats()
+        docs = encode_rows(renderer, enumerate(got), where, src.kind == "csv", stats)
+        if complete and not len(docs):
+            raise _no_samples(src, cfg, stats)
+        if complete and src is not val and cfg.val_fraction > 0 and val is None:
+            carve(docs, cfg.val_fraction, 0, src)
+
+
+# ------------------------------------------------------------------ sampling
 
 
 class StepSampler:
     """Global batch of step s = samples perm[s*G:(s+1)*G] (a fresh seeded permutation per epoch).
 
     Rank r's micro-step a gets positions [(a*W + r)*mb, +mb) of that global batch: disjoint across ranks,
-    the same global batch at any world size, and resumable from the step number alone.
+    the same global batch at any world size, and resumable from the step number alone. `next()` walks the
+    steps with a cursor that state_dict()/load_state_dict() save and restore (a checkpoint stores it; a
+    resumed run, at any world size, then sees exactly the samples the uninterrupted run would have).
     """
 
     def __init__(self, n: int, global_batch: int, micro_batch: int, world: int, rank: int, seed: int):
@@ -128,10 +1112,14 @@ class StepSampler:
         self.n, self.G, self.mb, self.W, self.r, self.seed = n, global_batch, micro_batch, world, rank, seed
         self.steps_per_epoch = n // global_batch
         self.accum = global_batch // (micro_batch * world)
+        self.step = 0
+        self._cached: tuple[int, torch.Tensor] | None = None
 
     def _perm(self, epoch: int) -> torch.Tensor:
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-        return torch.randperm(self.n, generator=g)
+        if self._cached is None or self._cached[0] != epoch:
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            self._cached = (epoch, torch.randperm(self.n, generator=g))
+        return self._cached[1]
 
     def global_batch(self, step: int) -> list[int]:
         epoch, k = divmod(step, self.steps_per_epoch)
@@ -140,3 +1128,23 @@ class StepSampler:
     def micro_batches(self, step: int) -> list[list[int]]:
         gb = self.global_batch(step)
         return [gb[(a * self.W + self.r) * self.mb : (a * self.W + self.r + 1) * self.mb] for a in range(self.accum)]
+
+    def next(self) -> list[list[int]]:
+        """This rank's micro-batches of the cursor's step; advances the cursor."""
+        out = self.micro_batches(self.step)
+        self.step += 1
+        return out
+
+    def state_dict(self) -> dict:
+        return {"step": self.step, "n": self.n, "global_batch": self.G, "seed": self.seed}
+
+    def load_state_dict(self, state: dict) -> None:
+        mine = self.state_dict()
+        for k in ("n", "global_batch", "seed"):
+            if state.get(k) != mine[k]:
+                what = {"n": "packed training samples", "global_batch": "train.global_batch", "seed": "train.seed"}
+                raise UserError(
+                    f"cannot resume: the checkpoint was taken with {what[k]} = {state.get(k)}, this run has "
+                    f"{mine[k]}; a resumed run would not see the samples the interrupted one would have"
+                )
+        self.step = int(state["step"])

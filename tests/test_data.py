@@ -1,0 +1,640 @@
+"""The data pipeline with real parts: datasets loaders, the tiny model's tokenizer, the tiny model's forward."""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from launcher import data
+from launcher.data import IGNORE, Docs, StepSampler, build_data, check, shared_build
+from launcher.errors import UserError
+from launcher.recipe import Recipe, validate
+from tests.conftest import TINY_DATA, TINY_MODEL
+
+PAD = 2  # the tiny tokenizer's pad id; test documents never end with it
+
+
+@pytest.fixture(autouse=True)
+def _datasets_cache(tmp_path, monkeypatch):
+    """Keep the datasets library's Arrow cache inside the test's tmp dir (and observable)."""
+    import datasets
+
+    cache = tmp_path / "hf-datasets"
+    cache.mkdir()
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", cache)
+    return cache
+
+
+@pytest.fixture(scope="module")
+def tok():
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(TINY_MODEL))
+
+
+def recipe(data_: dict, **train) -> Recipe:
+    return validate(
+        {
+            "name": "t",
+            "model": {"path": str(TINY_MODEL)},
+            "data": {"seq_len": 64, **data_},
+            "train": {"max_steps": 1, "global_batch": 4, "micro_batch": 1, **train},
+        }
+    )
+
+
+def jsonl(path: Path, rows: list) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def docs_of(packed) -> list[tuple[list[int], list[int]]]:
+    """Split packed rows back into documents (a document starts where position_ids is 0)."""
+    out = []
+    for r in range(len(packed)):
+        ids, labels, pos = (t[r].tolist() for t in (packed.input_ids, packed.labels, packed.position_ids))
+        starts = [i for i, p in enumerate(pos) if p == 0] + [len(pos)]
+        for s, e in zip(starts, starts[1:], strict=False):
+            # Padding continues the last document's positions: cut it off by its labels and ids.
+            while e > s + 1 and ids[e - 1] == PAD and labels[e - 1] == IGNORE:
+                e -= 1
+            out.append((ids[s:e], labels[s:e]))
+    return out
+
+
+def trained_text(tok, packed) -> list[str]:
+    return [tok.decode([t for t in lab if t != IGNORE]) for _, lab in docs_of(packed)]
+
+
+def trained_spans(tok, labels: list[int]) -> list[str]:
+    """Decoded runs of consecutive label-carrying tokens."""
+    spans, cur = [], []
+    for t in [*labels, IGNORE]:
+        if t != IGNORE:
+            cur.append(t)
+        elif cur:
+            spans.append(tok.decode(cur))
+            cur = []
+    return spans
+
+
+# ------------------------------------------------------------------ formats
+
+
+def test_text_format_trains_every_token_but_the_first(tmp_path, tok):
+    texts = ["hello world", "a longer piece of text here", "x"]
+    path = jsonl(tmp_path / "t.jsonl", [{"text": t} for t in texts])
+    train, val = build_data(recipe({"datasets": [{"path": str(path)}], "packing": False}), tok, 0, 1)
+    assert val is None
+    got = sorted(docs_of(train))
+    want = []
+    for t in texts:
+        ids = tok(t, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+        want.append((ids, [IGNORE] + ids[1:]))
+    assert got == sorted(want)
+    row = train.collate([0])
+    assert set(row) == {"input_ids", "labels", "position_ids"}
+    assert all(v.dtype == torch.long and v.shape == (1, 64) for v in row.values())
+    n = int((row["labels"] != IGNORE).sum()) + 1  # the document's length (first token has no label)
+    assert row["position_ids"][0].tolist() == list(range(64)), "padding continues the document's positions"
+    assert (row["labels"][0, n:] == IGNORE).all()
+
+
+def test_alpaca_trains_on_the_response_only_unless_told(tmp_path, tok):
+    rows = [
+        {"instruction": "Reverse the word.", "input": "cloud", "output": "duolc"},
+        {"instruction": "Say hi.", "input": "", "output": "hi"},
+    ]
+    path = jsonl(tmp_path / "a.jsonl", rows)
+    r = recipe({"datasets": [{"path": str(path)}], "format": "alpaca", "seq_len": 128, "packing": False})
+    train, _ = build_data(r, tok, 0, 1)
+    assert sorted(trained_text(tok, train)) == ["duolc<|eos|>", "hi<|eos|>"]
+    full = sorted(tok.decode(ids) for ids, _ in docs_of(train))
+    assert full[0].startswith("### Instruction:\nReverse the word.\n\n### Input:\ncloud\n\n### Response:\nduolc")
+    assert full[1] == "### Instruction:\nSay hi.\n\n### Response:\nhi<|eos|>", "an empty input has no Input section"
+
+    r = recipe(
+        {
+            "datasets": [{"path": str(path)}],
+            "format": "alpaca",
+            "seq_len": 128,
+            "packing": False,
+            "train_on_prompt": True,
+        }
+    )
+    train, _ = build_data(r, tok, 0, 1)
+    for ids, labels in docs_of(train):
+        assert labels == [IGNORE] + ids[1:]
+
+
+def test_alpaca_column_names_are_configurable(tmp_path, tok):
+    path = jsonl(tmp_path / "a.jsonl", [{"q": "Say hi.", "ctx": "now", "a": "hi"}])
+    r = recipe(
+        {
+            "datasets": [{"path": str(path)}],
+            "format": "alpaca",
+            "instruction_column": "q",
+            "input_column": "ctx",
+            "output_column": "a",
+            "seq_len": 128,
+        }
+    )
+    train, _ = build_data(r, tok, 0, 1)
+    assert trained_text(tok, train) == ["hi<|eos|>"]
+    assert tok.decode(docs_of(train)[0][0]).startswith("### Instruction:\nSay hi.\n\n### Input:\nnow\n")
+
+
+CHAT = [
+    {"role": "system", "content": "Be brief."},
+    {"role": "user", "content": "Hi"},
+    {"role": "assistant", "content": "Hello"},
+    {"role": "user", "content": "Bye"},
+    {"role": "assistant", "content": "Ciao"},
+]
+
+
+def test_chat_default_template_trains_on_assistant_turns_only(tmp_path, tok):
+    assert tok.chat_template is None, "the tiny tokenizer has no template: the documented default applies"
+    path = jsonl(tmp_path / "c.jsonl", [{"messages": CHAT}])
+    r = recipe({"datasets": [{"path": str(path)}], "format": "chat", "seq_len": 128})
+    train, _ = build_data(r, tok, 0, 1)
+    (ids, labels), *rest = docs_of(train)
+    assert not rest
+    assert tok.decode(ids) == (
+        "<|im_start|>system\nBe brief.<|eos|><|im_start|>user\nHi<|eos|><|im_start|>assistant\nHello<|eos|>"
+        "<|im_start|>user\nBye<|eos|><|im_start|>assistant\nCiao<|eos|>"
+    )
+    assert trained_spans(tok, labels) == ["Hello<|eos|>", "Ciao<|eos|>"]
+
+    r = recipe({"datasets": [{"path": str(path)}], "format": "chat", "seq_len": 128, "train_on_prompt": True})
+    (ids, labels), *_ = docs_of(build_data(r, tok, 0, 1)[0])
+    assert labels == [IGNORE] + ids[1:]
+
+
+def test_chat_template_from_the_recipe_and_custom_column(tmp_path, tok):
+    template = (
+        "{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}"
+        "{% if add_generation_prompt %}[assistant] {% endif %}"
+    )
+    path = jsonl(tmp_path / "c.jsonl", [{"conv": CHAT[1:3]}])
+    r = recipe(
+        {
+            "datasets": [{"path": str(path)}],
+            "format": "chat",
+            "messages_column": "conv",
+            "chat_template": template,
+            "seq_len": 128,
+        }
+    )
+    train, _ = build_data(r, tok, 0, 1)
+    (ids, _), *_ = docs_of(train)
+    assert tok.decode(ids) == "[user] Hi\n[assistant] Hello\n"
+    assert trained_text(tok, train) == ["Hello\n"]
+
+
+def test_tokenized_format_keeps_ids_and_labels(tmp_path, tok):
+    rows = [
+        {"input_ids": [5, 6, 7, 8], "labels": [-100, -100, 7, 8]},
+        {"input_ids": [9, 10, 11]},  # no labels: train on every token
+    ]
+    path = jsonl(tmp_path / "k.jsonl", rows)
+    train, _ = build_data(recipe({"datasets": [{"path": str(path)}], "format": "tokenized"}), tok, 0, 1)
+    assert sorted(docs_of(train)) == [([5, 6, 7, 8], [-100, -100, 7, 8]), ([9, 10, 11], [-100, 10, 11])]
+
+
+# ------------------------------------------------------------------ loaders
+
+
+ROWS = [{"text": f"document number {i} " + "word " * i} for i in range(12)]
+
+
+def _write(kind: str, tmp_path: Path) -> str:
+    import datasets
+
+    ds = datasets.Dataset.from_list(ROWS)
+    if kind == "jsonl":
+        return str(jsonl(tmp_path / "d.jsonl", ROWS))
+    if kind == "json-array":
+        (tmp_path / "d.json").write_text(json.dumps(ROWS, indent=1))
+        return str(tmp_path / "d.json")
+    if kind == "parquet":
+        ds.to_parquet(tmp_path / "d.parquet")
+        return str(tmp_path / "d.parquet")
+    if kind == "csv":
+        ds.to_csv(tmp_path / "d.csv", index=False)
+        return str(tmp_path / "d.csv")
+    if kind == "saved":
+        datasets.DatasetDict({"train": ds, "validation": ds.select([0])}).save_to_disk(tmp_path / "saved")
+        return str(tmp_path / "saved")
+    if kind == "arrow":
+        ds.save_to_disk(tmp_path / "single")
+        (arrow,) = (tmp_path / "single").glob("*.arrow")
+        return str(arrow)
+    # A directory of data files goes through load_dataset(name, split=...), the hub code path.
+    (tmp_path / "repo").mkdir()
+    jsonl(tmp_path / "repo" / "train.jsonl", ROWS)
+    return str(tmp_path / "repo")
+
+
+def test_every_loader_gives_the_same_rows(tmp_path, tok):
+    results = {}
+    for kind in ("jsonl", "json-array", "parquet", "csv", "saved", "arrow", "repo"):
+        d = tmp_path / kind
+        d.mkdir()
+        r = recipe({"datasets": [{"path": _write(kind, d)}], "seq_len": 32})
+        check(r)
+        results[kind], _ = build_data(r, tok, 0, 1)
+    ref = results["jsonl"]
+    assert len(ref) > 1
+    for kind, got in results.items():
+        assert torch.equal(got.input_ids, ref.input_ids), kind
+        assert torch.equal(got.labels, ref.labels), kind
+
+
+def test_hub_names_are_passed_to_datasets(tmp_path, tok, monkeypatch):
+    import datasets
+
+    seen = {}
+
+    def fake_load(name, split=None, **kw):
+        seen["args"] = (name, split)
+        return datasets.Dataset.from_list(ROWS)
+
+    # The hub itself is unreachable here; what matters is that an org/name reaches load_dataset unchanged.
+    monkeypatch.setattr(datasets, "load_dataset", fake_load)
+    assert data.classify("someorg/some-data", "train", "k").kind == "hub"
+    train, _ = build_data(recipe({"datasets": [{"path": "someorg/some-data", "split": "sft"}]}), tok, 0, 1)
+    assert seen["args"] == ("someorg/some-data", "sft") and len(train) > 0
+    check(recipe({"datasets": [{"path": "someorg/some-data"}]}))  # named only: nothing to read offline
+
+
+# ------------------------------------------------------------------ packing
+
+
+def test_best_fit_fills_rows():
+    rows = data._best_fit(np.array([5, 3, 5, 2, 3, 2]), 10)
+    assert sorted(sorted(r) for r in rows) == [[0, 2], [1, 3, 4, 5]]
+
+
+def test_packing_keeps_every_document_whole_and_once(tmp_path, tok):
+    rng = np.random.default_rng(0)
+    rows = [{"input_ids": rng.integers(3, 500, size=int(n)).tolist()} for n in rng.integers(2, 40, size=60)]
+    path = jsonl(tmp_path / "k.jsonl", rows)
+    r = recipe({"datasets": [{"path": str(path)}], "format": "tokenized", "seq_len": 48})
+    packed, _ = build_data(r, tok, 0, 1)
+    unpacked, _ = build_data(recipe({**r.data.model_dump(), "packing": False}), tok, 0, 1)
+    assert len(unpacked) == 60 and len(packed) < 40
+    assert sorted(ids for ids, _ in docs_of(packed)) == sorted(x["input_ids"] for x in rows)
+    for ids, labels in docs_of(packed):
+        assert labels == [IGNORE] + ids[1:]
+    p = packed.position_ids
+    assert ((p[:, 1:] == p[:, :-1] + 1) | (p[:, 1:] == 0)).all(), "positions count up, restarting per document"
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize("train_on_prompt", [False, True])
+def test_packed_loss_equals_unpacked_loss(tmp_path, tok, attn, train_on_prompt):
+    """No attention across packed documents: transformers derives the block mask from position_ids."""
+    from transformers import AutoModelForCausalLM
+
+    from launcher.train import CausalLMLoss
+
+    lines = (TINY_DATA / "train.jsonl").read_text().splitlines()[:24]
+    path = tmp_path / "a.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    base = {"datasets": [{"path": str(path)}], "format": "alpaca", "seq_len": 160, "train_on_prompt": train_on_prompt}
+    packed, _ = build_data(recipe(base), tok, 0, 1)
+    single, _ = build_data(recipe({**base, "packing": False}), tok, 0, 1)
+    assert len(single) == 24 and len(packed) <= 12, "rows hold two or more documents"
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(str(TINY_MODEL), dtype=torch.float32, attn_implementation=attn)
+    f = CausalLMLoss(model).eval()
+    with torch.no_grad():
+        b = packed.collate(list(range(len(packed))))
+        s_packed, n_packed = f(b["input_ids"], b["labels"], b["position_ids"])
+        u = single.collate(list(range(len(single))))
+        s_single, n_single = f(u["input_ids"], u["labels"], u["position_ids"])
+        # Control: the same packed rows with positions that do not restart let documents see each other.
+        leaky = torch.arange(packed.seq_len).expand_as(b["position_ids"])
+        s_leaky, _ = f(b["input_ids"], b["labels"], leaky)
+    assert int(n_packed) == int(n_single) > 0
+    torch.testing.assert_close(s_packed, s_single, rtol=2e-6, atol=1e-4)
+    assert abs(float(s_leaky - s_single)) > 100 * abs(float(s_packed - s_single)) + 1e-3
+
+
+# ------------------------------------------------------------------ over-long samples
+
+
+@pytest.mark.parametrize("policy", ["truncate", "drop", "error"])
+def test_overlong_policy(tmp_path, tok, policy):
+    path = jsonl(tmp_path / "t.jsonl", [{"text": "short"}, {"text": "word " * 80}, {"text": "tiny"}])
+    r = recipe({"datasets": [{"path": str(path)}], "seq_len": 16, "overlong": policy})
+    if policy == "error":
+        for fn in (lambda: check(r), lambda: build_data(r, tok, 0, 1)):
+            with pytest.raises(UserError, match=rf"^{path}:2: sample has \d+ tokens, more than data.seq_len = 16"):
+                fn()
+        return
+    train, _ = build_data(r, tok, 0, 1)
+    lengths = sorted(len(ids) for ids, _ in docs_of(train))
+    assert train.stats["rows_read"] == 3
+    if policy == "truncate":
+        assert lengths[-1] == 16 and len(lengths) == 3 and train.stats["truncated"] == 1
+    else:
+        assert len(lengths) == 2 and train.stats["overlong_dropped"] == 1
+
+
+# ------------------------------------------------------------------ validation data
+
+
+def test_val_path_and_val_fraction(tmp_path, tok):
+    rows = [{"text": f"sample {i} " + "x " * (i % 7)} for i in range(40)]
+    path = jsonl(tmp_path / "t.jsonl", rows)
+    vpath = jsonl(tmp_path / "v.jsonl", rows[:3])
+    train, val = build_data(recipe({"datasets": [{"path": str(path)}], "val_path": str(vpath)}), tok, 0, 1)
+    assert len(docs_of(val)) == 3 and len(docs_of(train)) == 40
+
+    def split(seed: int):
+        r = recipe({"datasets": [{"path": str(path)}], "val_fraction": 0.25}, seed=seed)
+        t, v = build_data(r, tok, 0, 1)
+        return {tuple(i) for i, _ in docs_of(t)}, {tuple(i) for i, _ in docs_of(v)}
+
+    t0, v0 = split(0)
+    t1, v1 = split(5)
+    assert len(v0) == 10 and len(t0) == 30 and not (t0 & v0)
+    assert v0 == v1, "the validation carve does not depend on train.seed"
+
+    tiny = jsonl(tmp_path / "one.jsonl", rows[:1])
+    r = recipe({"datasets": [{"path": str(tiny)}], "val_fraction": 0.5})
+    with pytest.raises(UserError, match="too few to carve off data.val_fraction"):
+        check(r)
+
+
+# ------------------------------------------------------------------ mixing
+
+
+def test_weights_mix_deterministically(tmp_path, tok):
+    a = jsonl(tmp_path / "a.jsonl", [{"input_ids": [10, 10 + i]} for i in range(4)])
+    b = jsonl(tmp_path / "b.jsonl", [{"input_ids": [20, 20 + i]} for i in range(6)])
+
+    def mix(seed: int):
+        r = recipe(
+            {
+                "datasets": [{"path": str(a), "weight": 2.0}, {"path": str(b), "weight": 0.5}],
+                "format": "tokenized",
+                "seq_len": 8,
+            },
+            seed=seed,
+        )
+        train, _ = build_data(r, tok, 0, 1)
+        return sorted(tuple(ids) for ids, _ in docs_of(train)), train
+
+    docs, train = mix(0)
+    from_a = [d for d in docs if d[0] == 10]
+    from_b = [d for d in docs if d[0] == 20]
+    assert sorted(set(from_a)) == [(10, 10 + i) for i in range(4)] and len(from_a) == 8
+    assert len(from_b) == 3 and len(set(from_b)) == 3
+    again, train2 = mix(0)
+    assert again == docs and torch.equal(train.input_ids, train2.input_ids)
+    assert {d for d in mix(1)[0] if d[0] == 20} != set(from_b), "another seed picks another half"
+
+
+# ------------------------------------------------------------------ cache shared by ranks
+
+
+def test_fingerprint_tracks_files_settings_and_tokenizer(tmp_path, tok):
+    path = jsonl(tmp_path / "t.jsonl", ROWS)
+    r = recipe({"datasets": [{"path": str(path)}]})
+    key = data.fingerprint(r, tok)
+    assert data.fingerprint(r, tok) == key
+    assert data.fingerprint(recipe({"datasets": [{"path": str(path)}], "seq_len": 65}), tok) != key
+    assert data.fingerprint(recipe({"datasets": [{"path": str(path)}], "num_workers": 3}), tok) == key
+    other = tok.__class__.from_pretrained(str(TINY_MODEL))
+    other.chat_template = "{{ messages }}"
+    assert data.fingerprint(r, other) != key
+    st = path.stat()
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    assert data.fingerprint(r, tok) != key
+
+
+def test_ranks_share_one_tokenization(tmp_path, tok, monkeypatch):
+    path = jsonl(tmp_path / "t.jsonl", ROWS)
+    r = recipe({"datasets": [{"path": str(path)}], "seq_len": 32})
+    cache = tmp_path / "cache"
+    builds = []
+    real = data.build_payload
+
+    def counting(*a):
+        builds.append(threading.get_ident())
+        time.sleep(0.3)  # long enough that the other ranks find the lock taken
+        return real(*a)
+
+    monkeypatch.setattr(data, "build_payload", counting)
+    with ThreadPoolExecutor(3) as ex:
+        out = list(ex.map(lambda rank: build_data(r, tok, rank, 3, cache), range(3)))
+    assert len(builds) == 1
+    for train, _ in out[1:]:
+        assert torch.equal(train.input_ids, out[0][0].input_ids)
+    assert [p.suffix for p in cache.iterdir()] == [".pt"], "no lock, marker or tmp file left behind"
+    build_data(r, tok, 0, 1, cache)
+    assert len(builds) == 1, "a second run with the same inputs reads the cache"
+
+
+def test_a_failing_build_reaches_every_rank(tmp_path, tok):
+    bad = tmp_path / "t.jsonl"
+    bad.write_text('{"text": "ok"}\n{"text": "broken\n')
+    r = recipe({"datasets": [{"path": str(bad)}]})
+    cache = tmp_path / "cache"
+    with ThreadPoolExecutor(2) as ex:
+        futures = [ex.submit(build_data, r, tok, rank, 2, cache) for rank in range(2)]
+        errors = [f.exception(timeout=60) for f in futures]
+    assert all(isinstance(e, UserError) for e in errors)
+    assert {str(e) for e in errors} == {f"{bad}:2: malformed JSON (Unterminated string starting at column 10)"}
+    (marker,) = cache.glob("*.error")
+    assert json.loads(marker.read_text())["kind"] == "user"
+    with pytest.raises(UserError, match="malformed JSON"):
+        build_data(r, tok, 1, 2, cache)  # a late rank gets it from the marker at once
+
+
+def test_shared_build_crash_stale_lock_and_timeout(tmp_path):
+    def crash():
+        raise ValueError("disk on fire")
+
+    with pytest.raises(ValueError):
+        shared_build(tmp_path / "a", "k", crash)
+    with pytest.raises(RuntimeError, match="ValueError: disk on fire"):
+        shared_build(tmp_path / "a", "k", lambda: {"x": 1})
+
+    # A builder killed without cleaning up leaves a lock whose heartbeat stopped: it is taken over.
+    (tmp_path / "b").mkdir()
+    lock = tmp_path / "b" / "k.lock"
+    lock.write_text("{}")
+    os.utime(lock, (time.time() - 60, time.time() - 60))
+    assert shared_build(tmp_path / "b", "k", lambda: {"x": torch.ones(2)}, stale_s=10)["x"].sum() == 2
+
+    # A live lock (fresh heartbeat) that never finishes: the wait ends with a clear message.
+    (tmp_path / "c").mkdir()
+    (tmp_path / "c" / "k.lock").write_text("{}")
+    t0 = time.monotonic()
+    with pytest.raises(UserError, match=r"gave up after 1s waiting for another process to prepare the data cache"):
+        shared_build(tmp_path / "c", "k", lambda: {}, timeout_s=1.0, stale_s=60, poll_s=0.05)
+    assert time.monotonic() - t0 < 10
+
+
+# ------------------------------------------------------------------ sampling
+
+
+def test_sampler_is_disjoint_world_size_independent_and_deterministic():
+    n, G = 37, 8
+    one = StepSampler(n, G, 2, 1, 0, seed=3)
+    for step in (0, 1, 4, 5, 9):  # 4 steps per epoch: crosses two epoch boundaries
+        gb = one.global_batch(step)
+        assert sorted(x for m in one.micro_batches(step) for x in m) == sorted(gb)
+        for world in (2, 4):
+            ranks = [StepSampler(n, G, 2, world, r, seed=3).micro_batches(step) for r in range(world)]
+            flat = [x for rk in ranks for m in rk for x in m]
+            assert len(flat) == len(set(flat)) == G and sorted(flat) == sorted(gb)
+    epoch0 = [x for s in range(4) for x in one.global_batch(s)]
+    assert len(set(epoch0)) == 32, "no sample twice within an epoch"
+    assert one.global_batch(0) != one.global_batch(4), "a fresh permutation per epoch"
+    assert StepSampler(n, G, 2, 1, 0, seed=3).global_batch(2) == one.global_batch(2)
+    assert StepSampler(n, G, 2, 1, 0, seed=4).global_batch(2) != one.global_batch(2)
+
+
+def test_sampler_resumes_exactly():
+    def fresh(world: int = 2, rank: int = 1) -> StepSampler:
+        return StepSampler(50, 8, 2, world, rank, seed=7)
+
+    full = fresh()
+    want = [full.next() for _ in range(15)]
+    first = fresh()
+    for _ in range(9):
+        first.next()
+    state = json.loads(json.dumps(first.state_dict()))  # what a checkpoint stores
+    resumed = fresh()
+    resumed.load_state_dict(state)
+    assert [resumed.next() for _ in range(6)] == want[9:]
+
+    # The global batch of a step is the same at any world size, so a resume may change it.
+    wide = [fresh(4, r) for r in range(4)]
+    for s in wide:
+        s.load_state_dict(state)
+    assert sorted(x for s in wide for m in s.next() for x in m) == sorted(full.global_batch(9))
+
+    with pytest.raises(UserError, match="checkpoint was taken with train.global_batch = 8"):
+        StepSampler(50, 16, 2, 2, 1, seed=7).load_state_dict(state)
+    with pytest.raises(UserError, match="fewer than train.global_batch"):
+        StepSampler(3, 8, 2, 2, 0, seed=0)
+
+
+# ------------------------------------------------------------------ bad input: one line naming file and line
+
+
+def _bad_cases(tmp_path: Path) -> list[tuple[str, dict, str]]:
+    """(name, data settings, expected message prefix) for each class of bad input."""
+    import datasets
+
+    p = tmp_path
+    jsonl(p / "ok.jsonl", [{"instruction": "i", "output": "o"}])
+    (p / "malformed.jsonl").write_text('{"instruction": "i", "output": "o"}\n\n{"instruction": "i", "output": \n')
+    jsonl(p / "nocol.jsonl", [{"instruction": "i", "response": "o"}])
+    jsonl(p / "rowcol.jsonl", [{"instruction": "i", "output": "o"}, {"instruction": "i"}])
+    jsonl(p / "type.jsonl", [{"instruction": "i", "output": "o"}, {"instruction": "i", "output": 5}])
+    datasets.Dataset.from_list([{"text": "a"}, {"text": "b"}, {"text": ""}]).to_parquet(p / "t.parquet")
+    datasets.Dataset.from_list([{"text": [1]}, {"text": [2]}]).to_parquet(p / "type.parquet")
+    (p / "empty.jsonl").write_text("\n")
+    (p / "empty.csv").write_text("instruction,output\n")
+    (p / "data.txt").write_text("hello\n")
+    chat_ok = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]
+    jsonl(p / "role.jsonl", [{"messages": chat_ok}, {"messages": [chat_ok[0], {"role": "bot", "content": "a"}]}])
+    jsonl(p / "chat.jsonl", [{"messages": chat_ok}])
+    jsonl(p / "nochat.jsonl", [{"messages": [{"role": "user", "content": "only a question"}]}])
+    jsonl(p / "long.jsonl", [{"text": "word " * 200}])
+    alpaca = {"format": "alpaca"}
+    return [
+        ("malformed", {**alpaca, "path": "malformed.jsonl"}, "malformed.jsonl:3: malformed JSON (Expecting value"),
+        ("missing column", {**alpaca, "path": "nocol.jsonl"}, "nocol.jsonl: missing column 'output'"),
+        ("missing in a row", {**alpaca, "path": "rowcol.jsonl"}, "rowcol.jsonl:2: column 'output' is missing"),
+        (
+            "wrong type",
+            {**alpaca, "path": "type.jsonl"},
+            "type.jsonl:2: column 'output' must be a string, got a number",
+        ),
+        (
+            "wrong type, parquet",
+            {"path": "type.parquet"},
+            "type.parquet row 1: column 'text' must be a string, got a list",
+        ),
+        ("empty", {**alpaca, "path": "empty.jsonl"}, "empty.jsonl: the dataset is empty"),
+        ("empty csv", {**alpaca, "path": "empty.csv"}, "empty.csv: the dataset is empty"),
+        ("empty after filtering", {"path": "long.jsonl", "overlong": "drop"}, "long.jsonl: no usable samples left"),
+        ("no target", {"path": "nochat.jsonl", "format": "chat"}, "nochat.jsonl: no usable samples left"),
+        ("unknown role", {"path": "role.jsonl", "format": "chat"}, "role.jsonl:2: message 2 has unknown role 'bot'"),
+        (
+            "template renders nothing",
+            {"path": "chat.jsonl", "format": "chat", "chat_template": "{% for m in messages %}{% endfor %}"},
+            "chat.jsonl:1: the chat template rendered nothing",
+        ),
+        ("not found", {**alpaca, "path": "nope.jsonl"}, "nope.jsonl: file not found (data.datasets[0].path)"),
+        ("extension", {**alpaca, "path": "data.txt"}, "data.txt: unsupported file type '.txt'"),
+        ("bad val file", {**alpaca, "path": "ok.jsonl", "val_path": "type.jsonl"}, "type.jsonl:2: column 'output'"),
+    ]
+
+
+def _bad_recipe(tmp_path: Path, settings: dict) -> Recipe:
+    s = dict(settings)
+    path = str(tmp_path / s.pop("path"))
+    if "val_path" in s:
+        s["val_path"] = str(tmp_path / s["val_path"])
+    return recipe({"datasets": [{"path": path}], "seq_len": 64, **s})
+
+
+def test_bad_input_is_one_line_naming_file_and_line(tmp_path, tok, monkeypatch):
+    for name, settings, expected in _bad_cases(tmp_path):
+        r = _bad_recipe(tmp_path, settings)
+        for where, fn in (("check", lambda r=r: check(r)), ("build_data", lambda r=r: build_data(r, tok, 0, 1))):
+            try:
+                fn()
+                raise AssertionError(f"{name} ({where}): no error")
+            except UserError as err:
+                msg = str(err)
+            assert msg.startswith(f"{tmp_path}/{expected}"), f"{name} ({where}): {msg}"
+            assert "\n" not in msg
+    # check() converts nothing into the datasets cache (build_data above did); streaming leaves a lock file.
+    import datasets
+
+    cache = tmp_path / "check-only"
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", cache)
+    datasets.Dataset.from_list([{"text": "a"}]).to_csv(tmp_path / "t.csv", index=False)
+    for name in ("t.parquet", "t.csv", "ok.jsonl"):
+        fmt = "alpaca" if name == "ok.jsonl" else "text"
+        check(recipe({"datasets": [{"path": str(tmp_path / name)}], "format": fmt}))
+    assert not [f for f in cache.rglob("*") if not f.name.endswith(".lock")]
+
+
+def test_check_reads_a_bounded_prefix_and_the_ranks_find_the_rest(tmp_path, tok):
+    rows = [json.dumps({"text": f"row {i}"}) for i in range(10)]
+    rows[7] = '{"text": "row 7"'
+    path = tmp_path / "t.jsonl"
+    path.write_text("\n".join(rows) + "\n")
+    r = recipe({"datasets": [{"path": str(path)}]})
+    check(r, rows=5)
+    with pytest.raises(UserError, match=rf"^{path}:8: malformed JSON"):
+        check(r, rows=50)
+    with pytest.raises(UserError, match=rf"^{path}:8: malformed JSON"):
+        build_data(r, tok, 0, 1)
+
+
+def test_docs_take_and_concat_round_trip():
+    d = Docs.from_docs([(np.array([1, 2]), np.array([-100, 2])), (np.array([3]), np.array([3]))])
+    assert len(d) == 2 and d.lengths.tolist() == [2, 1]
+    both = Docs.concat([d.take([1]), d.take([0, 0])])
+    assert [both.doc(k)[0].tolist() for k in range(3)] == [[3], [1, 2], [1, 2]]
