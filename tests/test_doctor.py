@@ -1,0 +1,76 @@
+"""`qlaunch doctor`: verdicts (pure, from written-down facts) and the command on this CPU machine."""
+
+from __future__ import annotations
+
+from launcher import doctor
+from launcher.doctor import Facts, judge_machine, judge_versions
+from tests.conftest import run_cli
+
+GiB = 2**30
+CPU_CI = {**doctor.TESTED["CPU CI"], **{p: "99" for p in doctor.MINIMUM if p not in doctor.TESTED["CPU CI"]}}
+
+
+def status(checks, name):
+    return next(c.status for c in checks if c.name == name)
+
+
+def test_tested_versions_pass_and_untested_ones_warn():
+    checks = judge_versions(CPU_CI, "3.11.7")
+    assert {c.status for c in checks if c.name in doctor.TESTED["CPU CI"]} == {"ok"}
+    gpu = {**CPU_CI, "torch": "2.11.0+cu130", "transformers": "5.17.0", "accelerate": "1.15.0"}
+    assert status(judge_versions(gpu), "torch") == "ok"  # matches the GPU hosts' combination
+    newer = judge_versions({**CPU_CI, "transformers": "5.30.0"})
+    assert status(newer, "transformers") == "warn"
+    assert "untested" in next(c.detail for c in newer if c.name == "transformers")
+
+
+def test_missing_or_too_old_required_packages_are_blocking():
+    checks = judge_versions({**CPU_CI, "peft": None, "torch": "2.4.1"}, "3.10.2")
+    assert status(checks, "peft") == "fail" and status(checks, "torch") == "fail"
+    assert status(checks, "python") == "fail"
+    assert doctor.exit_code(checks) == 1
+    assert status(judge_versions({**CPU_CI, "deepspeed": None}), "deepspeed") == "info"  # optional
+
+
+def test_no_gpu_is_a_warning_unless_required():
+    facts = Facts(versions=CPU_CI, dist={"gloo": True, "nccl": False})
+    assert status(judge_machine(facts), "GPUs") == "warn"
+    assert doctor.exit_code(judge_machine(facts)) == 0
+    assert status(judge_machine(facts, require_gpu=True), "GPUs") == "fail"
+
+
+def test_machine_limits_and_environment():
+    gpus = [{"name": "NVIDIA H100", "memory": 80 * GiB, "capability": "9.0", "bf16": True}] * 2
+    facts = Facts(
+        gpus=gpus,
+        peer={(0, 1): True, (1, 0): False},
+        dist={"gloo": True, "nccl": True},
+        shm_bytes=64 * 2**20,
+        nofile=(1024, 4096),
+        env={"NCCL_NVLS_ENABLE": "1", "NCCL_DEBUG": "WARN"},
+        disk_path="runs",
+        disk_free=GiB // 2,
+    )
+    checks = judge_machine(facts)
+    assert status(checks, "GPU 1") == "ok" and status(checks, "peer access") == "warn"
+    assert status(checks, "/dev/shm") == "warn" and "--shm-size" in next(
+        c.detail for c in checks if c.name == "/dev/shm"
+    )
+    assert status(checks, "open files") == "warn"
+    assert status(checks, "NCCL_NVLS_ENABLE") == "warn" and status(checks, "NCCL_DEBUG") == "info"
+    assert status(checks, "free disk") == "fail"
+    assert doctor.exit_code(checks) == 1
+
+
+def test_doctor_command_on_this_machine(tmp_path):
+    import torch
+
+    r = run_cli("doctor", "--runs-dir", str(tmp_path / "runs"))
+    out = r.stdout
+    for needle in ("torch", "bitsandbytes", "/dev/shm", "open files", "free disk"):
+        assert needle in out, needle
+    assert r.returncode == (1 if " fail " in out else 0), out
+    if not torch.cuda.is_available():  # CPU CI: no GPU is a warning, not a crash
+        gpu_row = next(line for line in out.splitlines() if "no CUDA GPU visible" in line)
+        assert " warn " in gpu_row
+        assert r.returncode == 0, out

@@ -1,0 +1,131 @@
+"""The launching terminal's view of a run, rendered from a recorded metrics stream.
+
+tests/golden/metrics-tiny.jsonl is rank 0's metrics.jsonl of a real `qlaunch run recipes/tiny-cpu.toml
+--set checkpoint.every_steps=10` (2 CPU ranks), with the run directory made relative. Set
+QLAUNCH_UPDATE_GOLDEN=1 to rewrite the golden text files after an intended change of the view.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+from rich.console import Console
+
+from launcher import live
+from launcher.rundir import RunDir
+
+GOLDEN = Path(__file__).parent / "golden"
+EVENTS = [json.loads(line) for line in (GOLDEN / "metrics-tiny.jsonl").read_text().splitlines()]
+
+
+def check_golden(name: str, text: str) -> None:
+    path = GOLDEN / name
+    if os.environ.get("QLAUNCH_UPDATE_GOLDEN") == "1":
+        path.write_text(text)
+    assert text == path.read_text(), f"{name} changed; rerun with QLAUNCH_UPDATE_GOLDEN=1 if intended"
+
+
+def snapshot(events: list[dict], at: list[int]) -> str:
+    """The view after each event index in `at`, as plain text of a fixed-width, colourless console."""
+    console = Console(width=100, record=True, force_terminal=False, color_system=None, file=io.StringIO())
+    st = live.RunState(title="tiny-cpu  fsdp x 2 (cpu)", layers=2)
+    for i, e in enumerate(events):
+        live.update(st, e)
+        if i in at:
+            console.rule(f"after event {i} ({e['event']})")
+            console.print(live.render(st))
+    return console.export_text()
+
+
+def test_live_view_snapshot():
+    # Starting, mid-loading, training with an ETA, writing a checkpoint, and the final frame.
+    idx = {e["event"]: i for i, e in reversed(list(enumerate(EVENTS)))}  # first index of each event
+    step5 = next(i for i, e in enumerate(EVENTS) if e.get("step") == 5 and e["event"] == "step")
+    writing = idx["checkpointing"]
+    text = snapshot(EVENTS, [0, 2, step5, writing, len(EVENTS) - 1])
+    assert "\x1b" not in text
+    check_golden("live-tiny.txt", text)
+    # The numbers the issue asks for are all on screen by the end.
+    final = text.rsplit("after event", 1)[1]
+    for needle in ("30/30", "5.8526", "eval 5.8479 (step 30)", "per GPU", "r0 0.48 r1 0.58 GiB", "done"):
+        assert needle in final, needle
+
+
+def test_plain_lines_snapshot_have_no_control_codes():
+    lines = list(live.plain_lines(EVENTS, live.RunState(layers=2)))
+    text = "\n".join(lines) + "\n"
+    assert "\x1b" not in text and "\r" not in text
+    check_golden("plain-tiny.txt", text)
+    assert lines[0] == "loading model ..."
+    assert "loading model: layer 2/2" in lines
+    assert any(ln.startswith("step 12/30 ") and "ETA 0:00:" in ln for ln in lines)
+    assert lines[-1].startswith("done: 30 steps in ")
+
+
+def test_eta_uses_the_step_rate_after_the_first_step():
+    st = live.RunState()
+    live.update(st, {"event": "start", "time": 0.0, "total_steps": 100, "world": 1, "first_step_after_s": 1})
+    base = {"event": "step", "total_steps": 100, "loss": 1.0, "lr": 1e-4, "tokens_per_s_per_gpu": 1.0}
+    live.update(st, {**base, "time": 50.0, "step": 1, "step_time_s": 50.0})  # warm-up step: slow
+    assert st.eta() == 99 * 50.0
+    live.update(st, {**base, "time": 60.0, "step": 11, "step_time_s": 1.0})  # then 1 step/s
+    assert st.eta() == 89.0
+
+
+def test_gpu_memory_per_rank_wins_over_host_rss():
+    st = live.RunState()
+    step = {"event": "step", "time": 1.0, "step": 1, "total_steps": 2, "loss": 2.0, "lr": 1e-4}
+    live.update(st, {**step, "host_rss_gb": 3.0, "gpu_reserved_gb": 10.0, "rank_gpu_reserved_gb": [10.0, 12.5]})
+    live.update(st, {"event": "done", "time": 2.0, "host_rss_gb": 3.5})  # host-only numbers must not replace
+    assert st.peak_kind == "GPU reserved"
+    assert live.fmt_peaks(st) == "r0 10.00 r1 12.50 GiB (GPU reserved)"
+
+
+def test_loading_progress_reports_layers_and_bytes_per_second():
+    st = live.RunState(layers=32)
+    live.update(st, {"event": "loading", "time": 100.0, "phase": "model", "rank": 0})
+    e = {"event": "loading", "time": 104.0, "phase": "model", "tensor": "model.layers.7.mlp.down_proj.weight"}
+    live.update(st, {**e, "bytes_read": 2 * 2**30})
+    assert live.format_event(e, st) == "loading model: layer 8/32, 2.00 GiB read, 512.0 MiB/s"
+
+
+def _writer_script(metrics: Path) -> str:
+    # A real child process appending events over time, the way rank 0 does.
+    return textwrap.dedent(
+        f"""
+        import json, time
+        events = {[e for e in EVENTS if e["event"] in ("start", "step", "done")][:6]!r}
+        with open({str(metrics)!r}, "a", buffering=1) as fh:
+            for e in events:
+                fh.write(json.dumps(e) + "\\n")
+                time.sleep(0.05)
+        """
+    )
+
+
+def test_follow_tails_a_growing_file_plain_when_not_a_tty(tmp_path):
+    run = RunDir(tmp_path)
+    proc = subprocess.Popen([sys.executable, "-c", _writer_script(run.metrics)])
+    out = io.StringIO()
+    live.follow_plain(run, proc, out)
+    lines = out.getvalue().splitlines()
+    assert lines[0].startswith("training 30 steps on 2 rank(s)")
+    assert [ln.split()[1] for ln in lines if ln.startswith("step ")] == ["1/30", "2/30", "3/30", "4/30", "5/30"]
+    assert "\x1b" not in out.getvalue()
+
+
+def test_follow_live_draws_on_a_terminal(tmp_path):
+    run = RunDir(tmp_path)
+    proc = subprocess.Popen([sys.executable, "-c", _writer_script(run.metrics)])
+    buf = io.StringIO()
+    console = Console(file=buf, force_terminal=True, width=100, color_system="standard")
+    live.follow_live(run, proc, console)
+    out = buf.getvalue()
+    assert "\x1b[" in out  # cursor movement and colour: this is the terminal path
+    assert "5/30" in out and "tokens/s" in out

@@ -1,0 +1,122 @@
+"""`qlaunch report`: PNG plots + summary table from a recorded run; the optional TensorBoard/W&B sinks."""
+
+from __future__ import annotations
+
+import importlib.util
+import shutil
+from pathlib import Path
+
+import pytest
+
+from launcher import report, sinks
+from launcher.rundir import RunDir
+from tests.conftest import run_cli
+
+GOLDEN = Path(__file__).parent / "golden"
+
+
+@pytest.fixture
+def run(tmp_path) -> RunDir:
+    """A run directory holding the recorded tiny run's metrics, its checkpoints and adapter."""
+    d = tmp_path / "runs" / "tiny-cpu" / "20261127-104126"
+    (d / "logs").mkdir(parents=True)
+    shutil.copy(GOLDEN / "metrics-tiny.jsonl", d / "metrics.jsonl")
+    for step in (20, 30):  # keep_last = 2
+        (d / "checkpoints" / f"step_{step:08d}").mkdir(parents=True)
+    return RunDir(d)
+
+
+def test_report_writes_readable_pngs_and_a_summary(run):
+    import matplotlib.image as mpimg
+
+    got, rows, plots = report.report(run.path)
+    assert got == run
+    assert [p.name for p in plots] == ["loss.png", "lr.png", "throughput.png", "memory.png"]
+    for p in plots:
+        assert p.parent == run.path / "plots"
+        assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        img = mpimg.imread(p)
+        assert img.shape[0] > 300 and img.shape[1] > 600  # 8x4.5 in at 110 dpi
+        assert img[..., :3].std() > 0.05  # not a blank canvas: lines and text were drawn
+    table = dict(rows)
+    assert table["status"] == "completed"
+    assert table["steps"] == "30 of 30"
+    assert table["final loss"].startswith("5.8526 (first 6.2724")
+    assert table["eval loss"].startswith("5.8479 at step 30")
+    assert table["peak memory"].startswith("0.58 GiB peak host memory (RSS); per rank: r0 0.48 r1 0.58")
+    assert "tok/s per GPU (median)" in table["throughput"]
+    assert table["checkpoints"].startswith("3 written, 2 on disk; last runs/tiny-cpu/")
+    assert table["wall time"] == "0:00:18"
+    assert table["adapter"].endswith("/adapter")
+
+
+def test_report_of_an_interrupted_run_and_of_a_runs_folder(run):
+    lines = run.metrics.read_text().splitlines()
+    run.metrics.write_text("\n".join(lines[:12]) + '\n{"event": "step", "ti')  # killed mid-write
+    got, rows, plots = report.report(run.path.parent)  # runs/<name>: the newest run
+    assert got == run
+    table = dict(rows)
+    assert table["status"].startswith("incomplete")
+    assert table["steps"] == "5 of 30"
+    assert len(plots) == 4
+
+
+def test_report_command_prints_the_table(run):
+    r = run_cli("report", str(run.path))
+    assert r.returncode == 0, r.stderr
+    for needle in ("final loss", "5.8526", "throughput", "peak memory", "wall time", "checkpoints", "plots"):
+        assert needle in r.stdout
+    assert (run.path / "plots" / "loss.png").is_file()
+    bad = run_cli("report", str(run.path / "nope"))
+    assert bad.returncode == 2 and "no metrics.jsonl" in bad.stderr
+
+
+def test_sink_scalars_follow_the_metrics_records():
+    step = {"event": "step", "time": 1.0, "step": 3, "loss": 2.5, "lr": 1e-4, "tokens_per_s": 100.0}
+    assert sinks.scalars({**step, "rank_gpu_reserved_gb": [1.0, 2.0]}) == (
+        3,
+        {
+            "train/loss": 2.5,
+            "train/lr": 1e-4,
+            "perf/tokens_per_s": 100.0,
+            "memory/rank0_gpu_reserved_gb": 1.0,
+            "memory/rank1_gpu_reserved_gb": 2.0,
+        },
+    )
+    assert sinks.scalars({"event": "eval", "step": 3, "eval_loss": 2.0}) == (3, {"eval/loss": 2.0})
+    assert sinks.scalars({"event": "adapter", "path": "x"}) == (None, {})
+
+
+def test_missing_optional_packages_warn_once_and_go_on(recipe_file, tmp_path, capsys):
+    from launcher.recipe import load_recipe
+
+    rec = load_recipe(recipe_file(), ["log.tensorboard=true", "log.wandb=true"])
+    said: list[str] = []
+    out = sinks.open_sinks(rec, tmp_path, said.append)
+    have_tb = importlib.util.find_spec("tensorboard") is not None
+    have_wandb = importlib.util.find_spec("wandb") is not None
+    assert len(out) == have_tb + have_wandb
+    assert len(said) == (not have_tb) + (not have_wandb)
+    if not have_tb:
+        assert any("tensorboard package is not installed" in m for m in said)
+    for s in out:
+        s.close()
+    assert capsys.readouterr().out.count("warning:") == len(said)  # also in rank 0's log
+
+
+@pytest.mark.skipif(importlib.util.find_spec("tensorboard") is None, reason="tensorboard not installed")
+def test_tensorboard_event_files_hold_the_run(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    tb = sinks.TensorBoardSink(tmp_path / "tb")
+    for line in (GOLDEN / "metrics-tiny.jsonl").read_text().splitlines():
+        import json
+
+        tb.write(json.loads(line))
+    tb.close()
+    acc = EventAccumulator(str(tmp_path / "tb"))
+    acc.Reload()
+    loss = acc.Scalars("train/loss")
+    assert [e.step for e in loss] == list(range(1, 31))
+    assert loss[-1].value == pytest.approx(5.8526, abs=1e-4)
+    assert [e.step for e in acc.Scalars("eval/loss")] == [10, 20, 30]
