@@ -16,10 +16,26 @@ def lora_state_dict(peft_model: torch.nn.Module) -> dict[str, torch.Tensor]:
     for name, p in peft_model.named_parameters():
         if not p.requires_grad:
             continue
-        full = p.full_tensor() if hasattr(p, "full_tensor") else p.detach()
+        full = _deepspeed_full(p)
+        if full is None:
+            full = p.full_tensor() if hasattr(p, "full_tensor") else p.detach()
         key = name.replace(".default.", ".").replace(".default", "")
         out[key] = full.detach().to("cpu", torch.float32).contiguous()
     return out
+
+
+def _deepspeed_full(p: torch.Tensor) -> torch.Tensor | None:
+    """The whole fp32 master of a parameter DeepSpeed trains (a ZeRO-3 partition is gathered); collective.
+
+    None for parameters DeepSpeed does not own. Its model copy may be bf16 and, under ZeRO-3, empty.
+    """
+    # Decided by attribute presence, which is the same on every rank (a ZeRO-2 rank whose partition lacks
+    # the tensor has `_hp_mapping = None` but must still join the all-reduce that assembles it).
+    if not (hasattr(p, "ds_id") or hasattr(p, "_hp_mapping")):
+        return None
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    return safe_get_full_fp32_param(p)
 
 
 def save_adapter(peft_model: torch.nn.Module, out_dir: Path, rank: int) -> Path:
@@ -36,3 +52,110 @@ def save_adapter(peft_model: torch.nn.Module, out_dir: Path, rank: int) -> Path:
         shutil.rmtree(out_dir)
     os.replace(tmp, out_dir)
     return out_dir
+
+
+# ---------------------------------------------------------------- merge (single process, CPU is fine)
+
+
+def load_adapter_into(peft_model: torch.nn.Module, adapter_dir: Path) -> None:
+    """Copy a saved PEFT adapter into the LoRA parameters of a freshly built (unsharded) model."""
+    from safetensors.torch import load_file
+
+    saved = load_file(str(adapter_dir / "adapter_model.safetensors"))
+    params = {
+        n.replace(".default.", ".").replace(".default", ""): p
+        for n, p in peft_model.named_parameters()
+        if p.requires_grad
+    }
+    missing = sorted(set(params) - set(saved))
+    if missing:
+        from launcher.errors import UserError
+
+        raise UserError(f"{adapter_dir}: adapter has no tensor for {missing[0]} (was it trained with another recipe?)")
+    with torch.no_grad():
+        for k, p in params.items():
+            p.copy_(saved[k].to(p.dtype))
+
+
+def dequantize(layer: torch.nn.Module) -> torch.Tensor:
+    """Full fp32 weight of a bitsandbytes Linear4bit (or a plain Linear)."""
+    import bitsandbytes as bnb
+
+    if isinstance(layer, bnb.nn.Linear4bit):
+        packed = layer.weight.data.view(torch.uint8).reshape(-1, 1)
+        return bnb.functional.dequantize_4bit(packed, layer.quant_state).float()
+    return layer.weight.detach().float()
+
+
+def merge_into_dense(peft_model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
+    """Replace every LoRA layer by a dense Linear holding W + scale * B @ A, and dequantize the rest."""
+    import bitsandbytes as bnb
+    from peft.tuners.lora import LoraLayer
+
+    model = peft_model.base_model.model
+    for name, module in list(model.named_modules()):
+        if isinstance(module, LoraLayer):
+            base = module.get_base_layer()
+            w = dequantize(base)
+            for adapter in module.active_adapters:
+                a, b = module.lora_A[adapter].weight.float(), module.lora_B[adapter].weight.float()
+                w = w + (b @ a) * module.scaling[adapter]
+            _replace(model, name, _dense(w, base.bias, dtype))
+    for name, module in list(model.named_modules()):
+        if isinstance(module, bnb.nn.Linear4bit):
+            _replace(model, name, _dense(dequantize(module), module.bias, dtype))
+    if hasattr(model, "is_loaded_in_4bit"):
+        del model.is_loaded_in_4bit
+    return model.to(dtype)
+
+
+def _dense(w: torch.Tensor, bias, dtype) -> torch.nn.Linear:
+    lin = torch.nn.Linear(w.shape[1], w.shape[0], bias=bias is not None, dtype=dtype)
+    with torch.no_grad():
+        lin.weight.copy_(w.to(dtype))
+        if bias is not None:
+            lin.bias.copy_(bias.detach().to(dtype))
+    return lin
+
+
+def _replace(root: torch.nn.Module, name: str, new: torch.nn.Module) -> None:
+    parent, _, leaf = name.rpartition(".")
+    setattr(root.get_submodule(parent) if parent else root, leaf, new)
+
+
+def merge_run(run_dir: Path, out: Path, dtype: str = "bfloat16") -> Path:
+    """`qlaunch merge`: base (dequantized) + the run's adapter -> a plain Hugging Face model directory."""
+    from launcher.data import build_tokenizer
+    from launcher.errors import UserError
+    from launcher.loading import DTYPES, build_model
+    from launcher.rundir import RunDir
+
+    run = RunDir(Path(run_dir))
+    if not run.recipe.is_file():
+        raise UserError(f"{run_dir}: not a run directory (no recipe.toml)")
+    if not (run.adapter / "adapter_model.safetensors").is_file():
+        raise UserError(f"{run_dir}: the run has no exported adapter (adapter/adapter_model.safetensors)")
+    if out.exists() and any(out.iterdir()):
+        raise UserError(f"{out}: exists and is not empty")
+    recipe = run.load_recipe()
+    # One process, no sharding: the whole 4-bit model in host memory (half a byte per weight). Dequantize
+    # and add the LoRA product in fp32 (the NF4 bytes and scales do not depend on it), round once at the end.
+    recipe = recipe.model_copy(
+        update={
+            "parallel": recipe.parallel.model_copy(update={"backend": "none"}),
+            "quant": recipe.quant.model_copy(update={"compute_dtype": "float32"}),
+            "model": recipe.model.model_copy(update={"dtype": "float32"}),
+        }
+    )
+    built = build_model(recipe, torch.device("cpu"), None)
+    load_adapter_into(built.peft_model, run.adapter)
+    model = merge_into_dense(built.peft_model, DTYPES[dtype])
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.config.torch_dtype = dtype
+    model.save_pretrained(str(tmp), safe_serialization=True)
+    build_tokenizer(recipe, built.model_dir).save_pretrained(str(tmp))
+    if out.exists():
+        out.rmdir()
+    os.replace(tmp, out)
+    return out
