@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import re
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import Annotated
 
@@ -30,7 +32,14 @@ GpusOpt = Annotated[
     int | None,
     typer.Option("--gpus", min=1, help="Ranks per node: GPUs, or CPU processes on a machine without CUDA."),
 ]
-NnodesOpt = Annotated[int | None, typer.Option("--nnodes", min=1, help="Number of nodes (same command on each).")]
+NnodesOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--nnodes",
+        help="Number of nodes (same command on each); MIN:MAX for an elastic run (with --rdzv-endpoint). "
+        "Inside a SLURM allocation: the allocation's node count.",
+    ),
+]
 
 
 def _version(value: bool) -> None:
@@ -48,30 +57,35 @@ def _root(
     """qlaunch: validate a recipe, plan the run, write its configs, spawn one process per GPU, train."""
 
 
-def _overrides(set_: list[str] | None, gpus: int | None, nnodes: int | None) -> list[str]:
+def _overrides(set_: list[str] | None, gpus: int | None, nnodes: str | None) -> list[str]:
+    from launcher.plan import parse_nnodes
+
     out = list(set_ or [])
     if gpus is not None:
         out.append(f"launch.gpus={gpus}")
     if nnodes is not None:
-        out.append(f"launch.nnodes={nnodes}")
+        out.append(f"launch.nnodes={parse_nnodes(nnodes)[1]}")  # MIN of MIN:MAX goes to the Cluster
     return out
 
 
-def _cluster(node_rank: int = 0, master_addr: str = "127.0.0.1", rdzv_endpoint=None, rdzv_id=None):
+def _cluster(node_rank: int = 0, master_addr: str = "127.0.0.1", rdzv_endpoint=None, rdzv_id=None, min_nodes=None):
     from launcher.plan import Cluster
 
     try:
         import torch
 
         n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        mem = torch.cuda.get_device_properties(0).total_memory if n else 0
     except Exception:  # noqa: BLE001 - a broken CUDA install means "no GPUs" for planning
-        n = 0
+        n, mem = 0, 0
     return Cluster(
         cuda_devices=n,
+        gpu_memory_bytes=mem,
         node_rank=node_rank,
         master_addr=master_addr,
         rdzv_endpoint=rdzv_endpoint,
         rdzv_id=rdzv_id,
+        min_nodes=min_nodes,
     )
 
 
@@ -80,24 +94,75 @@ def run(
     recipe: Annotated[str, typer.Argument(help="Recipe TOML file (see `qlaunch recipes`).")],
     gpus: GpusOpt = None,
     nnodes: NnodesOpt = None,
-    node_rank: Annotated[int, typer.Option("--node-rank", min=0, help="This node's rank (multi-node).")] = 0,
-    master_addr: Annotated[str, typer.Option("--master-addr", help="Node 0's address (multi-node).")] = "127.0.0.1",
-    master_port: Annotated[int | None, typer.Option("--master-port", help="Node 0's rendezvous port.")] = None,
+    node_rank: Annotated[
+        int | None, typer.Option("--node-rank", min=0, help="This node's rank, 0..nnodes-1 (multi-node).")
+    ] = None,
+    master_addr: Annotated[
+        str | None, typer.Option("--master-addr", help="Node 0's address (multi-node; default 127.0.0.1).")
+    ] = None,
+    master_port: Annotated[
+        int | None, typer.Option("--master-port", help="Node 0's rendezvous port (the node watch uses port+1).")
+    ] = None,
+    rdzv_endpoint: Annotated[
+        str | None,
+        typer.Option(
+            "--rdzv-endpoint",
+            help="HOST:PORT of an elastic (c10d) rendezvous, instead of --node-rank/--master-addr: nodes get "
+            "their ranks as they join; with --nnodes MIN:MAX training starts once MIN nodes are there.",
+        ),
+    ] = None,
+    rdzv_id: Annotated[
+        str | None, typer.Option("--rdzv-id", help="Job id shared by the nodes of one elastic run.")
+    ] = None,
+    node_timeout: Annotated[
+        float,
+        typer.Option(
+            "--node-timeout",
+            min=1,
+            help="Multi-node: seconds of silence after which another node counts as lost (its failure is "
+            "then named here, and this node's ranks are stopped if the run cannot continue without it).",
+        ),
+    ] = 60.0,
+    no_slurm: Annotated[
+        bool, typer.Option("--no-slurm", help="Ignore the SLURM allocation this runs in (single-node run).")
+    ] = False,
     set_: SetOpt = None,
     dry_run: Annotated[
         bool, typer.Option("--dry-run", help="Print the plan and the exact command; spawn nothing.")
     ] = False,
+    resume: Annotated[
+        str | None,
+        typer.Option(
+            "--resume",
+            help="Continue from a checkpoint: 'auto' (newest of this recipe's runs), a run directory, or a "
+            "checkpoint directory. The recipe may change only in ways that keep the math (e.g. max_steps).",
+        ),
+    ] = None,
 ) -> None:
-    """Validate RECIPE, write a run directory, spawn the ranks with torch's elastic launcher and train."""
-    from launcher.plan import make_plan
+    """Validate RECIPE, write a run directory, spawn the ranks with torch's elastic launcher and train.
+
+    Exit status: 0 done; 2 bad input; 75 preempted (SIGTERM/SIGUSR1: a checkpoint was saved, rerun with
+    --resume); otherwise the failing workers' status."""
+    from launcher.plan import make_plan, resolve_recipe
     from launcher.recipe import load_recipe
 
+    # --- multinode: this node's place, from the flags or else from a SLURM allocation
+    where = _placement(nnodes, node_rank, master_addr, master_port, rdzv_endpoint, rdzv_id, no_slurm)
+    nnodes, node_rank, master_addr, master_port = where.nnodes, where.node_rank, where.master_addr, where.master_port
+    # --- end multinode
     overrides = _overrides(set_, gpus, nnodes)
     if master_port is not None:
         overrides.append(f"launch.master_port={master_port}")
     rec = load_recipe(recipe, overrides)
-    cluster = _cluster(node_rank, master_addr)
-    plan = make_plan(rec, cluster)
+    cluster = _cluster(node_rank, master_addr, rdzv_endpoint, where.rdzv_id, where.min_nodes)
+    auto = _has_auto(rec)
+    plan = make_plan(rec, cluster, model=_model_shape(rec, required=auto) if auto or not dry_run else None)
+    rec = resolve_recipe(rec, plan)
+    _warn_memory(plan)
+    if rec.parallel.backend == "fsdp" and rec.parallel.fsdp.hybrid and plan.nnodes == 1:
+        print("warning: parallel.fsdp.hybrid has no effect on one node (it replicates across nodes)", file=sys.stderr)
+    if where.banner:
+        print(where.banner)
     from launcher.spawn import launch_spec
 
     if dry_run:
@@ -110,22 +175,242 @@ def run(
     from launcher import preflight
 
     preflight.check(rec)
+    resume_from = None
+    if resume is not None:
+        from launcher import checkpoint
+
+        resume_from = checkpoint.find_resume_target(resume, Path(rec.log.runs_dir), rec.name)
+        if resume_from is None:
+            print(f"--resume auto: no complete checkpoint of {rec.name} yet; starting from step 0")
+        else:
+            checkpoint.check_compatible(resume_from, rec)
+    if rec.parallel.backend == "deepspeed":
+        from launcher.parallel.deepspeed import require_deepspeed
+
+        require_deepspeed()  # here, not minutes later on every rank
+    from launcher.configs import decoder_layer_class, render_files
     from launcher.rundir import PLAN_FILE, new_run_dir, write_files
 
+    layer_cls = decoder_layer_class(rec)
     run_dir = new_run_dir(rec)
     spec = launch_spec(rec, plan, cluster, str(run_dir.path))
-    write_files(run_dir, rec, {PLAN_FILE: json.dumps(plan.to_dict(), indent=2) + "\n"})
+    configs = render_files(rec, plan, run_dir.path, layer_cls, node_rank, master_addr)
+    plan_dict = {**plan.to_dict(), "resume_from": str(resume_from) if resume_from else None}
+    write_files(run_dir, rec, {PLAN_FILE: json.dumps(plan_dict, indent=2) + "\n", **configs})
     print(f"run directory: {run_dir.path}")
     from launcher import live
     from launcher.spawn import failure_summary, spawn, user_error_of
 
-    rc = spawn(run_dir, spec, live.follow)
+    # --- multinode: node 0 shows the live view, the others a line; the node watch names a failed node
+    follow, watch = live.follow, None
+    if plan.nnodes > 1 or rdzv_endpoint:
+        from launcher.spawn import follow_node, start_node_watch
+
+        watch = start_node_watch(run_dir, rec, cluster, node_timeout)
+        if rdzv_endpoint or node_rank:
+            follow = follow_node(run_dir, f"node {node_rank}" if not rdzv_endpoint else "this node", live.follow)
+        follow = watch.follow(follow) if watch else follow
+    try:
+        rc = spawn(run_dir, spec, follow)
+        blame = _node_blame(watch, rc)
+    finally:
+        if watch:
+            watch.close()
+    # --- end multinode
+    preempted = run_dir.path / "preempted.json"
+    if rc == 0 and preempted.is_file():
+        info = json.loads(preempted.read_text())
+        print(
+            f"preempted at step {info['step']}: checkpoint {info['checkpoint']}; "
+            f"continue with: qlaunch run {recipe} --resume {run_dir.path}",
+            file=sys.stderr,
+        )
+        raise typer.Exit(EXIT_PREEMPTED)
     if rc != 0:
         msg = user_error_of(run_dir)
         if msg:
             raise UserError(msg)
+        if blame:
+            print(blame, file=sys.stderr)
         print(failure_summary(run_dir), file=sys.stderr)
         raise typer.Exit(rc if 0 < rc < 256 else 1)
+
+
+# --- multinode
+
+
+def _placement(nnodes, node_rank, master_addr, master_port, rdzv_endpoint, rdzv_id, no_slurm):
+    """This node's launch geometry: explicit flags win; inside a SLURM allocation the rest comes from
+    its environment (node count, node rank, head node, a per-job port); otherwise one node."""
+    import os
+
+    from launcher.plan import parse_nnodes
+
+    min_nodes = parse_nnodes(nnodes)[0] if nnodes else None
+    if min_nodes is not None and not rdzv_endpoint:
+        raise UserError(f"--nnodes {nnodes}: a MIN:MAX node range needs an elastic rendezvous (--rdzv-endpoint)")
+    if rdzv_endpoint and (node_rank is not None or master_addr is not None):
+        raise UserError("--rdzv-endpoint assigns node ranks itself; drop --node-rank/--master-addr")
+    if rdzv_endpoint and not re.fullmatch(r"\[?[\w.:-]+\]?:\d+", rdzv_endpoint):
+        raise UserError(f"--rdzv-endpoint {rdzv_endpoint!r}: expected HOST:PORT")
+    banner = ""
+    sl = None
+    if not no_slurm and not rdzv_endpoint:
+        from launcher import slurm
+
+        sl = slurm.from_env(os.environ)
+    if sl is not None:
+        if nnodes is None:
+            nnodes = str(sl.nnodes)
+        if node_rank is None:
+            node_rank = sl.node_rank
+        if master_addr is None:
+            master_addr = sl.master_addr
+        if master_port is None and int(nnodes) > 1:
+            master_port = sl.master_port
+        banner = f"SLURM job {sl.job_id}: node {node_rank} of {nnodes}" + (
+            f", head node {master_addr}:{master_port}" if int(nnodes) > 1 else ""
+        )
+    node_rank = node_rank or 0
+    n = parse_nnodes(nnodes)[1] if nnodes else None
+    if n is not None and node_rank >= n:
+        raise UserError(f"--node-rank {node_rank} with --nnodes {n}: node ranks run 0..{n - 1}")
+    if rdzv_endpoint and not rdzv_id:
+        # Every node must name the same rendezvous; a SLURM job id is the natural shared name.
+        rdzv_id = os.environ.get("SLURM_JOB_ID") or "qlaunch"
+    from types import SimpleNamespace
+
+    return SimpleNamespace(
+        nnodes=nnodes,
+        node_rank=node_rank,
+        master_addr=master_addr or "127.0.0.1",
+        master_port=master_port,
+        min_nodes=min_nodes,
+        rdzv_id=rdzv_id,
+        banner=banner,
+    )
+
+
+def _node_blame(watch, rc: int) -> str | None:
+    """After this node's torchrun exited: report to the other nodes and, on failure, name the node to blame."""
+    if watch is None:
+        return None
+    from launcher.spawn import first_rank_error, node_blame
+
+    peers = watch.finish(rc)
+    if rc == 0:
+        return None
+    local = first_rank_error(watch.run)
+    msg = node_blame(peers, (local or {}).get("message"))
+    if watch.stopped_for:
+        # They were not failing by themselves but waiting on the lost node in a collective.
+        stopped = f"qlaunch stopped this node's ranks: they were waiting on {watch.stopped_for}"
+        msg = msg.splitlines()[0] + "\n" + stopped if msg else stopped
+    return msg
+
+
+@app.command()
+def slurm(
+    recipe: Annotated[str, typer.Argument(help="Recipe TOML file.")],
+    nodes: Annotated[int, typer.Option("--nodes", min=1, help="Nodes to allocate.")],
+    gpus_per_node: Annotated[int, typer.Option("--gpus-per-node", min=1, help="GPUs (ranks) per node.")],
+    partition: Annotated[str | None, typer.Option("--partition", help="SLURM partition.")] = None,
+    time_limit: Annotated[str | None, typer.Option("--time", help="Time limit, e.g. 04:00:00.")] = None,
+    account: Annotated[str | None, typer.Option("--account", help="Account to charge.")] = None,
+    job_name: Annotated[str | None, typer.Option("--job-name", help="Job name (default: the recipe's name).")] = None,
+    cpus_per_node: Annotated[
+        int | None, typer.Option("--cpus-per-node", min=1, help="CPUs per node (default: whole nodes, --exclusive).")
+    ] = None,
+    request_gpus: Annotated[
+        bool,
+        typer.Option("--request-gpus/--no-request-gpus", help="Ask SLURM for the GPUs (off: ranks are CPU processes)."),
+    ] = True,
+    signal_seconds: Annotated[
+        int,
+        typer.Option(
+            "--signal-seconds", min=30, help="Warn the job this long before its time limit (checkpoint, requeue)."
+        ),
+    ] = 180,
+    out: Annotated[
+        str | None, typer.Option("-o", "--out", help="Script path (default: RUNS_DIR/NAME/NAME.sbatch).")
+    ] = None,
+    set_: SetOpt = None,
+) -> None:
+    """Write an sbatch script that runs RECIPE on N nodes (one `qlaunch run` per node, requeued on preemption)."""
+    import os
+    import shlex
+
+    from launcher.plan import Cluster, make_plan
+    from launcher.recipe import load_recipe
+    from launcher.slurm import SbatchOptions, render_sbatch
+
+    rec = load_recipe(recipe, _overrides(set_, gpus_per_node, str(nodes)))
+    make_plan(rec, Cluster(cuda_devices=gpus_per_node if request_gpus else 0))  # batch split etc.: now, not queued
+    runs = Path(rec.log.runs_dir) / rec.name
+    path = Path(out) if out else runs / f"{rec.name}.sbatch"
+    text = render_sbatch(
+        SbatchOptions(
+            recipe=recipe,
+            nodes=nodes,
+            gpus_per_node=gpus_per_node,
+            job_name=job_name or rec.name,
+            workdir=os.getcwd(),
+            qlaunch=(sys.executable, "-m", "launcher.cli"),
+            output=str(runs / "slurm-%j.out"),
+            partition=partition,
+            time=time_limit,
+            account=account,
+            request_gpus=request_gpus,
+            cpus_per_node=cpus_per_node,
+            signal_seconds=signal_seconds,
+            overrides=tuple(set_ or ()),
+            version=__version__,
+        )
+    )
+    runs.mkdir(parents=True, exist_ok=True)  # sbatch does not create the --output directory
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    path.chmod(0o755)
+    print(f"wrote {path}")
+    print(f"submit with: sbatch {shlex.quote(str(path))}")
+
+
+# --- end multinode
+
+
+EXIT_PREEMPTED = 75  # EX_TEMPFAIL: stopped by SIGTERM/SIGUSR1 after saving a checkpoint; resume later
+
+
+def _has_auto(rec) -> bool:
+    return rec.train.micro_batch == "auto" or rec.train.gradient_checkpointing == "auto"
+
+
+def _model_shape(rec, required: bool):
+    """The model's shape for the memory planner (config.json only, no weights); None if unavailable
+    and not required (preflight then reports why with its own message)."""
+    from launcher.loading import resolve_model_dir
+    from launcher.memory import ModelShape
+
+    try:
+        config = json.loads((resolve_model_dir(rec) / "config.json").read_text())
+        return ModelShape.from_config(config.get("text_config", config))
+    except (UserError, OSError, ValueError, TypeError, KeyError) as err:
+        if required:
+            msg = str(err) if isinstance(err, UserError) else f"cannot read the model config ({err})"
+            raise UserError(
+                f"train.micro_batch/gradient_checkpointing = 'auto' needs the model's shape: {msg}"
+            ) from None
+        return None
+
+
+def _warn_memory(plan) -> None:
+    m = plan.memory
+    if plan.device == "cuda" and m and not m["fits"]:
+        print(
+            f"warning: estimated {m['total_gib']:.1f} GiB per GPU exceeds {m['gpu_memory_gib']:.0f} GiB; "
+            "`qlaunch plan` shows the breakdown and what to change",
+            file=sys.stderr,
+        )
 
 
 def _print_plan(rec, plan) -> None:
@@ -133,6 +418,7 @@ def _print_plan(rec, plan) -> None:
     print(
         f"world size: {plan.world_size} = {plan.nnodes} node(s) x {plan.nproc_per_node}  "
         f"global batch {plan.global_batch} = micro {plan.micro_batch} x {plan.world_size} ranks x {plan.grad_accum} accum"
+        + ("" if plan.gradient_checkpointing else "  (no gradient checkpointing)")
     )
     q = rec.quant
     quant = (
@@ -147,13 +433,71 @@ def plan(
     gpus: GpusOpt = None,
     nnodes: NnodesOpt = None,
     set_: SetOpt = None,
+    gpu_mem_gb: Annotated[
+        float | None,
+        typer.Option("--gpu-mem-gb", min=1, help="GPU memory to plan for (default: this machine's GPU, else 80)."),
+    ] = None,
 ) -> None:
-    """Show the run's plan: world size, batch split and backend settings."""
+    """Show the run's plan: world size, batch split, backend settings and the per-GPU memory estimate."""
     from launcher.plan import make_plan
     from launcher.recipe import load_recipe
 
     rec = load_recipe(recipe, _overrides(set_, gpus, nnodes))
-    _print_plan(rec, make_plan(rec, _cluster()))
+    cluster = _cluster()
+    if gpu_mem_gb is not None:
+        cluster = replace(cluster, gpu_memory_bytes=int(gpu_mem_gb * 2**30))
+    shape = _model_shape(rec, required=_has_auto(rec))
+    p = make_plan(rec, cluster, model=shape)
+    _print_plan(rec, p)
+    if shape is None:
+        print("memory estimate: unavailable (the model's config.json could not be read)")
+        return
+    from rich.console import Console
+
+    from launcher import memory
+
+    gpu_mem = cluster.gpu_memory_bytes or memory.DEFAULT_GPU_MEMORY
+    est = memory.estimate(rec, shape, p.world_size, p.micro_batch, p.gradient_checkpointing, gpu_mem, p.nproc_per_node)
+    tips = memory.suggestions(rec, shape, est)
+    Console(highlight=False).print(memory.render(est, tips, p.backend))
+    if not cluster.gpu_memory_bytes:
+        print(f"(no GPU here: planned for a {gpu_mem / 2**30:.0f} GiB GPU; --gpu-mem-gb sets another size)")
+
+
+@app.command()
+def config(
+    recipe: Annotated[str, typer.Argument(help="Recipe TOML file.")],
+    out: Annotated[str, typer.Option("-o", "--out", help="Directory to write into (created if missing).")],
+    gpus: GpusOpt = None,
+    nnodes: NnodesOpt = None,
+    node_rank: Annotated[int, typer.Option("--node-rank", min=0, help="This node's rank (multi-node).")] = 0,
+    master_addr: Annotated[str, typer.Option("--master-addr", help="Node 0's address (multi-node).")] = "127.0.0.1",
+    set_: SetOpt = None,
+) -> None:
+    """Write accelerate_config.yaml and deepspeed_config.json for RECIPE into OUT.
+
+    OUT also gets the resolved recipe.toml and plan.json, so it is a run directory that
+    `accelerate launch --config_file OUT/accelerate_config.yaml -m launcher.worker OUT` can start.
+    """
+    from launcher.configs import ACCELERATE_CONFIG_FILE, decoder_layer_class, render_files
+    from launcher.plan import make_plan, resolve_recipe
+    from launcher.recipe import load_recipe
+    from launcher.rundir import PLAN_FILE, RunDir, write_files
+
+    rec = load_recipe(recipe, _overrides(set_, gpus, nnodes))
+    cluster = _cluster(node_rank, master_addr)
+    plan = make_plan(rec, cluster, model=_model_shape(rec, required=_has_auto(rec)))
+    rec = resolve_recipe(rec, plan)
+    layer_cls = decoder_layer_class(rec)
+    path = Path(out).resolve()
+    if path.exists() and not path.is_dir():
+        raise UserError(f"-o {out}: exists and is not a directory")
+    (path / "logs").mkdir(parents=True, exist_ok=True)
+    configs = render_files(rec, plan, path, layer_cls, node_rank, master_addr)
+    write_files(RunDir(path), rec, {PLAN_FILE: json.dumps(plan.to_dict(), indent=2) + "\n", **configs})
+    for name in sorted(configs):
+        print(f"wrote {path / name}")
+    print(f"start it with: accelerate launch --config_file {path / ACCELERATE_CONFIG_FILE} -m launcher.worker {path}")
 
 
 @app.command()
@@ -190,6 +534,55 @@ def quantize(
 
     path = quantize_checkpoint(model, out, quant_type, blocksize, skip or ["lm_head"])
     print(f"wrote {path}")
+
+
+@app.command()
+def doctor(
+    runs_dir: Annotated[str, typer.Option("--runs-dir", help="Where run directories will go (free disk).")] = "runs",
+    require_gpu: Annotated[
+        bool, typer.Option("--require-gpu", help="Treat a machine without a usable CUDA GPU as a blocking problem.")
+    ] = False,
+) -> None:
+    """Check this machine: package versions against the tested ones, GPUs, /dev/shm, open files, env, disk.
+
+    Exit code 1 when something would stop a run; warnings (no GPU, untested versions) keep exit code 0.
+    """
+    from rich.console import Console
+
+    from launcher import doctor as doc
+
+    checks = doc.run_checks(runs_dir, require_gpu)
+    console = Console(highlight=False)
+    console.print(doc.render(checks))
+    console.print(doc.verdict(checks))
+    raise typer.Exit(doc.exit_code(checks))
+
+
+@app.command()
+def report(
+    run_dir: Annotated[str, typer.Argument(help="A run directory (runs/<name>/<timestamp>) or runs/<name> (newest).")],
+) -> None:
+    """Write PNG plots of a run (RUN/plots/) and print its summary: loss, throughput, memory, time, checkpoints."""
+    from rich.console import Console
+
+    from launcher import report as rep
+
+    run, rows, plots = rep.report(run_dir)
+    Console(highlight=False).print(rep.render(run, rows, plots))
+
+
+@app.command()
+def merge(
+    run_dir: Annotated[str, typer.Argument(help="A finished run directory (with adapter/).")],
+    out: Annotated[str, typer.Option("-o", "--out", help="Output directory for the merged model.")],
+    dtype: Annotated[str, typer.Option("--dtype", help="bfloat16, float16 or float32.")] = "bfloat16",
+) -> None:
+    """Write base (dequantized) + adapter as one Hugging Face model that from_pretrained loads."""
+    if dtype not in ("bfloat16", "float16", "float32"):
+        raise UserError(f"--dtype {dtype}: use bfloat16, float16 or float32")
+    from launcher.export import merge_run
+
+    print(f"wrote {merge_run(Path(run_dir), Path(out), dtype)}")
 
 
 def main() -> None:

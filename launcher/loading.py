@@ -75,6 +75,13 @@ def load_config(recipe: Recipe, model_dir: Path):
             f"{model_dir}/config.json: architecture {archs[0] if archs else '(none)'} is not supported; "
             f"supported: {', '.join(SUPPORTED_ARCHS)}"
         )
+    if getattr(config, "tie_word_embeddings", False):
+        # The loader fills lm_head and the embedding as separate tensors and FSDP shards them apart; a
+        # tied pair would silently come untied. Refuse rather than train a different model.
+        raise UserError(
+            f"{model_dir}/config.json: tie_word_embeddings = true (e.g. Llama-3.2-1B/3B, small Qwen2.5) is not "
+            "supported yet; supported: untied models such as Llama-3.1-8B/70B, Mistral-7B, Qwen2.5-7B+"
+        )
     return config
 
 
@@ -231,14 +238,25 @@ def shard_rows(dim0: int, rank: int, world: int) -> tuple[int, int]:
     return s, min(s + c, dim0)
 
 
+def _shard_dim(p) -> int:
+    """Mesh dimension along which a DTensor parameter is sharded: FSDP's (Shard(0),), or HSDP's
+    (Replicate(), Shard(0)) where the rows depend only on the shard coordinate (replicas hold the same)."""
+    from torch.distributed.tensor import Replicate, Shard
+
+    pl = p.placements
+    if len(pl) == 1 and isinstance(pl[0], Shard) and pl[0].dim == 0:
+        return 0
+    assert len(pl) == 2 and isinstance(pl[0], Replicate) and isinstance(pl[1], Shard) and pl[1].dim == 0, pl
+    return 1
+
+
 def local_view(p: torch.Tensor) -> tuple[torch.Tensor, int, int]:
     """(local tensor, first global row, row count) of a parameter, sharded (DTensor) or not."""
-    from torch.distributed.tensor import DTensor, Shard
+    from torch.distributed.tensor import DTensor
 
     if isinstance(p, DTensor):
-        assert len(p.placements) == 1 and isinstance(p.placements[0], Shard) and p.placements[0].dim == 0, p.placements
-        mesh = p.device_mesh
-        s, e = shard_rows(p.shape[0], mesh.get_local_rank(), mesh.size())
+        mesh, dim = p.device_mesh, _shard_dim(p)
+        s, e = shard_rows(p.shape[0], mesh.get_local_rank(dim), mesh.size(dim))
         local = p.to_local()
         assert local.shape[0] == e - s, (local.shape, s, e)
         return local, s, e
@@ -260,8 +278,8 @@ def _group_world(p: torch.Tensor) -> tuple[int, int, object]:
     from torch.distributed.tensor import DTensor
 
     if isinstance(p, DTensor):
-        mesh = p.device_mesh
-        return mesh.get_local_rank(), mesh.size(), mesh.get_group()
+        mesh, dim = p.device_mesh, _shard_dim(p)
+        return mesh.get_local_rank(dim), mesh.size(dim), mesh.get_group(dim)
     return 0, 1, None
 
 
@@ -404,7 +422,7 @@ def materialize(
                 fill_dense(p, hf_name, source, device)
             stats.tensors += 1
             if progress and hf_name.endswith(("mlp.down_proj.weight", "embed_tokens.weight")):
-                progress(hf_name)
+                progress(hf_name, getattr(source, "bytes_read", 0))
         for name, p in root.named_parameters():
             if "lora_A" in name or "lora_B" in name or "lora_embedding" in name:
                 local, r0, r1 = local_view(p)
@@ -464,8 +482,13 @@ def build_model(
     device: torch.device,
     mesh=None,
     progress: Callable[[str], None] | None = None,
+    materializer: Callable[..., LoadStats] | None = None,
 ) -> Built:
-    """Skeleton -> 4-bit layers -> LoRA -> shard (if a mesh is given) -> fill this rank's shards."""
+    """Skeleton -> 4-bit layers -> LoRA -> shard (if a mesh is given) -> fill this rank's shards.
+
+    `materializer` replaces `materialize` (same arguments): DeepSpeed ZeRO-3 fills and partitions the
+    model unit by unit (launcher.parallel.deepspeed.zero3_materializer).
+    """
     from peft import LoraConfig as PeftLoraConfig
     from peft import get_peft_model
 
@@ -511,7 +534,7 @@ def build_model(
 
         apply_fsdp(loss_model, causal_lm, recipe, mesh)
     source, prequant = open_source(recipe, model_dir, config, shapes, device)
-    stats = materialize(
+    stats = (materializer or materialize)(
         loss_model, module_names, set(quant_layers.values()), source, recipe, device, prequant, progress
     )
     loss_model.train()

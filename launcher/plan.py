@@ -7,10 +7,13 @@ from __future__ import annotations
 
 import sys
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from launcher.errors import UserError
 from launcher.recipe import Recipe
+
+if TYPE_CHECKING:
+    from launcher.memory import ModelShape
 
 
 @dataclass(frozen=True)
@@ -23,6 +26,13 @@ class Cluster:
     rdzv_endpoint: str | None = None
     rdzv_id: str | None = None
     min_nodes: int | None = None
+    gpu_memory_bytes: int = 0  # per device; 0 = unknown (the memory planner then assumes an 80 GiB card)
+
+
+# How long a rank waits in one collective before its process group gives up. Generous: ranks legitimately
+# wait on each other while one of them builds the data cache (see data.py). A dead or unreachable node is
+# caught much sooner by the node watch (spawn.NodeWatch), which does not depend on this.
+COLLECTIVE_TIMEOUT_S = 1800
 
 
 @dataclass(frozen=True)
@@ -38,6 +48,11 @@ class Plan:
     backend: str
     torchrun_args: list[str] = field(default_factory=list)
     env: dict[str, str] = field(default_factory=dict)
+    gradient_checkpointing: bool = True  # resolved from train.gradient_checkpointing ("auto" -> planner)
+    memory: dict[str, Any] | None = None  # the memory planner's per-GPU estimate (memory.Estimate.to_dict)
+    # --- multinode
+    hybrid_shard: bool = False  # FSDP2 HSDP: a (nodes, ranks-per-node) mesh, replicate x shard
+    collective_timeout_s: int = COLLECTIVE_TIMEOUT_S  # process-group timeout of every rank
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -55,7 +70,11 @@ def batch_split(global_batch: int, micro_batch: int, world_size: int) -> int:
     return global_batch // per_step
 
 
-def make_plan(recipe: Recipe, cluster: Cluster, micro_batch: int | None = None) -> Plan:
+def make_plan(
+    recipe: Recipe, cluster: Cluster, micro_batch: int | None = None, model: ModelShape | None = None
+) -> Plan:
+    """`model` (memory.ModelShape of the model's config) enables the memory estimate and resolves the
+    'auto' micro-batch / checkpointing settings; without it 'auto' means micro-batch 1 with checkpointing."""
     launch = recipe.launch
     nproc, nnodes = launch.gpus, launch.nnodes
     if cluster.cuda_devices:
@@ -71,13 +90,27 @@ def make_plan(recipe: Recipe, cluster: Cluster, micro_batch: int | None = None) 
     if recipe.parallel.backend == "none" and world > 1:
         raise UserError(f"parallel.backend = 'none' runs one process, but the launch has {world} ranks; use 'fsdp'")
     mb = micro_batch if micro_batch is not None else recipe.train.micro_batch
+    ckpt = recipe.train.gradient_checkpointing
+    estimate = None
+    if model is not None:
+        from launcher import memory
+
+        gpu_mem = cluster.gpu_memory_bytes or memory.DEFAULT_GPU_MEMORY
+        train = recipe.train.model_copy(update={"micro_batch": mb})
+        estimate = memory.choose(recipe.model_copy(update={"train": train}), model, world, gpu_mem, nproc)
+        mb, ckpt = estimate.setup.micro_batch, estimate.setup.checkpointing
     if mb == "auto":
-        mb = 1  # resolved by the memory planner when one is available; 1 always fits best.
+        mb = 1  # no model shape to plan with: 1 always fits best.
+    if ckpt == "auto":
+        ckpt = True
     accum = batch_split(recipe.train.global_batch, int(mb), world)
+    check_elastic_nodes(recipe.train.global_batch, int(mb), nproc, cluster.min_nodes, nnodes)
     env = {"OMP_NUM_THREADS": "1"} if device == "cpu" else {}
     if device == "cuda":
         # Fail a hung collective instead of waiting forever, and keep NVLink multicast off.
         env.update({"TORCH_NCCL_ASYNC_ERROR_HANDLING": "1", "NCCL_NVLS_ENABLE": "0"})
+    env.update(multinode_env(device, nnodes))
+    hybrid = recipe.parallel.backend == "fsdp" and recipe.parallel.fsdp.hybrid  # no effect on one node
     plan = Plan(
         world_size=world,
         nproc_per_node=nproc,
@@ -89,8 +122,68 @@ def make_plan(recipe: Recipe, cluster: Cluster, micro_batch: int | None = None) 
         global_batch=recipe.train.global_batch,
         backend=recipe.parallel.backend,
         env=env,
+        gradient_checkpointing=bool(ckpt),
+        memory=estimate.to_dict() if estimate is not None else None,
+        hybrid_shard=hybrid and nnodes > 1,
     )
     return plan
+
+
+# --- multinode: elastic node counts and NCCL defaults
+
+
+def parse_nnodes(text: str) -> tuple[int | None, int]:
+    """`--nnodes N` or `--nnodes MIN:MAX` (elastic) -> (min or None, max)."""
+    lo, sep, hi = text.partition(":")
+    try:
+        mn, mx = (int(lo), int(hi)) if sep else (None, int(lo))
+    except ValueError:
+        raise UserError(f"--nnodes {text}: expected a node count N or a range MIN:MAX") from None
+    if mx < 1 or (mn is not None and not 1 <= mn <= mx):
+        raise UserError(f"--nnodes {text}: need 1 <= MIN <= MAX")
+    return (None if mn == mx else mn), mx
+
+
+def check_elastic_nodes(global_batch: int, micro_batch: int, nproc: int, min_nodes: int | None, nnodes: int) -> None:
+    """An elastic run may train on any node count in [min, max]: each must split the global batch."""
+    if min_nodes is None:
+        return
+    for n in range(min_nodes, nnodes):
+        per_step = micro_batch * nproc * n
+        if global_batch % per_step:
+            raise UserError(
+                f"--nnodes {min_nodes}:{nnodes}: with {n} node(s) train.global_batch = {global_batch} does not "
+                f"split into micro-batch {micro_batch} x {nproc * n} ranks; pick a global batch divisible by "
+                f"{micro_batch} x {nproc} x every node count in the range"
+            )
+
+
+def multinode_env(device: str, nnodes: int) -> dict[str, str]:
+    """NCCL settings for runs that span nodes (recorded in launch.json with the rest of the env)."""
+    if device != "cuda" or nnodes == 1:
+        return {}
+    return {
+        # A rank whose collective failed or timed out (a peer node died) tears its process down, so
+        # torchrun sees the failure instead of a hang. 3 = without ncclCommAbort first, which can itself
+        # hang when the peer is unreachable.
+        "TORCH_NCCL_ASYNC_ERROR_HANDLING": "3",
+        # On a timeout each rank dumps its recent collectives (flight recorder) to
+        # /tmp/nccl_trace_rank_<N> on its node: which rank never joined which collective.
+        "TORCH_NCCL_TRACE_BUFFER_SIZE": "2000",
+        "TORCH_NCCL_DUMP_ON_TIMEOUT": "1",
+    }
+
+
+def resolve_recipe(recipe: Recipe, plan: Plan) -> Recipe:
+    """The recipe with its 'auto' settings replaced by the plan's choices (what the run dir records and
+    the workers read)."""
+    t = recipe.train
+    update: dict[str, Any] = {}
+    if t.micro_batch == "auto":
+        update["micro_batch"] = plan.micro_batch
+    if t.gradient_checkpointing == "auto":
+        update["gradient_checkpointing"] = plan.gradient_checkpointing
+    return recipe.model_copy(update={"train": t.model_copy(update=update)}) if update else recipe
 
 
 def torchrun_argv(recipe: Recipe, plan: Plan, cluster: Cluster, run_dir: str) -> list[str]:

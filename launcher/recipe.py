@@ -7,6 +7,7 @@ descriptions are the documentation: `qlaunch explain KEY` prints them.
 from __future__ import annotations
 
 import difflib
+import json
 import re
 import tomllib
 from pathlib import Path
@@ -77,27 +78,71 @@ class LoraConfig(_Section):
 
 
 class DatasetSpec(_Section):
-    path: str = Field(description="File (.jsonl/.json/.parquet/.csv/.arrow), saved dataset dir, or hub dataset name.")
-    weight: float = Field(1.0, gt=0, description="Relative sampling weight when several datasets are mixed.")
-    split: str = Field("train", description="Split name for hub or saved datasets.")
+    path: str = Field(
+        description="A .jsonl/.json/.parquet/.csv/.arrow file, a directory written by Dataset.save_to_disk, a "
+        "directory of data files, or a hub dataset name (org/name)."
+    )
+    weight: float = Field(
+        1.0,
+        gt=0,
+        description="How much of this dataset one epoch uses: 1 = every sample once, 2 = twice, 0.5 = a seeded "
+        "half. Several datasets are mixed in proportion to weight x size, the same at any world size.",
+    )
+    split: str = Field("train", description="Split name for hub datasets and saved DatasetDicts (files have one).")
 
 
 class DataConfig(_Section):
     datasets: list[DatasetSpec] = Field(min_length=1, description="Training datasets (mixed by weight).")
-    format: Literal["text", "alpaca", "chat", "tokenized"] = Field("text", description="Record format.")
+    format: Literal["text", "alpaca", "chat", "tokenized"] = Field(
+        "text",
+        description="Record format. 'text': one string column, all tokens trained. 'alpaca': instruction, "
+        "optional input, output, rendered as '### Instruction:\\n...\\n\\n### Input:\\n...\\n\\n### Response:\\n' "
+        "+ output + EOS. 'chat': a list of {role, content} messages (roles system, user, assistant, tool) "
+        "rendered with data.chat_template, else the tokenizer's chat template, else a ChatML-style default "
+        "('<|im_start|>ROLE\\nCONTENT' + EOS per message). 'tokenized': input_ids and optional labels "
+        "(-100 = no loss), used as they are.",
+    )
     text_column: str = Field("text", description="Column of `text` records.")
     instruction_column: str = Field("instruction", description="Instruction column of `alpaca` records.")
     input_column: str = Field("input", description="Optional input column of `alpaca` records.")
     output_column: str = Field("output", description="Response column of `alpaca` records.")
     messages_column: str = Field("messages", description="Column of `chat` records (list of {role, content}).")
-    train_on_prompt: bool = Field(False, description="Also train on prompt tokens (alpaca/chat). Off: responses only.")
-    seq_len: int = Field(2048, ge=8, description="Tokens per sample (packed or padded).")
-    packing: bool = Field(True, description="Pack documents into seq_len with no attention across documents.")
-    overlong: Literal["truncate", "drop", "error"] = Field(
-        "truncate", description="Policy for samples longer than seq_len."
+    input_ids_column: str = Field("input_ids", description="Token ids column of `tokenized` records.")
+    labels_column: str = Field(
+        "labels", description="Optional labels column of `tokenized` records (absent: train on every token)."
     )
-    val_fraction: float = Field(0.0, ge=0.0, lt=1.0, description="Fraction carved off as validation split.")
-    val_path: str | None = Field(None, description="Separate validation file (overrides val_fraction).")
+    chat_template: str | None = Field(
+        None, description="Jinja chat template for `chat` records, overriding the tokenizer's own."
+    )
+    train_on_prompt: bool = Field(
+        False,
+        description="Also train on prompt tokens (alpaca: the instruction part; chat: every message, not only "
+        "the assistant's). Off: the loss covers responses only.",
+    )
+    seq_len: int = Field(2048, ge=8, description="Tokens per sample (packed or padded).")
+    packing: bool = Field(
+        True,
+        description="Pack several documents into each seq_len row (position ids restart per document and no "
+        "token attends across a document boundary); off: one document per row, padded.",
+    )
+    overlong: Literal["truncate", "drop", "error"] = Field(
+        "truncate",
+        description="Samples longer than seq_len: 'truncate' keeps the first seq_len tokens, 'drop' skips "
+        "them, 'error' stops with the file and line of the first one.",
+    )
+    val_fraction: float = Field(
+        0.0,
+        ge=0.0,
+        lt=1.0,
+        description="Fraction of each training dataset carved off (fixed seed) as validation data, when "
+        "val_path is not set.",
+    )
+    val_path: str | None = Field(
+        None, description="Separate validation data (any form `datasets[].path` accepts); overrides val_fraction."
+    )
+    val_split: str = Field(
+        "validation", description="Split of val_path for hub datasets and saved DatasetDicts (files have one)."
+    )
     num_workers: int = Field(0, ge=0, description="DataLoader worker processes per rank.")
 
 
@@ -135,9 +180,19 @@ class FSDPConfig(_Section):
 
 
 class DeepSpeedConfig(_Section):
-    stage: Literal[2, 3] = Field(3, description="ZeRO stage.")
+    stage: Literal[2, 3] = Field(
+        3,
+        description="ZeRO stage: 2 partitions optimizer state and gradients (every rank holds the whole frozen "
+        "4-bit model); 3 also partitions the parameters, 4-bit weights included.",
+    )
     offload_optimizer: bool = Field(False, description="Keep optimizer state in host memory.")
     offload_params: bool = Field(False, description="Keep parameters in host memory (stage 3 only).")
+    persistence_threshold: int = Field(
+        100_000,
+        ge=0,
+        description="Stage 3: parameters with at most this many elements are not re-partitioned after use; every "
+        "rank keeps them whole (DeepSpeed's stage3_param_persistence_threshold, default 1e5). 0 partitions all.",
+    )
 
 
 class ParallelConfig(_Section):
@@ -198,6 +253,11 @@ class Recipe(_Section):
             )
         if p.deepspeed.offload_params and p.deepspeed.stage != 3 and p.backend == "deepspeed":
             raise ValueError("parallel.deepspeed.offload_params needs parallel.deepspeed.stage = 3")
+        if p.backend == "deepspeed" and self.checkpoint.every_steps:
+            raise ValueError(
+                "checkpoint.every_steps needs parallel.backend = 'fsdp' or 'none': the DeepSpeed backend does not "
+                "write resumable checkpoints yet (it exports the final adapter); set checkpoint.every_steps = 0"
+            )
         return self
 
 
@@ -305,7 +365,7 @@ def parse_override(item: str) -> tuple[list[str], Any]:
     try:
         value = tomllib.loads(f"v = {raw}")["v"]
     except tomllib.TOMLDecodeError:
-        if re.fullmatch(r"[A-Za-z_][A-Za-z0-9_\-./:]*", raw) and raw not in ("true", "false"):
+        if re.fullmatch(r"[A-Za-z0-9_\-./:~][A-Za-z0-9_\-./:~+]*", raw) and raw not in ("true", "false"):
             value = raw  # a bare word such as a path or a backend name
         else:
             raise RecipeError(
@@ -410,7 +470,9 @@ def _toml_value(v: Any) -> str:
     if isinstance(v, (int, float)):
         return repr(v)
     if isinstance(v, str):
-        return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+        # JSON's string escapes are valid TOML basic-string escapes (newlines in chat templates included);
+        # TOML also wants DEL escaped.
+        return json.dumps(v, ensure_ascii=False).replace("\x7f", "\\u007f")
     if isinstance(v, (list, tuple)):
         return "[" + ", ".join(_toml_value(x) for x in v) + "]"
     raise TypeError(type(v))

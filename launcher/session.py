@@ -2,21 +2,45 @@
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import random
 import resource
+import signal
 import time
 from datetime import timedelta
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
-from launcher import export
+from launcher import checkpoint, export
 from launcher.data import StepSampler, build_data, build_tokenizer
 from launcher.loading import build_model
 from launcher.parallel import make_engine
 from launcher.rundir import RunDir
+from launcher.sinks import gather_per_rank, open_sinks
+
+STOP_FILE = "STOP"  # the launcher creates it when it is asked to stop (SIGTERM/SIGUSR1)
+PREEMPTED_FILE = "preempted.json"  # rank 0 writes it after the preemption checkpoint
+
+
+class StopRequest:
+    """SIGTERM/SIGUSR1 (SLURM, the launcher) ask for a checkpoint at the next step boundary, then exit."""
+
+    def __init__(self, stop_file: Path):
+        self.flag = False
+        self.stop_file = stop_file
+        for s in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(s, self._on_signal)
+
+    def _on_signal(self, signum, _frame) -> None:
+        self.flag = True
+        print(f"received {signal.Signals(signum).name}: checkpoint at the next step boundary", flush=True)
+
+    def requested(self) -> bool:
+        return self.flag or self.stop_file.exists()
 
 
 def seed_everything(seed: int) -> None:
@@ -24,8 +48,22 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def attempt_store(timeout: timedelta):
+    """The elastic agent's store, under a prefix unique to this restart attempt.
+
+    After an elastic restart the agent's store still holds the previous attempt's keys; once a run has
+    created more than the default group (FSDP meshes, DCP), the new attempt's gloo ranks can read a dead
+    peer's address from them and fail to connect. A per-attempt prefix keeps every attempt's keys apart.
+    """
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return None
+    base = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False, timeout=timeout)
+    return dist.PrefixStore(f"qlaunch/attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", base)
+
+
 def init_process_group(plan: dict, d) -> tuple[torch.device, object]:
-    """Process group + device + a 1-D device mesh for FSDP (None for unsharded runs)."""
+    """Process group + device + the device mesh for FSDP (None for unsharded runs): 1-D, or 2-D
+    (replicate across nodes, shard within a node) for hybrid sharding."""
     if plan["device"] == "cuda":
         torch.cuda.set_device(d.local_rank)
         device = torch.device("cuda", d.local_rank)
@@ -34,11 +72,24 @@ def init_process_group(plan: dict, d) -> tuple[torch.device, object]:
     mesh = None
     if plan["backend"] != "none":
         kw = {"device_id": device} if device.type == "cuda" else {}
-        dist.init_process_group(plan["dist_backend"], timeout=timedelta(minutes=30), **kw)
+        timeout = timedelta(seconds=plan.get("collective_timeout_s", 1800))
+        store = attempt_store(timeout)
+        if store is not None:
+            kw.update(store=store, rank=d.rank, world_size=d.world)
+        dist.init_process_group(plan["dist_backend"], timeout=timeout, **kw)
     if plan["backend"] == "fsdp":
         from torch.distributed.device_mesh import init_device_mesh
 
-        mesh = init_device_mesh(device.type, (d.world,))
+        # --- multinode: hybrid sharding. torchrun numbers ranks node by node, so row n of an
+        # (nodes, ranks-per-node) mesh is node n. The node count comes from the actual world size:
+        # an elastic run (--nnodes MIN:MAX) may have started with fewer nodes than planned.
+        if plan.get("hybrid_shard") and d.world > plan["nproc_per_node"]:
+            per_node = plan["nproc_per_node"]
+            shape = (d.world // per_node, per_node)
+            mesh = init_device_mesh(device.type, shape, mesh_dim_names=("replicate", "shard"))
+            print(f"[rank {d.rank}] hybrid sharding: replicate x{shape[0]} (nodes), shard x{shape[1]}", flush=True)
+        else:
+            mesh = init_device_mesh(device.type, (d.world,))
     return device, mesh
 
 
@@ -57,14 +108,22 @@ def run_training(run: RunDir, d) -> None:
     recipe = run.load_recipe()
     plan = run.load_plan()
     metrics = Metrics(run.metrics, enabled=d.rank == 0)
+    if d.rank == 0:
+        metrics.sinks = open_sinks(recipe, run.path, warn=lambda msg: metrics("warning", message=msg))
     device, mesh = init_process_group(plan, d)
     seed_everything(recipe.train.seed)
     metrics("loading", phase="model", rank=d.rank)
 
-    def progress(name: str) -> None:
-        metrics("loading", phase="model", tensor=name)
+    def progress(name: str, bytes_read: int | None = None) -> None:
+        extra = {"bytes_read": bytes_read} if bytes_read is not None else {}
+        metrics("loading", phase="model", tensor=name, **extra)
 
-    built = build_model(recipe, device, mesh, progress=progress)
+    materializer = None
+    if plan["backend"] == "deepspeed":  # ZeRO-3 partitions while loading (None for stage 2)
+        from launcher.parallel.deepspeed import zero3_materializer
+
+        materializer = zero3_materializer(run.path, plan)
+    built = build_model(recipe, device, mesh, progress=progress, materializer=materializer)
     metrics("loaded", seconds=built.stats.seconds, bytes_read=built.stats.bytes_read, **peak_memory_gb(device))
     print(
         f"[rank {d.rank}] loaded {built.stats.tensors} tensors in {built.stats.seconds:.1f}s, read {built.stats.bytes_read / 2**20:.1f} MiB",
@@ -73,20 +132,32 @@ def run_training(run: RunDir, d) -> None:
 
     tokenizer = build_tokenizer(recipe, built.model_dir)
     metrics("loading", phase="data")
-    train_data, val_data = build_data(recipe, tokenizer, d.rank, d.world, run.path / "cache")
+    # Tokenized data is cached per content fingerprint beside the runs, so later runs reuse it.
+    train_data, val_data = build_data(recipe, tokenizer, d.rank, d.world, run.path.parent.parent / ".data-cache")
     sampler = StepSampler(
         len(train_data), plan["global_batch"], plan["micro_batch"], d.world, d.rank, recipe.train.seed
     )
     total_steps = recipe.train.max_steps or max(1, math.ceil(recipe.train.epochs * sampler.steps_per_epoch))
 
-    engine = make_engine(built, recipe, plan, total_steps, device)
+    engine = make_engine(built, recipe, plan, total_steps, device, run_dir=run.path)
     model = engine.model
     t = recipe.train
+    # Resume: this run's own newest complete checkpoint (an elastic restart) wins over --resume's target.
+    start_step = 0
+    ckpt = checkpoint.newest_complete(run.checkpoints)
+    if ckpt is None and plan.get("resume_from"):
+        ckpt = Path(plan["resume_from"])
+    if ckpt is not None:
+        meta = checkpoint.load(ckpt, engine)
+        start_step = meta["step"]
+        metrics("resumed", step=start_step, path=str(ckpt))
+        print(f"[rank {d.rank}] resumed from {ckpt} at step {start_step}", flush=True)
+    stop = StopRequest(run.path / STOP_FILE)
     metrics("start", total_steps=total_steps, world=d.world, first_step_after_s=time.time() - t_spawn)
 
     tokens_seen = 0
     t_last = time.perf_counter()
-    for step in range(total_steps):
+    for step in range(start_step, total_steps):
         micro = [train_data.collate(idx) for idx in sampler.micro_batches(step)]
         # Normalise by the label tokens of the whole global batch, so any split over ranks and
         # micro-steps computes the same loss (and gradient) as one device would.
@@ -102,9 +173,12 @@ def run_training(run: RunDir, d) -> None:
             engine.backward(s / n_global)
             loss_sum += s.detach()
         grad_norm = engine.step()
+        # One all-reduce carries the loss and any rank's stop request, so all ranks agree on stopping.
+        red = torch.stack([loss_sum.float(), torch.tensor(float(stop.requested()), device=device)])
         if dist.is_initialized():
-            dist.all_reduce(loss_sum)
-        loss = float(loss_sum) / n_global
+            dist.all_reduce(red)
+        loss = float(red[0]) / n_global
+        preempted = bool(red[1] > 0)
         tokens = plan["global_batch"] * recipe.data.seq_len
         tokens_seen += tokens
         if step % recipe.log.every_steps == 0 or step == total_steps - 1:
@@ -115,6 +189,7 @@ def run_training(run: RunDir, d) -> None:
             t_last = now
             steps_in = min(recipe.log.every_steps, step + 1)
             tps = tokens * steps_in / dt
+            mem = peak_memory_gb(device)
             metrics(
                 "step",
                 step=step + 1,
@@ -125,12 +200,28 @@ def run_training(run: RunDir, d) -> None:
                 tokens_per_s=tps,
                 tokens_per_s_per_gpu=tps / d.world,
                 step_time_s=dt / steps_in,
-                **peak_memory_gb(device),
+                **mem,
+                **gather_per_rank(mem, device),  # collective: every rank logs the same steps
             )
             print(f"[rank {d.rank}] step {step + 1}/{total_steps} loss {loss:.4f}", flush=True)
         if val_data is not None and t.eval_every and ((step + 1) % t.eval_every == 0 or step == total_steps - 1):
             metrics("eval", step=step + 1, eval_loss=evaluate(model, val_data, plan["micro_batch"], d, device))
 
+        every = recipe.checkpoint.every_steps
+        if preempted or (every and (step + 1) % every == 0 and step + 1 < total_steps):
+            metrics("checkpointing", step=step + 1)
+            path = checkpoint.save(run.checkpoints, step + 1, engine, recipe, {}, recipe.checkpoint.keep_last)
+            metrics("checkpoint", step=step + 1, path=str(path))
+        if preempted:
+            if d.rank == 0:
+                (run.path / PREEMPTED_FILE).write_text(json.dumps({"step": step + 1, "checkpoint": str(path)}))
+            metrics("preempted", step=step + 1, path=str(path))
+            metrics.close()
+            return
+
+    if recipe.checkpoint.every_steps and start_step < total_steps:
+        path = checkpoint.save(run.checkpoints, total_steps, engine, recipe, {}, recipe.checkpoint.keep_last)
+        metrics("checkpoint", step=total_steps, path=str(path))
     if recipe.checkpoint.save_final_adapter:
         out = export.save_adapter(built.peft_model, run.adapter, d.rank)
         metrics("adapter", path=str(out))

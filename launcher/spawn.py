@@ -7,12 +7,15 @@ import os
 import re
 import signal
 import subprocess
+import threading
 import time
 from pathlib import Path
 
 from launcher.plan import Cluster, Plan, python_cmd, torchrun_argv
 from launcher.recipe import Recipe
 from launcher.rundir import LAUNCH_FILE, RunDir, atomic_write
+
+STOP_GRACE_S = 90.0
 
 
 def launch_spec(recipe: Recipe, plan: Plan, cluster: Cluster, run_dir: str) -> dict:
@@ -21,6 +24,8 @@ def launch_spec(recipe: Recipe, plan: Plan, cluster: Cluster, run_dir: str) -> d
         "argv": python_cmd() + torchrun_argv(recipe, plan, cluster, run_dir),
         "env": dict(plan.env),
         "cwd": os.getcwd(),
+        # --- multinode: what the ranks and the node watch do across nodes (the env above has NCCL's part)
+        "distributed": distributed_settings(recipe, plan, cluster),
     }
 
 
@@ -35,9 +40,16 @@ def spawn(run: RunDir, spec: dict, follow) -> int:
         proc = subprocess.Popen(spec["argv"], stdout=log, stderr=subprocess.STDOUT, env=env, stdin=subprocess.DEVNULL)
 
         def forward(signum, _frame):
-            # torchrun forwards SIGTERM to every worker (preemption); SIGINT reaches it through the tty.
+            # Preemption: ask the ranks (through a file they check at every step boundary) to checkpoint and
+            # exit. Signalling torchrun directly would make it kill the workers 30 s later, mid-save. If the
+            # ranks have not finished within STOP_GRACE_S, fall back to torchrun's own shutdown.
             if proc.poll() is None:
-                proc.send_signal(signum)
+                (run.path / "STOP").touch()
+                fallback = threading.Timer(
+                    STOP_GRACE_S, lambda: proc.poll() is None and proc.send_signal(signal.SIGTERM)
+                )
+                fallback.daemon = True  # must not keep qlaunch alive once the ranks are done
+                fallback.start()
 
         old = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGUSR1)}
         try:
@@ -53,39 +65,142 @@ def spawn(run: RunDir, spec: dict, follow) -> int:
 
 
 def failure_summary(run: RunDir, tail: int = 12) -> str:
-    """Which rank failed first, how, its last log lines, and where the full logs are."""
-    first = None
+    """Which rank failed first, how (exit code or signal), its last log lines, and where the full logs are.
+
+    A rank that dies takes the others down with it (their collectives fail, torchrun terminates them), so
+    "first" is decided by cause, not only by time: a rank's own error beats a peer-lost error, and a
+    rank killed by a signal (SIGKILL, SIGSEGV...) beats the survivors torchrun stopped afterwards.
+    """
+    launcher_log = run.logs / "launcher.log"
+    text = launcher_log.read_text(errors="replace") if launcher_log.exists() else ""
+    exits, root = _torchrun_failures(text)
+    errors: dict[int, dict] = {}
     for f in run.logs.glob("rank*.error.json"):
         try:
             e = json.loads(f.read_text())
-        except (OSError, json.JSONDecodeError):
+            errors[int(e["rank"])] = e
+        except (OSError, ValueError, KeyError, TypeError):
             continue
-        if first is None or e["time"] < first["time"]:
-            first = e
-    how = ""
-    launcher_log = run.logs / "launcher.log"
-    text = launcher_log.read_text(errors="replace") if launcher_log.exists() else ""
-    m = re.search(r"Root Cause.*?rank\s*:\s*(\d+).*?exitcode\s*:\s*(-?\d+)", text, re.S)
-    if first is None and m:
-        first = {"rank": int(m.group(1)), "message": ""}
-    if m and first is not None and int(m.group(1)) == first["rank"]:
-        code = int(m.group(2))
-        how = f"killed by signal {signal.Signals(-code).name}" if code < 0 else f"exit code {code}"
-    if first is None:
+    rank = _first_failure(errors, exits, root)
+    if rank is None:
         return f"training failed; see {launcher_log}"
-    rank = first["rank"]
-    lines = [
-        f"rank {rank} failed first"
-        + (f" ({how})" if how else "")
-        + (f": {first['message']}" if first["message"] else "")
-    ]
+    err = errors.get(rank, {})
+    code = exits.get(rank)
+    how = ""
+    if code is not None:
+        how = f"killed by signal {_signal_name(-code)}" if code < 0 else f"exit code {code}"
+    message = err.get("message", "")
+    lines = [f"rank {rank} failed first" + (f" ({how})" if how else "") + (f": {message}" if message else "")]
+    others = sorted(r for r in set(exits) | set(errors) if r != rank)
+    if others:
+        lines.append("then stopped: " + ", ".join(f"rank {r}" + _how_short(exits.get(r)) for r in others))
     log = run.rank_log(rank)
-    if log.exists():
-        last = [ln for ln in log.read_text(errors="replace").splitlines() if ln.strip()][-tail:]
+    log_text = log.read_text(errors="replace") if log.exists() else ""
+    if is_oom(message + "\n" + log_text):
+        lines += oom_advice(run, log_text)
+    elif code == -signal.SIGKILL:
+        lines.append(
+            "  SIGKILL from outside the process: often the kernel's OOM killer (host memory; see `dmesg`) "
+            "or a scheduler enforcing a limit"
+        )
+    if log_text:
+        last = [ln for ln in log_text.splitlines() if ln.strip()][-tail:]
         lines.append(f"last lines of {log}:")
         lines += ["  " + ln for ln in last]
     lines.append(f"full logs: {run.logs}/")
     return "\n".join(lines)
+
+
+_OOM = re.compile(r"CUDA out of memory|OutOfMemoryError|CUBLAS_STATUS_ALLOC_FAILED|out of memory", re.I)
+_GPU_TOTAL = re.compile(r"total capacity of ([\d.]+) GiB")
+
+
+def _torchrun_failures(text: str) -> tuple[dict[int, int], int | None]:
+    """({rank: exit code (negative = signal)}, the rank torchrun calls the root cause) from its report."""
+    exits: dict[int, int] = {}
+    root = None
+    for block in re.split(r"\n(?=\[\d+\]:)|(?=Root Cause)", text):
+        m = re.search(r"rank\s*:\s*(\d+).*?exitcode\s*:\s*(-?\d+)", block, re.S)
+        if m:
+            exits[int(m.group(1))] = int(m.group(2))
+            if block.lstrip().startswith("Root Cause"):
+                root = int(m.group(1))
+    return exits, root
+
+
+def _first_failure(errors: dict[int, dict], exits: dict[int, int], root: int | None) -> int | None:
+    own = [e for e in errors.values() if not is_peer_failure(e.get("message", ""))]
+    if own:
+        return int(min(own, key=lambda e: e.get("time", 0.0))["rank"])
+    # Survivors are stopped with SIGTERM (or exit 1 from a broken collective); any other signal is a cause.
+    signalled = [r for r, c in exits.items() if c < 0 and -c not in (signal.SIGTERM, signal.SIGINT) and r not in errors]
+    if signalled:
+        return root if root in signalled else min(signalled)
+    if errors:
+        return int(min(errors.values(), key=lambda e: e.get("time", 0.0))["rank"])
+    return root if root is not None else (min(exits) if exits else None)
+
+
+def _signal_name(num: int) -> str:
+    try:
+        return signal.Signals(num).name
+    except ValueError:
+        return f"signal {num}"
+
+
+def _how_short(code: int | None) -> str:
+    if code is None:
+        return ""
+    return f" ({_signal_name(-code)})" if code < 0 else f" (exit {code})"
+
+
+def is_oom(text: str) -> bool:
+    return bool(_OOM.search(text))
+
+
+def oom_advice(run: RunDir, log_text: str) -> list[str]:
+    """What the memory planner says about this run, and the changes it suggests (best effort: the model
+    config may be unreadable from here, e.g. a hub id without network)."""
+    lines = ["  out of GPU memory."]
+    try:
+        from launcher import memory
+        from launcher.loading import resolve_model_dir
+
+        recipe = run.load_recipe()
+        plan = run.load_plan()
+        config = json.loads((resolve_model_dir(recipe) / "config.json").read_text())
+        shape = memory.ModelShape.from_config(config.get("text_config", config))
+        m = _GPU_TOTAL.search(log_text)
+        if m:
+            gpu_mem = int(float(m.group(1)) * memory.GiB)
+        elif plan.get("memory"):
+            gpu_mem = int(plan["memory"]["gpu_memory_gib"] * memory.GiB)
+        else:
+            gpu_mem = memory.DEFAULT_GPU_MEMORY
+        est = memory.estimate(
+            recipe,
+            shape,
+            plan["world_size"],
+            plan["micro_batch"],
+            plan.get("gradient_checkpointing", recipe.train.gradient_checkpointing is not False),
+            gpu_mem,
+            plan.get("nproc_per_node"),
+        )
+        # It did not fit, whatever the estimate says: ask for suggestions as if it were at the limit.
+        tips = memory.suggestions(recipe, shape, est, force=True)
+        lines[0] = (
+            f"  out of GPU memory: the planner estimates {est.total / memory.GiB:.1f} GiB per GPU "
+            f"of {gpu_mem / memory.GiB:.3g} GiB for this plan (`qlaunch plan` shows the breakdown)."
+        )
+        if tips:
+            lines.append("  try:")
+            lines += [f"    {t}" for t in tips]
+    except Exception as err:  # noqa: BLE001 - advice is optional; the failure report must still print
+        lines.append(f"  (no planner advice: {type(err).__name__}: {err})")
+        lines.append(
+            "  try a smaller train.micro_batch, train.gradient_checkpointing = true, more GPUs, or CPU offload"
+        )
+    return lines
 
 
 def user_error_of(run: RunDir) -> str | None:
@@ -98,3 +213,447 @@ def user_error_of(run: RunDir) -> str | None:
         if e.get("kind") == "user":
             return e["message"]
     return None
+
+
+# ====================================================================== multi-node: the node watch
+# torchrun does not say which node failed: on the surviving nodes the ranks only die of "connection
+# closed by peer" in some collective. So each node's qlaunch keeps one TCP connection to the watch host
+# (node 0's qlaunch, port master_port+1; with a c10d endpoint, whichever qlaunch can bind endpoint+1)
+# and reports its ranks, a heartbeat every few seconds, and at the end how its ranks exited. A connection
+# that drops without an exit report is a node that died; one that goes silent is cut off from the
+# network. Nothing here may hurt training: every network error only degrades the report.
+
+WATCH_PORT_OFFSET = 1
+WATCH_BEAT_S = 2.0
+
+# Errors a rank gets when another rank (or its node) went away, as opposed to failing by itself.
+_PEER_ERROR = re.compile(
+    r"closed by peer|reset by peer|broken pipe|remote worker|connection refused|DistNetworkError|"
+    r"timed? ?out|timeout|NCCL communicator was aborted|ncclRemoteError|ncclSystemError|recvValue|"
+    r"failed to recv|Connection closed|SignalException|Socket Timeout",
+    re.I,
+)
+
+
+def distributed_settings(recipe: Recipe, plan: Plan, cluster: Cluster) -> dict:
+    """Cross-rank settings that are not torchrun flags or env, recorded in launch.json."""
+    out: dict = {
+        "backend": plan.dist_backend,
+        "collective_timeout_s": plan.collective_timeout_s,
+        "mesh": (
+            {"replicate": plan.nnodes, "shard": plan.nproc_per_node}
+            if plan.hybrid_shard
+            else ({"shard": plan.world_size} if plan.backend == "fsdp" else None)
+        ),
+    }
+    if plan.nnodes > 1 or cluster.rdzv_endpoint:
+        if cluster.rdzv_endpoint:
+            host, _, port = cluster.rdzv_endpoint.rpartition(":")
+            out["node_watch"] = f"{host}:{int(port) + WATCH_PORT_OFFSET}"
+        elif recipe.launch.master_port:
+            out["node_watch"] = f"{cluster.master_addr}:{recipe.launch.master_port + WATCH_PORT_OFFSET}"
+    return out
+
+
+def is_peer_failure(message: str) -> bool:
+    """Did a rank fail because a peer went away (so the real failure is elsewhere)?"""
+    return bool(_PEER_ERROR.search(message or ""))
+
+
+def rank_span(ranks: list[int]) -> str:
+    rs = sorted(ranks)
+    if not rs:
+        return ""
+    if rs == list(range(rs[0], rs[-1] + 1)) and len(rs) > 1:
+        return f"ranks {rs[0]}-{rs[-1]}"
+    return ("rank " if len(rs) == 1 else "ranks ") + ",".join(map(str, rs))
+
+
+def describe_node(p: dict) -> str:
+    """'node 1 (host h, ranks 2-3)', or 'the node running ranks 2-3 (host h)' when its rank is unknown."""
+    span = rank_span(p.get("ranks") or [])
+    if p.get("node_rank") is not None:
+        extra = ", ".join(x for x in (f"host {p['host']}" if p.get("host") else "", span) if x)
+        return f"node {p['node_rank']}" + (f" ({extra})" if extra else "")
+    return (f"the node running {span}" if span else "a node") + (f" (host {p['host']})" if p.get("host") else "")
+
+
+def node_blame(peers: list[dict], local_error: str | None) -> str | None:
+    """Which other node made this one fail, from the watch's view of its peers; None if this node's own
+    ranks failed by themselves or no peer is to blame. Peers are dicts of NodeWatch's peer state."""
+    if local_error and not is_peer_failure(local_error):
+        return None
+    culprits = [
+        p
+        for p in peers
+        if p["status"] == "lost"
+        or (p["status"] == "exited" and p.get("rc") and p.get("first") and not is_peer_failure(p["first"]))
+    ]
+    if not culprits:
+        return None
+    p = min(culprits, key=lambda p: p.get("time") or 0.0)
+    when = time.strftime("%H:%M:%S", time.localtime(p["time"])) if p.get("time") else "?"
+    if p["status"] == "lost":
+        msg = f"{describe_node(p)} failed at {when}: {p.get('reason') or 'lost'}"
+    else:
+        msg = f"{describe_node(p)} failed first, at {when}: {p['first']}"
+    if p.get("logs"):
+        msg += f"; its logs: {p['logs']}" + (f" on {p['host']}" if p.get("host") else "")
+    return msg + "\nthis node's ranks stopped because their peers on that node went away"
+
+
+def first_rank_error(run: RunDir) -> dict | None:
+    """The earliest rank*.error.json of this node's ranks ({rank, time, message, ...}), if any."""
+    first = None
+    for f in run.logs.glob("rank*.error.json"):
+        try:
+            e = json.loads(f.read_text())
+        except (OSError, json.JSONDecodeError):
+            continue
+        if first is None or e.get("time", 0) < first.get("time", 0):
+            first = e
+    return first
+
+
+def local_ranks(run: RunDir) -> list[int]:
+    """Global ranks that ran on this node: each rank writes logs/rank<N>.log from its first line."""
+    out = []
+    for f in run.logs.glob("rank*.log"):
+        m = re.fullmatch(r"rank(\d+)\.log", f.name)
+        if m:
+            out.append(int(m.group(1)))
+    return sorted(out)
+
+
+class NodeWatch:
+    """One node's side of the watch (see the section comment). `hosting`: True = serve, False = connect,
+    None = serve if the address can be bound here (c10d: the endpoint's machine), else connect."""
+
+    def __init__(
+        self,
+        run: RunDir,
+        addr: tuple[str, int],
+        hosting: bool | None,
+        node_rank: int | None,
+        node_timeout: float,
+        stop_on_loss: bool,
+        log=None,
+    ):
+        import socket
+
+        self.run, self.addr, self.hosting = run, addr, hosting
+        self.node_timeout, self.stop_on_loss = node_timeout, stop_on_loss
+        self.me = {
+            "id": f"{socket.gethostname()}/{os.getpid()}/{id(self):x}",  # unique even for two in one process
+            "host": socket.gethostname(),
+            "node_rank": node_rank,
+            "logs": str(run.logs),
+            "ranks": [],
+            "status": "running",
+        }
+        self.peers: dict[str, dict] = {}
+        self.lock = threading.Lock()
+        self.closed = threading.Event()
+        self.proc: subprocess.Popen | None = None
+        self.stopped_for: str | None = None
+        self._log = log or (lambda msg: None)
+        self._conns: dict[str, object] = {}
+        self._server = None
+        self._sock = None
+        self.host_id: str | None = None  # client side: the watch host's id, from its first beat
+
+    # ---------------------------------------------------------------- life cycle
+    def start(self) -> NodeWatch:
+        import socket
+
+        maybe = self.hosting is None
+        if maybe:
+            self.hosting = _is_local_address(self.addr[0])
+        if self.hosting:
+            srv = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                srv.bind(("", self.addr[1]))  # all interfaces: other nodes reach us by whatever name
+                srv.listen(64)
+                self._server = srv
+            except OSError as err:
+                srv.close()
+                if not maybe:
+                    self._log(f"node watch off: cannot listen on port {self.addr[1]} ({err})")
+                    return self
+                self.hosting = False  # another qlaunch on this machine hosts it (two nodes on one host)
+        self._thread(self._accept_loop if self.hosting else self._client_loop)
+        self._thread(self._beat_loop)
+        return self
+
+    def attach(self, proc: subprocess.Popen) -> None:
+        self.proc = proc
+
+    def follow(self, follow):
+        """Wrap a follow(run, proc) function so the watch knows the torchrun process it may stop."""
+
+        def wrapped(run, proc):
+            self.attach(proc)
+            return follow(run, proc)
+
+        return wrapped
+
+    def finish(self, rc: int, wait_s: float = 15.0) -> list[dict]:
+        """Report how this node's ranks ended, then (after a failure) wait up to wait_s for the other
+        nodes' reports; returns the peers' final states."""
+        first = first_rank_error(self.run) if rc else None
+        with self.lock:
+            self.me.update(
+                status="exited",
+                rc=rc,
+                time=time.time(),
+                ranks=local_ranks(self.run),
+                first=_first_line(first),
+            )
+        report = {"t": "exit", "peer": dict(self.me)}
+        if self.hosting:
+            self._broadcast({"t": "peer", "peer": dict(self.me)})
+        else:
+            self._send(self._sock, report)
+        if rc:
+            deadline = time.time() + wait_s
+            while time.time() < deadline and any(p["status"] == "running" for p in self.snapshot()):
+                time.sleep(0.2)
+        return self.snapshot()
+
+    def close(self) -> None:
+        import socket
+
+        self.closed.set()
+        for s in [self._server, self._sock, *self._conns.values()]:
+            if s is None:
+                continue
+            try:
+                # shutdown, not just close: it wakes this process's own threads blocked in recv/accept
+                # on the socket, and the peer sees the end at once.
+                s.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            try:
+                s.close()
+            except OSError:
+                pass
+
+    def snapshot(self) -> list[dict]:
+        with self.lock:
+            return [dict(p) for p in self.peers.values()]
+
+    # ---------------------------------------------------------------- both sides
+    def _thread(self, fn, *args) -> None:
+        threading.Thread(target=fn, args=args, daemon=True).start()
+
+    def _send(self, sock, msg: dict) -> bool:
+        if sock is None:
+            return False
+        try:
+            sock.sendall((json.dumps(msg) + "\n").encode())
+            return True
+        except OSError:
+            return False
+
+    def _lines(self, sock):
+        buf = b""
+        while not self.closed.is_set():
+            try:
+                chunk = sock.recv(65536)
+            except OSError:
+                return
+            if not chunk:
+                return
+            buf += chunk
+            *lines, buf = buf.split(b"\n")
+            for line in lines:
+                try:
+                    yield json.loads(line)
+                except ValueError:
+                    continue
+
+    def _update(self, peer: dict) -> None:
+        with self.lock:
+            cur = self.peers.get(peer["id"], {})
+            if cur.get("status") in ("exited", "lost") and peer.get("status") == "running":
+                return
+            self.peers[peer["id"]] = {**cur, **peer}
+
+    def _lost(self, pid: str, reason: str) -> None:
+        with self.lock:
+            p = self.peers.get(pid)
+            if p is None or p["status"] != "running" or self.closed.is_set():
+                return
+            p.update(status="lost", reason=reason, time=time.time())
+            lost = dict(p)
+        self._log(f"node watch: {describe_node(lost)}: {reason}")
+        if self.hosting:
+            self._broadcast({"t": "peer", "peer": lost})
+        if self.stop_on_loss:
+            self._thread(self._stop_local, lost)
+
+    def _stop_local(self, lost: dict) -> None:
+        """The run cannot go on without that node (no elastic restarts): if this node's ranks have not
+        failed by themselves within the node timeout (a hung collective), stop them."""
+        deadline = time.time() + self.node_timeout
+        while time.time() < deadline:
+            if self.proc is not None and self.proc.poll() is not None:
+                return
+            time.sleep(0.5)
+        if self.proc is not None and self.proc.poll() is None and self.me["status"] == "running":
+            self.stopped_for = describe_node(lost)
+            self._log(f"node watch: stopping this node's ranks: {self.stopped_for} is gone")
+            self.proc.send_signal(signal.SIGTERM)
+
+    def _beat_loop(self) -> None:
+        while not self.closed.wait(WATCH_BEAT_S):
+            ranks = local_ranks(self.run)
+            with self.lock:
+                self.me["ranks"] = ranks
+                me = dict(self.me)
+            now = time.time()
+            if self.hosting:
+                self._broadcast({"t": "beat", "peer": me})
+                for pid, p in self.snapshot_items():
+                    if p["status"] == "running" and now - p.get("last_seen", now) > self.node_timeout:
+                        self._lost(pid, f"no heartbeat for {now - p['last_seen']:.0f}s (cut off from the network?)")
+            elif self._sock is not None:
+                self._send(self._sock, {"t": "beat", "peer": me})
+                with self.lock:
+                    host = dict(self.peers.get(self.host_id or "", {}))
+                if host.get("status") == "running" and now - host.get("last_seen", now) > self.node_timeout:
+                    self._lost(
+                        host["id"], f"no heartbeat for {now - host['last_seen']:.0f}s (cut off from the network?)"
+                    )
+
+    def snapshot_items(self) -> list[tuple[str, dict]]:
+        with self.lock:
+            return [(k, dict(v)) for k, v in self.peers.items()]
+
+    # ---------------------------------------------------------------- host side
+    def _broadcast(self, msg: dict) -> None:
+        for pid, conn in list(self._conns.items()):
+            if not self._send(conn, msg):
+                self._conns.pop(pid, None)
+
+    def _accept_loop(self) -> None:
+        while not self.closed.is_set():
+            try:
+                conn, _ = self._server.accept()
+            except OSError:
+                return
+            self._thread(self._serve, conn)
+
+    def _serve(self, conn) -> None:
+        pid = None
+        for msg in self._lines(conn):
+            peer = msg.get("peer") or {}
+            if "id" not in peer:
+                continue
+            if pid is None:
+                pid = peer["id"]
+                self._conns[pid] = conn
+                # Introduce the host (its first beat), then everyone already known.
+                with self.lock:
+                    me = dict(self.me)
+                self._send(conn, {"t": "beat", "peer": me})
+                for _, p in self.snapshot_items():
+                    self._send(conn, {"t": "peer", "peer": p})
+            self._update({**peer, "last_seen": time.time()})
+            if msg.get("t") == "exit":
+                self._broadcast({"t": "peer", "peer": self.peers[pid]})
+        if pid is not None:
+            self._conns.pop(pid, None)
+            self._lost(pid, "its qlaunch went away without a report (node down, killed, or out of memory)")
+
+    # ---------------------------------------------------------------- client side
+    def _client_loop(self) -> None:
+        import socket
+
+        while True:
+            try:
+                sock = socket.create_connection(self.addr, timeout=5)
+                break
+            except OSError:
+                if self.closed.wait(1.0):
+                    return
+        sock.settimeout(None)
+        self._sock = sock
+        with self.lock:
+            me = dict(self.me)
+        self._send(sock, {"t": "hello", "peer": me})
+        for msg in self._lines(sock):
+            peer = msg.get("peer") or {}
+            if not peer.get("id") or peer["id"] == self.me["id"]:
+                continue
+            if msg.get("t") == "beat":
+                self.host_id = peer["id"]  # only the host sends beats to clients
+            self._update({**peer, "last_seen": time.time()})
+        if self.host_id:
+            self._lost(self.host_id, "lost the connection to it (node down, killed, or unreachable)")
+
+
+def _is_local_address(host: str) -> bool:
+    """Does `host` name this machine (can a socket bind to its address here)?"""
+    import socket
+
+    try:
+        ip = socket.gethostbyname(host)
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            s.bind((ip, 0))
+        return True
+    except OSError:
+        return False
+
+
+def start_node_watch(run: RunDir, recipe: Recipe, cluster: Cluster, node_timeout: float) -> NodeWatch | None:
+    """The watch for a multi-node run: static rendezvous -> node 0 hosts on master_port+1; c10d -> the
+    machine of the rendezvous endpoint hosts on its port+1. None when there is no fixed port to use."""
+    if cluster.rdzv_endpoint:
+        host, _, port = cluster.rdzv_endpoint.rpartition(":")
+        addr, hosting, node_rank = (host.strip("[]"), int(port) + WATCH_PORT_OFFSET), None, None
+    else:
+        if not recipe.launch.master_port:
+            return None
+        addr = (cluster.master_addr, recipe.launch.master_port + WATCH_PORT_OFFSET)
+        hosting, node_rank = cluster.node_rank == 0, cluster.node_rank
+    # With elastic restarts or a node range, torchrun carries on without a lost node (or waits for it to
+    # come back): then the watch only reports, it never stops this node's ranks.
+    elastic = cluster.min_nodes is not None or recipe.launch.max_restarts > 0
+    log_path = run.logs / "nodes.log"
+
+    def log(msg: str) -> None:
+        with open(log_path, "a") as fh:
+            fh.write(f"{time.strftime('%H:%M:%S')} {msg}\n")
+
+    return NodeWatch(run, addr, hosting, node_rank, node_timeout, stop_on_loss=not elastic, log=log).start()
+
+
+def follow_node(run: RunDir, label: str, live_follow):
+    """follow() for a node other than node 0: one line saying where its logs are, then quiet until its
+    torchrun exits. If this node turns out to run rank 0 (elastic rendezvous decides), the live view."""
+
+    def follow(run_: RunDir, proc: subprocess.Popen) -> None:
+        shown, t_first = False, None
+        while proc.poll() is None:
+            if run_.metrics.exists():  # only rank 0 writes metrics.jsonl
+                return live_follow(run_, proc)
+            ranks = local_ranks(run_)
+            if ranks and t_first is None:
+                t_first = time.time()
+            # Ranks start within a moment of each other: wait briefly so the line lists them all.
+            if ranks and not shown and time.time() - t_first > 3:
+                print(f"{label}: {rank_span(ranks)} running; logs in {run_.logs}/ (node 0 shows the training)")
+                shown = True
+            time.sleep(0.5)
+        if proc.returncode == 0:
+            print(f"{label}: done")
+
+    return follow
+
+
+def _first_line(err: dict | None) -> str | None:
+    if not err:
+        return None
+    return f"rank {err.get('rank')}: {str(err.get('message', '')).splitlines()[0][:300]}"

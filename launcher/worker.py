@@ -51,14 +51,20 @@ class Metrics:
 
     def __init__(self, path: Path, enabled: bool):
         self.fh = open(path, "a", buffering=1) if enabled else None
+        self.sinks: list = []  # TensorBoard / W&B (launcher.sinks), fed the same records
 
     def __call__(self, event: str, **fields) -> None:
         if self.fh:
-            self.fh.write(json.dumps({"event": event, "time": time.time(), **fields}) + "\n")
+            record = {"event": event, "time": time.time(), **fields}
+            self.fh.write(json.dumps(record) + "\n")
+            for sink in self.sinks:
+                sink.write(record)
 
     def close(self) -> None:
         if self.fh:
             self.fh.close()
+        for sink in self.sinks:
+            sink.close()
 
 
 def main(argv: list[str] | None = None) -> int:

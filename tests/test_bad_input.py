@@ -206,3 +206,15 @@ def test_wrong_shape_in_checkpoint(tmp_path):
     sd["model.norm.weight"] = sd["model.norm.weight"][:10].clone()
     save_file(sd, str(d / "model.safetensors"))
     check_error(tmp_path, BASE_RECIPE.replace(str(TINY_MODEL), str(d)), expect=["model.norm.weight' has shape (10,)"])
+
+
+def test_tied_embeddings_refused(tmp_path):
+    d = _model_copy(tmp_path)
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["tie_word_embeddings"] = True
+    (d / "config.json").write_text(json.dumps(cfg))
+    check_error(
+        tmp_path,
+        BASE_RECIPE.replace(str(TINY_MODEL), str(d)),
+        expect=["tie_word_embeddings = true", "not supported yet"],
+    )

@@ -33,11 +33,11 @@ def losses(run_root: Path, key: str = "loss", event: str = "step") -> list[float
     return [r[key] for r in recs if r["event"] == event]
 
 
-def train(tmp_path: Path, recipe: Path, tag: str, gpus: int, *sets: str) -> list[float]:
+def train(tmp_path: Path, recipe: Path, tag: str, gpus: int, *sets: str, key: str = "loss") -> list[float]:
     root = tmp_path / tag
     r = run_cli("run", str(recipe), "--gpus", str(gpus), "--set", f'log.runs_dir="{root}"', *sets)
     assert r.returncode == 0, r.stdout + r.stderr
-    return losses(root)
+    return losses(root) if key == "loss" else {k: losses(root, k) for k in key.split(",")}
 
 
 def rel(a: list[float], b: list[float]) -> float:
@@ -79,31 +79,34 @@ def test_lr0_loss_constant_with_eval_between_steps(tmp_path, recipe_file, gpus):
 
 @pytest.fixture(scope="module")
 def trajectories(tmp_path_factory):
-    """Loss over 6 steps for the single-process reference and FSDP2 at world 1, 2, 4 (fp32 compute)."""
+    """Loss and gradient norm over 6 steps for the single-process reference and FSDP2 at world 1, 2, 4
+    (fp32 compute). Clipping at 0.7 is active on some steps and not others, so a gradient that is off by
+    a constant factor (e.g. averaged instead of summed over ranks) changes the trajectory too."""
     tmp = tmp_path_factory.mktemp("traj")
     recipe = tmp / "r.toml"
     recipe.write_text(
         BASE_RECIPE.replace("max_steps = 2", "max_steps = 6").replace("global_batch = 4", "global_batch = 8")
     )
-    common = [*FP32, "--set", "train.warmup_steps=0", "--set", "train.lr=2e-3"]
-    out = {
-        "ref": train(
-            tmp, recipe, "ref", 1, *common, "--set", 'parallel.backend="none"', "--set", "train.micro_batch=8"
-        ),
-        "fsdp1": train(tmp, recipe, "fsdp1", 1, *common, "--set", "train.micro_batch=8"),
-        "fsdp2_accum": train(tmp, recipe, "fsdp2a", 2, *common, "--set", "train.micro_batch=2"),
-        "fsdp2": train(tmp, recipe, "fsdp2", 2, *common, "--set", "train.micro_batch=4"),
-        "fsdp4": train(tmp, recipe, "fsdp4", 4, *common, "--set", "train.micro_batch=2"),
+    common = [*FP32, "--set", "train.warmup_steps=0", "--set", "train.lr=2e-3", "--set", "train.grad_clip=0.7"]
+    k = "loss,grad_norm"
+    ref = ["--set", 'parallel.backend="none"', "--set", "train.micro_batch=8"]
+    return {
+        "ref": train(tmp, recipe, "ref", 1, *common, *ref, key=k),
+        "fsdp1": train(tmp, recipe, "fsdp1", 1, *common, "--set", "train.micro_batch=8", key=k),
+        "fsdp2_accum": train(tmp, recipe, "fsdp2a", 2, *common, "--set", "train.micro_batch=2", key=k),
+        "fsdp2": train(tmp, recipe, "fsdp2", 2, *common, "--set", "train.micro_batch=4", key=k),
+        "fsdp4": train(tmp, recipe, "fsdp4", 4, *common, "--set", "train.micro_batch=2", key=k),
     }
-    return out
 
 
 @pytest.mark.parametrize("name", ["fsdp1", "fsdp2", "fsdp2_accum", "fsdp4"])
 def test_trajectory_parity_fp32(trajectories, name):
     ref = trajectories["ref"]
-    assert len(ref) == 6
-    assert ref[-1] < ref[0]  # it is training, not a constant
-    assert rel(trajectories[name], ref) <= 1e-3, (name, trajectories[name], ref)
+    assert len(ref["loss"]) == 6
+    assert ref["loss"][-1] < ref["loss"][0]  # it is training, not a constant
+    assert min(ref["grad_norm"]) < 0.7 < max(ref["grad_norm"])  # clipping active on some steps only
+    for key in ("loss", "grad_norm"):
+        assert rel(trajectories[name][key], ref[key]) <= 1e-3, (name, key, trajectories[name][key], ref[key])
 
 
 def test_trajectory_parity_bf16(tmp_path, recipe_file):

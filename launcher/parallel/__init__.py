@@ -18,9 +18,12 @@ from launcher.train import clip_grad_norm, lr_lambda, make_optimizer
 class TorchEngine:
     """Plain PyTorch optimizer over (FSDP2-sharded or unsharded) LoRA parameters."""
 
-    def __init__(self, model: nn.Module, recipe, total_steps: int, device_type: str):
+    def __init__(self, model: nn.Module, recipe, total_steps: int, device_type: str, grad_average_over: int = 1):
         t = recipe.train
         self.model = model
+        # Each rank's loss is its share of the global token-mean, so gradients must be summed over ranks;
+        # FSDP averages them over `grad_average_over` ranks, which this factor undoes exactly.
+        self.loss_scale = float(grad_average_over)
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.optimizer = make_optimizer(self.params, t.lr, t.weight_decay, t.betas, device_type)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -29,7 +32,7 @@ class TorchEngine:
         self.grad_clip = t.grad_clip
 
     def backward(self, loss: torch.Tensor) -> None:
-        loss.backward()
+        (loss * self.loss_scale if self.loss_scale != 1.0 else loss).backward()
 
     def step(self) -> float:
         norm = clip_grad_norm(self.params, self.grad_clip)
@@ -41,10 +44,40 @@ class TorchEngine:
     def lr(self) -> float:
         return self.scheduler.get_last_lr()[0]
 
+    # Checkpointing (launcher/checkpoint.py): trainable weights + optimizer, as DCP-shardable state dicts.
+    def checkpoint_state(self) -> dict:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
 
-def make_engine(built, recipe, plan: dict, total_steps: int, device: torch.device):
+        model_sd, optim_sd = get_state_dict(
+            self.model, self.optimizer, options=StateDictOptions(ignore_frozen_params=True)
+        )
+        return {"model": model_sd, "optim": optim_sd}
+
+    def load_checkpoint_state(self, state: dict) -> None:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+
+        set_state_dict(
+            self.model,
+            self.optimizer,
+            model_state_dict=state["model"],
+            optim_state_dict=state["optim"],
+            options=StateDictOptions(ignore_frozen_params=True, strict=False),
+        )
+
+    def scheduler_state(self) -> dict:
+        return {k: v for k, v in self.scheduler.state_dict().items() if k != "lr_lambdas"}
+
+    def load_scheduler_state(self, state: dict) -> None:
+        self.scheduler.load_state_dict({**state, "lr_lambdas": [None] * len(self.optimizer.param_groups)})
+
+
+def make_engine(built, recipe, plan: dict, total_steps: int, device: torch.device, run_dir=None):
     if plan["backend"] == "deepspeed":
         from launcher.parallel.deepspeed import DeepSpeedEngine
 
-        return DeepSpeedEngine(built, recipe, plan, total_steps, device)
-    return TorchEngine(built.loss_model, recipe, total_steps, device.type)
+        # DeepSpeed reads the run directory's deepspeed_config.json (the file `qlaunch run` wrote).
+        return DeepSpeedEngine(built, recipe, plan, total_steps, device, run_dir)
+    import torch.distributed as dist
+
+    world = dist.get_world_size() if plan["backend"] == "fsdp" and dist.is_initialized() else 1
+    return TorchEngine(built.loss_model, recipe, total_steps, device.type, grad_average_over=world)

@@ -33,7 +33,6 @@ def apply_fsdp(loss_model: nn.Module, causal_lm: nn.Module, recipe: Recipe, mesh
         fully_shard(emb, reshard_after_forward=True, **common)
     # Root: final norm + lm_head (+ tied embedding), used first thing in backward, so not resharded.
     fully_shard(loss_model, reshard_after_forward=False, **common)
-    # Each rank's loss is its share of the global token-mean (see train.py), so gradients are summed,
-    # not averaged, across ranks.
-    setter = getattr(loss_model, "set_gradient_divide_factor", None) or loss_model.set_reduce_scatter_divide_factor
-    setter(1.0)
+    # FSDP averages gradients over the ranks (its default divide factor); TorchEngine.backward scales each
+    # rank's loss by the world size so that the average is the sum the global token-mean needs. (A divide
+    # factor of 1 would do the same but becomes ReduceOp.PREMUL_SUM, which gloo does not implement.)

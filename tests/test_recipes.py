@@ -1,0 +1,58 @@
+"""Every shipped recipe validates, plans and dry-runs; the CLI's help and version work."""
+
+from __future__ import annotations
+
+import pytest
+
+from launcher.recipe import bundled_recipes, load_recipe
+from tests.conftest import ROOT, run_cli
+
+RECIPES = [p.name for p in bundled_recipes()]
+
+
+def test_the_bundled_recipes_are_there():
+    assert {"tiny-cpu.toml", "llama70b-qlora.toml", "llama8b-rehearsal.toml"} <= set(RECIPES)
+
+
+@pytest.mark.parametrize("name", RECIPES)
+def test_recipe_validates(name):
+    rec = load_recipe(ROOT / "recipes" / name)
+    assert rec.name and rec.quant.storage_dtype == rec.quant.compute_dtype
+
+
+@pytest.mark.parametrize("name", RECIPES)
+def test_recipe_dry_run(name):
+    gpus = "8" if "70b" in name else "2"
+    r = run_cli("run", f"recipes/{name}", "--gpus", gpus, "--dry-run")
+    assert r.returncode == 0, r.stderr
+    assert f"--nproc-per-node={gpus}" in r.stdout and "launcher.worker" in r.stdout
+    assert "world size: " + gpus in r.stdout
+
+
+def test_70b_plan_for_8_gpus():
+    r = run_cli("plan", "recipes/llama70b-qlora.toml", "--gpus", "8", "--gpu-mem-gb", "80")
+    assert r.returncode == 0, r.stderr
+    assert "world size: 8" in r.stdout and "fits" in r.stdout
+
+
+def test_recipes_list_and_explain():
+    r = run_cli("recipes")
+    assert r.returncode == 0 and "recipes/tiny-cpu.toml" in r.stdout
+    r = run_cli("explain", "quant.storage_dtype")
+    assert r.returncode == 0 and "must equal the dtype FSDP computes in" in r.stdout
+    r = run_cli("explain", "lora.rnak")
+    assert r.returncode == 2 and "did you mean lora.rank?" in r.stderr
+
+
+def test_version_and_help():
+    from launcher import __version__
+
+    r = run_cli("--version")
+    assert r.returncode == 0 and r.stdout.strip() == f"qlaunch {__version__}"
+    r = run_cli("--help")
+    assert r.returncode == 0
+    commands = ["run", "plan", "config", "recipes", "explain", "quantize", "merge", "doctor", "report", "slurm"]
+    for cmd in commands:
+        assert cmd in r.stdout, cmd
+        sub = run_cli(cmd, "--help")
+        assert sub.returncode == 0 and "Usage:" in sub.stdout, cmd
