@@ -385,6 +385,28 @@ def lora_init(name: str, shape: tuple[int, ...], seed: int) -> torch.Tensor:
     return t.uniform_(-bound, bound, generator=g)
 
 
+def fill_base_param(module, pname, p, hf_name, source, recipe, device, prequant, quant_layers, stats, progress):
+    """Fill one frozen base parameter (4-bit packed or dense) from the source; shared by every loader."""
+    if module in quant_layers and pname == "weight":
+        fill_quantized(module, hf_name, source, recipe.quant, device, prequant)
+    else:
+        fill_dense(p, hf_name, source, device)
+    stats.tensors += 1
+    if progress and hf_name.endswith(("mlp.down_proj.weight", "embed_tokens.weight")):
+        progress(hf_name, getattr(source, "bytes_read", 0))
+
+
+def fill_lora_param(local: torch.Tensor, name: str, shape: tuple[int, ...], r0: int, r1: int, seed: int) -> None:
+    """LoRA B starts at zero, A from the name-keyed generator (rows r0:r1 of the full matrix)."""
+    if "lora_B" in name:
+        local.zero_()
+    elif "lora_A" in name:
+        key = name.split("base_model.model.", 1)[-1]
+        local.copy_(lora_init(key, shape, seed)[r0:r1].to(device=local.device, dtype=local.dtype))
+    else:
+        raise UserError(f"{name}: no loader for this parameter (lora.use_dora is not supported yet; set it to false)")
+
+
 def iter_base_params(
     module_names: dict[nn.Module, str],
 ) -> Iterator[tuple[str, nn.Module, str, torch.Tensor]]:
@@ -416,24 +438,11 @@ def materialize(
         for n, b in root.named_buffers():
             b.copy_(buffers[n].to(b.device))
         for hf_name, module, pname, p in iter_base_params(module_names):
-            if module in quant_layers and pname == "weight":
-                fill_quantized(module, hf_name, source, recipe.quant, device, prequant)
-            else:
-                fill_dense(p, hf_name, source, device)
-            stats.tensors += 1
-            if progress and hf_name.endswith(("mlp.down_proj.weight", "embed_tokens.weight")):
-                progress(hf_name, getattr(source, "bytes_read", 0))
+            fill_base_param(module, pname, p, hf_name, source, recipe, device, prequant, quant_layers, stats, progress)
         for name, p in root.named_parameters():
-            if "lora_A" in name or "lora_B" in name or "lora_embedding" in name:
+            if "lora_" in name:
                 local, r0, r1 = local_view(p)
-                if "lora_B" in name:
-                    local.zero_()
-                else:
-                    key = name.split("base_model.model.", 1)[-1]
-                    full = lora_init(key, tuple(p.shape), recipe.lora.init_seed)
-                    local.copy_(full[r0:r1].to(device=device, dtype=local.dtype))
-            elif "lora_magnitude" in name:
-                raise UserError("lora.use_dora = true is not supported by the sharded loader yet; set it to false")
+                fill_lora_param(local, name, tuple(p.shape), r0, r1, recipe.lora.init_seed)
     stats.bytes_read = getattr(source, "bytes_read", 0)
     stats.seconds = time.perf_counter() - t0
     return stats

@@ -61,3 +61,15 @@ def run_cli(*args: str, cwd: Path | None = None, timeout: int = 600, env: dict |
         text=True,
         timeout=timeout,
     )
+
+
+def assert_one_line_error(r: subprocess.CompletedProcess, expect: list[str], runs_dir: Path) -> str:
+    """Exit 2, exactly one 'qlaunch: error:' line containing every fragment, no traceback, no run dir."""
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert "Traceback" not in r.stderr + r.stdout
+    assert len(lines) == 1 and lines[0].startswith("qlaunch: error: "), r.stderr
+    for frag in expect:
+        assert frag in lines[0], (frag, lines[0])
+    assert not runs_dir.exists(), "a run directory was written"
+    return lines[0]

@@ -11,7 +11,7 @@ import pytest
 from launcher.errors import UserError
 from launcher.plan import Cluster, make_plan
 from launcher.recipe import load_recipe
-from tests.conftest import BASE_RECIPE, TINY_MODEL, run_cli
+from tests.conftest import BASE_RECIPE, TINY_MODEL, assert_one_line_error, run_cli
 
 
 def check_error(tmp_path: Path, recipe_text: str | None, *extra: str, expect: list[str], recipe_name="recipe.toml"):
@@ -20,14 +20,7 @@ def check_error(tmp_path: Path, recipe_text: str | None, *extra: str, expect: li
     if recipe_text is not None:
         path.write_text(recipe_text)
     r = run_cli("run", str(path), *extra, cwd=tmp_path)
-    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
-    assert r.returncode == 2, r.stdout + r.stderr
-    assert "Traceback" not in r.stderr + r.stdout
-    assert len(lines) == 1 and lines[0].startswith("qlaunch: error: "), r.stderr
-    for frag in expect:
-        assert frag in lines[0], (frag, lines[0])
-    assert not (tmp_path / "runs").exists(), "a run directory was written"
-    return lines[0]
+    return assert_one_line_error(r, expect, tmp_path / "runs")
 
 
 def test_toml_syntax_error_names_line_and_column(tmp_path):

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
-from tests.conftest import BASE_RECIPE, ROOT, TINY_DATA, run_cli
+from tests.conftest import BASE_RECIPE, ROOT, TINY_DATA, assert_one_line_error, run_cli
 
 pytestmark = pytest.mark.slow
 pytest.importorskip("deepspeed")
@@ -333,14 +333,7 @@ def run_python(code: str, tmp: Path) -> str:
 
 def check_error(tmp_path: Path, *args: str, expect: list[str], env: dict | None = None) -> str:
     r = run_cli(*args, "--set", f'log.runs_dir="{tmp_path / "runs"}"', cwd=tmp_path, env=env)
-    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
-    assert r.returncode == 2, r.stdout + r.stderr
-    assert "Traceback" not in r.stderr + r.stdout
-    assert len(lines) == 1 and lines[0].startswith("qlaunch: error: "), r.stderr
-    for frag in expect:
-        assert frag in lines[0], (frag, lines[0])
-    assert not (tmp_path / "runs").exists(), "a run directory was written"
-    return lines[0]
+    return assert_one_line_error(r, expect, tmp_path / "runs")
 
 
 def test_unknown_zero_stage(tmp_path, recipe_file):

@@ -132,13 +132,12 @@ def materialize_partitioned(
     progress: Callable[[str], None] | None = None,
 ):
     """Fill one unit, partition it, go on; see the module docstring for what each rank holds."""
-    from launcher.loading import LoadStats, fill_dense, fill_quantized, lora_init
+    from launcher.loading import LoadStats, fill_base_param, fill_lora_param
 
     deepspeed = _deepspeed()
     stats = LoadStats()
     t0 = time.perf_counter()
     cast = param_dtype(config)
-    lora_prefix = "base_model.model."
     names = {id(p): n for n, p in root.named_parameters(remove_duplicate=False)}
     # Every (module, key) holding each parameter: a tied weight (embedding = lm_head) has two.
     owners: dict[int, list[tuple[nn.Module, str]]] = {}
@@ -163,21 +162,11 @@ def materialize_partitioned(
                     new = m._parameters[pname]
                     if m in module_names:
                         hf_name = f"{module_names[m]}.{pname}" if module_names[m] else pname
-                        if m in quant_layers and pname == "weight":
-                            fill_quantized(m, hf_name, source, recipe.quant, device, prequant)
-                        else:
-                            fill_dense(new, hf_name, source, device)
-                        stats.tensors += 1
-                        if progress and hf_name.endswith(("mlp.down_proj.weight", "embed_tokens.weight")):
-                            progress(hf_name, getattr(source, "bytes_read", 0))
-                    elif "lora_A" in full_name or "lora_B" in full_name:
-                        if "lora_B" in full_name:
-                            new.zero_()
-                        else:
-                            key = full_name.split(lora_prefix, 1)[-1]
-                            new.copy_(lora_init(key, tuple(new.shape), recipe.lora.init_seed))
+                        fill_base_param(
+                            m, pname, new, hf_name, source, recipe, device, prequant, quant_layers, stats, progress
+                        )
                     else:
-                        raise UserError(f"{full_name}: no loader for this parameter (lora.use_dora is not supported)")
+                        fill_lora_param(new, full_name, tuple(new.shape), 0, new.shape[0], recipe.lora.init_seed)
                     for owner, key in owners[id(p)]:  # re-tie: the other holders get the filled tensor too
                         owner._parameters[key] = m._parameters[pname]
                     if cast is not None and m._parameters[pname].requires_grad:
