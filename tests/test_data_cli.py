@@ -107,8 +107,9 @@ def test_bad_data_exits_2_with_one_line_and_writes_nothing(results, case):
     assert errors[0].startswith(f"qlaunch: error: {tmp}/{expected}"), out
     if case == "malformed JSON found by the ranks":
         # The run had started; every rank stopped (none hangs waiting for the tokenizing one).
-        (run_dir,) = runs.glob("*/*")
-        assert len(list(run_dir.glob("cache/*.error"))) == 1
+        # The tokenization cache (and its error marker) lives beside the runs, shared by later runs.
+        (run_dir,) = (p for p in runs.glob("*/*") if p.parent.name != ".data-cache")
+        assert len(list(runs.glob(".data-cache/*.error"))) == 1
         assert {json.loads(f.read_text())["kind"] for f in run_dir.glob("logs/rank*.error.json")} == {"user"}
     else:
         assert not runs.exists() or not any(runs.iterdir()), "a bad data file must not create a run directory"
