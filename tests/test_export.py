@@ -69,9 +69,9 @@ def test_adapter_is_nonzero_and_peft_format(trained):
 def test_peft_from_pretrained_gives_the_trained_logits(trained):
     """transformers' own 4-bit loading + PeftModel.from_pretrained(base, adapter) == qlaunch's model.
 
-    Same NF4 bytes (whole-tensor and per-shard quantization agree bit for bit), same fp32 LoRA weights,
-    bf16 compute on both sides (the two stacks round at different points): the logits agree to bf16
-    precision, ||got - ref|| / ||ref|| < 1e-2."""
+    Same NF4 bytes (whole-tensor and per-shard quantization agree bit for bit) and the saved fp32 LoRA
+    weights; computed in fp32 on both sides, so the two stacks agree to fp32 rounding:
+    ||got - ref|| / ||ref|| < 1e-4 (in bf16 they differ by ~1e-2: each stack rounds at other points)."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
@@ -79,15 +79,22 @@ def test_peft_from_pretrained_gives_the_trained_logits(trained):
         load_in_4bit=True,
         bnb_4bit_quant_type="nf4",
         bnb_4bit_use_double_quant=True,
-        bnb_4bit_compute_dtype=torch.bfloat16,
+        bnb_4bit_compute_dtype=torch.float32,
         bnb_4bit_quant_storage=torch.bfloat16,
     )
-    base = AutoModelForCausalLM.from_pretrained(str(TINY_MODEL), quantization_config=q, dtype=torch.bfloat16)
+    import bitsandbytes as bnb
+
+    base = AutoModelForCausalLM.from_pretrained(str(TINY_MODEL), quantization_config=q, dtype=torch.float32)
+    for m in base.modules():
+        if isinstance(m, bnb.nn.Linear4bit):
+            # bitsandbytes' CPU inference fast path (repacked weights, its own kernel) rounds differently
+            # (~3e-3 here); compare the same dequantize + matmul path that training and GPUs use.
+            m.support_avx512bf16_for_cpu = False
     model = PeftModel.from_pretrained(base, str(trained / "adapter")).eval()
     with torch.no_grad():
         got = model(input_ids=_inputs()).logits.float()
-    ref = _reference_logits(trained)
-    assert rel(got, ref) < 1e-2, rel(got, ref)
+    ref = _reference_logits(trained, "float32")
+    assert rel(got, ref) < 1e-4, rel(got, ref)
 
 
 def test_merged_model_loads_with_from_pretrained_and_matches(trained, tmp_path):
