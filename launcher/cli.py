@@ -112,7 +112,20 @@ def run(
         ),
     ] = None,
     rdzv_id: Annotated[
-        str | None, typer.Option("--rdzv-id", help="Job id shared by the nodes of one elastic run.")
+        str | None,
+        typer.Option(
+            "--rdzv-id",
+            help="Id shared by the nodes of one run: names the elastic rendezvous and, for any multi-node run, "
+            "its run directory RUNS_DIR/NAME/ID (default: the SLURM job id, else MASTER_ADDR-MASTER_PORT).",
+        ),
+    ] = None,
+    run_dir_opt: Annotated[
+        str | None,
+        typer.Option(
+            "--run-dir",
+            help="Use this run directory (the same path on every node of a multi-node run, on a filesystem "
+            "they share) instead of RUNS_DIR/NAME/<timestamp or id>.",
+        ),
     ] = None,
     node_timeout: Annotated[
         float,
@@ -165,8 +178,9 @@ def run(
         print(where.banner)
     from launcher.spawn import launch_spec
 
+    shared = _shared_run_path(rec, where, run_dir_opt, plan.nnodes > 1 or bool(rdzv_endpoint))
     if dry_run:
-        placeholder = str(Path(rec.log.runs_dir) / rec.name / "<timestamp>")
+        placeholder = str(shared or Path(rec.log.runs_dir) / rec.name / "<timestamp>")
         spec = launch_spec(rec, plan, cluster, placeholder)
         _print_plan(rec, plan)
         env = " ".join(f"{k}={v}" for k, v in spec["env"].items())
@@ -192,12 +206,17 @@ def run(
     from launcher.rundir import PLAN_FILE, new_run_dir, write_files
 
     layer_cls = decoder_layer_class(rec)
-    run_dir = new_run_dir(rec)
-    spec = launch_spec(rec, plan, cluster, str(run_dir.path))
-    configs = render_files(rec, plan, run_dir.path, layer_cls, node_rank, master_addr)
-    plan_dict = {**plan.to_dict(), "resume_from": str(resume_from) if resume_from else None}
-    write_files(run_dir, rec, {PLAN_FILE: json.dumps(plan_dict, indent=2) + "\n", **configs})
-    print(f"run directory: {run_dir.path}")
+    if shared is None:
+        run_dir, writer = new_run_dir(rec), True
+    else:
+        run_dir, writer = _open_shared_run_dir(shared, plan.nnodes, node_rank, rdzv_endpoint, resume is not None)
+    spec = launch_spec(rec, plan, cluster, str(run_dir.path), run_dir.node)
+    if writer:
+        # One writer per run directory: the other nodes' configs would differ only in their node rank.
+        configs = render_files(rec, plan, run_dir.path, layer_cls, node_rank, master_addr)
+        plan_dict = {**plan.to_dict(), "resume_from": str(resume_from) if resume_from else None}
+        write_files(run_dir, rec, {PLAN_FILE: json.dumps(plan_dict, indent=2) + "\n", **configs})
+    print(f"run directory: {run_dir.path}" + (f" (this node's logs: {run_dir.logs})" if run_dir.node else ""))
     from launcher import live
     from launcher.spawn import failure_summary, spawn, user_error_of
 
@@ -255,6 +274,7 @@ def _placement(nnodes, node_rank, master_addr, master_port, rdzv_endpoint, rdzv_
         raise UserError(f"--rdzv-endpoint {rdzv_endpoint!r}: expected HOST:PORT")
     banner = ""
     sl = None
+    explicit_id = rdzv_id
     if not no_slurm and not rdzv_endpoint:
         from launcher import slurm
 
@@ -287,8 +307,41 @@ def _placement(nnodes, node_rank, master_addr, master_port, rdzv_endpoint, rdzv_
         master_port=master_port,
         min_nodes=min_nodes,
         rdzv_id=rdzv_id,
+        # The multi-node run directory's name: every node must compute the same one.
+        run_id=explicit_id or (sl.job_id if sl is not None else None) or (rdzv_id if rdzv_endpoint else None),
         banner=banner,
     )
+
+
+def _shared_run_path(rec, where, run_dir_opt: str | None, multinode: bool) -> Path | None:
+    """The run directory all nodes share (RUNS_DIR/NAME/ID, or --run-dir); None: a fresh timestamped one."""
+    if run_dir_opt:
+        return Path(run_dir_opt).resolve()
+    if not multinode:
+        return None
+    run_id = where.run_id or f"{where.master_addr}-{rec.launch.master_port}"
+    return (Path(rec.log.runs_dir) / rec.name / re.sub(r"[^\w.-]", "_", str(run_id))).resolve()
+
+
+def _open_shared_run_dir(path: Path, nnodes: int, node_rank: int, rdzv_endpoint, resuming: bool):
+    """(RunDir, writes the shared files?). Static ranks: node 0 writes. Elastic: no node rank is known
+    before the rendezvous, so the node that creates the directory writes, and each node is named by
+    host and process."""
+    import os
+    import socket
+
+    from launcher.rundir import shared_run_dir
+
+    if rdzv_endpoint:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            path.mkdir()
+            writer = True
+        except FileExistsError:
+            writer = False
+        return shared_run_dir(path, f"{socket.gethostname()}-{os.getpid()}", writer, resuming), writer
+    node = f"node{node_rank}" if nnodes > 1 else None
+    return shared_run_dir(path, node, node_rank == 0, resuming), node_rank == 0
 
 
 def _node_blame(watch, rc: int) -> str | None:

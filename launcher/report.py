@@ -80,7 +80,8 @@ def summarize(events: list[dict], run: RunDir) -> list[tuple[str, str]]:
     elif "preempted" in by:
         status = f"stopped on request at step {by['preempted'][-1].get('step')} (resumable)"
     else:
-        errors = sorted(run.logs.glob("rank*.error.json")) if run.logs.is_dir() else []
+        # rglob: a multi-node run keeps each node's logs in logs/<node>/.
+        errors = sorted(run.logs.rglob("rank*.error.json")) if run.logs.is_dir() else []
         status = "failed (see logs/)" if errors else "incomplete (running, or killed)"
     rows.append(("status", status))
     rows.append(("steps", f"{s.steps[-1] if s.steps else 0} of {total if total is not None else '?'}"))

@@ -1,14 +1,17 @@
-"""The run directory: runs/<name>/<timestamp>/ with everything needed to rerun or inspect a run."""
+"""The run directory: runs/<name>/<timestamp>/ (a multi-node run: runs/<name>/<id>/, one for all its nodes)
+with everything needed to rerun or inspect a run."""
 
 from __future__ import annotations
 
 import json
 import os
+import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from launcher.errors import UserError
 from launcher.recipe import Recipe, dump_toml, load_recipe
 
 RECIPE_FILE = "recipe.toml"
@@ -19,7 +22,12 @@ METRICS_FILE = "metrics.jsonl"
 
 @dataclass(frozen=True)
 class RunDir:
+    """`node`: this node's name inside a run directory that several nodes share (multi-node runs), so
+    that each node's launcher log, launch record and ranks' logs stay apart: logs/<node>/, and
+    launch-<node>.json. None for a single node."""
+
     path: Path
+    node: str | None = None
 
     @property
     def recipe(self) -> Path:
@@ -27,7 +35,11 @@ class RunDir:
 
     @property
     def logs(self) -> Path:
-        return self.path / "logs"
+        return self.path / "logs" if self.node is None else self.path / "logs" / self.node
+
+    @property
+    def launch_file(self) -> Path:
+        return self.path / (LAUNCH_FILE if self.node is None else f"launch-{self.node}.json")
 
     @property
     def metrics(self) -> Path:
@@ -67,6 +79,30 @@ def new_run_dir(recipe: Recipe, root: str | Path | None = None) -> RunDir:
     raise RuntimeError(f"could not create a run directory under {base}")
 
 
+def shared_run_dir(path: Path, node: str, writer: bool, resuming: bool) -> RunDir:
+    """The one run directory of a multi-node run, named the same on every node (see cli._placement).
+
+    The writer (node 0) refuses a directory that already holds a run unless it is resuming it (a SLURM
+    requeue comes back with the same job id and --resume auto): the name is deterministic, so a second,
+    unrelated run with the same id must not mix its checkpoints into the first one's. Files left by
+    the previous attempt that would mislead this one (the stop request, the preemption note, error
+    reports) are removed: the writer's shared ones, each node its own."""
+    path = Path(path).resolve()
+    if writer and (path / PLAN_FILE).is_file() and not resuming:
+        raise UserError(
+            f"run directory {path} already holds a run: continue it with --resume auto, or give this run "
+            "another name (--rdzv-id ID or --run-dir DIR)"
+        )
+    run = RunDir(path, node)
+    run.logs.mkdir(parents=True, exist_ok=True)
+    stale = list(run.logs.glob("rank*.error.json"))
+    if writer:
+        stale += [path / "STOP", path / "preempted.json"]
+    for f in stale:
+        f.unlink(missing_ok=True)
+    return run
+
+
 def write_files(run: RunDir, recipe: Recipe, files: dict[str, str]) -> None:
     """Resolved recipe first (the workers read it), then the other rendered files; each written atomically."""
     atomic_write(run.recipe, dump_toml(recipe))
@@ -75,6 +111,7 @@ def write_files(run: RunDir, recipe: Recipe, files: dict[str, str]) -> None:
 
 
 def atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
+    # A name of its own per writer: nodes sharing a run directory may write side by side.
+    tmp = path.with_name(f"{path.name}.{socket.gethostname()}.{os.getpid()}.tmp")
     tmp.write_text(text)
     os.replace(tmp, path)

@@ -13,15 +13,16 @@ from pathlib import Path
 
 from launcher.plan import Cluster, Plan, python_cmd, torchrun_argv
 from launcher.recipe import Recipe
-from launcher.rundir import LAUNCH_FILE, RunDir, atomic_write
+from launcher.rundir import RunDir, atomic_write
 
 STOP_GRACE_S = 90.0
 
 
-def launch_spec(recipe: Recipe, plan: Plan, cluster: Cluster, run_dir: str) -> dict:
-    """argv + the environment qlaunch adds: written to launch.json and shown by --dry-run."""
+def launch_spec(recipe: Recipe, plan: Plan, cluster: Cluster, run_dir: str, node: str | None = None) -> dict:
+    """argv + the environment qlaunch adds: written to launch.json and shown by --dry-run. `node`: this
+    node's name in a shared run directory (the workers' second argument: where their logs go)."""
     return {
-        "argv": python_cmd() + torchrun_argv(recipe, plan, cluster, run_dir),
+        "argv": python_cmd() + torchrun_argv(recipe, plan, cluster, run_dir) + ([node] if node else []),
         "env": dict(plan.env),
         "cwd": os.getcwd(),
         # --- multinode: what the ranks and the node watch do across nodes (the env above has NCCL's part)
@@ -31,7 +32,7 @@ def launch_spec(recipe: Recipe, plan: Plan, cluster: Cluster, run_dir: str) -> d
 
 def spawn(run: RunDir, spec: dict, follow) -> int:
     """Run torchrun as a child; `follow(run, proc)` shows progress until it exits. Returns its exit code."""
-    atomic_write(run.path / LAUNCH_FILE, json.dumps(spec, indent=2) + "\n")
+    atomic_write(run.launch_file, json.dumps(spec, indent=2) + "\n")
     env = {**os.environ, **spec["env"], "QLAUNCH_SPAWN_TIME": str(time.time()), "PYTHONUNBUFFERED": "1"}
     # The project root on PYTHONPATH so `-m launcher.worker` resolves even when qlaunch is not installed.
     root = str(Path(__file__).resolve().parent.parent)
@@ -637,7 +638,7 @@ def follow_node(run: RunDir, label: str, live_follow):
     def follow(run_: RunDir, proc: subprocess.Popen) -> None:
         shown, t_first = False, None
         while proc.poll() is None:
-            if run_.metrics.exists():  # only rank 0 writes metrics.jsonl
+            if run_.rank_log(0).exists():  # rank 0 runs here (the rendezvous chose): it writes the metrics
                 return live_follow(run_, proc)
             ranks = local_ranks(run_)
             if ranks and t_first is None:

@@ -69,7 +69,8 @@ class Metrics:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    run = RunDir(Path(argv[0]).resolve())
+    # A second argument names this node in a run directory shared by several nodes (its logs' folder).
+    run = RunDir(Path(argv[0]).resolve(), argv[1] if len(argv) > 1 else None)
     d = Dist.from_env()
     if os.environ.get("QLAUNCH_NO_REDIRECT") != "1":
         redirect_output(run.rank_log(d.rank))

@@ -89,6 +89,74 @@ def test_hybrid_plan_and_launch_record(tmp_path):
     assert d["node_watch"] == f"h:{rec.launch.master_port + 1}" and d["collective_timeout_s"] >= 60
 
 
+# ================================================================== the shared run directory (pure)
+
+
+def _fake_checkpoint(d: Path, world: int) -> Path:
+    """A checkpoint directory laid out as checkpoint.save leaves it (contents are placeholders)."""
+    (d / "dcp").mkdir(parents=True)
+    (d / "dcp" / ".metadata").write_bytes(b"m")
+    for r in range(world):
+        (d / "dcp" / f"__{r}_0.distcp").write_bytes(b"x" * (r + 1))
+        (d / f"rng_rank{r}.pt").write_bytes(b"r")
+    files = {str(p.relative_to(d)): p.stat().st_size for p in sorted(d.rglob("*")) if p.is_file()}
+    (d / "meta.json").write_text(json.dumps({"step": 2, "time": 1.0, "world_size": world, "files": files}))
+    (d / "COMPLETE").write_text("ok\n")
+    return d
+
+
+def test_checkpoint_missing_a_ranks_shard_is_not_complete(tmp_path):
+    from launcher.checkpoint import is_complete, newest_complete
+
+    good = _fake_checkpoint(tmp_path / "ck" / "step_00000002", 4)
+    assert is_complete(good) == (True, "")
+    # What node 0 sealed while node 1's ranks wrote elsewhere: their files are in neither the
+    # directory nor meta.json's list, so the recorded sizes alone would pass.
+    bad = _fake_checkpoint(tmp_path / "ck" / "step_00000004", 4)
+    meta = json.loads((bad / "meta.json").read_text())
+    (bad / "dcp" / "__3_0.distcp").unlink()
+    del meta["files"]["dcp/__3_0.distcp"]
+    (bad / "meta.json").write_text(json.dumps(meta))
+    ok, why = is_complete(bad)
+    assert not ok and "dcp/__3_0.distcp is missing" in why
+    warnings = []
+    assert newest_complete(tmp_path / "ck", warn=warnings.append) == good
+    assert "step_00000004" in warnings[0]
+    (good / "rng_rank2.pt").unlink()  # listed in meta.json: caught by the recorded files
+    assert not is_complete(good)[0]
+
+
+def test_resume_auto_takes_the_newest_checkpoint_by_time_not_by_directory_name(tmp_path):
+    from launcher.checkpoint import find_resume_target
+
+    old = _fake_checkpoint(tmp_path / "t" / "20261127-120000" / "checkpoints" / "step_00000002", 2)
+    new = _fake_checkpoint(tmp_path / "t" / "12345" / "checkpoints" / "step_00000002", 2)  # a SLURM job id
+    for d, t in ((old, 1.0), (new, 2.0)):
+        meta = json.loads((d / "meta.json").read_text())
+        (d / "meta.json").write_text(json.dumps({**meta, "time": t}))
+    assert find_resume_target("auto", tmp_path, "t") == new.resolve()
+
+
+def test_shared_run_dir_is_not_reused_by_another_run(tmp_path):
+    from launcher.rundir import PLAN_FILE, shared_run_dir
+
+    run = shared_run_dir(tmp_path / "job7", "node0", writer=True, resuming=False)
+    assert run.logs == tmp_path / "job7" / "logs" / "node0" and run.launch_file.name == "launch-node0.json"
+    (run.path / PLAN_FILE).write_text("{}")
+    (run.path / "STOP").touch()  # left by the preempted attempt
+    (run.path / "preempted.json").write_text("{}")
+    (run.logs / "rank0.error.json").write_text("{}")
+    with pytest.raises(UserError, match="already holds a run"):
+        shared_run_dir(tmp_path / "job7", "node0", writer=True, resuming=False)
+    # Another node of the same run only adds its own folder; it never judges or clears shared files.
+    node1 = shared_run_dir(tmp_path / "job7", "node1", writer=False, resuming=False)
+    assert node1.path == run.path and node1.logs.is_dir() and (run.path / "STOP").exists()
+    # The requeued job (same id, --resume): the previous attempt's stop request and reports are gone.
+    shared_run_dir(tmp_path / "job7", "node0", writer=True, resuming=True)
+    assert not (run.path / "STOP").exists() and not (run.path / "preempted.json").exists()
+    assert not (run.logs / "rank0.error.json").exists()
+
+
 # ================================================================== failure attribution (pure)
 
 
@@ -371,16 +439,16 @@ def one_node(tmp_path_factory):
     return traj
 
 
-def _two_nodes(tmp_path: Path, extra: list[str], rdzv: bool = False):
+def _two_nodes(tmp_path: Path, extra: list[str], rdzv: bool = False, port: int | None = None, tag: str = "node"):
     """Two `qlaunch run` processes, 2 ranks each, the same command but for the node rank."""
     recipe = _write_recipe(tmp_path, tmp_path / "runs")
-    port = _port_pair()
+    port = port or _port_pair()
     common = [str(recipe), "--gpus", "2", "--nnodes", "2", *extra]
     if rdzv:
         where = [["--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "t"]] * 2
     else:
         where = [["--node-rank", str(r), "--master-addr", "127.0.0.1", "--master-port", str(port)] for r in (0, 1)]
-    logs = [tmp_path / f"node{r}.log" for r in (0, 1)]
+    logs = [tmp_path / f"{tag}{r}.log" for r in (0, 1)]
     procs = [_start(common + w, log) for w, log in zip(where, logs, strict=True)]
     return procs, logs
 
@@ -393,12 +461,12 @@ def test_two_nodes_train_like_one(tmp_path, one_node):
     finally:
         _cleanup(*procs)
     d0, d1 = _run_dir_of(logs[0]), _run_dir_of(logs[1])
+    assert d0 == d1  # one run directory for the whole run, each node's logs in their own folder
     assert _trajectory(d0) == pytest.approx(one_node, rel=1e-5)
-    # Node 0 holds rank 0 (metrics, adapter); node 1 only its ranks' logs and says where they are.
-    assert _losses(d1) == [] and (d0 / "adapter" / "adapter_model.safetensors").is_file()
-    assert sorted(p.name for p in (d1 / "logs").glob("rank*.log")) == ["rank2.log", "rank3.log"]
+    assert (d0 / "adapter" / "adapter_model.safetensors").is_file()
+    assert sorted(p.name for p in (d1 / "logs" / "node1").glob("rank*.log")) == ["rank2.log", "rank3.log"]
     assert "node 1: ranks 2-3 running" in logs[1].read_text()
-    spec = json.loads((d0 / "launch.json").read_text())
+    spec = json.loads((d0 / "launch-node0.json").read_text())
     assert "--node-rank=0" in spec["argv"] and spec["distributed"]["node_watch"].startswith("127.0.0.1:")
 
 
@@ -412,12 +480,14 @@ def test_two_nodes_hybrid_sharding_over_elastic_rendezvous_trains_like_one(tmp_p
         assert _wait(procs, 300) == [0, 0], logs[0].read_text() + logs[1].read_text()
     finally:
         _cleanup(*procs)
-    dirs = [_run_dir_of(log) for log in logs]
-    head = next(d for d in dirs if (d / "metrics.jsonl").exists())  # the rendezvous chose which node has rank 0
+    head, other = (_run_dir_of(log) for log in logs)
+    assert head == other and head.name == "t"  # named by the rendezvous id, shared by both nodes
     assert _trajectory(head) == pytest.approx(one_node, rel=1e-4)
-    spec = json.loads((head / "launch.json").read_text())
+    # The rendezvous chose which node has rank 0; each node is named by host and process.
+    rank0_log = next(head.glob("logs/*/rank0.log"))
+    spec = json.loads((head / f"launch-{rank0_log.parent.name}.json").read_text())
     assert spec["distributed"]["mesh"] == {"replicate": 2, "shard": 2}
-    assert "hybrid sharding: replicate x2 (nodes), shard x2" in (head / "logs" / "rank0.log").read_text()
+    assert "hybrid sharding: replicate x2 (nodes), shard x2" in rank0_log.read_text()
     assert "--rdzv-backend=c10d" in spec["argv"]
 
 
@@ -439,6 +509,50 @@ def test_killed_node_is_named_on_node_0(tmp_path, one_node):
     assert took < 60, f"node 0 took {took:.0f}s to give up"
     # The steps both nodes trained together were the reference's.
     assert _trajectory(_run_dir_of(logs[0]))[: 2 * STEPS] == pytest.approx(one_node, rel=1e-5)
+
+
+@pytest.mark.slow
+def test_two_nodes_checkpoint_into_one_run_dir_and_resume_there(tmp_path, one_node):
+    """Both nodes write one checkpoint (all 4 ranks' shards, in the run directory they share); a second
+    start of the same run (a SLURM requeue: same id, --resume auto on both nodes) resumes in that
+    directory and continues exactly like the uninterrupted reference. Starting it without --resume is
+    refused: a run directory is never reused by a different run."""
+    port = _port_pair()
+    ckpt = ["--set", "checkpoint.every_steps=2"]
+    procs, logs = _two_nodes(tmp_path, [*ckpt, "--set", "train.max_steps=2"], port=port, tag="first")
+    try:
+        assert _wait(procs, 300) == [0, 0], logs[0].read_text() + logs[1].read_text()
+    finally:
+        _cleanup(*procs)
+    run = _run_dir_of(logs[0])
+    assert _run_dir_of(logs[1]) == run and run.name == f"127.0.0.1-{port}"
+    step2 = run / "checkpoints" / "step_00000002"
+    assert (step2 / "COMPLETE").is_file() and not list(run.glob("checkpoints/*.tmp"))
+    assert sorted(p.name for p in (step2 / "dcp").glob("*.distcp")) == [f"__{r}_0.distcp" for r in range(4)]
+    assert sorted(p.name for p in step2.glob("rng_rank*.pt")) == [f"rng_rank{r}.pt" for r in range(4)]
+    assert json.loads((step2 / "meta.json").read_text())["world_size"] == 4
+
+    again = _start([str(tmp_path / "recipe.toml"), "--gpus", "2", "--nnodes", "2", "--node-rank", "0",
+                    "--master-port", str(port)], tmp_path / "again.log")  # fmt: skip
+    try:
+        assert _wait([again], 120) == [2]
+    finally:
+        _cleanup(again)
+    assert "already holds a run: continue it with --resume auto" in (tmp_path / "again.log").read_text()
+
+    procs, logs = _two_nodes(
+        tmp_path, [*ckpt, "--set", f"train.max_steps={STEPS}", "--resume", "auto"], port=port, tag="resumed"
+    )
+    try:
+        assert _wait(procs, 300) == [0, 0], logs[0].read_text() + logs[1].read_text()
+    finally:
+        _cleanup(*procs)
+    assert _run_dir_of(logs[0]) == run and _run_dir_of(logs[1]) == run
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if x.strip()]
+    assert [r["step"] for r in rows if r["event"] == "resumed"] == [2]
+    # Steps 1-2 from the first start, step 3 after the resume: together, the uninterrupted trajectory.
+    assert _trajectory(run) == pytest.approx(one_node, rel=1e-5)
+    assert (run / "checkpoints" / f"step_{STEPS:08d}" / "COMPLETE").is_file()
 
 
 # ================================================================== real runs: two network namespaces

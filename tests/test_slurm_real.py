@@ -383,3 +383,35 @@ def test_two_node_job_trains_across_both_nodes(tmp_path, two_node_slurm):
     assert "node 1: ranks 2-3 running" in out and "training 2 steps on 4 rank(s)" in out
     assert len(list((tmp_path / "runs" / "t").glob("*/adapter/adapter_model.safetensors"))) == 1
     print(f"2-node SLURM job: {took:.0f}s from sbatch to COMPLETED")
+
+
+def test_two_node_job_checkpoints_requeues_and_resumes_in_its_run_dir(tmp_path, two_node_slurm):
+    """The multi-node requeue: both nodes checkpoint into the one run directory named by the job id (the
+    namespaces share this machine's filesystem, as nodes share a cluster filesystem), the job requeues,
+    and both nodes resume there from that checkpoint."""
+    s = two_node_slurm
+    script = _write_script(tmp_path, _recipe(tmp_path, 30), 2)
+    job_id = s.submit(script, tmp_path)
+    log = tmp_path / "runs" / "t" / f"slurm-{job_id}.out"
+    t0 = time.time()
+    while not re.search(r"step 3/30 ", log.read_text() if log.exists() else ""):
+        assert time.time() - t0 < 240, _job_output(tmp_path, job_id) + s.logs()
+        time.sleep(1)
+    assert s.cmd("scancel", "--signal=USR1", "--batch", job_id).returncode == 0
+
+    def hurry(j):
+        if j.get("JobState") == "PENDING" and j.get("Reason") == "BeginTime":
+            s.cmd("scontrol", "update", f"JobId={job_id}", "StartTime=now")
+
+    j = s.wait_done(job_id, 480, on_poll=hurry)
+    out = _job_output(tmp_path, job_id)
+    assert (j["JobState"], j["ExitCode"]) == ("COMPLETED", "0:0"), out
+    assert int(j["Restarts"]) == 1 and "requeueing job" in out, out
+    m = re.search(r"resumed from step (\d+)", out)
+    assert m and int(m.group(1)) >= 3 and "step 30/30" in out, out
+    # One run directory for both nodes and both starts: named by the job id.
+    assert sorted(p.name for p in (tmp_path / "runs" / "t").iterdir() if p.is_dir()) == [job_id]
+    run = tmp_path / "runs" / "t" / job_id
+    assert (run / "adapter" / "adapter_model.safetensors").is_file()
+    assert sorted(p.name for p in (run / "logs").iterdir()) == ["node0", "node1"]
+    assert sorted(p.name for p in (run / "logs" / "node1").glob("rank*.log")) == ["rank2.log", "rank3.log"]
