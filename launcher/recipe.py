@@ -253,11 +253,6 @@ class Recipe(_Section):
             )
         if p.deepspeed.offload_params and p.deepspeed.stage != 3 and p.backend == "deepspeed":
             raise ValueError("parallel.deepspeed.offload_params needs parallel.deepspeed.stage = 3")
-        if p.backend == "deepspeed" and self.checkpoint.every_steps:
-            raise ValueError(
-                "checkpoint.every_steps needs parallel.backend = 'fsdp' or 'none': the DeepSpeed backend does not "
-                "write resumable checkpoints yet (it exports the final adapter); set checkpoint.every_steps = 0"
-            )
         return self
 
 

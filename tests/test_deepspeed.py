@@ -350,13 +350,6 @@ def test_param_offload_needs_stage3(tmp_path, recipe_file):
     )  # fmt: skip
 
 
-def test_periodic_checkpoints_refused(tmp_path, recipe_file):
-    check_error(
-        tmp_path, "run", str(recipe_file()), *sets(*ZERO3, "checkpoint.every_steps=5"),
-        expect=["checkpoint.every_steps needs parallel.backend = 'fsdp' or 'none'"],
-    )  # fmt: skip
-
-
 HIDE_DEEPSPEED = textwrap.dedent(
     """
     # An environment without DeepSpeed: the path finder no longer finds it, exactly as if it were not

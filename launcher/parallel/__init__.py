@@ -5,9 +5,14 @@ An Engine owns the wrapped model, the optimizer and the lr schedule:
   engine.backward(loss)     # loss already normalised by the global token count (see session.py)
   engine.step() -> float    # clip, optimizer step, schedule step, zero grads; returns the grad norm
   engine.lr() -> float
+and checkpoints (launcher/checkpoint.py seals the directory; the engine writes and reads its files):
+  engine.save_state(dir) / engine.load_state(dir)   # collective; weights + optimizer, each rank its part
+  engine.scheduler_state() -> dict / engine.load_scheduler_state(dict)   # JSON, kept in meta.json
 """
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -44,7 +49,21 @@ class TorchEngine:
     def lr(self) -> float:
         return self.scheduler.get_last_lr()[0]
 
-    # Checkpointing (launcher/checkpoint.py): trainable weights + optimizer, as DCP-shardable state dicts.
+    # Checkpointing: trainable weights + optimizer through torch.distributed.checkpoint, in DIR/dcp
+    # (each rank writes its own shard). Loading goes through launcher.safe_dcp: DCP's stock reader
+    # unpickles `.metadata` and non-tensor entries without restriction.
+    def save_state(self, directory: Path) -> None:
+        import torch.distributed.checkpoint as dcp
+
+        dcp.save(self.checkpoint_state(), checkpoint_id=str(directory / "dcp"))
+
+    def load_state(self, directory: Path) -> None:
+        from launcher import safe_dcp
+
+        state = self.checkpoint_state()
+        safe_dcp.load(state, str(directory / "dcp"))  # no arbitrary unpickling (see safe_dcp)
+        self.load_checkpoint_state(state)
+
     def checkpoint_state(self) -> dict:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
 

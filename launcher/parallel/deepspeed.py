@@ -27,12 +27,15 @@ from __future__ import annotations
 
 import copy
 import json
+import pickle
+import re
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from launcher.configs import DEEPSPEED_CONFIG_FILE
@@ -237,6 +240,16 @@ class DeepSpeedEngine:
         self.accum = int(config["gradient_accumulation_steps"])
         self.world = self.engine.dp_world_size
         self._micro = 0
+        # The module file of a checkpoint keeps only the trainable weights: DeepSpeed's exclude_frozen_parameters
+        # still writes every 4-bit layer's quantization scales (~3% of the 4-bit bytes; under ZeRO-3 from every
+        # rank), which a resume rebuilds from the model anyway.
+        trainable = self._trainable = {n for n, p in self.engine.module.named_parameters() if p.requires_grad}
+        full_state_dict = self.engine.module_state_dict
+
+        def module_state_dict(**kwargs):
+            return {k: v for k, v in full_state_dict(**kwargs).items() if k in trainable}
+
+        self.engine.module_state_dict = module_state_dict
 
     def backward(self, loss: torch.Tensor) -> None:
         self._micro += 1
@@ -256,9 +269,94 @@ class DeepSpeedEngine:
     def lr(self) -> float:
         return float(self.engine.get_lr()[0])
 
-    # Resumable checkpoints (launcher/checkpoint.py) are not implemented for DeepSpeed: the recipe refuses
-    # checkpoint.every_steps with this backend, and resuming a DeepSpeed run ends here with one line.
-    def checkpoint_state(self, *_args) -> dict:
-        raise UserError("resuming or checkpointing a parallel.backend = 'deepspeed' run is not supported yet")
+    # Checkpoints: DeepSpeed's own format in DIR/deepspeed (CHECKPOINT_TAG). Every rank writes its optimizer
+    # partition (fp32 masters + AdamW moments) and a module file (trainable weights, DeepSpeed's step counters;
+    # ZeRO-2: rank 0 only, ZeRO-3: every rank its placeholders). Frozen 4-bit weights are left out: a resume
+    # rebuilds them from the model.
+    def save_state(self, directory: Path) -> None:
+        self.engine.save_checkpoint(
+            str(directory), tag=CHECKPOINT_TAG, save_latest=False, exclude_frozen_parameters=True
+        )
+        if dist.get_rank() == 0:
+            # DeepSpeed's offline converters, not data; a checkpoint directory holds no code.
+            for script in ("zero_to_fp32.py", "zero_to_torch.py"):
+                (directory / script).unlink(missing_ok=True)
 
-    load_checkpoint_state = scheduler_state = load_scheduler_state = checkpoint_state
+    def load_state(self, directory: Path) -> None:
+        saved_by = len(list((directory / CHECKPOINT_TAG).glob("*zero_pp_rank_*_optim_states.pt")))
+        if not saved_by:
+            raise UserError(f"{directory}: no DeepSpeed optimizer states under {CHECKPOINT_TAG}/")
+        if saved_by != self.world:
+            # ZeRO's optimizer files are partitions over the data-parallel ranks that wrote them.
+            raise UserError(
+                f"{directory}: a DeepSpeed checkpoint written by {saved_by} ranks cannot be resumed on {self.world}; "
+                f"resume with --gpus {saved_by} (the same world size)"
+            )
+        _tensor_only_loads(self.engine.checkpoint_engine)
+
+        # The fp32 masters come from the optimizer partitions (DeepSpeed's load_from_fp32_weights), but ZeRO-2
+        # does not copy them back into the model's (bf16) weights: those come from the module file, whose
+        # trainable entries only are applied (ZeRO-3's are empty placeholders; its partitions are restored
+        # from the masters). The schedule comes from meta.json (load_scheduler_state).
+        def load_trainable(src: dict, dst: nn.Module) -> None:
+            missing = sorted(self._trainable - src.keys())
+            if missing:
+                raise UserError(
+                    f"{directory}: the DeepSpeed module file lacks {len(missing)} weights ({missing[0]}, ...)"
+                )
+            dst.load_state_dict({k: v for k, v in src.items() if k in self._trainable}, strict=False)
+
+        path, _ = self.engine.load_checkpoint(
+            str(directory),
+            tag=CHECKPOINT_TAG,
+            load_optimizer_states=True,
+            load_lr_scheduler_states=False,
+            custom_load_fn=load_trainable,
+        )
+        if path is None:
+            raise UserError(f"{directory}: no DeepSpeed checkpoint under {CHECKPOINT_TAG}/")
+
+    # The schedule is qlaunch's LambdaLR (see __init__): its counters go to meta.json as JSON, as for the
+    # other backends; DeepSpeed's pickled copy in the module file is not read back.
+    def scheduler_state(self) -> dict:
+        return {k: v for k, v in self.scheduler.state_dict().items() if k != "lr_lambdas"}
+
+    def load_scheduler_state(self, state: dict) -> None:
+        self.scheduler.load_state_dict({**state, "lr_lambdas": [None] * len(self.scheduler.optimizer.param_groups)})
+
+
+CHECKPOINT_TAG = "deepspeed"
+
+
+def _tensor_only_loads(checkpoint_engine) -> None:
+    """Make DeepSpeed read checkpoint files with torch.load(weights_only=True).
+
+    DeepSpeed's TorchCheckpointEngine.load calls torch.load(weights_only=False), a full unpickle: a crafted
+    checkpoint file could run code. Every file of a ZeRO-2/3 load goes through that one method (DeepSpeed's
+    universal checkpoints, which read files with torch.load directly, are never enabled here), so it is
+    replaced on this engine's instance by a weights-only load that also admits the few plain DeepSpeed
+    types the files hold (enums and small records, rebuilt field by field, no code of their own)."""
+
+    def load(path: str, map_location=None):
+        with torch.serialization.safe_globals(_deepspeed_safe_globals()):
+            try:
+                return torch.load(path, map_location=map_location, weights_only=True)
+            except pickle.UnpicklingError as err:
+                why = re.search(r"Unsupported global: GLOBAL (\S+)", str(err))
+                raise UserError(
+                    f"{path}: refusing to unpickle {why.group(1) if why else 'an object that is not a tensor'}; "
+                    "qlaunch reads checkpoints as tensors and plain data only"
+                ) from None
+
+    checkpoint_engine.load = load
+
+
+def _deepspeed_safe_globals() -> list:
+    # What ZeRO-2/3 optimizer files pickle besides tensors and builtins (torch.serialization's
+    # get_unsafe_globals_in_checkpoint on real files): the stage enum, the loss scaler, static (bf16, fp32)
+    # or dynamic (fp16), and ZeRO-2's parameter slice records, all restored as plain attribute dicts.
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address  # ZeRO-2: (numel, start) of each param
+
+    return [DynamicLossScaler, LossScaler, ZeroStageEnum, fragment_address]
