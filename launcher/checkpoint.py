@@ -1,7 +1,8 @@
 """Sharded, atomic checkpoints and exact resume.
 
 Layout: RUN/checkpoints/step_00000042/
-    dcp/            torch.distributed.checkpoint files: LoRA weights + optimizer state, one shard file per rank
+    dcp/ or deepspeed/  the backend's own sharded files: torch.distributed.checkpoint (LoRA weights +
+                    optimizer state, one shard file per rank) or DeepSpeed's (each rank's ZeRO partition)
     rng_rank<N>.pt  that rank's RNG states (tensors only; loaded with weights_only=True)
     meta.json       step, scheduler state, world size, recipe fingerprint, and every file's size
     COMPLETE        written last; a directory without it is not a checkpoint
@@ -96,7 +97,29 @@ def is_complete(d: Path) -> tuple[bool, str]:
             return False, f"{name} is missing"
         if p.stat().st_size != size:
             return False, f"{name} has {p.stat().st_size} bytes, {size} were written"
+    missing = missing_rank_files(d, meta.get("world_size", 1))
+    if missing:
+        return False, f"{missing} is missing (a rank's shard never reached this directory)"
     return True, ""
+
+
+def missing_rank_files(d: Path, world_size: int) -> str | None:
+    """The first per-rank file of a checkpoint that is absent, or None.
+
+    The sizes in meta.json only cover what rank 0 could see when it sealed the directory: ranks whose
+    files went elsewhere (another node's disk) are absent from that list too, so each rank's own files
+    are looked for by name. Shard names: DCP writes __<rank>_<n>.distcp; DeepSpeed ZeRO writes one
+    *zero_pp_rank_<rank>_*optim_states.pt per data-parallel rank."""
+    dcp_dir = d / "dcp"
+    zero = [p.name for p in d.glob("*/*zero_pp_rank_*optim_states.pt")]
+    for r in range(int(world_size)):
+        if not (d / f"rng_rank{r}.pt").is_file():
+            return f"rng_rank{r}.pt"
+        if dcp_dir.is_dir() and not any(dcp_dir.glob(f"__{r}_*.distcp")):
+            return f"dcp/__{r}_0.distcp"
+        if zero and not any(f"zero_pp_rank_{r}_" in n for n in zero):
+            return f"rank {r}'s zero_pp_rank_{r} optimizer states"
+    return None
 
 
 def list_checkpoints(root: Path) -> list[Path]:
@@ -122,12 +145,12 @@ def find_resume_target(arg: str, runs_dir: Path, name: str) -> Path | None:
     'auto' with no checkpoint yet returns None (start fresh): a job preempted before its first
     checkpoint, then requeued with --resume auto, must start rather than fail."""
     if arg == "auto":
-        runs = sorted((runs_dir / name).glob("*/checkpoints"), key=lambda p: p.parent.name)
-        for ck in reversed(runs):
-            d = newest_complete(ck, warn=lambda _m: None)
-            if d is not None:
-                return d
-        return None
+        # Newest by the time it was saved, not by directory name: run directories are named by timestamp
+        # or, for multi-node runs, by job id, and the two do not sort together.
+        found = [
+            d for ck in (runs_dir / name).glob("*/checkpoints") if (d := newest_complete(ck, warn=lambda _m: None))
+        ]
+        return max(found, key=_saved_at).resolve() if found else None
     p = Path(arg)
     if (p / COMPLETE).is_file() or (p / META).is_file():
         ok, why = is_complete(p)
@@ -142,6 +165,13 @@ def find_resume_target(arg: str, runs_dir: Path, name: str) -> Path | None:
     raise UserError(
         f"--resume {arg}: not a run directory or checkpoint directory (use auto, RUN_DIR or CHECKPOINT_DIR)"
     )
+
+
+def _saved_at(d: Path) -> float:
+    try:
+        return float(json.loads((d / META).read_text())["time"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return (d / COMPLETE).stat().st_mtime
 
 
 def check_compatible(ckpt: Path, recipe: Recipe) -> None:
@@ -179,8 +209,6 @@ def _barrier() -> None:
 
 def save(root: Path, step: int, engine, recipe: Recipe, extra: dict[str, Any], keep_last: int) -> Path:
     """Every rank writes its own shard into step_N.tmp; rank 0 seals it. Returns the final directory."""
-    import torch.distributed.checkpoint as dcp
-
     rank = _rank()
     final = step_dir(root, step)
     tmp = final.with_name(final.name + ".tmp")
@@ -188,7 +216,7 @@ def save(root: Path, step: int, engine, recipe: Recipe, extra: dict[str, Any], k
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     _barrier()
-    dcp.save(engine.checkpoint_state(), checkpoint_id=str(tmp / "dcp"))
+    engine.save_state(tmp)  # collective: the backend's own sharded files, each rank its part
     torch.save(_rng_state(), tmp / f"rng_rank{rank}.pt")
     (tmp / f"python_rng_rank{rank}.json").write_text(json.dumps(random.getstate(), default=list))
     _barrier()
@@ -235,12 +263,8 @@ def prune(root: Path, keep_last: int) -> None:
 
 def load(ckpt: Path, engine) -> dict[str, Any]:
     """Restore weights, optimizer, scheduler and this rank's RNG; returns meta.json (step, sampler...)."""
-    import torch.distributed.checkpoint as dcp
-
     meta = json.loads((ckpt / META).read_text())
-    state = engine.checkpoint_state()
-    dcp.load(state, checkpoint_id=str(ckpt / "dcp"))
-    engine.load_checkpoint_state(state)
+    engine.load_state(ckpt)
     engine.load_scheduler_state(meta["scheduler"])
     rank = _rank()
     same_world = meta.get("world_size") == (dist.get_world_size() if dist.is_initialized() else 1)
