@@ -73,3 +73,33 @@ def assert_one_line_error(r: subprocess.CompletedProcess, expect: list[str], run
         assert frag in lines[0], (frag, lines[0])
     assert not runs_dir.exists(), "a run directory was written"
     return lines[0]
+
+
+def sigterm_after_step(args: list[str], runs_root: Path, step: int = 2, wait_s: float = 300):
+    """Start `qlaunch ARGS`, wait until rank 0 has logged `step` under runs_root, send SIGTERM.
+
+    Returns (returncode, stdout, stderr, seconds from the signal to exit); the process never outlives it."""
+    import json
+    import signal
+    import time
+
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    cmd = [sys.executable, "-m", "launcher.cli", *args]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + wait_s
+        while time.time() < deadline:
+            logs = list(runs_root.glob("*/*/metrics.jsonl"))
+            recs = [json.loads(x) for x in logs[0].read_text().splitlines()] if logs else []
+            if any(m["event"] == "step" and m["step"] >= step for m in recs):
+                break
+            assert proc.poll() is None, proc.communicate()
+            time.sleep(0.2)
+        t0 = time.time()
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=120)
+        return proc.returncode, out, err, time.time() - t0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()

@@ -15,7 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.conftest import BASE_RECIPE, ROOT, run_cli
+from tests.conftest import BASE_RECIPE, ROOT, run_cli, sigterm_after_step
 
 pytestmark = pytest.mark.slow
 
@@ -109,23 +109,11 @@ def test_kill_a_rank_elastic_restart_finishes_with_the_same_adapter(tmp_path, re
 
 
 def test_sigterm_saves_a_checkpoint_exits_75_and_resume_continues(tmp_path, recipe_path):
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
     root = tmp_path / "runs"
-    cmd = [sys.executable, "-m", "launcher.cli", "run", str(recipe_path), "--set", f'log.runs_dir="{root}"']
-    cmd += ["--set", "train.max_steps=400"]
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 240
-    while time.time() < deadline:
-        runs = list(root.glob("*/*/metrics.jsonl"))
-        if runs and any(m["event"] == "step" and m["step"] >= 2 for m in metrics(runs[0].parent)):
-            break
-        assert proc.poll() is None, proc.communicate()
-        time.sleep(0.2)
-    t0 = time.time()
-    proc.send_signal(signal.SIGTERM)
-    out, err = proc.communicate(timeout=120)
-    assert time.time() - t0 < 60
-    assert proc.returncode == 75, out + err
+    args = ["run", str(recipe_path), "--set", f'log.runs_dir="{root}"', "--set", "train.max_steps=400"]
+    rc, out, err, seconds = sigterm_after_step(args, root)
+    assert seconds < 60
+    assert rc == 75, out + err
     run = only_run(root)
     info = json.loads((run / "preempted.json").read_text())
     assert "--resume" in err and str(run) in err

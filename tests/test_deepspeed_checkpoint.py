@@ -7,17 +7,12 @@ inside it, DeepSpeed's own files: each rank writes its optimizer partition, noth
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 
-from tests.conftest import BASE_RECIPE, ROOT, run_cli
+from tests.conftest import BASE_RECIPE, run_cli, sigterm_after_step
 from tests.test_checkpoint import adapter, metrics, only_run
 
 pytestmark = pytest.mark.slow
@@ -128,28 +123,11 @@ class Touch:
 
 
 def test_sigterm_saves_a_zero3_checkpoint_exits_75_and_resume_continues(tmp_path, recipe_path):
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
     root = tmp_path / "runs"
-    cmd = [sys.executable, "-m", "launcher.cli", "run", str(recipe_path)]
-    cmd += sets(f'log.runs_dir="{root}"', *STAGES["zero3"], "train.max_steps=400")
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        deadline = time.time() + 300
-        while time.time() < deadline:
-            runs = list(root.glob("*/*/metrics.jsonl"))
-            if runs and any(m["event"] == "step" and m["step"] >= 2 for m in metrics(runs[0].parent)):
-                break
-            assert proc.poll() is None, proc.communicate()
-            time.sleep(0.2)
-        t0 = time.time()
-        proc.send_signal(signal.SIGTERM)
-        out, err = proc.communicate(timeout=120)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    assert time.time() - t0 < 60
-    assert proc.returncode == 75, out + err
+    args = ["run", str(recipe_path), *sets(f'log.runs_dir="{root}"', *STAGES["zero3"], "train.max_steps=400")]
+    rc, out, err, seconds = sigterm_after_step(args, root)
+    assert seconds < 60
+    assert rc == 75, out + err
     run = only_run(root)
     info = json.loads((run / "preempted.json").read_text())
     stopped = info["step"]
