@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.qlaunch-installed
 
-.PHONY: install demo test lint format bench-gpu clean
+.PHONY: install demo test lint format clean
 
 # torch is installed first and pinned: on CPU machines torch==2.13.0 is the CPU wheel; an unpinned
 # torch would pull a multi-GB CUDA build.
@@ -29,9 +29,6 @@ format: $(STAMP)
 
 test: lint
 	$(VENV)/bin/python -m pytest -q -m "not gpu" tests
-
-bench-gpu:
-	bash scripts/bench_gpu.sh
 
 clean:
 	rm -rf runs .pytest_cache
