@@ -474,9 +474,7 @@ def _print_plan(rec, plan) -> None:
         + ("" if plan.gradient_checkpointing else "  (no gradient checkpointing)")
     )
     q = rec.quant
-    quant = (
-        "none" if q.bits == "none" else f"{q.bits}-bit {q.type if q.bits == 4 else 'int8'} (storage {q.storage_dtype})"
-    )
+    quant = {"none": "none", 8: "8-bit LLM.int8"}.get(q.bits, f"4-bit {q.type} (storage {q.storage_dtype})")
     print(f"model: {rec.model.path} ({rec.model.init})  quant: {quant}  lora r={rec.lora.rank} alpha={rec.lora.alpha}")
 
 

@@ -308,7 +308,6 @@ def fingerprint(recipe: Recipe, tokenizer) -> str:
     """Cache key of the tokenized data: data files, tokenizer, every data setting that matters, seed."""
     train, val = _sources(recipe.data)
     settings = recipe.data.model_dump(mode="json")
-    settings.pop("num_workers", None)  # how the data is read, not what it is
     payload = {
         "version": CACHE_VERSION,
         "settings": settings,

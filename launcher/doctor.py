@@ -61,8 +61,8 @@ OPTIONAL: dict[str, str] = {
     "tensorboard": "log.tensorboard = true",
     "wandb": "log.wandb = true",
 }
-SHM_MIN = 1 * GiB  # NCCL and DataLoader workers use /dev/shm; containers default to 64 MiB
-NOFILE_MIN = 4096  # each rank holds sockets, shared-memory handles and safetensors mmaps
+SHM_MIN = 1 * GiB  # NCCL uses /dev/shm for intra-node transport; containers default to 64 MiB
+NOFILE_MIN = 4096  # each rank holds sockets, shared-memory handles and open safetensors files
 DISK_WARN = 20 * GiB  # checkpoints + adapter of an 8B QLoRA run with a few kept checkpoints
 DISK_FAIL = 1 * GiB
 _SECRET = re.compile(r"TOKEN|KEY|SECRET|PASS", re.I)  # never print credentials found in the environment

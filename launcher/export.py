@@ -78,12 +78,17 @@ def load_adapter_into(peft_model: torch.nn.Module, adapter_dir: Path) -> None:
 
 
 def dequantize(layer: torch.nn.Module) -> torch.Tensor:
-    """Full fp32 weight of a bitsandbytes Linear4bit (or a plain Linear)."""
+    """Full fp32 weight of a bitsandbytes Linear4bit or Linear8bitLt (or a plain Linear)."""
     import bitsandbytes as bnb
 
     if isinstance(layer, bnb.nn.Linear4bit):
         packed = layer.weight.data.view(torch.uint8).reshape(-1, 1)
         return bnb.functional.dequantize_4bit(packed, layer.quant_state).float()
+    if isinstance(layer, bnb.nn.Linear8bitLt):
+        # The row scales sit on the weight until the first forward, then in the layer's matmul state.
+        scb = layer.weight.SCB if layer.weight.SCB is not None else layer.state.SCB
+        # The expression of bitsandbytes' training matmul (MatMul8bitFp), so fp32 merges are exact.
+        return layer.weight.data.float().mul_(scb.float().unsqueeze(1).mul(1.0 / 127.0))
     return layer.weight.detach().float()
 
 
@@ -102,10 +107,11 @@ def merge_into_dense(peft_model: torch.nn.Module, dtype: torch.dtype) -> torch.n
                 w = w + (b @ a) * module.scaling[adapter]
             _replace(model, name, _dense(w, base.bias, dtype))
     for name, module in list(model.named_modules()):
-        if isinstance(module, bnb.nn.Linear4bit):
+        if isinstance(module, (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt)):
             _replace(model, name, _dense(dequantize(module), module.bias, dtype))
-    if hasattr(model, "is_loaded_in_4bit"):
-        del model.is_loaded_in_4bit
+    for flag in ("is_loaded_in_4bit", "is_loaded_in_8bit"):
+        if hasattr(model, flag):
+            delattr(model, flag)
     return model.to(dtype)
 
 
@@ -138,8 +144,9 @@ def merge_run(run_dir: Path, out: Path, dtype: str = "bfloat16") -> Path:
     if out.exists() and any(out.iterdir()):
         raise UserError(f"{out}: exists and is not empty")
     recipe = run.load_recipe()
-    # One process, no sharding: the whole 4-bit model in host memory (half a byte per weight). Dequantize
-    # and add the LoRA product in fp32 (the NF4 bytes and scales do not depend on it), round once at the end.
+    # One process, no sharding: the whole quantized model in host memory (half a byte per weight, one for
+    # int8). Dequantize and add the LoRA product in fp32 (the quantized bytes and scales do not depend on
+    # it), round once at the end.
     recipe = recipe.model_copy(
         update={
             "parallel": recipe.parallel.model_copy(update={"backend": "none"}),

@@ -1,8 +1,8 @@
-"""Meta-device skeleton, 4-bit layer replacement, LoRA, and per-rank shard materialisation.
+"""Meta-device skeleton, 4-bit/8-bit layer replacement, LoRA, and per-rank shard materialisation.
 
 Order matters and is the whole point of this module:
   1. build the architecture on the meta device (no memory),
-  2. swap target linears for bitsandbytes 4-bit layers and inject LoRA (still meta),
+  2. swap target linears for bitsandbytes 4-bit (or LLM.int8) layers and inject LoRA (still meta),
   3. let the backend shard the parameters (FSDP2 `fully_shard`) — shards are still meta,
   4. allocate each rank's local shards and fill them, tensor by tensor, from a sliceable source.
 No rank ever holds a whole tensor it does not own, and no rank waits for another to broadcast weights.
@@ -12,10 +12,16 @@ flattened weight, so rank r can quantize just the blocks under its shard and get
 whole-tensor quantization would give. The per-block scales (absmax) are computed the same way for the
 blocks each rank owns and all-gathered (they are 1/32 to 1/8 of the packed bytes): every rank needs all
 of them to dequantize the all-gathered weight.
+
+8-bit layout (LLM.int8): one int8 row per output feature plus one fp32 scale per row (`Int8Params` CB and
+SCB). The scales are not a parameter, so a backend that partitions and re-gathers parameters would move the
+rows without them; the recipe therefore allows 8-bit only where weights are replicated (backend 'none',
+ZeRO-2), and every rank quantizes whole tensors.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from collections.abc import Callable, Iterator
@@ -191,6 +197,76 @@ def replace_with_4bit(causal_lm: nn.Module, q: QuantConfig) -> dict[str, nn.Modu
     return out
 
 
+# LLM.int8's outlier threshold: activation columns with any |value| above it are multiplied in 16-bit
+# instead of int8. 6.0 is the paper's value and transformers' `llm_int8_threshold` default (bitsandbytes'
+# own Linear8bitLt defaults to 0.0, which turns the decomposition off). The recipe has no key for it.
+INT8_THRESHOLD = 6.0
+
+
+def replace_with_int8(causal_lm: nn.Module, q: QuantConfig) -> dict[str, nn.Module]:
+    """Swap every non-skipped linear for a bitsandbytes Linear8bitLt (frozen int8) on meta; returns {name: layer}."""
+    import bitsandbytes as bnb
+    from bitsandbytes.nn import Int8Params
+
+    out: dict[str, nn.Module] = {}
+    for name in linear_names(causal_lm):
+        if _matches(name, q.skip_modules):
+            continue
+        parent_name, _, leaf = name.rpartition(".")
+        parent = causal_lm.get_submodule(parent_name)
+        lin: nn.Linear = getattr(parent, leaf)
+        layer = bnb.nn.Linear8bitLt(
+            lin.in_features,
+            lin.out_features,
+            bias=lin.bias is not None,
+            has_fp16_weights=False,
+            threshold=INT8_THRESHOLD,
+            device="meta",
+        )
+        # int8 on meta, so materialising allocates one byte per weight, not the fp32 nn.Linear default.
+        layer.weight = Int8Params(
+            torch.empty(lin.out_features, lin.in_features, dtype=torch.int8, device="meta"),
+            requires_grad=False,
+            has_fp16_weights=False,
+        )
+        if lin.bias is not None:
+            layer.bias = nn.Parameter(torch.empty_like(lin.bias, device="meta"), requires_grad=False)
+        layer.register_state_dict_post_hook(_drop_int8_extras)
+        setattr(parent, leaf, layer)
+        out[name] = layer
+    causal_lm.is_loaded_in_8bit = True  # peft dispatches its 8-bit LoRA layer on this flag
+    _warn_once(logging.getLogger("bitsandbytes.autograd._functions"))
+    return out
+
+
+def _drop_int8_extras(module: nn.Module, state_dict: dict, prefix: str, local_metadata) -> None:
+    # Linear8bitLt adds `SCB` and `weight_format` entries that name no attribute of the module, which
+    # torch.distributed.checkpoint's get_state_dict cannot map (AttributeError). They describe the frozen
+    # base, which checkpoints leave out anyway (a resume rebuilds it from the model).
+    state_dict.pop(prefix + "SCB", None)
+    state_dict.pop(prefix + "weight_format", None)
+
+
+class _Once(logging.Filter):
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: set[str] = set()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        msg = record.getMessage()
+        if msg in self.seen:
+            return False
+        self.seen.add(msg)
+        return True
+
+
+def _warn_once(logger: logging.Logger) -> None:
+    # bitsandbytes warns on every int8 matmul whose input is not fp16 (LLM.int8 always quantizes activations
+    # through fp16): with bf16/fp32 compute that is every layer of every forward, burying the rank logs.
+    if not any(isinstance(f, _Once) for f in logger.filters):
+        logger.addFilter(_Once())
+
+
 def make_quant_state(absmax: torch.Tensor, shape: tuple[int, int], q: QuantConfig):
     """bitsandbytes QuantState from full per-block fp32 scales; double quantization done the library's way."""
     from bitsandbytes.functional import QuantState, get_4bit_type, quantize_blockwise
@@ -327,10 +403,12 @@ def fill_quantized(
     spans = shard_spans(n, r0, r1, 2 * local.element_size(), q.blocksize, rank, world)
     e0, e1, b0, b1 = spans
     if prequant:
-        packed_local = source.read_raw(hf_name + PACKED_SUFFIX, e0 // 2, e1 // 2).to(device)
-        absmax_own = source.read_raw(hf_name + ABSMAX_SUFFIX, b0, b1).to(device).float()
+        packed_local = source.read_raw(hf_name + PACKED_SUFFIX, e0 // 2, e1 // 2, device).to(device)
+        absmax_own = source.read_raw(hf_name + ABSMAX_SUFFIX, b0, b1, device).to(device).float()
     else:
-        packed_local, absmax_own = quantize_shard(lambda a, b: source.read_flat(hf_name, a, b), n, spans, q, device)
+        packed_local, absmax_own = quantize_shard(
+            lambda a, b: source.read_flat(hf_name, a, b, device), n, spans, q, device
+        )
     if e1 > e0:
         local.view(torch.uint8).reshape(-1)[: (e1 - e0) // 2].copy_(packed_local)
     absmax_full = _all_gather_blocks(absmax_own, -(-n // q.blocksize), world, group, device)
@@ -352,6 +430,36 @@ def fill_quantized(
         )
 
 
+def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(CB int8 [out, in], SCB fp32 [out]) of a whole weight, as bitsandbytes' Int8Params quantizes it.
+
+    Int8Params casts to fp16 before its row-wise quantization; doing the same makes the bytes equal to
+    `Int8Params(weight, has_fp16_weights=False).to(device)` for any source dtype (tests/test_loading.py).
+    """
+    from bitsandbytes.functional import int8_vectorwise_quant
+
+    cb, scb, _ = int8_vectorwise_quant(weight.contiguous().to(torch.float16))
+    return cb, scb
+
+
+def fill_int8(layer: nn.Module, hf_name: str, source, device: torch.device) -> None:
+    """Quantize a whole weight into a Linear8bitLt's Int8Params (CB as the parameter's data, SCB beside it).
+
+    Every rank reads and quantizes the full tensor: the only backends that carry 8-bit weights (none, ZeRO-2)
+    replicate them (see the module doc).
+    """
+    from bitsandbytes.nn import Int8Params
+    from torch.distributed.tensor import DTensor
+
+    p = layer.weight
+    assert not isinstance(p, DTensor), f"{hf_name}: 8-bit weights cannot be sharded (the recipe refuses it)"
+    out_f, in_f = layer.out_features, layer.in_features
+    full = source.read_flat(hf_name, 0, out_f * in_f, device).to(device).reshape(out_f, in_f)
+    cb, scb = quantize_int8(full)
+    # The int8 storage materialize allocated is dropped for bitsandbytes' own tensor (same size, no copy).
+    layer.weight = Int8Params(cb, requires_grad=False, has_fp16_weights=False, CB=cb, SCB=scb)
+
+
 def _all_gather_blocks(own: torch.Tensor, total: int, world: int, group, device) -> torch.Tensor:
     if world == 1:
         return own.contiguous()
@@ -368,7 +476,7 @@ def fill_dense(p: torch.Tensor, hf_name: str, source, device: torch.device) -> N
     if r1 <= r0:
         return
     row = math.prod(p.shape[1:]) if p.dim() > 1 else 1
-    src = source.read_flat(hf_name, r0 * row, r1 * row)
+    src = source.read_flat(hf_name, r0 * row, r1 * row, device)
     local.copy_(src.to(device=device, dtype=local.dtype).reshape(local.shape))
 
 
@@ -386,8 +494,10 @@ def lora_init(name: str, shape: tuple[int, ...], seed: int) -> torch.Tensor:
 
 
 def fill_base_param(module, pname, p, hf_name, source, recipe, device, prequant, quant_layers, stats, progress):
-    """Fill one frozen base parameter (4-bit packed or dense) from the source; shared by every loader."""
-    if module in quant_layers and pname == "weight":
+    """Fill one frozen base parameter (4-bit packed, int8 or dense) from the source; shared by every loader."""
+    if module in quant_layers and pname == "weight" and recipe.quant.bits == 8:
+        fill_int8(module, hf_name, source, device)
+    elif module in quant_layers and pname == "weight":
         fill_quantized(module, hf_name, source, recipe.quant, device, prequant)
     else:
         fill_dense(p, hf_name, source, device)
@@ -459,9 +569,15 @@ def open_source(recipe: Recipe, model_dir: Path, config, shapes: dict[str, tuple
         q = recipe.quant
         want = {"type": q.type, "blocksize": q.blocksize}
         have = {k: meta.get(k) for k in want}
-        if want != have or q.bits != 4:
+        if q.bits != 4:
+            # `qlaunch quantize` writes packed NF4 bytes and block scales: nothing an int8 or dense layer can use.
             raise UserError(
-                f"{model_dir}: pre-quantized with {have}, but the recipe asks for bits={q.bits} {want}; "
+                f"{model_dir}: a `qlaunch quantize` checkpoint (4-bit {meta.get('type')}) cannot be loaded with "
+                f"quant.bits = {q.bits!r}; set model.path to the original checkpoint, or quant.bits = 4"
+            )
+        if want != have:
+            raise UserError(
+                f"{model_dir}: pre-quantized with {have}, but the recipe asks for {want}; "
                 "quantize again or match the recipe"
             )
         return src, True
@@ -493,7 +609,7 @@ def build_model(
     progress: Callable[[str], None] | None = None,
     materializer: Callable[..., LoadStats] | None = None,
 ) -> Built:
-    """Skeleton -> 4-bit layers -> LoRA -> shard (if a mesh is given) -> fill this rank's shards.
+    """Skeleton -> 4-bit/8-bit layers -> LoRA -> shard (if a mesh is given) -> fill this rank's shards.
 
     `materializer` replaces `materialize` (same arguments): DeepSpeed ZeRO-3 fills and partitions the
     model unit by unit (launcher.parallel.deepspeed.zero3_materializer).
@@ -515,7 +631,8 @@ def build_model(
         quant_layers = replace_with_4bit(causal_lm, recipe.quant)
         module_names = {m: n for n, m in causal_lm.named_modules()}
     elif recipe.quant.bits == 8:
-        raise UserError("quant.bits = 8 is not implemented by this loader yet; use quant.bits = 4 or 'none'")
+        quant_layers = replace_with_int8(causal_lm, recipe.quant)
+        module_names = {m: n for n, m in causal_lm.named_modules()}
     peft_cfg = PeftLoraConfig(
         r=recipe.lora.rank,
         lora_alpha=recipe.lora.alpha,

@@ -4,6 +4,8 @@ It models what this launcher actually builds (see loading.py, parallel/fsdp.py, 
 trainer:
   * NF4 bytes live in a `quant.storage_dtype` tensor that FSDP2 shards on dim 0 (0.5 byte/param / world);
   * the per-block scales (quant state) are all-gathered at load time and *replicated* on every rank;
+  * LLM.int8 weights (quant.bits = 8; backend none or ZeRO-2 only) are one byte per weight plus an fp32
+    scale per output row, whole on every rank;
   * dense frozen weights (embeddings, lm_head, norms) are sharded in `model.dtype`;
   * during forward/backward whole decoder layers are all-gathered in `quant.compute_dtype` (the current one
     plus the prefetched next), the root (final norm + lm_head) is never resharded, and bitsandbytes
@@ -21,7 +23,6 @@ world 1, micro-batch 2: checkpointing 12.78 GiB reserved (estimate 13.59, +6%); 
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -34,6 +35,11 @@ DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
 # --- coefficients (calibrate on GPU; see module doc) --------------------------------------------------
 # FSDP2 all-gathers layer i+1 while layer i computes (implicit prefetch), in forward and in backward.
 GATHERED_LAYERS = 2
+# With more than one shard, FSDP2 keeps each all-gather's flat output buffer alive beside the unsharded
+# parameters copied out of it until the next group's copy-out. Measured on 8B/70B shapes on 2 and 4 H100s
+# (bench/RESULTS.md, 2026-11-27) as 0.6 of the gathered bytes. With one shard FSDP2 gathers nothing: the
+# unsharded parameters are views of the local shards (torch's FSDPParamGroup world_size == 1 path).
+GATHER_OUTPUT_FACTOR = 0.6
 # bitsandbytes' 4-bit matmul dequantizes the whole weight to compute dtype; in backward the weight is
 # dequantized again for the input gradient while the forward's copy of the next op may still be alive.
 DEQUANT_BUFFERS = 2
@@ -42,8 +48,8 @@ NORM_FP32_BYTES = 4
 # Gradient of the hidden state flowing backward plus the residual branch's gradient (compute dtype).
 HIDDEN_GRAD_BUFFERS = 3
 # Tensors the root saves after the last layer, per token x hidden, in bytes: fp32 norm input (4), norm
-# output (2), the shifted/reshaped copy (2) and the label-masked gather (2), and their gradients (2+2).
-ROOT_BYTES_PER_TOKEN_HIDDEN = 14
+# output (2), the shifted/reshaped copy (2), and the gradients of the last two (2+2).
+ROOT_BYTES_PER_TOKEN_HIDDEN = 12
 # Loss chunk (train.CausalLMLoss): lm_head over this many tokens at a time, recomputed in backward.
 LOSS_CHUNK_TOKENS = 2048
 # Per chunk token x vocab: bf16 logits (2) + fp32 copy (4) + log-softmax output (4) + its gradient (4).
@@ -73,7 +79,7 @@ DEFAULT_GPU_MEMORY = 80 * GiB
 LAYER_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 LABELS = {
-    "weights_4bit": "4-bit weight shard",
+    "weights_4bit": "quantized weights (per rank)",
     "quant_constants": "quantization constants (replicated)",
     "dense_weights": "embeddings, lm_head, norms (shard)",
     "gathered": "gathered layers + dequantized weights",
@@ -209,11 +215,11 @@ def _shards(recipe: Recipe, setup: Setup) -> tuple[int, bool, bool]:
     return 1, False, False
 
 
-def _quant_bytes(recipe: Recipe, n: int) -> tuple[float, float]:
-    """(packed weight bytes, scale bytes) of a quantized matrix with n elements."""
+def _quant_bytes(recipe: Recipe, n: int, rows: int) -> tuple[float, float]:
+    """(packed weight bytes, scale bytes) of a quantized matrix with n elements in `rows` output rows."""
     q = recipe.quant
     if q.bits == 8:
-        return float(n), 4.0 * math.sqrt(n)  # int8 + one fp32 scale per row (roughly sqrt(n) rows)
+        return float(n), 4.0 * rows  # LLM.int8: one int8 per weight + one fp32 scale per output row
     blocks = n / q.blocksize
     if q.double_quant:
         # uint8 code per block, plus an fp32 scale and offset per 256-block group (make_quant_state).
@@ -271,7 +277,7 @@ def estimate(
     for name, (fan_in, fan_out) in shape.linears().items():
         n = fan_in * fan_out
         if _quantized(recipe, name):
-            pk, sc = _quant_bytes(recipe, n)
+            pk, sc = _quant_bytes(recipe, n, fan_out)
             packed_layer += pk
             scales_layer += sc
             biggest_quant = max(biggest_quant, n)
@@ -285,7 +291,7 @@ def estimate(
     head_packed = head_scales = 0.0
     head_dense = 0.0
     if head and _quantized(recipe, "lm_head"):
-        head_packed, head_scales = _quant_bytes(recipe, head)
+        head_packed, head_scales = _quant_bytes(recipe, head, v)
         biggest_quant = max(biggest_quant, head)
     else:
         head_dense = head * s_model
@@ -298,12 +304,13 @@ def estimate(
     parts["dense_weights"] = 0.0 if weights_off else dense_total / shard
 
     gathered = 0.0
-    if gathers:
+    if gathers and shard > 1:
         # Packed bytes travel in storage dtype == compute dtype (no cast); dense frozen weights and LoRA
         # are cast to compute dtype by the mixed-precision policy.
         per_layer = packed_layer + dense_layer * s / s_model + lora_layer * s
         gathered += GATHERED_LAYERS * per_layer
         gathered += (head_packed + (head_dense + h * s_model) * s / s_model) if not shape.tied else v * h * s
+        gathered *= 1 + GATHER_OUTPUT_FACTOR
     gathered += DEQUANT_BUFFERS * biggest_quant * s if recipe.quant.bits != "none" else 0.0
     parts["gathered"] = gathered
 
@@ -339,7 +346,10 @@ def estimate(
     if weights_off or optim_off:
         notes.append("offloaded parameters/optimizer state need host memory instead")
     if backend == "deepspeed":
-        notes.append("DeepSpeed is estimated with the FSDP model (bucket sizes not modelled)")
+        notes.append(
+            "DeepSpeed is estimated with the FSDP model; its own buffers are not modelled (ZeRO-3, 8B shapes, "
+            "2 GPUs, batch 2: measured 19.4 GiB against an estimate of 11.3; bench/RESULTS.md)"
+        )
     return Estimate({k: int(round(val)) for k, val in parts.items()}, int(gpu_memory), setup, notes, L)
 
 

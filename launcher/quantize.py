@@ -35,6 +35,9 @@ def quantize_checkpoint(model_dir: str, out: str, quant_type: str, blocksize: in
     except Exception as err:  # pydantic's message names the field
         raise UserError(f"qlaunch quantize: {err.errors()[0]['msg']}") from None  # type: ignore[attr-defined]
     src = SafetensorsSource(src_dir)
+    # bitsandbytes' CPU kernel takes ~10 s per 8B-model MLP matrix; a GPU does the whole model in seconds.
+    # The loaders quantize on their own device, so this matches what a GPU run's ranks would compute.
+    device = "cuda" if torch.cuda.is_available() else "cpu"
     tmp = out_dir.with_name(out_dir.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -50,10 +53,10 @@ def quantize_checkpoint(model_dir: str, out: str, quant_type: str, blocksize: in
             module = name.rsplit(".", 1)[0]
             is_linear = name.endswith(".weight") and len(shape) == 2 and ".layers." in name
             if is_linear and not any(module == s or module.endswith("." + s) for s in skip):
-                flat = src.read_flat(name, 0, shape[0] * shape[1])
-                packed, absmax = quantize_blocks(flat, q)
-                tensors[name + PACKED_SUFFIX] = packed.contiguous()
-                tensors[name + ABSMAX_SUFFIX] = absmax.contiguous()
+                flat = src.read_flat(name, 0, shape[0] * shape[1], device)
+                packed, absmax = quantize_blocks(flat.to(device), q)
+                tensors[name + PACKED_SUFFIX] = packed.cpu().contiguous()
+                tensors[name + ABSMAX_SUFFIX] = absmax.cpu().contiguous()
                 quantized.append(name)
             else:
                 tensors[name] = src.read_flat(name, 0, int(torch.Size(shape).numel())).reshape(shape).clone()

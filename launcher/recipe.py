@@ -49,7 +49,9 @@ class ModelConfig(_Section):
 class QuantConfig(_Section):
     bits: Literal[4, 8, "none"] = Field(
         4,
-        description="4 = bitsandbytes NF4/FP4 (QLoRA); 8 = LLM.int8; 'none' = plain LoRA on the dtype weights.",
+        description="4 = bitsandbytes NF4/FP4 (QLoRA); 8 = LLM.int8 (bitsandbytes Linear8bitLt, outlier threshold "
+        "6.0; replicated weights only: parallel.backend 'none' or DeepSpeed stage 2); 'none' = plain LoRA on the "
+        "dtype weights.",
     )
     type: Literal["nf4", "fp4"] = Field("nf4", description="4-bit data type.")
     double_quant: bool = Field(True, description="Quantize the per-block scales again (saves ~0.4 bit/param).")
@@ -143,7 +145,6 @@ class DataConfig(_Section):
     val_split: str = Field(
         "validation", description="Split of val_path for hub datasets and saved DatasetDicts (files have one)."
     )
-    num_workers: int = Field(0, ge=0, description="DataLoader worker processes per rank.")
 
 
 class TrainConfig(_Section):

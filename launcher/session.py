@@ -157,11 +157,14 @@ def run_training(run: RunDir, d) -> None:
 
     tokens_seen = 0
     t_last = time.perf_counter()
+    data_s = 0.0  # host time spent building batches since the last metrics line (the data-loader cost)
     for step in range(start_step, total_steps):
+        t_data = time.perf_counter()
         micro = [train_data.collate(idx) for idx in sampler.micro_batches(step)]
         # Normalise by the label tokens of the whole global batch, so any split over ranks and
         # micro-steps computes the same loss (and gradient) as one device would.
         n_local = sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro)
+        data_s += time.perf_counter() - t_data
         count = torch.tensor([float(n_local)], device=device)
         if dist.is_initialized():
             dist.all_reduce(count)
@@ -200,10 +203,12 @@ def run_training(run: RunDir, d) -> None:
                 tokens_per_s=tps,
                 tokens_per_s_per_gpu=tps / d.world,
                 step_time_s=dt / steps_in,
+                data_time_s=data_s / steps_in,
                 **mem,
                 **gather_per_rank(mem, device),  # collective: every rank logs the same steps
             )
             print(f"[rank {d.rank}] step {step + 1}/{total_steps} loss {loss:.4f}", flush=True)
+            data_s = 0.0
         if val_data is not None and t.eval_every and ((step + 1) % t.eval_every == 0 or step == total_steps - 1):
             metrics("eval", step=step + 1, eval_loss=evaluate(model, val_data, plan["micro_batch"], d, device))
 

@@ -16,8 +16,10 @@ IGNORE = -100
 class CausalLMLoss(nn.Module):
     """Decoder + lm_head + cross-entropy, returning the *sum* of token losses and the token count.
 
-    The logits are never materialised for the whole sequence: only label-carrying positions go through
-    lm_head, in chunks, each recomputed in backward (so no [tokens, vocab] fp32 tensor is kept alive).
+    The logits are never materialised for the whole sequence: lm_head runs over the tokens in chunks,
+    each recomputed in backward (so no [tokens, vocab] fp32 tensor is kept alive). Positions without a
+    label are skipped by cross_entropy's ignore_index rather than by boolean indexing, which would make
+    the host wait for the GPU (a device sync) in the middle of every forward.
     This is also the FSDP root module, so the final norm and lm_head are gathered by its hooks.
     """
 
@@ -32,8 +34,6 @@ class CausalLMLoss(nn.Module):
         hidden = self.lm.model(input_ids=input_ids, position_ids=position_ids, use_cache=False).last_hidden_state
         h = hidden[:, :-1].reshape(-1, hidden.shape[-1])
         y = labels[:, 1:].reshape(-1)
-        keep = y != IGNORE
-        h, y = h[keep], y[keep]
         weight = self.lm.lm_head.weight
         total = hidden.new_zeros((), dtype=torch.float32)
         for s in range(0, h.shape[0], self.chunk_tokens):
@@ -42,12 +42,12 @@ class CausalLMLoss(nn.Module):
                 total = total + checkpoint(_chunk_ce, hs, weight, ys, use_reentrant=False)
             else:
                 total = total + _chunk_ce(hs, weight, ys)
-        return total, keep.sum()
+        return total, (y != IGNORE).sum()
 
 
 def _chunk_ce(h: torch.Tensor, w: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     logits = F.linear(h, w.to(h.dtype)).float()
-    return F.cross_entropy(logits, y, reduction="sum")
+    return F.cross_entropy(logits, y, ignore_index=IGNORE, reduction="sum")
 
 
 def lr_lambda(schedule: str, warmup: int, total: int, min_ratio: float) -> Callable[[int], float]:

@@ -239,6 +239,48 @@ def test_lr0_detects_the_cpu_repack_bug(tmp_path):
     assert max_drift(run) > 100 * LR0_TOL, (series(run, "loss"), run["evals"])
 
 
+# ------------------------------------------------------------------ LLM.int8 (quant.bits = 8) under ZeRO-2
+
+INT8 = "quant.bits=8"
+# On CPU, bitsandbytes trains int8 layers through a dequantized weight (its MatMul8bitFp) but evaluates them
+# with int8 activations and fp16 outlier columns (MatMul8bitLt): an eval of the very batch a step trained on
+# differs from the step's loss by this kernel difference, not by any change of the weights.
+INT8_EVAL_VS_TRAIN_TOL = 1e-3
+
+
+def test_int8_lr0_loss_constant_with_eval_between_steps(tmp_path):
+    """lr = 0 with LLM.int8 weights under ZeRO-2 (2 ranks, an eval after every step): the training loss and
+    the eval loss never change. The int8 layers move their row scales into the matmul state and swap the
+    weight's data on their first forward; nothing may drift from that, or from DeepSpeed's broadcast."""
+    run = lr0(tmp_path, "int8", *ZERO2, INT8)
+    steps, evals = series(run, "loss"), run["evals"]
+    assert len(steps) == 4 and len(evals) == 4
+    assert rel(steps, [steps[0]] * 4) <= LR0_TOL, steps
+    assert rel(evals, [evals[0]] * 4) <= LR0_TOL, evals
+    assert abs(evals[0] - steps[0]) / steps[0] <= INT8_EVAL_VS_TRAIN_TOL, (steps, evals)
+
+
+def test_int8_trajectory_parity_fp32(tmp_path):
+    """LLM.int8: ZeRO-2 on 2 ranks (micro 2, accum 2) follows the single-process run (micro 2, accum 4) for 6
+    steps within 1e-3 in loss, gradient norm and the exported adapter (fp32 compute, clipping active)."""
+    recipe = tmp_path / "r.toml"
+    recipe.write_text(
+        BASE_RECIPE.replace("max_steps = 2", f"max_steps = {STEPS}").replace("global_batch = 4", "global_batch = 8")
+    )
+    common = [*FP32, INT8, "train.lr=3e-3", "train.warmup_steps=2", "train.grad_clip=0.5", "train.micro_batch=2"]
+    ref = train(tmp_path, recipe, "ref", 1, *common, 'parallel.backend="none"')
+    got = train(tmp_path, recipe, "zero2", 2, *common, *ZERO2)
+    loss_ref, norms = series(ref, "loss"), series(ref, "grad_norm")
+    assert len(loss_ref) == STEPS and loss_ref[-1] < loss_ref[0] - 0.05  # it trains
+    assert max(norms) > 0.5  # clipping acts on some step
+    assert rel(series(got, "loss"), loss_ref) <= 1e-3, (series(got, "loss"), loss_ref)
+    assert rel(series(got, "grad_norm"), norms) <= 1e-3, (series(got, "grad_norm"), norms)
+    assert sorted(got["adapter"]) == sorted(ref["adapter"])
+    for k, want in ref["adapter"].items():
+        err = (got["adapter"][k] - want).abs().max() / want.abs().max().clamp(min=1e-12)
+        assert err <= 1e-3, (k, float(err))
+
+
 # ------------------------------------------------------------------ what each rank holds (ZeRO-3 loading)
 
 

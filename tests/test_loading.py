@@ -151,3 +151,129 @@ def test_quantize_checkpoint_layout(prequant_dir):
         assert f.get_slice(name + ".absmax").get_shape() == [n // 64]
         assert "lm_head.weight" in f.keys()  # skipped modules are copied as they are
     assert (prequant_dir / "tokenizer.json").is_file() and (prequant_dir / "config.json").is_file()
+
+
+# ------------------------------------------------------------------ LLM.int8 (quant.bits = 8)
+
+
+@pytest.fixture(scope="module")
+def int8_model(tmp_path_factory):
+    """The tiny model with LLM.int8 layers, one process (backend none), fp32 compute."""
+    from launcher.loading import build_model
+
+    recipe = tmp_path_factory.mktemp("int8") / "r.toml"
+    recipe.write_text(BASE_RECIPE)
+    sets = ["quant.bits=8", 'parallel.backend="none"', 'model.dtype="float32"', 'quant.compute_dtype="float32"']
+    return build_model(load_recipe(recipe, sets), torch.device("cpu"), None)
+
+
+def test_int8_weights_are_bitsandbytes_own_quantization(int8_model):
+    """Every int8 layer holds exactly what bitsandbytes' Int8Params makes of the bf16 source weight (its
+    documented path: quantization on `.to(device)`): the int8 rows (CB, also the parameter's data) and the
+    fp32 row scales (SCB), bit for bit. lm_head (quant.skip_modules) stays dense."""
+    import bitsandbytes as bnb
+    from bitsandbytes.nn import Int8Params
+    from safetensors.torch import load_file
+
+    source = {}
+    for f in TINY_MODEL.glob("*.safetensors"):
+        source.update(load_file(str(f)))
+    layers = {n: m for n, m in int8_model.causal_lm.named_modules() if isinstance(m, bnb.nn.Linear8bitLt)}
+    assert len(layers) == 2 * 7  # every decoder linear of the 2 layers
+    assert not isinstance(int8_model.causal_lm.lm_head, bnb.nn.Linear8bitLt)
+    for name, layer in layers.items():
+        w = source[name.replace(".base_layer", "") + ".weight"]  # peft nests the base layer
+        assert w.dtype == torch.bfloat16, name
+        ref = Int8Params(w.clone(), requires_grad=False, has_fp16_weights=False).to("cpu")
+        got = layer.weight
+        assert got.dtype == torch.int8 and not got.requires_grad, name
+        assert torch.equal(got.CB, ref.CB) and torch.equal(got.data, ref.CB), name
+        assert got.SCB.dtype == torch.float32 and torch.equal(got.SCB, ref.SCB), name
+
+
+def test_int8_merge_is_the_trained_function(int8_model):
+    """Training forward of the int8 model (bitsandbytes' CPU training matmul: dequantized weight) equals the
+    merged dense model (`qlaunch merge`'s dequantize + B @ A) to fp32 rounding, with non-zero LoRA weights."""
+    import copy
+
+    from launcher.export import merge_into_dense
+
+    built = copy.deepcopy(int8_model)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for n, p in built.peft_model.named_parameters():
+            if "lora_B" in n:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+    ids = torch.randint(3, 500, (2, 24), generator=g)
+    built.causal_lm.train()  # bitsandbytes picks its int8 matmul by training mode (see test_deepspeed.py)
+    with torch.no_grad():
+        want = built.causal_lm(input_ids=ids).logits.float()
+        merged = merge_into_dense(built.peft_model, torch.float32).eval()
+        got = merged(input_ids=ids).logits.float()
+    assert not hasattr(merged, "is_loaded_in_8bit")
+    assert float((got - want).norm() / want.norm()) < 1e-5
+
+
+@pytest.mark.filterwarnings("ignore:torch.distributed is disabled")  # one process, no group: DCP says so
+def test_int8_checkpoint_round_trip(int8_model, tmp_path):
+    """backend none with int8 layers: the torch.distributed.checkpoint save/load of LoRA weights and AdamW
+    state works (bitsandbytes' extra `SCB` state-dict entry name no attribute, which DCP could not map)."""
+    import copy
+
+    from launcher.parallel import TorchEngine
+
+    recipe = tmp_path / "r.toml"
+    recipe.write_text(BASE_RECIPE)
+    built = copy.deepcopy(int8_model)
+    engine = TorchEngine(built.loss_model, load_recipe(recipe, ["quant.bits=8", 'parallel.backend="none"']), 4, "cpu")
+    ids = torch.randint(3, 500, (2, 16), generator=torch.Generator().manual_seed(0))
+    s, n = engine.model(ids, ids, torch.arange(16).expand(2, 16))
+    engine.backward(s / n)
+    engine.step()
+    engine.save_state(tmp_path)
+    saved = {k: v.detach().clone() for k, v in built.loss_model.named_parameters() if v.requires_grad}
+    with torch.no_grad():
+        for p in engine.params:
+            p.add_(1.0)
+    engine.load_state(tmp_path)
+    for k, v in built.loss_model.named_parameters():
+        if v.requires_grad:
+            assert torch.equal(v, saved[k]), k
+
+
+def test_prequantized_checkpoint_refuses_int8(tmp_path):
+    """A `qlaunch quantize` directory holds NF4 bytes only: quant.bits = 8 is refused in one line that says
+    what to use instead (this runs in preflight, before any run directory or rank exists)."""
+    from launcher.errors import UserError
+    from launcher.loading import open_source
+
+    d = tmp_path / "tiny-nf4"
+    d.mkdir()
+    for f in TINY_MODEL.iterdir():
+        (d / f.name).symlink_to(f)
+    (d / "qlaunch_quant.json").write_text('{"type": "nf4", "blocksize": 64}')
+    recipe = tmp_path / "r.toml"
+    recipe.write_text(BASE_RECIPE)
+    rec = load_recipe(recipe, [f'model.path="{d}"', "quant.bits=8", 'parallel.backend="none"'])
+    with pytest.raises(UserError) as err:
+        open_source(rec, d, None, {}, "cpu")
+    msg = str(err.value)
+    assert "\n" not in msg
+    assert "quant.bits = 8" in msg and "original checkpoint" in msg and "quant.bits = 4" in msg, msg
+
+
+def test_safetensors_source_reads_exactly_the_requested_bytes():
+    """Slices come from positioned reads through one reused buffer: each result stays valid after later
+    reads, and the byte count is the slices' size (not whole tensors or files)."""
+    from safetensors.torch import load_file
+
+    from launcher.sources import SafetensorsSource
+
+    src = SafetensorsSource(TINY_MODEL)
+    name = "model.layers.0.mlp.down_proj.weight"
+    full = load_file(str(next(TINY_MODEL.glob("*.safetensors"))))[name].reshape(-1)
+    a = src.read_flat(name, 0, 100)
+    b = src.read_flat(name, 50, full.numel())
+    c = src.read_flat(name, 7, 7)
+    assert torch.equal(a, full[:100]) and torch.equal(b, full[50:]) and c.numel() == 0
+    assert src.bytes_read == (100 + full.numel() - 50) * full.element_size()

@@ -48,9 +48,14 @@ def test_4bit_shard_is_half_a_byte_per_quantized_weight_over_the_world(big):
     # Sharded parts halve; replicated constants and per-rank activations do not.
     for key in ("dense_weights", "lora"):
         assert two.parts[key] == pytest.approx(one.parts[key] / 2, rel=1e-6)
-    for key in ("quant_constants", "activations", "logits", "gathered"):
+    for key in ("quant_constants", "activations", "logits"):
         assert two.parts[key] == one.parts[key]
     assert two.parts["cuda_nccl"] > one.parts["cuda_nccl"]  # NCCL only with more than one rank
+    # One shard: FSDP2 gathers nothing (only bitsandbytes' dequantized weights); more: gathered layers and
+    # the root plus the all-gather output buffers, the same at any world size > 1.
+    assert one.parts["gathered"] == 2 * 14336 * 4096 * 2
+    four = estimate(big, SHAPE, 4, 2, True)
+    assert four.parts["gathered"] == two.parts["gathered"] > one.parts["gathered"] + 1.5 * 2**30
 
 
 def test_double_quant_shrinks_the_scales_about_four_times(big):
@@ -147,3 +152,39 @@ def test_plan_command_prints_breakdown_verdict_and_suggestions(recipe_file):
     rec = load_recipe(recipe_file(), ["train.micro_batch=auto"])
     roomy = make_plan(rec, Cluster(gpu_memory_bytes=80 * GiB), model=tiny)
     assert (roomy.micro_batch, roomy.grad_accum, roomy.memory["fits"]) == (2, 1, True)
+
+
+def test_int8_weights_are_one_byte_per_weight_on_every_rank(big):
+    """quant.bits = 8 (backend none or ZeRO-2): one int8 byte per quantized weight plus an fp32 scale per output
+    row, whole on every rank (nothing to shard them), twice the 4-bit bytes of one rank."""
+    linear = sum(a * b for a, b in SHAPE.linears().values()) * SHAPE.layers
+    rows = sum(out for _, out in SHAPE.linears().values()) * SHAPE.layers
+    int8 = big.model_copy(update={"quant": big.quant.model_copy(update={"bits": 8})})
+    zero2 = big.parallel.deepspeed.model_copy(update={"stage": 2})
+    for backend, worlds in (("none", (1,)), ("deepspeed", (1, 2))):
+        r = int8.model_copy(
+            update={"parallel": big.parallel.model_copy(update={"backend": backend, "deepspeed": zero2})}
+        )
+        for world in worlds:
+            e = estimate(r, SHAPE, world, 2, True)
+            assert e.parts["weights_4bit"] == linear, (backend, world)
+            assert e.parts["quant_constants"] == 4 * rows, (backend, world)
+            assert e.fits and 10 * GiB < e.total < 30 * GiB, (backend, world, e.total / GiB)
+    assert estimate(big, SHAPE, 1, 2, True).parts["weights_4bit"] == linear // 2
+
+
+def test_plan_command_for_int8_zero2():
+    """`qlaunch plan` of the 8B rehearsal recipe with LLM.int8 under ZeRO-2: 6.5 GiB of int8 weights on each
+    of 2 GPUs (Llama-3.1-8B's 6.98e9 decoder linear weights), and it fits an 80 GiB card."""
+    from tests.conftest import ROOT
+
+    args = ["quant.bits=8", 'parallel.backend="deepspeed"', "parallel.deepspeed.stage=2"]
+    r = run_cli(
+        "plan", str(ROOT / "recipes" / "llama8b-rehearsal.toml"), "--gpus", "2", "--gpu-mem-gb", "80",
+        *[x for a in args for x in ("--set", a)],
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    assert "quant: 8-bit LLM.int8" in r.stdout
+    m = re.search(r"quantized weights \(per rank\)\s*\S\s*([\d.]+) GiB", r.stdout)
+    assert m and float(m.group(1)) == 6.50, r.stdout
+    assert "verdict: fits" in r.stdout

@@ -20,7 +20,7 @@ whole on every rank: bitsandbytes needs all of it to dequantize the gathered byt
 unfilled unit at a time, never the whole model. The packed 4-bit bytes (a [n/4, 1] Params4bit) are
 flattened and split like any other tensor; the Params4bit object survives partitioning, and the module's
 `quant_state` is re-attached by bitsandbytes if a gather loses it. ZeRO-2 does not partition parameters:
-every rank holds the whole frozen 4-bit model, as with backend 'none'.
+every rank holds the whole frozen 4-bit (or LLM.int8) model, as with backend 'none'.
 """
 
 from __future__ import annotations
