@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.qlaunch-installed
 
-.PHONY: install demo test lint format clean
+.PHONY: install demo test lint format clean bench-gpu
 
 # torch is installed first and pinned: on CPU machines torch==2.13.0 is the CPU wheel; an unpinned
 # torch would pull a multi-GB CUDA build.
@@ -29,6 +29,12 @@ format: $(STAMP)
 
 test: lint
 	$(VENV)/bin/python -m pytest -q -m "not gpu" tests
+
+# On a GPU machine with the GPU stack installed (see bench/RESULTS.md): every benchmark row on GPUS GPUs.
+GPUS ?= 2
+BENCH_OUT ?= bench/out
+bench-gpu:
+	python3 scripts/bench.py $(BENCH_OUT) --gpus $(GPUS)
 
 clean:
 	rm -rf runs .pytest_cache

@@ -20,6 +20,7 @@ run ref32 --gpus 1 "${FP32[@]}" "${COMMON[@]}" --set 'parallel.backend="none"' -
 run fsdp32 --gpus 2 "${FP32[@]}" "${COMMON[@]}" --set train.micro_batch=2
 run ref16 --gpus 1 "${COMMON[@]}" --set 'parallel.backend="none"' --set train.micro_batch=8
 run fsdp16 --gpus 2 "${COMMON[@]}" --set train.micro_batch=2
+run zero3_16 --gpus 2 "${COMMON[@]}" --set train.micro_batch=2 --set 'parallel.backend="deepspeed"' --set parallel.deepspeed.stage=3
 python3 - "$OUT" <<'PY'
 import json, sys, glob
 out = sys.argv[1]
@@ -27,10 +28,10 @@ def losses(tag, ev="step", key="loss"):
     f = sorted(glob.glob(f"{out}/{tag}/*/*/metrics.jsonl"))
     if not f: return []
     return [r[key] for r in map(json.loads, open(f[-1])) if r["event"] == ev]
-for tag in ["lr0", "ref32", "fsdp32", "ref16", "fsdp16"]:
+for tag in ["lr0", "ref32", "fsdp32", "ref16", "fsdp16", "zero3_16"]:
     print(tag, [round(x, 6) for x in losses(tag)])
 print("lr0 eval", losses("lr0", "eval", "eval_loss"))
-for a, b in [("fsdp32", "ref32"), ("fsdp16", "ref16")]:
+for a, b in [("fsdp32", "ref32"), ("fsdp16", "ref16"), ("zero3_16", "ref16")]:
     x, y = losses(a), losses(b)
     if x and len(x) == len(y):
         print(f"max rel diff {a} vs {b}: {max(abs(p - q) / abs(q) for p, q in zip(x, y)):.2e}")
