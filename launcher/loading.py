@@ -146,12 +146,8 @@ def lora_targets(recipe: Recipe, causal_lm: nn.Module) -> list[str]:
 # ------------------------------------------------------------------ quantized layers
 
 
-def replace_with_4bit(causal_lm: nn.Module, q: QuantConfig) -> dict[str, nn.Module]:
-    """Swap every non-skipped linear for a bitsandbytes Linear4bit on meta; returns {name: layer}."""
-    import bitsandbytes as bnb
-    from bitsandbytes.nn import Params4bit
-
-    storage = DTYPES[q.storage_dtype]
+def _swap_linears(causal_lm: nn.Module, q: QuantConfig, build: Callable[[str, nn.Linear], nn.Module]):
+    """Replace every non-skipped linear by build(name, linear) (a quantized layer on meta); {name: layer}."""
     out: dict[str, nn.Module] = {}
     for name in linear_names(causal_lm):
         if _matches(name, q.skip_modules):
@@ -159,6 +155,22 @@ def replace_with_4bit(causal_lm: nn.Module, q: QuantConfig) -> dict[str, nn.Modu
         parent_name, _, leaf = name.rpartition(".")
         parent = causal_lm.get_submodule(parent_name)
         lin: nn.Linear = getattr(parent, leaf)
+        layer = build(name, lin)
+        if lin.bias is not None:
+            layer.bias = nn.Parameter(torch.empty_like(lin.bias, device="meta"), requires_grad=False)
+        setattr(parent, leaf, layer)
+        out[name] = layer
+    return out
+
+
+def replace_with_4bit(causal_lm: nn.Module, q: QuantConfig) -> dict[str, nn.Module]:
+    """Swap every non-skipped linear for a bitsandbytes Linear4bit on meta; returns {name: layer}."""
+    import bitsandbytes as bnb
+    from bitsandbytes.nn import Params4bit
+
+    storage = DTYPES[q.storage_dtype]
+
+    def build(name: str, lin: nn.Linear) -> nn.Module:
         layer = bnb.nn.Linear4bit(
             lin.in_features,
             lin.out_features,
@@ -189,10 +201,9 @@ def replace_with_4bit(causal_lm: nn.Module, q: QuantConfig) -> dict[str, nn.Modu
             module=layer,
             bnb_quantized=True,
         )
-        if lin.bias is not None:
-            layer.bias = nn.Parameter(torch.empty_like(lin.bias, device="meta"), requires_grad=False)
-        setattr(parent, leaf, layer)
-        out[name] = layer
+        return layer
+
+    out = _swap_linears(causal_lm, q, build)
     causal_lm.is_loaded_in_4bit = True  # peft dispatches its 4-bit LoRA layer on this flag
     return out
 
@@ -208,13 +219,7 @@ def replace_with_int8(causal_lm: nn.Module, q: QuantConfig) -> dict[str, nn.Modu
     import bitsandbytes as bnb
     from bitsandbytes.nn import Int8Params
 
-    out: dict[str, nn.Module] = {}
-    for name in linear_names(causal_lm):
-        if _matches(name, q.skip_modules):
-            continue
-        parent_name, _, leaf = name.rpartition(".")
-        parent = causal_lm.get_submodule(parent_name)
-        lin: nn.Linear = getattr(parent, leaf)
+    def build(name: str, lin: nn.Linear) -> nn.Module:
         layer = bnb.nn.Linear8bitLt(
             lin.in_features,
             lin.out_features,
@@ -229,11 +234,10 @@ def replace_with_int8(causal_lm: nn.Module, q: QuantConfig) -> dict[str, nn.Modu
             requires_grad=False,
             has_fp16_weights=False,
         )
-        if lin.bias is not None:
-            layer.bias = nn.Parameter(torch.empty_like(lin.bias, device="meta"), requires_grad=False)
         layer.register_state_dict_post_hook(_drop_int8_extras)
-        setattr(parent, leaf, layer)
-        out[name] = layer
+        return layer
+
+    out = _swap_linears(causal_lm, q, build)
     causal_lm.is_loaded_in_8bit = True  # peft dispatches its 8-bit LoRA layer on this flag
     _warn_once(logging.getLogger("bitsandbytes.autograd._functions"))
     return out
