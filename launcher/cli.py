@@ -172,6 +172,12 @@ def run(
     plan = make_plan(rec, cluster, model=_model_shape(rec, required=auto) if auto or not dry_run else None)
     rec = resolve_recipe(rec, plan)
     _warn_memory(plan)
+    if plan.device == "cpu" and rec.parallel.backend == "fsdp" and rec.parallel.fsdp.cpu_offload and not dry_run:
+        # FSDP2 pins offloaded shards in page-locked memory, which needs a GPU; on CPU they already are in host memory.
+        raise UserError(
+            "parallel.fsdp.cpu_offload = true needs CUDA GPUs (no GPU on this machine); set it to false here, "
+            "the CPU ranks keep everything in host memory anyway"
+        )
     if rec.parallel.backend == "fsdp" and rec.parallel.fsdp.hybrid and plan.nnodes == 1:
         print("warning: parallel.fsdp.hybrid has no effect on one node (it replicates across nodes)", file=sys.stderr)
     if where.banner:

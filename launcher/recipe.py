@@ -176,7 +176,9 @@ class TrainConfig(_Section):
 
 class FSDPConfig(_Section):
     reshard_after_forward: bool = Field(True, description="Free gathered layers after forward (ZeRO-3 style).")
-    cpu_offload: bool = Field(False, description="Keep sharded parameters and optimizer state in host memory.")
+    cpu_offload: bool = Field(
+        False, description="Keep sharded parameters and optimizer state in host memory (GPU runs only)."
+    )
     hybrid: bool = Field(False, description="Shard within a node, replicate across nodes (HSDP).")
 
 

@@ -119,6 +119,16 @@ def test_8bit_with_fsdp_refused(tmp_path):
     )
 
 
+def test_fsdp_cpu_offload_without_a_gpu(tmp_path):
+    check_error(
+        tmp_path,
+        BASE_RECIPE,
+        "--set",
+        "parallel.fsdp.cpu_offload=true",
+        expect=["parallel.fsdp.cpu_offload = true needs CUDA GPUs", "set it to false"],
+    )
+
+
 def test_model_path_does_not_exist(tmp_path):
     check_error(
         tmp_path,
