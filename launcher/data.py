@@ -446,14 +446,19 @@ def _pick_split(ds, src: Source):
     return ds
 
 
+def _open_arrow(src: Source, ds_lib):
+    """An Arrow file or a saved dataset, memory-mapped where it lies (nothing converted or copied)."""
+    if src.kind == "arrow":
+        return ds_lib.Dataset.from_file(src.path)
+    return _pick_split(ds_lib.load_from_disk(src.path), src)
+
+
 def load_source(src: Source):
     """The whole source as a datasets.Dataset (memory-mapped Arrow)."""
     ds_lib = _datasets()
     try:
-        if src.kind == "arrow":
-            ds = ds_lib.Dataset.from_file(src.path)
-        elif src.kind == "saved":
-            ds = _pick_split(ds_lib.load_from_disk(src.path), src)
+        if src.kind in ("arrow", "saved"):
+            ds = _open_arrow(src, ds_lib)
         elif src.kind in ("repo", "hub"):
             ds = ds_lib.load_dataset(src.path, split=src.split)
         else:
@@ -486,10 +491,8 @@ def _peek(src: Source, limit: int) -> tuple[list[dict], _Where, bool] | None:
         return rows, _Where(src, lines), complete
     ds_lib = _datasets()
     try:
-        if src.kind == "arrow":
-            ds = ds_lib.Dataset.from_file(src.path)
-        elif src.kind == "saved":
-            ds = _pick_split(ds_lib.load_from_disk(src.path), src)
+        if src.kind in ("arrow", "saved"):
+            ds = _open_arrow(src, ds_lib)
         else:
             # Streaming reads through the same builders (and the same type inference) as training does,
             # without converting the whole file into the datasets cache.
