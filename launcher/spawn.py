@@ -38,7 +38,16 @@ def spawn(run: RunDir, spec: dict, follow) -> int:
     root = str(Path(__file__).resolve().parent.parent)
     env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     with open(run.logs / "launcher.log", "ab") as log:
-        proc = subprocess.Popen(spec["argv"], stdout=log, stderr=subprocess.STDOUT, env=env, stdin=subprocess.DEVNULL)
+        # SLURM signals every process of a job step, torchrun included, and SIGUSR1's default action would
+        # kill torchrun while its ranks save their checkpoint (qlaunch then saw a failure, not a preemption).
+        # torchrun inherits "ignore"; the ranks install their own handler (session.StopRequest).
+        usr1 = signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+        try:
+            proc = subprocess.Popen(
+                spec["argv"], stdout=log, stderr=subprocess.STDOUT, env=env, stdin=subprocess.DEVNULL
+            )
+        finally:
+            signal.signal(signal.SIGUSR1, usr1)
 
         def forward(signum, _frame):
             # Preemption: ask the ranks (through a file they check at every step boundary) to checkpoint and

@@ -75,8 +75,11 @@ def assert_one_line_error(r: subprocess.CompletedProcess, expect: list[str], run
     return lines[0]
 
 
-def sigterm_after_step(args: list[str], runs_root: Path, step: int = 2, wait_s: float = 300):
-    """Start `qlaunch ARGS`, wait until rank 0 has logged `step` under runs_root, send SIGTERM.
+def sigterm_after_step(
+    args: list[str], runs_root: Path, step: int = 2, wait_s: float = 300, sig: int | None = None, group: bool = False
+):
+    """Start `qlaunch ARGS`, wait until rank 0 has logged `step` under runs_root, send SIGTERM (or `sig`) to
+    qlaunch, or with `group` to every process of the run at once (as SLURM signals a job step).
 
     Returns (returncode, stdout, stderr, seconds from the signal to exit); the process never outlives it."""
     import json
@@ -85,7 +88,9 @@ def sigterm_after_step(args: list[str], runs_root: Path, step: int = 2, wait_s: 
 
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     cmd = [sys.executable, "-m", "launcher.cli", *args]
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=group
+    )
     try:
         deadline = time.time() + wait_s
         while time.time() < deadline:
@@ -96,10 +101,18 @@ def sigterm_after_step(args: list[str], runs_root: Path, step: int = 2, wait_s: 
             assert proc.poll() is None, proc.communicate()
             time.sleep(0.2)
         t0 = time.time()
-        proc.send_signal(signal.SIGTERM)
+        if group:
+            os.killpg(proc.pid, sig or signal.SIGTERM)
+        else:
+            proc.send_signal(sig or signal.SIGTERM)
         out, err = proc.communicate(timeout=120)
         return proc.returncode, out, err, time.time() - t0
     finally:
+        if group:
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)  # ranks orphaned by a failed run must not outlive the test
+            except ProcessLookupError:
+                pass
         if proc.poll() is None:
             proc.kill()
             proc.wait()

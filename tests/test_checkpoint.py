@@ -127,6 +127,19 @@ def test_sigterm_saves_a_checkpoint_exits_75_and_resume_continues(tmp_path, reci
     assert sorted(step_losses(resumed)) == [stopped + 1, stopped + 2]
 
 
+def test_sigusr1_to_every_process_of_the_run_checkpoints_and_exits_75(tmp_path, recipe_path):
+    """SLURM's time-limit warning reaches qlaunch, torchrun and the ranks at once (the whole job step):
+    torchrun must survive it while the ranks save, so the run ends as a preemption, not a failure."""
+    import signal
+
+    root = tmp_path / "runs"
+    args = ["run", str(recipe_path), "--set", f'log.runs_dir="{root}"', "--set", "train.max_steps=400"]
+    rc, out, err, seconds = sigterm_after_step(args, root, sig=signal.SIGUSR1, group=True)
+    assert rc == 75, out + err
+    info = json.loads((only_run(root) / "preempted.json").read_text())
+    assert (Path(info["checkpoint"]) / "COMPLETE").is_file()
+
+
 def test_corrupt_newest_checkpoint_falls_back_with_a_warning(tmp_path, recipe_path, uninterrupted):
     import shutil
 
