@@ -108,8 +108,15 @@ def run_training(run: RunDir, d) -> None:
     recipe = run.load_recipe()
     plan = run.load_plan()
     metrics = Metrics(run.metrics, enabled=d.rank == 0)
-    if d.rank == 0:
-        metrics.sinks = open_sinks(recipe, run.path, warn=lambda msg: metrics("warning", message=msg))
+    try:  # a failing rank ends with os._exit (worker.leave): its sinks must be flushed here
+        if d.rank == 0:
+            metrics.sinks = open_sinks(recipe, run.path, warn=lambda msg: metrics("warning", message=msg))
+        _train(run, d, recipe, plan, metrics, t_spawn)
+    finally:
+        metrics.close()
+
+
+def _train(run: RunDir, d, recipe, plan: dict, metrics, t_spawn: float) -> None:
     device, mesh = init_process_group(plan, d)
     seed_everything(recipe.train.seed)
     metrics("loading", phase="model", rank=d.rank)
@@ -221,7 +228,6 @@ def run_training(run: RunDir, d) -> None:
             if d.rank == 0:
                 (run.path / PREEMPTED_FILE).write_text(json.dumps({"step": step + 1, "checkpoint": str(path)}))
             metrics("preempted", step=step + 1, path=str(path))
-            metrics.close()
             return
 
     if recipe.checkpoint.every_steps and start_step < total_steps:
@@ -231,7 +237,6 @@ def run_training(run: RunDir, d) -> None:
         out = export.save_adapter(built.peft_model, run.adapter, d.rank)
         metrics("adapter", path=str(out))
     metrics("done", steps=total_steps, **peak_memory_gb(device))
-    metrics.close()
 
 
 @torch.no_grad()

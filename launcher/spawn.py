@@ -235,6 +235,7 @@ def user_error_of(run: RunDir) -> str | None:
 
 WATCH_PORT_OFFSET = 1
 WATCH_BEAT_S = 2.0
+KILL_GRACE_S = 45.0  # after the watch's SIGTERM: torchrun's own 30 s for its ranks, and a margin
 
 # Errors a rank gets when another rank (or its node) went away, as opposed to failing by itself.
 _PEER_ERROR = re.compile(
@@ -489,6 +490,18 @@ class NodeWatch:
             if cur.get("status") in ("exited", "lost") and peer.get("status") == "running":
                 return
             self.peers[peer["id"]] = {**cur, **peer}
+            failed = cur.get("status") not in ("exited", "lost") and peer.get("status") == "exited" and peer.get("rc")
+            now = dict(self.peers[peer["id"]])
+        if failed:
+            # A node whose ranks failed reports it and closes its connection cleanly, so _lost never
+            # fires, yet this node may be stuck on it just the same: its ranks fail by themselves only
+            # when a collective with that node breaks. Ranks waiting on the store (process-group setup,
+            # the data-cache lock) wait out their timeouts, and once all of this node's ranks are done
+            # torchrun sits in its exit barrier, 300 s, for the failed node's agent that never comes.
+            why = f"its ranks failed (exit status {now['rc']})" + (f": {now['first']}" if now.get("first") else "")
+            self._log(f"node watch: {describe_node(now)}: {why}")
+            if self.stop_on_loss and not self.closed.is_set():
+                self._thread(self._stop_local, now, "failed")
 
     def _lost(self, pid: str, reason: str) -> None:
         with self.lock:
@@ -501,9 +514,9 @@ class NodeWatch:
         if self.hosting:
             self._broadcast({"t": "peer", "peer": lost})
         if self.stop_on_loss:
-            self._thread(self._stop_local, lost)
+            self._thread(self._stop_local, lost, "is gone")
 
-    def _stop_local(self, lost: dict) -> None:
+    def _stop_local(self, lost: dict, how: str) -> None:
         """The run cannot go on without that node (no elastic restarts): if this node's ranks have not
         failed by themselves within the node timeout (a hung collective), stop them."""
         deadline = time.time() + self.node_timeout
@@ -513,8 +526,16 @@ class NodeWatch:
             time.sleep(0.5)
         if self.proc is not None and self.proc.poll() is None and self.me["status"] == "running":
             self.stopped_for = describe_node(lost)
-            self._log(f"node watch: stopping this node's ranks: {self.stopped_for} is gone")
+            self._log(f"node watch: stopping this node's ranks: {self.stopped_for} {how}")
             self.proc.send_signal(signal.SIGTERM)
+            # torchrun acts on SIGTERM only between Python calls: in its exit barrier it is blocked in a
+            # C++ store wait (up to 300 s) and does not see it. Otherwise it stops its ranks within its
+            # own grace (30 s), so past KILL_GRACE_S kill it, and whatever it started, outright.
+            try:
+                self.proc.wait(timeout=KILL_GRACE_S)
+            except subprocess.TimeoutExpired:
+                self._log(f"node watch: torchrun ignored SIGTERM for {KILL_GRACE_S:.0f}s; killing it and its ranks")
+                kill_tree(self.proc)
 
     def _beat_loop(self) -> None:
         while not self.closed.wait(WATCH_BEAT_S):
@@ -602,6 +623,34 @@ class NodeWatch:
             self._update({**peer, "last_seen": time.time()})
         if self.host_id:
             self._lost(self.host_id, "lost the connection to it (node down, killed, or unreachable)")
+
+
+def kill_tree(proc: subprocess.Popen) -> None:
+    """SIGKILL proc and every process below it. torch elastic starts its ranks in sessions of their own,
+    so they are found by parent pid (Linux /proc), collected before anything dies and is reparented."""
+    pids = [proc.pid]
+    try:
+        children: dict[int, list[int]] = {}
+        for d in Path("/proc").iterdir():
+            if d.name.isdigit():
+                try:
+                    ppid = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
+                except (OSError, IndexError, ValueError):
+                    continue
+                children.setdefault(ppid, []).append(int(d.name))
+        todo = [proc.pid]
+        while todo:
+            for c in children.get(todo.pop(), []):
+                pids.append(c)
+                todo.append(c)
+    except OSError:
+        pass  # no /proc: torchrun alone
+    for pid in reversed(pids):  # the ranks before torchrun, which could still start new ones
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+    proc.wait()
 
 
 def _is_local_address(host: str) -> bool:

@@ -1,7 +1,8 @@
 """Per-rank entry point: `python -m launcher.worker RUN_DIR` (spawned by torch.distributed.run).
 
-The only place that creates and destroys the process group. Everything it needs comes from the run
-directory (resolved recipe + plan); torchrun's own variables (RANK, WORLD_SIZE, ...) are read here only.
+The process group is created in session.init_process_group and ends with the process (see `leave`).
+Everything it needs comes from the run directory (resolved recipe + plan); torchrun's own variables
+(RANK, WORLD_SIZE, ...) are read here only.
 """
 
 from __future__ import annotations
@@ -13,8 +14,6 @@ import time
 import traceback
 from dataclasses import dataclass
 from pathlib import Path
-
-import torch.distributed as dist
 
 from launcher.errors import UserError
 from launcher.rundir import RunDir
@@ -60,11 +59,13 @@ class Metrics:
             for sink in self.sinks:
                 sink.write(record)
 
-    def close(self) -> None:
+    def close(self) -> None:  # idempotent: the session closes on every way out
         if self.fh:
             self.fh.close()
+            self.fh = None
         for sink in self.sinks:
             sink.close()
+        self.sinks = []
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -92,12 +93,6 @@ def main(argv: list[str] | None = None) -> int:
         sys.stdout.flush()
         _write_error(run, d.rank, f"{type(err).__name__}: {err}".splitlines()[0][:500], "crash")
         return 1
-    finally:
-        if dist.is_initialized():
-            try:
-                dist.destroy_process_group()
-            except Exception:  # noqa: BLE001
-                pass
 
 
 def _write_error(run: RunDir, rank: int, message: str, kind: str) -> None:
@@ -109,5 +104,26 @@ def _write_error(run: RunDir, rank: int, message: str, kind: str) -> None:
         pass
 
 
+def leave(code: int) -> None:
+    """End the rank's process without interpreter shutdown, and without destroying the process groups.
+
+    gloo runs each group's collectives on threads of its own, which keep a finished collective's tensors
+    until they get round to dropping them, and dropping a tensor Python has already let go of takes the
+    GIL. The groups of a device mesh outlive destroy_process_group (the mesh and FSDP hold them), so their
+    threads are still running when the interpreter shuts down; one that asks for the GIL then is ended by
+    Python in the middle of a C++ destructor, and the rank dies of SIGABRT ("terminate called without an
+    active exception") after all its work is done. It is rare and random, and on two nodes it costs 300 s:
+    the other node's torchrun waits that long in its exit barrier for the failed one. Destroying a group
+    runs its C++ destructor with the GIL held, which joins those same threads. Everything the run keeps is
+    written and closed by now (checkpoints, adapter, metrics): flush the output and exit at once.
+    """
+    for f in (sys.stdout, sys.stderr):
+        try:
+            f.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    leave(main())
