@@ -55,9 +55,7 @@ def spawn(run: RunDir, spec: dict, follow) -> int:
             # ranks have not finished within STOP_GRACE_S, fall back to torchrun's own shutdown.
             if proc.poll() is None:
                 (run.path / "STOP").touch()
-                fallback = threading.Timer(
-                    STOP_GRACE_S, lambda: proc.poll() is None and proc.send_signal(signal.SIGTERM)
-                )
+                fallback = threading.Timer(STOP_GRACE_S, lambda: proc.poll() is None and terminate(proc))
                 fallback.daemon = True  # must not keep qlaunch alive once the ranks are done
                 fallback.start()
 
@@ -527,15 +525,8 @@ class NodeWatch:
         if self.proc is not None and self.proc.poll() is None and self.me["status"] == "running":
             self.stopped_for = describe_node(lost)
             self._log(f"node watch: stopping this node's ranks: {self.stopped_for} {how}")
-            self.proc.send_signal(signal.SIGTERM)
-            # torchrun acts on SIGTERM only between Python calls: in its exit barrier it is blocked in a
-            # C++ store wait (up to 300 s) and does not see it. Otherwise it stops its ranks within its
-            # own grace (30 s), so past KILL_GRACE_S kill it, and whatever it started, outright.
-            try:
-                self.proc.wait(timeout=KILL_GRACE_S)
-            except subprocess.TimeoutExpired:
-                self._log(f"node watch: torchrun ignored SIGTERM for {KILL_GRACE_S:.0f}s; killing it and its ranks")
-                kill_tree(self.proc)
+            if not terminate(self.proc):
+                self._log(f"node watch: torchrun ignored SIGTERM for {KILL_GRACE_S:.0f}s; killed it and its ranks")
 
     def _beat_loop(self) -> None:
         while not self.closed.wait(WATCH_BEAT_S):
@@ -625,27 +616,46 @@ class NodeWatch:
             self._lost(self.host_id, "lost the connection to it (node down, killed, or unreachable)")
 
 
-def kill_tree(proc: subprocess.Popen) -> None:
-    """SIGKILL proc and every process below it. torch elastic starts its ranks in sessions of their own,
-    so they are found by parent pid (Linux /proc), collected before anything dies and is reparented."""
-    pids = [proc.pid]
+def terminate(proc: subprocess.Popen) -> bool:
+    """SIGTERM torchrun; False if it had to be killed with its ranks after KILL_GRACE_S.
+
+    torchrun acts on SIGTERM only between Python calls: in its exit barrier it is blocked in a C++ store
+    wait (up to 300 s) and does not see it. Otherwise it stops its ranks within its own grace (30 s), so
+    past KILL_GRACE_S kill it, and whatever it started, outright."""
+    proc.send_signal(signal.SIGTERM)
     try:
-        children: dict[int, list[int]] = {}
-        for d in Path("/proc").iterdir():
-            if d.name.isdigit():
-                try:
-                    ppid = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
-                except (OSError, IndexError, ValueError):
-                    continue
-                children.setdefault(ppid, []).append(int(d.name))
-        todo = [proc.pid]
-        while todo:
-            for c in children.get(todo.pop(), []):
-                pids.append(c)
-                todo.append(c)
+        proc.wait(timeout=KILL_GRACE_S)
+        return True
+    except subprocess.TimeoutExpired:
+        kill_tree(proc)
+        return False
+
+
+def descendants(pid: int) -> list[int]:
+    """pid and every process below it, parents first (Linux /proc; just pid without it). torch elastic
+    starts its ranks in sessions of their own, so a process-group signal would miss them."""
+    children: dict[int, list[int]] = {}
+    try:
+        procs = [d for d in Path("/proc").iterdir() if d.name.isdigit()]
     except OSError:
-        pass  # no /proc: torchrun alone
-    for pid in reversed(pids):  # the ranks before torchrun, which could still start new ones
+        return [pid]
+    for d in procs:
+        try:
+            ppid = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        children.setdefault(ppid, []).append(int(d.name))
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        todo += children.get(p, [])
+    return out
+
+
+def kill_tree(proc: subprocess.Popen) -> None:
+    """SIGKILL proc and every process below it, all collected before anything dies and is reparented."""
+    for pid in reversed(descendants(proc.pid)):  # the ranks before torchrun, which could start new ones
         try:
             os.kill(pid, signal.SIGKILL)
         except (ProcessLookupError, PermissionError):

@@ -26,7 +26,7 @@ from launcher.errors import UserError
 from launcher.plan import Cluster, check_elastic_nodes, make_plan, multinode_env, parse_nnodes, torchrun_argv
 from launcher.recipe import load_recipe
 from launcher.rundir import RunDir
-from launcher.spawn import NodeWatch, describe_node, distributed_settings, is_peer_failure, node_blame
+from launcher.spawn import NodeWatch, descendants, describe_node, distributed_settings, is_peer_failure, node_blame
 from tests.conftest import BASE_RECIPE, ROOT
 
 # ================================================================== planning (pure)
@@ -402,27 +402,8 @@ def _start(args: list[str], log: Path, prefix: list[str] | None = None, env: dic
         )
 
 
-def _descendants(pid: int) -> list[int]:
-    """pid and every process below it (torch elastic starts its workers in their own sessions, so a
-    process group kill would miss them: a "node" dies only when all of them do)."""
-    children: dict[int, list[int]] = {}
-    for d in Path("/proc").iterdir():
-        if d.name.isdigit():
-            try:
-                ppid = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            children.setdefault(ppid, []).append(int(d.name))
-    out, todo = [], [pid]
-    while todo:
-        p = todo.pop()
-        out.append(p)
-        todo += children.get(p, [])
-    return out
-
-
 def _kill_node(proc: subprocess.Popen) -> None:
-    pids = _descendants(proc.pid)
+    pids = descendants(proc.pid)  # a "node" dies only when all of them do
     for p in pids:  # freeze first so nothing reacts (or respawns) while the rest are being killed
         try:
             os.kill(p, signal.SIGSTOP)
