@@ -21,6 +21,7 @@ ZeRO-2), and every rank quantizes whole tensors.
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import time
@@ -163,15 +164,39 @@ def _swap_linears(causal_lm: nn.Module, q: QuantConfig, build: Callable[[str, nn
     return out
 
 
+@functools.cache
+def linear4bit_class() -> type:
+    """bitsandbytes' Linear4bit with a forward that takes the quant state from the module.
+
+    Under FSDP the gathered weight is a plain Parameter, so bitsandbytes' own forward wraps it in a new
+    Params4bit and re-registers it on the module in every call (host time in each of the 7 linears of
+    every layer, three times a step with checkpointing), and torch.compile cannot trace that at all. The
+    packed bytes and the module's quant state are all the matmul needs. isinstance checks (peft's 4-bit
+    LoRA dispatch, merging) still see a Linear4bit.
+    """
+    import bitsandbytes as bnb
+
+    class QLinear4bit(bnb.nn.Linear4bit):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            if not self.compute_type_is_set:  # as bitsandbytes does: fp32/bf16 inputs set the compute dtype
+                self.set_compute_type(x)
+                self.compute_type_is_set = True
+            dtype = x.dtype
+            x = x.to(self.compute_dtype)
+            bias = None if self.bias is None else self.bias.to(self.compute_dtype)
+            return bnb.matmul_4bit(x, self.weight, bias=bias, quant_state=self.quant_state).to(dtype)
+
+    return QLinear4bit
+
+
 def replace_with_4bit(causal_lm: nn.Module, q: QuantConfig) -> dict[str, nn.Module]:
     """Swap every non-skipped linear for a bitsandbytes Linear4bit on meta; returns {name: layer}."""
-    import bitsandbytes as bnb
     from bitsandbytes.nn import Params4bit
 
     storage = DTYPES[q.storage_dtype]
 
     def build(name: str, lin: nn.Linear) -> nn.Module:
-        layer = bnb.nn.Linear4bit(
+        layer = linear4bit_class()(
             lin.in_features,
             lin.out_features,
             bias=lin.bias is not None,
@@ -606,6 +631,14 @@ class Built:
     model_dir: Path
 
 
+def compile_layers(recipe: Recipe, device: torch.device) -> bool:
+    """train.compile resolved: 'auto' compiles the 4-bit layers (the measured case) on GPUs, for FSDP and
+    unsharded runs (see the recipe key)."""
+    c = recipe.train.compile
+    auto = device.type == "cuda" and recipe.parallel.backend != "deepspeed" and recipe.quant.bits == 4
+    return c is True or (c == "auto" and auto)
+
+
 def build_model(
     recipe: Recipe,
     device: torch.device,
@@ -663,6 +696,13 @@ def build_model(
         from launcher.parallel.fsdp import apply_fsdp
 
         apply_fsdp(loss_model, causal_lm, recipe, mesh)
+    if compile_layers(recipe, device):
+        # The layer's forward only (with the activation checkpoint when it is inside forward): FSDP's
+        # hooks run eagerly around it, and all layers share one graph (their parameters are graph inputs,
+        # not constants). Graph breaks would split it into many small graphs whose per-call overhead
+        # costs more than fusion saves (QLinear4bit exists partly to avoid one).
+        for layer in decoder_layers(causal_lm):
+            layer.forward = torch.compile(layer.forward)
     source, prequant = open_source(recipe, model_dir, config, shapes, device)
     stats = (materializer or materialize)(
         loss_model, module_names, set(quant_layers.values()), source, recipe, device, prequant, progress

@@ -5,6 +5,7 @@ Nothing here touches processes, files or devices: `qlaunch plan` and `--dry-run`
 
 from __future__ import annotations
 
+import os
 import sys
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -109,6 +110,9 @@ def make_plan(
     if device == "cuda":
         # Fail a hung collective instead of waiting forever, and keep NVLink multicast off.
         env.update({"TORCH_NCCL_ASYNC_ERROR_HANDLING": "1", "NCCL_NVLS_ENABLE": "0"})
+        # FSDP frees and re-allocates gathered layers of one size all step long; growable segments stop
+        # that from fragmenting the cache (reserved memory well above allocated). A user's own setting wins.
+        env["PYTORCH_CUDA_ALLOC_CONF"] = os.environ.get("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
     env.update(multinode_env(device, nnodes))
     hybrid = recipe.parallel.backend == "fsdp" and recipe.parallel.fsdp.hybrid  # no effect on one node
     plan = Plan(

@@ -19,6 +19,7 @@ from launcher import checkpoint, export
 from launcher.data import StepSampler, build_data, build_tokenizer
 from launcher.loading import build_model
 from launcher.parallel import make_engine
+from launcher.profiling import StepProfiler
 from launcher.rundir import RunDir
 from launcher.sinks import gather_per_rank, open_sinks
 
@@ -162,10 +163,12 @@ def _train(run: RunDir, d, recipe, plan: dict, metrics, t_spawn: float) -> None:
     stop = StopRequest(run.path / STOP_FILE)
     metrics("start", total_steps=total_steps, world=d.world, first_step_after_s=time.time() - t_spawn)
 
+    profiler = StepProfiler(recipe.log.profile_steps, run.path / "profile", d.rank, device)
     tokens_seen = 0
     t_last = time.perf_counter()
     data_s = 0.0  # host time spent building batches since the last metrics line (the data-loader cost)
     for step in range(start_step, total_steps):
+        profiler.begin(step + 1)
         t_data = time.perf_counter()
         micro = [train_data.collate(idx) for idx in sampler.micro_batches(step)]
         # Normalise by the label tokens of the whole global batch, so any split over ranks and
@@ -189,6 +192,7 @@ def _train(run: RunDir, d, recipe, plan: dict, metrics, t_spawn: float) -> None:
             dist.all_reduce(red)
         loss = float(red[0]) / n_global
         preempted = bool(red[1] > 0)
+        profiler.end(step + 1)
         tokens = plan["global_batch"] * recipe.data.seq_len
         tokens_seen += tokens
         if step % recipe.log.every_steps == 0 or step == total_steps - 1:

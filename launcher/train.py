@@ -16,10 +16,12 @@ IGNORE = -100
 class CausalLMLoss(nn.Module):
     """Decoder + lm_head + cross-entropy, returning the *sum* of token losses and the token count.
 
-    The logits are never materialised for the whole sequence: lm_head runs over the tokens in chunks,
-    each recomputed in backward (so no [tokens, vocab] fp32 tensor is kept alive). Positions without a
-    label are skipped by cross_entropy's ignore_index rather than by boolean indexing, which would make
-    the host wait for the GPU (a device sync) in the middle of every forward.
+    The logits are never materialised for the whole sequence: lm_head runs over the tokens in chunks, and
+    a frozen plain lm_head (the usual case) gets the gradient w.r.t. its input computed in the same pass
+    (LinearCrossEntropy), so nothing of the [tokens, vocab] logits is kept and nothing is recomputed in
+    backward. An lm_head that is LoRA-wrapped or quantized is called as a module, chunk by chunk, each
+    chunk recomputed in backward. Positions without a label are skipped by ignore_index rather than by
+    boolean indexing, which would make the host wait for the GPU (a device sync) in every forward.
     This is also the FSDP root module, so the final norm and lm_head are gathered by its hooks.
     """
 
@@ -34,20 +36,59 @@ class CausalLMLoss(nn.Module):
         hidden = self.lm.model(input_ids=input_ids, position_ids=position_ids, use_cache=False).last_hidden_state
         h = hidden[:, :-1].reshape(-1, hidden.shape[-1])
         y = labels[:, 1:].reshape(-1)
-        weight = self.lm.lm_head.weight
-        total = hidden.new_zeros((), dtype=torch.float32)
-        for s in range(0, h.shape[0], self.chunk_tokens):
-            hs, ys = h[s : s + self.chunk_tokens], y[s : s + self.chunk_tokens]
-            if torch.is_grad_enabled():
-                total = total + checkpoint(_chunk_ce, hs, weight, ys, use_reentrant=False)
-            else:
-                total = total + _chunk_ce(hs, weight, ys)
+        head = self.lm.lm_head
+        if type(head) is nn.Linear and head.bias is None and not head.weight.requires_grad:
+            total = LinearCrossEntropy.apply(h, head.weight, y, self.chunk_tokens)
+        else:
+            total = hidden.new_zeros((), dtype=torch.float32)
+            for s in range(0, h.shape[0], self.chunk_tokens):
+                hs, ys = h[s : s + self.chunk_tokens], y[s : s + self.chunk_tokens]
+                if torch.is_grad_enabled():
+                    total = total + checkpoint(_module_ce, head, hs, ys, use_reentrant=False)
+                else:
+                    total = total + _module_ce(head, hs, ys)
         return total, (y != IGNORE).sum()
 
 
-def _chunk_ce(h: torch.Tensor, w: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    logits = F.linear(h, w.to(h.dtype)).float()
-    return F.cross_entropy(logits, y, ignore_index=IGNORE, reduction="sum")
+def _module_ce(head: nn.Module, h: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(head(h).float(), y, ignore_index=IGNORE, reduction="sum")
+
+
+class LinearCrossEntropy(torch.autograd.Function):
+    """sum_t CE(h_t @ w.T, y_t) over chunks of tokens, for a frozen w, with d/dh computed in forward.
+
+    Per chunk: logits in the compute dtype, softmax statistics in fp32, then the chunk's input gradient
+    (softmax - onehot) @ w while the logits are at hand. Backward only scales the stored gradient (it has
+    the input's size, as a recompute would have had to keep the input). Labels equal to IGNORE add
+    nothing to the loss or the gradient.
+    """
+
+    @staticmethod
+    def forward(ctx, h: torch.Tensor, w: torch.Tensor, y: torch.Tensor, chunk: int) -> torch.Tensor:
+        w = w.to(h.dtype)
+        grad_h = torch.empty_like(h) if h.requires_grad else None
+        acc = torch.promote_types(h.dtype, torch.float32)  # softmax statistics in fp32 at least
+        total = h.new_zeros((), dtype=acc)
+        for s in range(0, h.shape[0], chunk):
+            hs, ys = h[s : s + chunk], y[s : s + chunk]
+            logits = F.linear(hs, w).to(acc)
+            valid = ys != IGNORE
+            target = ys.clamp(min=0).unsqueeze(1)
+            lse = torch.logsumexp(logits, dim=1)
+            total = total + ((lse - logits.gather(1, target).squeeze(1)) * valid).sum()
+            if grad_h is not None:
+                probs = logits.sub_(lse.unsqueeze(1)).exp_()  # in place: the fp32 logits are not needed again
+                probs.scatter_add_(1, target, torch.full_like(target, -1.0, dtype=probs.dtype))
+                probs.mul_(valid.unsqueeze(1))
+                grad_h[s : s + chunk] = probs.to(h.dtype) @ w
+        ctx.save_for_backward(grad_h)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_total: torch.Tensor):
+        (grad_h,) = ctx.saved_tensors
+        # Scaled in fp32: the factor (world / global token count) is not exact in bf16.
+        return (grad_h.to(grad_total.dtype) * grad_total).to(grad_h.dtype), None, None, None
 
 
 def lr_lambda(schedule: str, warmup: int, total: int, min_ratio: float) -> Callable[[int], float]:

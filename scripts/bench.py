@@ -52,6 +52,10 @@ ROWS: dict[str, dict] = {
     "qlaunch-fsdp2-auto": dict(kind="qlaunch", mb="auto", ckpt="auto"),
     "qlaunch-fsdp2-auto-keep": dict(kind="qlaunch", mb="auto", ckpt="auto", reshard=False),
     "qlaunch-zero3-mb8": dict(kind="qlaunch", mb=8, ckpt=True, backend="deepspeed"),
+    # train.compile: each decoder layer through torch.compile.
+    "qlaunch-fsdp2-mb2-compile": dict(kind="qlaunch", mb=2, ckpt=True, compile=True),
+    "qlaunch-fsdp2-mb8-compile": dict(kind="qlaunch", mb=8, ckpt=True, compile=True),
+    "qlaunch-fsdp2-auto-compile": dict(kind="qlaunch", mb="auto", ckpt="auto", compile=True),
     # The generated accelerate config starting the same run.
     "accelerate-fsdp2-mb2": dict(kind="accelerate", mb=2, ckpt=True),
 }
@@ -170,7 +174,7 @@ def nf4_cpu_equals_cuda() -> bool:
 # ------------------------------------------------------------------ rows
 
 
-def recipe_text(row: dict, model: Path, data: Path, runs: Path, gpus: int, steps: int) -> str:
+def recipe_text(row: dict, model: Path, data: Path, runs: Path, gpus: int, steps: int, profile=None) -> str:
     mb = row["mb"]
     backend = row.get("backend", "fsdp")
     mb_toml = f'"{mb}"' if mb == "auto" else str(mb)
@@ -206,21 +210,23 @@ global_batch = {gb}
 lr = 1e-4
 schedule = "constant"
 gradient_checkpointing = {ckpt_toml}
+compile = {str(bool(row.get("compile"))).lower()}
 [parallel]
 backend = "{backend}"
 {extra}[checkpoint]
 save_final_adapter = false
 [log]
 runs_dir = "{runs}"
+{f"profile_steps = [{profile[0]}, {profile[1]}]" if profile else ""}
 """
 
 
-def qlaunch_result(run_dir: Path, warmup: int) -> dict:
+def qlaunch_result(run_dir: Path, warmup: int, timed_steps: int) -> dict:
     events = [json.loads(x) for x in open(run_dir / "metrics.jsonl")]
     steps = [e for e in events if e["event"] == "step"]
     start = next(e for e in events if e["event"] == "start")
     loaded = next(e for e in events if e["event"] == "loaded")
-    timed = steps[warmup:]
+    timed = steps[warmup : warmup + timed_steps]  # profiled steps come after these
     read = {}
     for log in sorted(glob.glob(str(run_dir / "logs" / "rank*.log"))):
         m = re.search(r"\[rank (\d+)\] loaded \d+ tensors in ([\d.]+)s, read ([\d.]+) MiB", open(log).read())
@@ -264,10 +270,10 @@ def planner_estimate(run_dir: Path, plan: dict):
     return rec, round(e.reserved / 2**30, 2)
 
 
-def peer_result(out: Path, warmup: int) -> dict:
+def peer_result(out: Path, warmup: int, timed_steps: int) -> dict:
     ranks = [json.loads(Path(f).read_text()) for f in sorted(glob.glob(str(out / "peer.rank*.json")))]
     r0 = ranks[0]
-    timed = r0["step_s"][warmup:]
+    timed = r0["step_s"][warmup : warmup + timed_steps]
     tok = r0["tokens_per_step_per_gpu"]
     return {
         "tok_s_gpu": statistics.median(tok / s for s in timed) if timed else None,
@@ -322,6 +328,9 @@ def run_row(name: str, row: dict, a, model: Path, nf4: Path, data: Path, out: Pa
     shutil.rmtree(d, ignore_errors=True)
     d.mkdir(parents=True)
     steps = a.warmup + a.steps
+    # --profile: two more steps under the torch profiler, after the timed ones (not in the figures).
+    profile = (steps + 1, steps + 2) if a.profile else None
+    steps += 2 if a.profile else 0
     env = dict(os.environ, BENCH_T0=str(time.time()))
     t = time.time()
     if row["kind"] == "peer":
@@ -333,12 +342,15 @@ def run_row(name: str, row: dict, a, model: Path, nf4: Path, data: Path, out: Pa
         cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(cfg),
                "--main_process_port", str(a.port), "scripts/bench_peer.py", "--model", str(model),
                "--data", str(data), "--mb", str(row["mb"]), "--steps", str(steps), "--out", str(d)]  # fmt: skip
+        if profile:
+            cmd += ["--profile", str(profile[0]), str(profile[1])]
         rc = sh(cmd, d / "out.log", env, a.timeout)
-        res = peer_result(d, a.warmup) if rc == 0 else {}
+        res = peer_result(d, a.warmup, a.steps) if rc == 0 else {}
+        prof_dir = d / "profile"
     else:
         src = nf4 if row.get("source") == "nf4" else model
         recipe = d / "recipe.toml"
-        recipe.write_text(recipe_text(row, src, data, d / "runs", a.gpus, steps))
+        recipe.write_text(recipe_text(row, src, data, d / "runs", a.gpus, steps, profile))
         if row["kind"] == "accelerate":
             run_dir = d / "run"
             rc = sh(
@@ -364,7 +376,10 @@ def run_row(name: str, row: dict, a, model: Path, nf4: Path, data: Path, out: Pa
             rc = sh(cmd, d / "out.log", env, a.timeout)
             runs = sorted(glob.glob(str(d / "runs" / "bench" / "*")))
             run_dir = Path(runs[-1]) if runs else d
-        res = qlaunch_result(run_dir, a.warmup) if rc == 0 and (run_dir / "metrics.jsonl").is_file() else {}
+        res = qlaunch_result(run_dir, a.warmup, a.steps) if rc == 0 and (run_dir / "metrics.jsonl").is_file() else {}
+        prof_dir = run_dir / "profile"
+    if (prof_dir / "rank0.txt").is_file():  # beside results.jsonl, one file per row
+        shutil.copy(prof_dir / "rank0.txt", out / f"{name}.profile.txt")
     res.update(row=name, rc=rc, wall_s=round(time.time() - t, 1), gpus=a.gpus, **{k: v for k, v in row.items()})
     if rc != 0:
         res["tail"] = (d / "out.log").read_text()[-3000:]
@@ -409,6 +424,7 @@ def main() -> None:
     p.add_argument("--port", type=int, default=29611)
     p.add_argument("--prepare-only", action="store_true", help="write the checkpoints and data, run no row")
     p.add_argument("--config", type=Path, default=CONFIG_8B, help="model config dir (shapes of the random model)")
+    p.add_argument("--profile", action="store_true", help="profile 2 extra steps per row: OUT/<row>.profile.txt")
     a = p.parse_args()
     rows = [r.strip() for r in a.rows.split(",") if r.strip()]
     unknown = [r for r in rows if r not in ROWS]
@@ -431,7 +447,7 @@ def main() -> None:
         )
         print(f"qlaunch quantize: {time.time() - t:.1f}s", flush=True)
     if not data.exists():
-        write_random_tokens(data, rows=64 * a.gpus * (a.warmup + a.steps), vocab=512)
+        write_random_tokens(data, rows=64 * a.gpus * (a.warmup + a.steps + 2), vocab=512)
     print(f"card {card}, {a.gpus} GPUs, bf16 matmul peak {peak:.0f} TFLOP/s", flush=True)
     if torch.cuda.is_available():
         print(f"NF4 bytes quantized on CPU == on GPU: {nf4_cpu_equals_cuda()}", flush=True)

@@ -40,6 +40,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=13)
     p.add_argument("--no-checkpointing", action="store_true")
     p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--profile", type=int, nargs=2, metavar=("FIRST", "LAST"), help="steps (1-based) to profile")
     a = p.parse_args()
     t0 = float(os.environ.get("BENCH_T0", time.time()))
 
@@ -77,9 +78,15 @@ def main() -> None:
     load_s = time.time() - t_load
 
     rec: dict = {"step_s": [], "losses": [], "load_s": load_s}
+    # The same summary as qlaunch's log.profile_steps, so the two can be read side by side.
+    from launcher.profiling import StepProfiler
+
+    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    profiler = StepProfiler(tuple(a.profile) if a.profile else None, a.out / "profile", rank, device)
 
     class Timer(TrainerCallback):
         def on_step_begin(self, args, state, control, **kw):
+            profiler.begin(state.global_step + 1)
             if "first_step_s" not in rec:
                 rec["first_step_s"] = time.time() - t0
             if torch.cuda.is_available():
@@ -90,6 +97,7 @@ def main() -> None:
             if torch.cuda.is_available():
                 torch.cuda.synchronize()
             rec["step_s"].append(time.perf_counter() - self.t)
+            profiler.end(state.global_step)  # global_step counts this step already
 
         def on_log(self, args, state, control, logs=None, **kw):
             if logs and "loss" in logs:

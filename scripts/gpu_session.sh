@@ -5,6 +5,10 @@
 #   bash scripts/gpu_session.sh 2 OUT   # GPUs 0,1: peers and qlaunch at batch 2 again, the FSDP2 peer at 8,
 #                                       # accelerate launch; GPUs 2,3: parity again, then the 1-GPU rows
 #   bash scripts/gpu_session.sh 3 OUT   # 4-GPU 8B; 70B rehearsal on 4 GPUs with a checkpoint and a resume
+#   bash scripts/gpu_session.sh 4 OUT   # profiles of the peer and qlaunch at batch 2; train.compile rows
+#   bash scripts/gpu_session.sh 5 OUT   # part 4 again after a change; GPU parity (with train.compile) beside it
+#   bash scripts/gpu_session.sh 6 OUT   # 70B rehearsal on 4 GPUs with train.compile, then GPU parity with compile
+#   bash scripts/gpu_session.sh 7 OUT   # the FSDP2 peer and qlaunch + train.compile at batch 2 alone; 1 GPU
 # Two 2-GPU streams run at the same time on disjoint GPU pairs (part 1), so compare rows of the same stream.
 set -uo pipefail
 PART=$1
@@ -34,6 +38,39 @@ elif [ "$PART" = 2 ]; then
     stream s2b 2 qlaunch-fsdp2-mb2,qlaunch-fsdp2-mb2-nockpt,qlaunch-fsdp2-mb8 --gpus 1 --port 29811 ) &
   stream s2a 0,1 peer-fsdp2-mb2,qlaunch-fsdp2-mb2,peer-fsdp1-mb2,peer-fsdp2-mb8,accelerate-fsdp2-mb2
   wait
+elif [ "$PART" = 4 ]; then
+  # Profiles (--profile: 2 extra steps per row under the torch profiler) of the peer and qlaunch at batch 2,
+  # and train.compile at batch 2 and at the planner's settings.
+  [ -e "$B/model-bf16" ] || CUDA_VISIBLE_DEVICES=0 python3 scripts/bench.py "$B" --prepare-only > "$OUT/prepare.txt" 2>&1
+  ( stream s4b 2,3 qlaunch-fsdp2-auto-compile,qlaunch-fsdp2-auto --port 29911 --profile ) &
+  stream s4a 0,1 peer-fsdp2-mb2,qlaunch-fsdp2-mb2,qlaunch-fsdp2-mb2-compile --profile
+  wait
+  cp "$B"/s4?/*.profile.txt "$OUT/" 2>/dev/null
+elif [ "$PART" = 5 ]; then
+  # After QLinear4bit (no Params4bit rebuilt per call; one compiled graph per layer): the same rows again,
+  # and the tiny-model parity (now with a train.compile run) on the other pair.
+  [ -e "$B/model-bf16" ] || CUDA_VISIBLE_DEVICES=0 python3 scripts/bench.py "$B" --prepare-only > "$OUT/prepare.txt" 2>&1
+  ( CUDA_VISIBLE_DEVICES=2,3 timeout 300 bash scripts/gpu_parity.sh /tmp/parity > "$OUT/parity.txt" 2>&1
+    stream s5b 2,3 qlaunch-fsdp2-auto-compile --port 29911 --profile ) &
+  stream s5a 0,1 peer-fsdp2-mb2,qlaunch-fsdp2-mb2,qlaunch-fsdp2-mb2-compile --profile
+  wait
+  cp "$B"/s5?/*.profile.txt "$OUT/" 2>/dev/null
+elif [ "$PART" = 6 ]; then
+  # 70B rehearsal on 4 GPUs with train.compile (8 steps, the last 2 profiled), then GPU parity with compile.
+  python3 -c "import sys; sys.path.insert(0, 'scripts'); import bench; from pathlib import Path; bench.write_random_tokens(Path('$B/tokens70.jsonl'), 256, 512)"
+  R70=(--set "log.runs_dir=\"$B/r70c\"" --set "data.datasets=[{path=\"$B/tokens70.jsonl\"}]" --set 'data.format="tokenized"'
+       --set data.packing=false --set 'train.schedule="constant"' --set train.warmup_steps=0 --set train.compile=true
+       --set train.max_steps=8 --set "log.profile_steps=[7,8]")
+  timeout 250 python3 -m launcher.cli run recipes/llama70b-qlora.toml --gpus 4 "${R70[@]}" > "$OUT/r70c.txt" 2>&1
+  echo "70B compile rc=$?"
+  for f in "$B"/r70c/llama70b-qlora/*/; do cp "$f/metrics.jsonl" "$OUT/r70c.metrics.jsonl"; cp "$f/profile/rank0.txt" "$OUT/r70c.profile.txt"; done
+  CUDA_VISIBLE_DEVICES=0,1 PARITY_ONLY="lr0 lr0_compile ref16 fsdp16 fsdp16_compile" timeout 230 bash scripts/gpu_parity.sh /tmp/parity > "$OUT/parity.txt" 2>&1
+elif [ "$PART" = 7 ]; then
+  # A clean same-settings comparison on 2 GPUs (nothing else running): the FSDP2 peer, then qlaunch with
+  # train.compile; then qlaunch with train.compile on 1 GPU. No pre-quantized copy is written.
+  CUDA_VISIBLE_DEVICES=0,1 timeout 230 python3 scripts/bench.py "$B/s7" --rows peer-fsdp2-mb2,qlaunch-fsdp2-mb2-compile > "$OUT/s7a.txt" 2>&1
+  CUDA_VISIBLE_DEVICES=0 timeout 100 python3 scripts/bench.py "$B/s7" --rows qlaunch-fsdp2-mb2-compile --gpus 1 --port 29811 > "$OUT/s7b.txt" 2>&1
+  cp "$B/s7/results.jsonl" "$OUT/s7.results.jsonl" 2>/dev/null
 else
   [ -e "$B/model-bf16" ] || CUDA_VISIBLE_DEVICES=0 python3 scripts/bench.py "$B" --prepare-only > "$OUT/prepare.txt" 2>&1
   stream s3a 0,1,2,3 qlaunch-fsdp2-mb2 --gpus 4 --port 29611

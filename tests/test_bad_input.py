@@ -221,3 +221,11 @@ def test_tied_embeddings_refused(tmp_path):
         BASE_RECIPE.replace(str(TINY_MODEL), str(d)),
         expect=["tie_word_embeddings = true", "not supported yet"],
     )
+
+
+def test_profile_steps_out_of_order(tmp_path):
+    check_error(
+        tmp_path,
+        BASE_RECIPE + "[log]\nprofile_steps = [3, 2]\n",
+        expect=["log.profile_steps = [3, 2]", "1 <= first <= last"],
+    )

@@ -208,18 +208,19 @@ def test_lr0_loss_constant_with_eval_between_steps(tmp_path, name, overrides):
 
 REPACK = textwrap.dedent(
     """
-    # Re-introduces the bug qlaunch's loader prevents: bitsandbytes may repack 4-bit weights for its CPU
-    # inference kernel (launcher/loading.py sets support_avx512bf16_for_cpu = False on every layer).
+    # Re-introduces the bug qlaunch's loader prevents: bitsandbytes' own Linear4bit.forward may repack
+    # 4-bit weights for its CPU inference kernel. qlaunch's 4-bit layer (launcher.loading.QLinear4bit)
+    # never calls it and sets support_avx512bf16_for_cpu = False; here it calls it with the repack allowed.
     import bitsandbytes.nn.modules as _m
     from bitsandbytes.functional import has_avx512bf16 as _has
 
-    _forward = _m.Linear4bit.forward
+    import launcher.loading as _l
 
     def _repacking_forward(self, x):
         self.support_avx512bf16_for_cpu = _has()
-        return _forward(self, x)
+        return _m.Linear4bit.forward(self, x)
 
-    _m.Linear4bit.forward = _repacking_forward
+    _l.linear4bit_class().forward = _repacking_forward
     """
 )
 

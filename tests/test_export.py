@@ -100,10 +100,11 @@ def test_peft_from_pretrained_gives_the_trained_logits(trained):
 def test_merged_model_loads_with_from_pretrained_and_matches(trained, tmp_path):
     """`qlaunch merge` writes dequantized base + scale * B @ A with its tokenizer. In float32 it is the
     trained function exactly (||diff|| / ||ref|| < 1e-5 against the fp32-compute 4-bit model); the
-    default bf16 output rounds each merged weight once (< 2e-2 against the bf16-compute model)."""
+    default bf16 output rounds each merged weight once (< 4e-2 against the bf16-compute model: 0.017-0.027
+    seen, depending on the trained adapter; leaving the adapter out gives ~1.2)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    for dtype, compute, tol in (("float32", "float32", 1e-5), ("bfloat16", "bfloat16", 2e-2)):
+    for dtype, compute, tol in (("float32", "float32", 1e-5), ("bfloat16", "bfloat16", 4e-2)):
         out = tmp_path / f"merged-{dtype}"
         r = run_cli("merge", str(trained), "-o", str(out), "--dtype", dtype)
         assert r.returncode == 0, r.stdout + r.stderr

@@ -1,0 +1,130 @@
+"""The step's speed features compute the same thing as the plain path: the fused lm_head + cross-entropy,
+LoRA on lm_head (the module path), `train.compile`, and `log.profile_steps` (the profiler's output)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from launcher.recipe import load_recipe
+from launcher.train import IGNORE, LinearCrossEntropy
+from tests.conftest import BASE_RECIPE, run_cli
+
+
+@pytest.mark.parametrize("chunk", [7, 64, 1000])
+def test_linear_cross_entropy_matches_autograd(chunk):
+    """Loss and input gradient equal those of logits + F.cross_entropy (fp32), with ignored labels and
+    a chunk size that does not divide the tokens; no gradient is stored without grad."""
+    torch.manual_seed(0)
+    h = torch.randn(61, 16, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(50, 16, dtype=torch.float64)
+    y = torch.randint(0, 50, (61,))
+    y[::5] = IGNORE
+    ref = F.cross_entropy(F.linear(h, w), y, ignore_index=IGNORE, reduction="sum")
+    (g_ref,) = torch.autograd.grad(ref * 0.3, h)
+    out = LinearCrossEntropy.apply(h, w, y, chunk)
+    (g,) = torch.autograd.grad(out * 0.3, h)
+    assert torch.allclose(out, ref, rtol=1e-12)
+    assert torch.allclose(g, g_ref, rtol=1e-10, atol=1e-12)
+    assert g[::5].abs().max() == 0  # ignored positions get no gradient
+    with torch.no_grad():
+        assert torch.allclose(LinearCrossEntropy.apply(h, w, y, chunk), ref)
+
+
+def _built(recipe_file, *sets: str):
+    from launcher.loading import build_model
+
+    torch.manual_seed(0)
+    return build_model(load_recipe(recipe_file(), ['parallel.backend="none"', *sets]), torch.device("cpu"), None)
+
+
+def _loss_and_grads(built, ids: torch.Tensor) -> tuple[float, dict[str, torch.Tensor]]:
+    s, n = built.loss_model(ids, ids, None)
+    (s / n).backward()
+    grads = {k: p.grad.float().clone() for k, p in built.loss_model.named_parameters() if p.grad is not None}
+    return float(s / n), grads
+
+
+def test_lora_on_lm_head_is_trained_through_the_module(recipe_file):
+    """lm_head in lora.target_modules: the loss must go through the LoRA-wrapped module (its weight
+    alone would silently leave the adapter out), so the adapter gets gradients and changes the loss."""
+    built = _built(recipe_file, 'lora.target_modules=["q_proj","lm_head"]')
+    ids = torch.randint(0, 500, (2, 32))
+    before, grads = _loss_and_grads(built, ids)
+    head = {k: g for k, g in grads.items() if "lm_head" in k and "lora_B" in k}  # A gets none while B = 0
+    assert head and all(g.abs().sum() > 0 for g in head.values()), sorted(grads)
+    with torch.no_grad():  # B starts at zero: make the head adapter non-zero, then the loss must move
+        for k, p in built.loss_model.named_parameters():
+            if "lm_head" in k and "lora_B" in k:
+                p.fill_(1.0)
+        after = built.loss_model(ids, ids, None)
+    assert abs(float(after[0] / after[1]) - before) > 1e-4
+
+
+@pytest.mark.slow
+def test_compiled_layers_compute_the_same_loss_and_gradients(recipe_file):
+    """train.compile = true (each decoder layer through torch.compile, checkpointing on) against eager:
+    same loss and LoRA gradients to float32 rounding."""
+    sets = ['model.dtype="float32"', 'quant.compute_dtype="float32"', 'quant.storage_dtype="float32"']
+    ids = torch.randint(0, 500, (2, 32))
+    eager = _loss_and_grads(_built(recipe_file, *sets), ids)
+    compiled_model = _built(recipe_file, *sets, "train.compile=true")
+    assert all(hasattr(m.forward, "_torchdynamo_orig_callable") for m in compiled_model.causal_lm.model.layers)
+    from torch._dynamo.utils import counters
+
+    counters.clear()
+    compiled = _loss_and_grads(compiled_model, ids)
+    # One graph for every layer, none split: a graph break costs more per call than fusion saves.
+    assert not counters["graph_break"], dict(counters["graph_break"])
+    assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])
+    assert abs(compiled[0] - eager[0]) < 1e-5 * abs(eager[0])
+    assert eager[1].keys() == compiled[1].keys() and len(eager[1]) > 0
+    for k, g in eager[1].items():
+        assert torch.allclose(compiled[1][k], g, rtol=1e-3, atol=1e-6), k
+
+
+def test_compile_is_refused_with_deepspeed(recipe_file):
+    from launcher.errors import RecipeError
+
+    with pytest.raises(RecipeError, match=r"train.compile = true is not supported with parallel.backend = 'deepspeed'"):
+        load_recipe(recipe_file(), ['parallel.backend="deepspeed"', "train.compile=true"])
+
+
+@pytest.mark.slow
+def test_profile_steps_write_a_summary_per_rank_and_a_trace(tmp_path, recipe_file):
+    out = tmp_path / "runs"
+    r = run_cli(
+        "run", str(recipe_file(BASE_RECIPE.replace("max_steps = 2", "max_steps = 4"))), "--gpus", "2",
+        "--set", f'log.runs_dir="{out}"', "--set", "log.profile_steps=[2,3]",
+    )  # fmt: skip
+    assert r.returncode == 0, r.stdout + r.stderr
+    (run,) = out.glob("*/*/")
+    for rank in (0, 1):
+        text = (run / "profile" / f"rank{rank}.txt").read_text()
+        assert text.startswith(f"rank {rank}, steps 2-3\nprofiled steps: 2, wall ")
+        assert "no device kernels recorded (CPU run)" in text and "aten::" in text
+    assert (run / "profile" / "rank0.trace.json.gz").stat().st_size > 1000
+    assert not (run / "profile" / "rank1.trace.json.gz").exists()
+    steps = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [e["step"] for e in steps if e["event"] == "step"] == [1, 2, 3, 4]
+
+
+@pytest.mark.parametrize(
+    "sets, device, expect",
+    [
+        ([], "cpu", False),  # 'auto' is off on CPU (CI, the demo)
+        ([], "cuda", True),
+        (['parallel.backend="deepspeed"'], "cuda", False),
+        (['parallel.backend="deepspeed"', "parallel.deepspeed.stage=2", "quant.bits=8"], "cuda", False),
+        (['parallel.backend="none"'], "cuda", True),
+        (["train.compile=false"], "cuda", False),
+        (["train.compile=true"], "cpu", True),
+    ],
+)
+def test_compile_auto_resolution(recipe_file, sets, device, expect):
+    from launcher.loading import compile_layers
+
+    assert compile_layers(load_recipe(recipe_file(), sets), torch.device(device)) is expect
