@@ -347,7 +347,10 @@ MEMORY_PROBE = textwrap.dedent(
         if rank == 0:
             res = {"full": pds.partitioned_bytes(full.loss_model), "ranks": ranks, "max_unit_bytes": max(units)}
             open(out, "w").write(json.dumps(res))
-        dist.destroy_process_group()
+        # As qlaunch's ranks end (launcher.worker.leave): a teardown of gloo and DeepSpeed's comm threads at
+        # exit aborted this probe once ("terminate called without an active exception").
+        from launcher.worker import leave
+        leave(0)
 
     if __name__ == "__main__":
         out = tempfile.mktemp()

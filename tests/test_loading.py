@@ -83,7 +83,9 @@ def _rank_main(rank: int, world: int, port: int, recipe_path: str, model_dirs: l
         }
         result[tag] = {"local": local_numel, "full": full, "qs": qstates, "bytes_read": built.stats.bytes_read}
     torch.save(result, f"{out}/rank{rank}.pt")
-    dist.destroy_process_group()
+    from launcher.worker import leave
+
+    leave(0)  # as qlaunch's ranks end: no process-group teardown, no interpreter shutdown (see leave)
 
 
 @pytest.fixture(scope="module")
