@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import sys
 from dataclasses import replace
@@ -86,6 +87,7 @@ def _cluster(node_rank: int = 0, master_addr: str = "127.0.0.1", rdzv_endpoint=N
         rdzv_endpoint=rdzv_endpoint,
         rdzv_id=rdzv_id,
         min_nodes=min_nodes,
+        cuda_alloc_conf=os.environ.get("PYTORCH_CUDA_ALLOC_CONF"),
     )
 
 

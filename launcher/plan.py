@@ -5,7 +5,6 @@ Nothing here touches processes, files or devices: `qlaunch plan` and `--dry-run`
 
 from __future__ import annotations
 
-import os
 import sys
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -28,6 +27,7 @@ class Cluster:
     rdzv_id: str | None = None
     min_nodes: int | None = None
     gpu_memory_bytes: int = 0  # per device; 0 = unknown (the memory planner then assumes an 80 GiB card)
+    cuda_alloc_conf: str | None = None  # the user's own PYTORCH_CUDA_ALLOC_CONF, which the plan keeps
 
 
 # How long a rank waits in one collective before its process group gives up. Generous: ranks legitimately
@@ -112,7 +112,7 @@ def make_plan(
         env.update({"TORCH_NCCL_ASYNC_ERROR_HANDLING": "1", "NCCL_NVLS_ENABLE": "0"})
         # FSDP frees and re-allocates gathered layers of one size all step long; growable segments stop
         # that from fragmenting the cache (reserved memory well above allocated). A user's own setting wins.
-        env["PYTORCH_CUDA_ALLOC_CONF"] = os.environ.get("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+        env["PYTORCH_CUDA_ALLOC_CONF"] = cluster.cuda_alloc_conf or "expandable_segments:True"
     env.update(multinode_env(device, nnodes))
     hybrid = recipe.parallel.backend == "fsdp" and recipe.parallel.fsdp.hybrid  # no effect on one node
     plan = Plan(

@@ -372,3 +372,13 @@ def test_render_yaml_is_accelerate_shaped():
     text = render_yaml(accelerate_config(rec, plan_for(rec), RUN, "LlamaDecoderLayer"))
     assert text.startswith("# ")  # a comment line accelerate's YAML loader ignores
     assert yaml.safe_load(text)["distributed_type"] == "DEEPSPEED"
+
+
+def test_gpu_plans_grow_allocator_segments_unless_the_user_set_the_allocator():
+    """FSDP re-allocates gathered layers all step long: GPU runs get expandable segments by default; a
+    user's own PYTORCH_CUDA_ALLOC_CONF (gathered at the edge into the Cluster) is kept; CPU runs get none."""
+    rec = recipe()
+    assert plan_for(rec, 2).env["PYTORCH_CUDA_ALLOC_CONF"] == "expandable_segments:True"
+    mine = make_plan(rec, Cluster(cuda_devices=2, cuda_alloc_conf="backend:cudaMallocAsync"))
+    assert mine.env["PYTORCH_CUDA_ALLOC_CONF"] == "backend:cudaMallocAsync"
+    assert "PYTORCH_CUDA_ALLOC_CONF" not in plan_for(rec, 0).env
