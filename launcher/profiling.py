@@ -53,8 +53,9 @@ def summarize(prof, wall_s: float, steps: int, title: str) -> str:
     kernels = [e for e in prof.events() if e.device_type == DeviceType.CUDA]
     lines = [title, f"profiled steps: {steps}, wall {wall_s * 1e3:.1f} ms ({wall_s / max(steps, 1) * 1e3:.1f} ms/step)"]
     if kernels:
+        kinds = [kind_of(e.name) for e in kernels]
         spans = [(e.time_range.start, e.time_range.end) for e in kernels]
-        compute = [(e.time_range.start, e.time_range.end) for e in kernels if kind_of(e.name) != "communication"]
+        compute = [span for span, k in zip(spans, kinds, strict=True) if k != "communication"]
         wall_us = wall_s * 1e6
         lines += [
             f"GPU busy (any kernel): {busy_us(spans) / wall_us:.1%} of wall; "
@@ -64,9 +65,8 @@ def summarize(prof, wall_s: float, steps: int, title: str) -> str:
             f"{'device time by kind':40s} {'ms/step':>10s} {'share':>7s}",
         ]
         by_kind: dict[str, float] = {}
-        for e in kernels:
-            k = kind_of(e.name)
-            by_kind[k] = by_kind.get(k, 0.0) + e.time_range.end - e.time_range.start
+        for (start, end), k in zip(spans, kinds, strict=True):
+            by_kind[k] = by_kind.get(k, 0.0) + end - start
         total = sum(by_kind.values()) or 1.0
         for k, us in sorted(by_kind.items(), key=lambda kv: -kv[1]):
             lines.append(f"{k:40s} {us / 1e3 / max(steps, 1):10.2f} {us / total:7.1%}")

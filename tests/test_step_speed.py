@@ -128,3 +128,40 @@ def test_compile_auto_resolution(recipe_file, sets, device, expect):
     from launcher.loading import compile_layers
 
     assert compile_layers(load_recipe(recipe_file(), sets), torch.device(device)) is expect
+
+
+def test_profile_summary_of_device_kernels():
+    """The GPU part of the summary, from stand-in kernel events (CI has no GPU): overlapping kernels are
+    counted once in busy time, communication is left out of computing time, and each kernel lands in its
+    kind."""
+    from types import SimpleNamespace as NS
+
+    from torch.autograd import DeviceType
+
+    from launcher.profiling import summarize
+
+    def kernel(name, start, end):
+        return NS(device_type=DeviceType.CUDA, name=name, time_range=NS(start=start, end=end))
+
+    class Prof:
+        def events(self):
+            return [
+                kernel("ncclDevKernel_AllGather_RING_LL", 0, 100),
+                kernel("nvjet_sm90_tst_256x128", 10, 60),
+                kernel("kDequantizeBlockwise", 50, 70),
+                kernel("vectorized_elementwise_kernel", 150, 160),
+            ]
+
+        def key_averages(self):
+            return NS(table=lambda **kw: "(operator table)")
+
+    text = summarize(Prof(), 200e-6, 2, "rank 0, steps 1-2")
+    assert "GPU busy (any kernel): 55.0% of wall; computing (not communication): 35.0%" in text
+    assert "kernel launches per step: 2" in text
+    kinds = {line[:40].strip(): line.split()[-2] for line in text.splitlines()[6:10]}
+    assert kinds == {
+        "communication": "0.05",
+        "matmul": "0.03",
+        "4-bit dequantize": "0.01",
+        "other (elementwise, norms, reductions)": "0.01",
+    }, text
