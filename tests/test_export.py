@@ -100,8 +100,10 @@ def test_peft_from_pretrained_gives_the_trained_logits(trained):
 def test_merged_model_loads_with_from_pretrained_and_matches(trained, tmp_path):
     """`qlaunch merge` writes dequantized base + scale * B @ A with its tokenizer. In float32 it is the
     trained function exactly (||diff|| / ||ref|| < 1e-5 against the fp32-compute 4-bit model); the
-    default bf16 output rounds each merged weight once (< 4e-2 against the bf16-compute model: 0.017-0.027
-    seen, depending on the trained adapter; leaving the adapter out gives ~1.2)."""
+    default bf16 output rounds each merged weight once (< 4e-2 against the bf16-compute model; leaving the
+    adapter out gives ~1.2). The bf16 figure is sensitive to the exact adapter: with this fixture's training
+    at lr 2.5e-2 / 2.9e-2 / 3e-2 / 3.1e-2 it measured 0.0054 / 0.0059 / 0.0097 / 0.0075 under the earlier loss
+    and 0.0051 / 0.0055 / 0.027 / 0.0079 under LinearCrossEntropy, whose training losses match to 0.05%."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     for dtype, compute, tol in (("float32", "float32", 1e-5), ("bfloat16", "bfloat16", 4e-2)):
