@@ -632,10 +632,10 @@ class Built:
 
 
 def compile_layers(recipe: Recipe, device: torch.device) -> bool:
-    """train.compile resolved: 'auto' compiles the 4-bit layers (the measured case) on GPUs, for FSDP and
-    unsharded runs (see the recipe key)."""
+    """train.compile resolved: 'auto' compiles the 4-bit layers (the measured case) on GPUs, for every
+    backend (see the recipe key)."""
     c = recipe.train.compile
-    auto = device.type == "cuda" and recipe.parallel.backend != "deepspeed" and recipe.quant.bits == 4
+    auto = device.type == "cuda" and recipe.quant.bits == 4
     return c is True or (c == "auto" and auto)
 
 

@@ -166,8 +166,8 @@ class TrainConfig(_Section):
         "auto",
         description="torch.compile each decoder layer: fuses the norms, rotary, activation and LoRA "
         "arithmetic into fewer kernels and cuts per-layer host work (the 4-bit matmuls stay bitsandbytes'). "
-        "'auto' = on for 4-bit FSDP and unsharded runs on GPUs, off on CPU (compiling there costs more than it "
-        "saves in short runs) and with DeepSpeed.",
+        "'auto' = on for 4-bit models on GPUs (every backend; ZeRO-3 gathers each layer whole so that its "
+        "forward holds no DeepSpeed hook), off on CPU (compiling there costs more than it saves in short runs).",
     )
     seed: int = Field(0, description="Seed for data order and dropout.")
     eval_every: int = Field(0, ge=0, description="Run validation every N steps (0 = never).")
@@ -275,11 +275,6 @@ class Recipe(_Section):
                 + ("FSDP" if p.backend == "fsdp" else "ZeRO-3")
                 + " (LLM.int8 weights carry row scales that break when split); use quant.bits = 4, "
                 "or parallel.backend = 'deepspeed' with parallel.deepspeed.stage = 2"
-            )
-        if self.train.compile is True and p.backend == "deepspeed":
-            raise ValueError(
-                "train.compile = true is not supported with parallel.backend = 'deepspeed' (its parameter "
-                "hooks run inside the layers); use parallel.backend = 'fsdp' or set train.compile = false"
             )
         if p.deepspeed.offload_params and p.deepspeed.stage != 3 and p.backend == "deepspeed":
             raise ValueError("parallel.deepspeed.offload_params needs parallel.deepspeed.stage = 3")

@@ -88,13 +88,19 @@ def parity(tmp_path_factory):
         # Offload changes how DeepSpeed accumulates gradients over micro-steps (host-side partitions);
         # plain ZeRO-3 is covered by the lr = 0 test and the loading test below.
         "zero3_offload": train(tmp, recipe, "zero3off", 2, *common, *ZERO3, *OFFLOAD),
+        # Each decoder layer compiled inside ZeRO-3's whole-layer gather/release (no DeepSpeed hook in the graph),
+        # without checkpointing: nothing else then makes the first layer's input require grad (see
+        # launcher.parallel.deepspeed.zero3_whole_layers).
+        "zero3_compile": train(
+            tmp, recipe, "zero3c", 2, *common, *ZERO3, "train.compile=true", "train.gradient_checkpointing=false"
+        ),
         "recipe": recipe,
         "common": common,
         "tmp": tmp,
     }
 
 
-@pytest.mark.parametrize("name", ["zero2", "zero3_offload"])
+@pytest.mark.parametrize("name", ["zero2", "zero3_offload", "zero3_compile"])
 def test_trajectory_parity_fp32(parity, name):
     ref, got = parity["ref"], parity[name]
     loss_ref = series(ref, "loss")
@@ -108,7 +114,7 @@ def test_trajectory_parity_fp32(parity, name):
     assert rel(series(got, "grad_norm"), norms) <= 1e-3, (name, series(got, "grad_norm"), norms)
 
 
-@pytest.mark.parametrize("name", ["zero2", "zero3_offload"])
+@pytest.mark.parametrize("name", ["zero2", "zero3_offload", "zero3_compile"])
 def test_exported_adapter_matches_reference(parity, name):
     """The adapter DeepSpeed trained (ZeRO-3: gathered from partitions) is the reference's adapter."""
     ref, got = parity["ref"]["adapter"], parity[name]["adapter"]
@@ -295,6 +301,8 @@ def test_zero3_loads_partitions_not_the_model(tmp_path):
         assert rank["bad"] == [], rank["bad"]  # each parameter: ceil(numel / 2) local elements, no full copy
         assert rank["quant_state_bytes"] == got["full"]["quant_state_bytes"] > 0
         assert rank["param_bytes"] < 0.55 * got["full"]["param_bytes"]
+        # Each decoder layer is one ZeRO-3 unit (launcher.parallel.deepspeed.zero3_whole_layers).
+        assert rank["hooked_layers"] == 2 and rank["hooked_inside"] == 0, rank
         # Same 4-bit bytes, same scales, same kernels: the same loss (bf16; summation order differs slightly).
         assert abs(rank["loss"] - rank["loss_full"]) <= 1e-5 * abs(rank["loss_full"]), rank
     assert got["max_unit_bytes"] < 0.5 * got["full"]["param_bytes"]
@@ -336,6 +344,10 @@ MEMORY_PROBE = textwrap.dedent(
                if p.data.numel() != 0 or p.ds_tensor.numel() != math.ceil(p.ds_numel / world)]
         mine = {**pds.partitioned_bytes(part.loss_model), "bad": bad}
         engine = pds.DeepSpeedEngine(part, rec, plan.to_dict(), 1, device, run)
+        # ZeRO-3 hooks (ds_id) on the decoder layers themselves, none on a module inside one.
+        layers = list(part.causal_lm.model.layers)
+        mine["hooked_layers"] = sum(hasattr(m, "ds_id") for m in layers)
+        mine["hooked_inside"] = sum(hasattr(m, "ds_id") for l in layers for m in l.modules() if m is not l)
         ids = torch.randint(3, 500, (2, 32), generator=torch.Generator().manual_seed(rank))
         pos = torch.arange(32).expand(2, 32)
         with torch.no_grad():
