@@ -8,8 +8,9 @@ trainer:
     scale per output row, whole on every rank;
   * dense frozen weights (embeddings, lm_head, norms) are sharded in `model.dtype`;
   * during forward/backward whole decoder layers are all-gathered in `quant.compute_dtype` (the current one
-    plus the prefetched next), the root (final norm + lm_head) is never resharded, and bitsandbytes
-    dequantizes each 4-bit weight to a full compute-dtype matrix for its matmul;
+    plus the prefetched next), a plain lm_head is gathered for the loss (counted here beside the layers
+    although it is freed before backward: errs high), and bitsandbytes dequantizes each 4-bit weight to a
+    full compute-dtype matrix for its matmul;
   * LoRA masters, their gradients (reduced in fp32) and AdamW's two moments are fp32 and sharded;
   * activations are either one hidden state per layer boundary (gradient checkpointing) or every tensor a
     Llama layer saves for backward; the loss runs lm_head over 2048-token chunks (train.LinearCrossEntropy).

@@ -22,13 +22,17 @@ class CausalLMLoss(nn.Module):
     backward. An lm_head that is LoRA-wrapped or quantized is called as a module, chunk by chunk, each
     chunk recomputed in backward. Positions without a label are skipped by ignore_index rather than by
     boolean indexing, which would make the host wait for the GPU (a device sync) in every forward.
-    This is also the FSDP root module, so the final norm and lm_head are gathered by its hooks.
+    This is also the FSDP root module, so the final norm is gathered by its hooks; a plain lm_head is an
+    FSDP unit of its own (launcher/parallel/fsdp.py), gathered here only around the loss, because the loss
+    reads its weight directly and its backward needs no weight.
     """
 
     def __init__(self, causal_lm: nn.Module, chunk_tokens: int = 2048):
         super().__init__()
         self.lm = causal_lm
         self.chunk_tokens = chunk_tokens
+        # Decided before any wrapping: FSDP2 turns the head into a subclass of nn.Linear.
+        self.fused_head = plain_head(causal_lm.lm_head)
 
     def forward(
         self, input_ids: torch.Tensor, labels: torch.Tensor, position_ids: torch.Tensor | None = None
@@ -37,8 +41,13 @@ class CausalLMLoss(nn.Module):
         h = hidden[:, :-1].reshape(-1, hidden.shape[-1])
         y = labels[:, 1:].reshape(-1)
         head = self.lm.lm_head
-        if type(head) is nn.Linear and head.bias is None and not head.weight.requires_grad:
+        if self.fused_head:
+            sharded = hasattr(head, "unshard")  # an FSDP2 unit: gather it for the loss, free it right after
+            if sharded:
+                head.unshard()
             total = LinearCrossEntropy.apply(h, head.weight, y, self.chunk_tokens)
+            if sharded:
+                head.reshard()
         else:
             total = hidden.new_zeros((), dtype=torch.float32)
             for s in range(0, h.shape[0], self.chunk_tokens):
@@ -48,6 +57,11 @@ class CausalLMLoss(nn.Module):
                 else:
                     total = total + _module_ce(head, hs, ys)
         return total, (y != IGNORE).sum()
+
+
+def plain_head(head: nn.Module) -> bool:
+    """A frozen bias-free nn.Linear (not LoRA-wrapped, not quantized): the loss fuses it (LinearCrossEntropy)."""
+    return type(head) is nn.Linear and head.bias is None and not head.weight.requires_grad
 
 
 def _module_ce(head: nn.Module, h: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

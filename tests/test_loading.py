@@ -82,6 +82,15 @@ def _rank_main(rank: int, world: int, port: int, recipe_path: str, model_dirs: l
             if getattr(m, "quant_state", None) is not None
         }
         result[tag] = {"local": local_numel, "full": full, "qs": qstates, "bytes_read": built.stats.bytes_read}
+        # lm_head is an FSDP unit of its own that the loss gathers and frees again (parallel/fsdp.py): between
+        # forward and backward a rank holds only its shard of it.
+        from torch.distributed.tensor import DTensor
+
+        ids = torch.randint(3, 500, (1, 16), generator=torch.Generator().manual_seed(0))
+        loss, _ = built.loss_model(ids, ids, None)
+        head = built.causal_lm.lm_head
+        result[tag]["head"] = (hasattr(head, "unshard"), isinstance(head.weight, DTensor))
+        loss.backward()
     torch.save(result, f"{out}/rank{rank}.pt")
     from launcher.worker import leave
 
@@ -132,6 +141,7 @@ def test_ranks_hold_only_their_shard_and_sources_agree(tmp_path, prequant_dir):
             want = ref_params[name].detach()
             assert t.dtype == want.dtype, name
             assert torch.equal(t.contiguous().view(torch.uint8), want.contiguous().view(torch.uint8)), name
+        assert all(r[tag]["head"] == (True, True) for r in ranks), [r[tag]["head"] for r in ranks]
         for mod_name, (absmax, offset) in ranks[0][tag]["qs"].items():
             m = ref.loss_model.get_submodule(mod_name)
             assert torch.equal(absmax, m.quant_state.absmax), mod_name

@@ -1,4 +1,4 @@
-"""FSDP2 (`fully_shard`) wrapping of the LoRA model: per decoder layer, the embedding, then the root."""
+"""FSDP2 (`fully_shard`) wrapping of the LoRA model: per decoder layer, the embedding, lm_head, then the root."""
 
 from __future__ import annotations
 
@@ -31,7 +31,14 @@ def apply_fsdp(loss_model: nn.Module, causal_lm: nn.Module, recipe: Recipe, mesh
     tied = emb.weight is causal_lm.lm_head.weight
     if not tied:
         fully_shard(emb, reshard_after_forward=True, **common)
-    # Root: final norm + lm_head (+ tied embedding), used first thing in backward, so not resharded.
+        if loss_model.fused_head:
+            # The loss gathers a plain frozen lm_head itself and frees it at once: its backward needs no weight
+            # (train.LinearCrossEntropy), so it need not stay gathered through the whole backward as part of
+            # the root (70B: 2.1 GB per rank). A LoRA-wrapped or quantized head is called chunk by chunk and
+            # recomputed in backward, so it stays in the root and is gathered once.
+            fully_shard(causal_lm.lm_head, reshard_after_forward=True, **common)
+    # Root: final norm (+ the tied embedding, or a LoRA/quantized lm_head), used first thing in backward, so
+    # not resharded.
     fully_shard(loss_model, reshard_after_forward=False, **common)
     # FSDP averages gradients over the ranks (its default divide factor); TorchEngine.backward scales each
     # rank's loss by the world size so that the average is the sum the global token-mean needs. (A divide
