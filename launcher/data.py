@@ -1099,6 +1099,46 @@ def check(recipe: Recipe, rows: int = CHECK_ROWS) -> None:
 # ------------------------------------------------------------------ sampling
 
 
+class StepBatches:
+    """This rank's micro-batches of each step, built on a host thread one step ahead of the GPU.
+
+    The step loop asks for step s and names the step it will ask for next; that one is collated (and, for a
+    GPU, pinned so the copy to the device does not block) while the GPU computes step s. The step loop only
+    waits when a batch is not ready yet: that wait is the data time it reports.
+
+    The loss is normalised by the label tokens of the whole global batch. Every rank holds the whole
+    (packed) training set and the sampler's global batch, so each rank counts them itself: no collective,
+    and no device->host copy that would make the host wait for the GPU at every step start.
+    """
+
+    def __init__(self, data: Packed, sampler: StepSampler, pin: bool):
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.data, self.sampler, self.pin = data, sampler, pin
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="qlaunch-batches")
+        self._ahead: tuple[int, object] | None = None  # (step, Future of build(step))
+
+    def label_tokens(self, step: int) -> int:
+        """Tokens with a label, over the global batch of `step` (every rank's micro-batches together)."""
+        rows = self.data.labels[torch.as_tensor(self.sampler.global_batch(step), dtype=torch.long)]
+        return int((rows[:, 1:] != IGNORE).sum())
+
+    def build(self, step: int) -> tuple[list[dict[str, torch.Tensor]], int]:
+        micro = [self.data.collate(idx) for idx in self.sampler.micro_batches(step)]
+        if self.pin:
+            micro = [{k: v.pin_memory() for k, v in b.items()} for b in micro]
+        return micro, self.label_tokens(step)
+
+    def get(self, step: int, then: int | None) -> tuple[list[dict[str, torch.Tensor]], int]:
+        """(micro-batches, global label tokens) of `step`; starts building `then` (None: nothing more)."""
+        if self._ahead is not None and self._ahead[0] == step:
+            out = self._ahead[1].result()
+        else:
+            out = self.build(step)
+        self._ahead = (then, self._pool.submit(self.build, then)) if then is not None else None
+        return out
+
+
 class StepSampler:
     """Global batch of step s = samples perm[s*G:(s+1)*G] (a fresh seeded permutation per epoch).
 

@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 
 from launcher import checkpoint, export
-from launcher.data import StepSampler, build_data, build_tokenizer
+from launcher.data import StepBatches, StepSampler, build_data, build_tokenizer
 from launcher.loading import build_model
 from launcher.parallel import make_engine
 from launcher.profiling import StepProfiler
@@ -166,19 +166,16 @@ def _train(run: RunDir, d, recipe, plan: dict, metrics, t_spawn: float) -> None:
     profiler = StepProfiler(recipe.log.profile_steps, run.path / "profile", d.rank, device)
     tokens_seen = 0
     t_last = time.perf_counter()
-    data_s = 0.0  # host time spent building batches since the last metrics line (the data-loader cost)
+    data_s = 0.0  # host time spent waiting for batches since the last metrics line (the data-loader cost)
+    batches = StepBatches(train_data, sampler, pin=device.type == "cuda")
     for step in range(start_step, total_steps):
         profiler.begin(step + 1)
         t_data = time.perf_counter()
-        micro = [train_data.collate(idx) for idx in sampler.micro_batches(step)]
+        micro, n_labels = batches.get(step, step + 1 if step + 1 < total_steps else None)
+        data_s += time.perf_counter() - t_data
         # Normalise by the label tokens of the whole global batch, so any split over ranks and
         # micro-steps computes the same loss (and gradient) as one device would.
-        n_local = sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro)
-        data_s += time.perf_counter() - t_data
-        count = torch.tensor([float(n_local)], device=device)
-        if dist.is_initialized():
-            dist.all_reduce(count)
-        n_global = max(float(count.item()), 1.0)
+        n_global = float(max(n_labels, 1))
         loss_sum = torch.zeros((), device=device)
         for b in micro:
             b = {k: v.to(device, non_blocking=True) for k, v in b.items()}

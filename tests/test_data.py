@@ -534,6 +534,35 @@ def test_sampler_resumes_exactly():
         StepSampler(3, 8, 2, 2, 0, seed=0)
 
 
+def test_step_batches_are_the_samplers_and_count_every_ranks_labels():
+    """StepBatches (built one step ahead on a thread) hands out exactly the collated micro-batches of the
+    sampler, and its label count is the sum over every rank's micro-batches: what an all-reduce of the
+    per-rank counts gave, computed without one."""
+    g = torch.Generator().manual_seed(0)
+    n, T, G, world = 40, 12, 8, 2
+    labels = torch.randint(0, 50, (n, T), generator=g, dtype=torch.int32)
+    labels[torch.rand(n, T, generator=g) < 0.4] = IGNORE  # prompts / padding: varying counts per row
+    packed = data.Packed(labels.abs(), labels, torch.arange(T).expand(n, T).contiguous())
+    samplers = [StepSampler(n, G, 2, world, r, seed=1) for r in range(world)]
+    feeds = [data.StepBatches(packed, s, pin=False) for s in samplers]
+    for step in range(7):  # crosses an epoch boundary (5 steps per epoch)
+        then = step + 1 if step < 6 else None
+        got = [f.get(step, then) for f in feeds]
+        counted = 0
+        for (micro, n_labels), sampler in zip(got, samplers, strict=True):
+            want = [packed.collate(idx) for idx in sampler.micro_batches(step)]
+            assert len(micro) == len(want) == 2
+            for b, w in zip(micro, want, strict=True):
+                assert b.keys() == w.keys() and all(torch.equal(b[k], w[k]) for k in w)
+            counted += sum(int((w["labels"][:, 1:] != IGNORE).sum()) for w in want)
+            assert n_labels == got[0][1]
+        assert got[0][1] == counted
+        assert all((f._ahead is None) == (then is None) for f in feeds)
+        if then is not None:
+            assert all(f._ahead[0] == then for f in feeds)  # the next step is already being built
+    assert feeds[0].get(3, None)[1] == feeds[1].label_tokens(3)  # a step asked out of order is built then
+
+
 # ------------------------------------------------------------------ bad input: one line naming file and line
 
 
