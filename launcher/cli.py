@@ -505,6 +505,9 @@ def plan(
     cluster = _cluster()
     if gpu_mem_gb is not None:
         cluster = replace(cluster, gpu_memory_bytes=int(gpu_mem_gb * 2**30))
+    if rec.launch.gpu_memory_gb:  # the recipe's cap is the card the run gets
+        cap = int(rec.launch.gpu_memory_gb * 2**30)
+        cluster = replace(cluster, gpu_memory_bytes=min(cluster.gpu_memory_bytes or cap, cap))
     shape = _model_shape(rec, required=_has_auto(rec))
     p = make_plan(rec, cluster, model=shape)
     _print_plan(rec, p)

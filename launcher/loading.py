@@ -568,12 +568,22 @@ def materialize(
     prequant: bool,
     progress: Callable[[str], None] | None = None,
 ) -> LoadStats:
-    """Allocate local shards on `device` and fill them; non-persistent buffers are restored afterwards."""
+    """Allocate local shards on `device` and fill them; non-persistent buffers are restored afterwards.
+
+    With parallel.fsdp.cpu_offload the shards are allocated in host memory (FSDP2 copies each unit's
+    shards to the GPU for its all-gather and refuses shards that start on the GPU); buffers and the 4-bit
+    quant states, which the GPU reads directly, stay on `device`."""
     stats = LoadStats()
     t0 = time.perf_counter()
     buffers = {n: b.detach().clone() for n, b in root.named_buffers()}
-    root.to_empty(device=device)
+    p = recipe.parallel
+    offload = device.type == "cuda" and p.backend == "fsdp" and p.fsdp.cpu_offload
+    root.to_empty(device=torch.device("cpu") if offload else device)
     with torch.no_grad():
+        for m in root.modules():
+            for key, b in m._buffers.items():
+                if b is not None:
+                    m._buffers[key] = b.to(device)
         for n, b in root.named_buffers():
             b.copy_(buffers[n].to(b.device))
         for hf_name, module, pname, p in iter_base_params(module_names):

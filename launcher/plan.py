@@ -51,6 +51,7 @@ class Plan:
     env: dict[str, str] = field(default_factory=dict)
     gradient_checkpointing: bool = True  # resolved from train.gradient_checkpointing ("auto" -> planner)
     memory: dict[str, Any] | None = None  # the memory planner's per-GPU estimate (memory.Estimate.to_dict)
+    gpu_memory_cap_bytes: int = 0  # launch.gpu_memory_gb: each rank's allocator is capped here (0 = no cap)
     # --- multinode
     hybrid_shard: bool = False  # FSDP2 HSDP: a (nodes, ranks-per-node) mesh, replicate x shard
     collective_timeout_s: int = COLLECTIVE_TIMEOUT_S  # process-group timeout of every rank
@@ -85,6 +86,10 @@ def make_plan(
                 f"use --gpus 1..{cluster.cuda_devices}"
             )
         device, dist_backend = "cuda", "nccl"
+        if recipe.parallel.backend == "fsdp" and recipe.parallel.fsdp.cpu_offload:
+            # Offloaded shards and their gradients live in host memory: the gradient norm (and checkpoint
+            # collectives) reduce CPU tensors, which NCCL cannot; gloo takes the CPU ones.
+            dist_backend = "cuda:nccl,cpu:gloo"
     else:
         device, dist_backend = "cpu", "gloo"
     world = nproc * nnodes
@@ -97,6 +102,8 @@ def make_plan(
         from launcher import memory
 
         gpu_mem = cluster.gpu_memory_bytes or memory.DEFAULT_GPU_MEMORY
+        if recipe.launch.gpu_memory_gb:  # a capped card is planned at its cap
+            gpu_mem = min(gpu_mem, int(recipe.launch.gpu_memory_gb * 2**30))
         train = recipe.train.model_copy(update={"micro_batch": mb})
         estimate = memory.choose(recipe.model_copy(update={"train": train}), model, world, gpu_mem, nproc)
         mb, ckpt = estimate.setup.micro_batch, estimate.setup.checkpointing
@@ -128,6 +135,7 @@ def make_plan(
         env=env,
         gradient_checkpointing=bool(ckpt),
         memory=estimate.to_dict() if estimate is not None else None,
+        gpu_memory_cap_bytes=int(recipe.launch.gpu_memory_gb * 2**30) if recipe.launch.gpu_memory_gb else 0,
         hybrid_shard=hybrid and nnodes > 1,
     )
     return plan

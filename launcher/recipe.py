@@ -225,6 +225,13 @@ class LaunchConfig(_Section):
     nnodes: int = Field(1, ge=1, description="Number of nodes.")
     max_restarts: int = Field(0, ge=0, description="Elastic restarts of the whole worker group after a failure.")
     master_port: int = Field(29500, ge=1, le=65535, description="Rendezvous port (0 = pick a free one).")
+    gpu_memory_gb: float | None = Field(
+        None,
+        gt=0,
+        description="Cap each rank's GPU memory at this many GiB (torch's allocator, through "
+        "torch.cuda.set_per_process_memory_fraction) and plan for a card of that size: rehearse a smaller "
+        "card on a bigger one. None = the whole card.",
+    )
 
 
 class LogConfig(_Section):

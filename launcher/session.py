@@ -68,6 +68,10 @@ def init_process_group(plan: dict, d) -> tuple[torch.device, object]:
     if plan["device"] == "cuda":
         torch.cuda.set_device(d.local_rank)
         device = torch.device("cuda", d.local_rank)
+        cap = plan.get("gpu_memory_cap_bytes")
+        if cap:  # launch.gpu_memory_gb: the allocator refuses (out of memory) beyond the cap
+            total = torch.cuda.get_device_properties(device).total_memory
+            torch.cuda.set_per_process_memory_fraction(min(1.0, cap / total), device)
     else:
         device = torch.device("cpu")
     mesh = None

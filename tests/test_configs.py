@@ -382,3 +382,12 @@ def test_gpu_plans_grow_allocator_segments_unless_the_user_set_the_allocator():
     mine = make_plan(rec, Cluster(cuda_devices=2, cuda_alloc_conf="backend:cudaMallocAsync"))
     assert mine.env["PYTORCH_CUDA_ALLOC_CONF"] == "backend:cudaMallocAsync"
     assert "PYTORCH_CUDA_ALLOC_CONF" not in plan_for(rec, 0).env
+
+
+def test_cpu_offload_gets_a_cpu_backend_beside_nccl():
+    """FSDP2 CPU offload keeps shards and gradients in host memory, and the gradient norm reduces them:
+    NCCL alone has no CPU backend (measured: "No backend type associated with device type cpu" at the first
+    optimizer step), so such a GPU run's process group pairs NCCL with gloo."""
+    assert plan_for(recipe("launch.gpus=2"), 2).dist_backend == "nccl"
+    assert plan_for(recipe("launch.gpus=2", "parallel.fsdp.cpu_offload=true"), 2).dist_backend == "cuda:nccl,cpu:gloo"
+    assert plan_for(recipe("launch.gpus=2", "parallel.fsdp.cpu_offload=true")).dist_backend == "gloo"  # CPU run

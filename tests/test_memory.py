@@ -137,6 +137,19 @@ def test_make_plan_resolves_auto_with_the_model_shape(big):
     assert resolve_recipe(big, make_plan(big, Cluster(), model=SHAPE)) is big  # nothing to resolve
 
 
+def test_gpu_memory_cap_is_the_card_the_plan_and_the_ranks_get(big):
+    """launch.gpu_memory_gb: the planner plans for the capped card (an 80 GiB card capped at 12 plans like a
+    12 GiB card) and the plan carries the cap that each rank applies to its allocator."""
+    auto = big.model_copy(update={"train": big.train.model_copy(update={"micro_batch": "auto"})})
+    capped = auto.model_copy(update={"launch": auto.launch.model_copy(update={"gpu_memory_gb": 12})})
+    whole = make_plan(auto, Cluster(gpu_memory_bytes=80 * GiB), model=SHAPE)
+    small = make_plan(capped, Cluster(gpu_memory_bytes=80 * GiB), model=SHAPE)
+    card = make_plan(auto, Cluster(gpu_memory_bytes=12 * GiB), model=SHAPE)
+    assert whole.gpu_memory_cap_bytes == 0 and small.gpu_memory_cap_bytes == 12 * GiB
+    assert small.memory["gpu_memory_gib"] == card.memory["gpu_memory_gib"] == 12
+    assert small.micro_batch == card.micro_batch < whole.micro_batch
+
+
 def test_plan_command_prints_breakdown_verdict_and_suggestions(recipe_file):
     r = run_cli("plan", str(recipe_file()), "--gpu-mem-gb", "1", "--set", "train.micro_batch=auto")
     assert r.returncode == 0, r.stderr
