@@ -56,6 +56,10 @@ ROWS: dict[str, dict] = {
     "qlaunch-fsdp2-mb2-compile": dict(kind="qlaunch", mb=2, ckpt=True, compile=True),
     "qlaunch-fsdp2-mb8-compile": dict(kind="qlaunch", mb=8, ckpt=True, compile=True),
     "qlaunch-fsdp2-auto-compile": dict(kind="qlaunch", mb="auto", ckpt="auto", compile=True),
+    # ZeRO-3 with train.compile (each decoder layer one ZeRO-3 unit), at the peers' settings and at the
+    # micro-batch/checkpointing the planner picks for FSDP2 on this card (batch 4, no checkpointing).
+    "qlaunch-zero3-mb2-compile": dict(kind="qlaunch", mb=2, ckpt=True, backend="deepspeed", compile=True),
+    "qlaunch-zero3-mb4-nockpt-compile": dict(kind="qlaunch", mb=4, ckpt=False, backend="deepspeed", compile=True),
     # The generated accelerate config starting the same run.
     "accelerate-fsdp2-mb2": dict(kind="accelerate", mb=2, ckpt=True),
 }

@@ -30,6 +30,8 @@ run ref16 --gpus 1 "${COMMON[@]}" --set 'parallel.backend="none"' --set train.mi
 run fsdp16 --gpus 2 "${COMMON[@]}" --set train.micro_batch=2
 run zero3_16 --gpus 2 "${COMMON[@]}" --set train.micro_batch=2 --set 'parallel.backend="deepspeed"' --set parallel.deepspeed.stage=3
 run fsdp16_compile --gpus 2 "${COMMON[@]}" --set train.micro_batch=2 --set train.compile=true
+run zero3_16_compile --gpus 2 "${COMMON[@]}" --set train.micro_batch=2 --set 'parallel.backend="deepspeed"' --set parallel.deepspeed.stage=3 --set train.compile=true
+run zero3_32_compile --gpus 2 "${FP32[@]}" "${COMMON[@]}" --set train.micro_batch=2 --set 'parallel.backend="deepspeed"' --set parallel.deepspeed.stage=3 --set train.compile=true --set train.gradient_checkpointing=false
 python3 - "$OUT" <<'PY'
 import json, sys, glob
 out = sys.argv[1]
@@ -37,11 +39,12 @@ def losses(tag, ev="step", key="loss"):
     f = sorted(glob.glob(f"{out}/{tag}/*/*/metrics.jsonl"))
     if not f: return []
     return [r[key] for r in map(json.loads, open(f[-1])) if r["event"] == ev]
-for tag in ["lr0", "lr0_compile", "ref32", "fsdp32", "ref16", "fsdp16", "zero3_16", "fsdp16_compile"]:
+for tag in ["lr0", "lr0_compile", "ref32", "fsdp32", "ref16", "fsdp16", "zero3_16", "fsdp16_compile", "zero3_16_compile", "zero3_32_compile"]:
     print(tag, [round(x, 6) for x in losses(tag)])
 print("lr0 eval", losses("lr0", "eval", "eval_loss"))
 print("lr0_compile eval", losses("lr0_compile", "eval", "eval_loss"))
-for a, b in [("fsdp32", "ref32"), ("fsdp16", "ref16"), ("zero3_16", "ref16"), ("fsdp16_compile", "ref16")]:
+for a, b in [("fsdp32", "ref32"), ("fsdp16", "ref16"), ("zero3_16", "ref16"), ("fsdp16_compile", "ref16"),
+             ("zero3_16_compile", "ref16"), ("zero3_32_compile", "ref32")]:
     x, y = losses(a), losses(b)
     if x and len(x) == len(y):
         print(f"max rel diff {a} vs {b}: {max(abs(p - q) / abs(q) for p, q in zip(x, y)):.2e}")

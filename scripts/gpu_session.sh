@@ -9,7 +9,12 @@
 #   bash scripts/gpu_session.sh 5 OUT   # part 4 again after a change; GPU parity (with train.compile) beside it
 #   bash scripts/gpu_session.sh 6 OUT   # 70B rehearsal on 4 GPUs with train.compile, then GPU parity with compile
 #   bash scripts/gpu_session.sh 7 OUT   # the FSDP2 peer and qlaunch + train.compile at batch 2 alone; 1 GPU
-# Two 2-GPU streams run at the same time on disjoint GPU pairs (part 1), so compare rows of the same stream.
+#   bash scripts/gpu_session.sh 8 OUT   # scaling alone (4 GPUs, then 1 GPU, batch 2 + compile); 70B on 4 GPUs
+#   bash scripts/gpu_session.sh 9 OUT   # GPUs 0,1: ZeRO-3 peer and qlaunch ZeRO-3 rows; GPUs 2,3: 70B on 2 GPUs
+#                                       # capped at 24 GiB with CPU offload, then GPU parity (ZeRO-3 + compile)
+#   bash scripts/gpu_session.sh 10 OUT  # part 9's 70B-offload run and ZeRO-3 parity again, side by side
+# Two 2-GPU streams run at the same time on disjoint GPU pairs (parts 1, 2, 4, 5, 9), so compare rows of the
+# same stream.
 set -uo pipefail
 PART=$1
 OUT=${2:-/tmp/gpu-out}
@@ -71,6 +76,48 @@ elif [ "$PART" = 7 ]; then
   CUDA_VISIBLE_DEVICES=0,1 timeout 230 python3 scripts/bench.py "$B/s7" --rows peer-fsdp2-mb2,qlaunch-fsdp2-mb2-compile > "$OUT/s7a.txt" 2>&1
   CUDA_VISIBLE_DEVICES=0 timeout 100 python3 scripts/bench.py "$B/s7" --rows qlaunch-fsdp2-mb2-compile --gpus 1 --port 29811 > "$OUT/s7b.txt" 2>&1
   cp "$B/s7/results.jsonl" "$OUT/s7.results.jsonl" 2>/dev/null
+elif [ "$PART" = 8 ]; then
+  # Per-GPU scaling at the same per-GPU batch, nothing else running: 4 GPUs, then 1 GPU. Then the 70B
+  # rehearsal on 4 GPUs (lm_head gathered only for the loss), 6 steps.
+  CUDA_VISIBLE_DEVICES=0,1,2,3 timeout 200 python3 scripts/bench.py "$B/s8" --rows qlaunch-fsdp2-mb2-compile --gpus 4 > "$OUT/s8a.txt" 2>&1
+  CUDA_VISIBLE_DEVICES=0 timeout 110 python3 scripts/bench.py "$B/s8" --rows qlaunch-fsdp2-mb2-compile --gpus 1 --port 29811 > "$OUT/s8b.txt" 2>&1
+  cp "$B/s8/results.jsonl" "$OUT/s8.results.jsonl" 2>/dev/null
+  python3 -c "import sys; sys.path.insert(0, 'scripts'); import bench; from pathlib import Path; bench.write_random_tokens(Path('$B/tokens70.jsonl'), 256, 512)"
+  R70=(--set "log.runs_dir=\"$B/r70h\"" --set "data.datasets=[{path=\"$B/tokens70.jsonl\"}]" --set 'data.format="tokenized"'
+       --set data.packing=false --set 'train.schedule="constant"' --set train.warmup_steps=0 --set train.max_steps=6
+       --set checkpoint.every_steps=0 --set checkpoint.save_final_adapter=false)
+  timeout 200 python3 -m launcher.cli run recipes/llama70b-qlora.toml --gpus 4 "${R70[@]}" > "$OUT/r70h.txt" 2>&1
+  echo "70B rc=$?"
+  for f in "$B"/r70h/llama70b-qlora/*/; do cp "$f/metrics.jsonl" "$OUT/r70h.metrics.jsonl"; done
+elif [ "$PART" = 9 ]; then
+  # GPUs 0,1: the ZeRO-3 peer, then qlaunch ZeRO-3 (each layer one ZeRO-3 unit) eager and compiled at batch 2,
+  # and compiled at batch 4 without checkpointing. GPUs 2,3: 70B on 2 GPUs, each capped at 24 GiB, FSDP2 with
+  # CPU offload, 3 steps; then GPU parity of ZeRO-3 + compile.
+  python3 -c "import sys; sys.path.insert(0, 'scripts'); import bench; from pathlib import Path; bench.write_random_tokens(Path('$B/tokens70.jsonl'), 256, 512)"
+  R70=(--set "log.runs_dir=\"$B/r70o\"" --set "data.datasets=[{path=\"$B/tokens70.jsonl\"}]" --set 'data.format="tokenized"'
+       --set data.packing=false --set 'train.schedule="constant"' --set train.warmup_steps=0 --set train.max_steps=3
+       --set checkpoint.every_steps=0 --set checkpoint.save_final_adapter=false --set launch.master_port=29931
+       --set parallel.fsdp.cpu_offload=true --set launch.gpu_memory_gb=24)
+  ( CUDA_VISIBLE_DEVICES=2,3 timeout 330 python3 -m launcher.cli run recipes/llama70b-qlora.toml --gpus 2 "${R70[@]}" > "$OUT/r70o.txt" 2>&1
+    echo "70B offload rc=$?"
+    for f in "$B"/r70o/llama70b-qlora/*/; do cp "$f/metrics.jsonl" "$OUT/r70o.metrics.jsonl"; done
+    CUDA_VISIBLE_DEVICES=2,3 PARITY_ONLY="ref16 ref32 zero3_16_compile zero3_32_compile" timeout 200 bash scripts/gpu_parity.sh /tmp/parity > "$OUT/parity.txt" 2>&1 ) &
+  CUDA_VISIBLE_DEVICES=0,1 timeout 540 python3 scripts/bench.py "$B/s9" --rows qlaunch-zero3-mb2-compile,qlaunch-zero3-mb4-nockpt-compile,qlaunch-zero3-mb2,peer-zero3-mb2 > "$OUT/s9.txt" 2>&1
+  cp "$B/s9/results.jsonl" "$OUT/s9.results.jsonl" 2>/dev/null
+  wait
+elif [ "$PART" = 10 ]; then
+  # Part 9's two GPU-pair jobs again after its fixes, alone: 70B on 2 GPUs capped at 24 GiB with CPU offload
+  # (GPUs 0,1; 3 steps), and the ZeRO-3 + compile parity with its summary (GPUs 2,3, or PARITY_GPUS).
+  python3 -c "import sys; sys.path.insert(0, 'scripts'); import bench; from pathlib import Path; bench.write_random_tokens(Path('$B/tokens70.jsonl'), 256, 512)"
+  R70=(--set "log.runs_dir=\"$B/r70o\"" --set "data.datasets=[{path=\"$B/tokens70.jsonl\"}]" --set 'data.format="tokenized"'
+       --set data.packing=false --set 'train.schedule="constant"' --set train.warmup_steps=0 --set train.max_steps=3
+       --set checkpoint.every_steps=0 --set checkpoint.save_final_adapter=false
+       --set parallel.fsdp.cpu_offload=true --set launch.gpu_memory_gb=24)
+  ( CUDA_VISIBLE_DEVICES=${PARITY_GPUS:-2,3} PARITY_ONLY="ref16 ref32 zero3_16_compile zero3_32_compile" timeout 330 bash scripts/gpu_parity.sh /tmp/parity > "$OUT/parity.txt" 2>&1 ) &
+  CUDA_VISIBLE_DEVICES=0,1 timeout 420 python3 -m launcher.cli run recipes/llama70b-qlora.toml --gpus 2 "${R70[@]}" > "$OUT/r70o.txt" 2>&1
+  echo "70B offload rc=$?"
+  for f in "$B"/r70o/llama70b-qlora/*/; do cp "$f/metrics.jsonl" "$OUT/r70o.metrics.jsonl"; tail -40 "$f/logs/rank0.log" > "$OUT/r70o.rank0.log"; done
+  wait
 else
   [ -e "$B/model-bf16" ] || CUDA_VISIBLE_DEVICES=0 python3 scripts/bench.py "$B" --prepare-only > "$OUT/prepare.txt" 2>&1
   stream s3a 0,1,2,3 qlaunch-fsdp2-mb2 --gpus 4 --port 29611
