@@ -498,16 +498,13 @@ def plan(
     ] = None,
 ) -> None:
     """Show the run's plan: world size, batch split, backend settings and the per-GPU memory estimate."""
-    from launcher.plan import make_plan
+    from launcher.plan import make_plan, planned_gpu_memory
     from launcher.recipe import load_recipe
 
     rec = load_recipe(recipe, _overrides(set_, gpus, nnodes))
     cluster = _cluster()
     if gpu_mem_gb is not None:
         cluster = replace(cluster, gpu_memory_bytes=int(gpu_mem_gb * 2**30))
-    if rec.launch.gpu_memory_gb:  # the recipe's cap is the card the run gets
-        cap = int(rec.launch.gpu_memory_gb * 2**30)
-        cluster = replace(cluster, gpu_memory_bytes=min(cluster.gpu_memory_bytes or cap, cap))
     shape = _model_shape(rec, required=_has_auto(rec))
     p = make_plan(rec, cluster, model=shape)
     _print_plan(rec, p)
@@ -518,7 +515,7 @@ def plan(
 
     from launcher import memory
 
-    gpu_mem = cluster.gpu_memory_bytes or memory.DEFAULT_GPU_MEMORY
+    gpu_mem = planned_gpu_memory(rec, cluster)  # the card, or launch.gpu_memory_gb when smaller
     est = memory.estimate(rec, shape, p.world_size, p.micro_batch, p.gradient_checkpointing, gpu_mem, p.nproc_per_node)
     tips = memory.suggestions(rec, shape, est)
     Console(highlight=False).print(memory.render(est, tips, p.backend))

@@ -580,10 +580,11 @@ def materialize(
     offload = device.type == "cuda" and p.backend == "fsdp" and p.fsdp.cpu_offload
     root.to_empty(device=torch.device("cpu") if offload else device)
     with torch.no_grad():
-        for m in root.modules():
-            for key, b in m._buffers.items():
-                if b is not None:
-                    m._buffers[key] = b.to(device)
+        if offload:  # the buffers (rotary tables) go to the GPU, which reads them
+            for m in root.modules():
+                for key, b in m._buffers.items():
+                    if b is not None:
+                        m._buffers[key] = b.to(device)
         for n, b in root.named_buffers():
             b.copy_(buffers[n].to(b.device))
         for hf_name, module, pname, p in iter_base_params(module_names):

@@ -60,6 +60,21 @@ class Plan:
         return asdict(self)
 
 
+def gpu_memory_cap(recipe: Recipe) -> int:
+    """launch.gpu_memory_gb in bytes (0 = no cap)."""
+    return int(recipe.launch.gpu_memory_gb * 2**30) if recipe.launch.gpu_memory_gb else 0
+
+
+def planned_gpu_memory(recipe: Recipe, cluster: Cluster) -> int:
+    """Bytes per GPU the memory planner plans for: this machine's card (the planner's default size when
+    unknown), or the recipe's cap when that is smaller."""
+    from launcher import memory
+
+    card = cluster.gpu_memory_bytes or memory.DEFAULT_GPU_MEMORY
+    cap = gpu_memory_cap(recipe)
+    return min(card, cap) if cap else card
+
+
 def batch_split(global_batch: int, micro_batch: int, world_size: int) -> int:
     """Gradient-accumulation steps so that micro_batch x world x accum == global_batch exactly."""
     per_step = micro_batch * world_size
@@ -101,10 +116,8 @@ def make_plan(
     if model is not None:
         from launcher import memory
 
-        gpu_mem = cluster.gpu_memory_bytes or memory.DEFAULT_GPU_MEMORY
-        if recipe.launch.gpu_memory_gb:  # a capped card is planned at its cap
-            gpu_mem = min(gpu_mem, int(recipe.launch.gpu_memory_gb * 2**30))
         train = recipe.train.model_copy(update={"micro_batch": mb})
+        gpu_mem = planned_gpu_memory(recipe, cluster)
         estimate = memory.choose(recipe.model_copy(update={"train": train}), model, world, gpu_mem, nproc)
         mb, ckpt = estimate.setup.micro_batch, estimate.setup.checkpointing
     if mb == "auto":
@@ -135,7 +148,7 @@ def make_plan(
         env=env,
         gradient_checkpointing=bool(ckpt),
         memory=estimate.to_dict() if estimate is not None else None,
-        gpu_memory_cap_bytes=int(recipe.launch.gpu_memory_gb * 2**30) if recipe.launch.gpu_memory_gb else 0,
+        gpu_memory_cap_bytes=gpu_memory_cap(recipe),
         hybrid_shard=hybrid and nnodes > 1,
     )
     return plan

@@ -137,7 +137,7 @@ def test_make_plan_resolves_auto_with_the_model_shape(big):
     assert resolve_recipe(big, make_plan(big, Cluster(), model=SHAPE)) is big  # nothing to resolve
 
 
-def test_gpu_memory_cap_is_the_card_the_plan_and_the_ranks_get(big):
+def test_gpu_memory_cap_is_the_card_the_plan_and_the_ranks_get(big, recipe_file):
     """launch.gpu_memory_gb: the planner plans for the capped card (an 80 GiB card capped at 12 plans like a
     12 GiB card) and the plan carries the cap that each rank applies to its allocator."""
     auto = big.model_copy(update={"train": big.train.model_copy(update={"micro_batch": "auto"})})
@@ -148,6 +148,10 @@ def test_gpu_memory_cap_is_the_card_the_plan_and_the_ranks_get(big):
     assert whole.gpu_memory_cap_bytes == 0 and small.gpu_memory_cap_bytes == 12 * GiB
     assert small.memory["gpu_memory_gib"] == card.memory["gpu_memory_gib"] == 12
     assert small.micro_batch == card.micro_batch < whole.micro_batch
+    # `qlaunch plan` shows the same: an 80 GiB card with the recipe's 1 GiB cap is judged as a 1 GiB card.
+    r = run_cli("plan", str(recipe_file()), "--gpu-mem-gb", "80", "--set", "launch.gpu_memory_gb=1")
+    assert r.returncode == 0, r.stderr
+    assert re.search(r"verdict: does not fit \([\d.]+ of 1 GiB per GPU\)", r.stdout), r.stdout
 
 
 def test_plan_command_prints_breakdown_verdict_and_suggestions(recipe_file):
