@@ -1158,10 +1158,13 @@ class StepSampler:
         self._cached: tuple[int, torch.Tensor] | None = None
 
     def _perm(self, epoch: int) -> torch.Tensor:
-        if self._cached is None or self._cached[0] != epoch:
+        # Read the cache once and return what was checked: StepBatches' thread and the step loop may ask for
+        # different epochs at once, and re-reading self._cached could return the other thread's epoch.
+        cached = self._cached
+        if cached is None or cached[0] != epoch:
             g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-            self._cached = (epoch, torch.randperm(self.n, generator=g))
-        return self._cached[1]
+            cached = self._cached = (epoch, torch.randperm(self.n, generator=g))
+        return cached[1]
 
     def global_batch(self, step: int) -> list[int]:
         epoch, k = divmod(step, self.steps_per_epoch)
