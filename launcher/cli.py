@@ -480,6 +480,7 @@ def _print_plan(rec, plan) -> None:
         f"world size: {plan.world_size} = {plan.nnodes} node(s) x {plan.nproc_per_node}  "
         f"global batch {plan.global_batch} = micro {plan.micro_batch} x {plan.world_size} ranks x {plan.grad_accum} accum"
         + ("" if plan.gradient_checkpointing else "  (no gradient checkpointing)")
+        + ("  (layers kept gathered)" if plan.backend == "fsdp" and not plan.reshard_after_forward else "")
     )
     q = rec.quant
     quant = {"none": "none", 8: "8-bit LLM.int8"}.get(q.bits, f"4-bit {q.type} (storage {q.storage_dtype})")
@@ -498,7 +499,7 @@ def plan(
     ] = None,
 ) -> None:
     """Show the run's plan: world size, batch split, backend settings and the per-GPU memory estimate."""
-    from launcher.plan import make_plan, planned_gpu_memory
+    from launcher.plan import make_plan, planned_gpu_memory, resolve_recipe
     from launcher.recipe import load_recipe
 
     rec = load_recipe(recipe, _overrides(set_, gpus, nnodes))
@@ -516,6 +517,7 @@ def plan(
     from launcher import memory
 
     gpu_mem = planned_gpu_memory(rec, cluster)  # the card, or launch.gpu_memory_gb when smaller
+    rec = resolve_recipe(rec, p)  # the planner's choices, as the run would use them
     est = memory.estimate(rec, shape, p.world_size, p.micro_batch, p.gradient_checkpointing, gpu_mem, p.nproc_per_node)
     tips = memory.suggestions(rec, shape, est)
     Console(highlight=False).print(memory.render(est, tips, p.backend))

@@ -122,7 +122,7 @@ def accelerate_config(
             "fsdp_version": 2,
             "fsdp_auto_wrap_policy": "TRANSFORMER_BASED_WRAP",
             "fsdp_transformer_layer_cls_to_wrap": layer_cls,
-            "fsdp_reshard_after_forward": f.reshard_after_forward,
+            "fsdp_reshard_after_forward": plan.reshard_after_forward,  # the recipe's, or the planner's for 'auto'
             # Each rank materialises only its own shards (launcher/loading.py).
             "fsdp_cpu_ram_efficient_loading": True,
             # accelerate's launcher insists on this next to RAM-efficient loading; FSDP2 ignores it.

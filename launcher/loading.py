@@ -379,7 +379,7 @@ class LoadStats:
     events: list[str] = field(default_factory=list)
 
 
-def _group_world(p: torch.Tensor) -> tuple[int, int, object]:
+def shard_group(p: torch.Tensor) -> tuple[int, int, object]:
     from torch.distributed.tensor import DTensor
 
     if isinstance(p, DTensor):
@@ -426,7 +426,7 @@ def fill_quantized(
 
     p = layer.weight
     local, r0, r1 = local_view(p)
-    rank, world, group = _group_world(p)
+    rank, world, group = shard_group(p)
     out_f, in_f = layer.out_features, layer.in_features
     n = out_f * in_f
     spans = shard_spans(n, r0, r1, 2 * local.element_size(), q.blocksize, rank, world)
@@ -644,9 +644,9 @@ class Built:
 
 def compile_layers(recipe: Recipe, device: torch.device) -> bool:
     """train.compile resolved: 'auto' compiles the 4-bit layers (the measured case) on GPUs, for every
-    backend (see the recipe key)."""
+    backend, unless log.memory_steps records the allocator (see the recipe key)."""
     c = recipe.train.compile
-    auto = device.type == "cuda" and recipe.quant.bits == 4
+    auto = device.type == "cuda" and recipe.quant.bits == 4 and recipe.log.memory_steps is None
     return c is True or (c == "auto" and auto)
 
 

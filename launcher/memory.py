@@ -25,7 +25,7 @@ world 1, micro-batch 2: checkpointing 12.78 GiB reserved (estimate 13.59, +6%); 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from launcher.recipe import Recipe
@@ -78,6 +78,10 @@ TIGHT_FRACTION = 0.85
 # recomputing every layer in backward costs about one extra forward: 4/3 of the step.
 MICRO_STEP_OVERHEAD = 1.2
 RECOMPUTE_COST = 4 / 3
+# Gathering each layer again for backward (FSDP resharding after forward, more than one shard) costs about
+# this many sequence tokens of compute per micro-step: 4 x H100, 8B, micro-batch 2 x 2048 tokens, compile:
+# 6,760 tok/s/GPU resharding against 7,529 keeping the layers gathered (+11.4% of 4,096 tokens).
+REGATHER_TOKENS = 470
 MAX_AUTO_MICRO_BATCH = 64
 DEFAULT_GPU_MEMORY = 80 * GiB
 
@@ -153,6 +157,7 @@ class Setup:
     nproc_per_node: int
     micro_batch: int
     checkpointing: bool
+    keep_gathered: bool = False  # FSDP layers stay gathered from forward to backward (no reshard after forward)
 
 
 @dataclass(frozen=True)
@@ -184,6 +189,7 @@ class Estimate:
             "fits": self.fits,
             "micro_batch": self.setup.micro_batch,
             "gradient_checkpointing": self.setup.checkpointing,
+            "keep_gathered": self.setup.keep_gathered,
             "layers": self.layers,
             "parts_gib": {k: round(v / GiB, 3) for k, v in self.parts.items()},
         }
@@ -270,6 +276,9 @@ def estimate(
     shard, weights_off, optim_off = _shards(recipe, setup)
     backend = recipe.parallel.backend
     gathers = backend == "fsdp" or (backend == "deepspeed" and recipe.parallel.deepspeed.stage == 3)
+    # 'auto' counts as resharding here: choose() resolves it by estimating both.
+    keep = backend == "fsdp" and shard > 1 and recipe.parallel.fsdp.reshard_after_forward is False
+    setup = replace(setup, keep_gathered=keep)
     s_model = DTYPE_BYTES[recipe.model.dtype]
     s = DTYPE_BYTES[recipe.quant.compute_dtype]
     h, v, L = shape.hidden, shape.vocab, shape.layers
@@ -301,6 +310,9 @@ def estimate(
     else:
         head_dense = head * s_model
     lora_params = L * lora_layer + (recipe.lora.rank * 2 * h if "lm_head" in targets else 0)
+    # FSDP never gathers a plain frozen head: the loss splits the vocabulary over the ranks instead
+    # (train.ShardedLinearCrossEntropy), which gathers every rank's hidden states and sums input gradients.
+    vocab_split = backend == "fsdp" and shard > 1 and head and not head_packed and "lm_head" not in targets
 
     parts: dict[str, float] = {}
     parts["weights_4bit"] = 0.0 if weights_off else (L * packed_layer + head_packed) / shard
@@ -313,9 +325,17 @@ def estimate(
         # Packed bytes travel in storage dtype == compute dtype (no cast); dense frozen weights and LoRA
         # are cast to compute dtype by the mixed-precision policy.
         per_layer = packed_layer + dense_layer * s / s_model + lora_layer * s
-        gathered += GATHERED_LAYERS * per_layer
-        gathered += (head_packed + (head_dense + h * s_model) * s / s_model) if not shape.tied else v * h * s
-        gathered *= 1 + GATHER_OUTPUT_FACTOR
+        if keep:  # every layer whole at the end of forward, plus the all-gather buffers of the newest two
+            gathered += (L + GATHER_OUTPUT_FACTOR * GATHERED_LAYERS) * per_layer
+        else:
+            gathered += (1 + GATHER_OUTPUT_FACTOR) * GATHERED_LAYERS * per_layer
+        if shape.tied:
+            root = v * h * s
+        elif vocab_split:
+            root = h * s  # the final norm
+        else:
+            root = head_packed + (head_dense + h * s_model) * s / s_model
+        gathered += (1 + GATHER_OUTPUT_FACTOR) * root
     gathered += DEQUANT_BUFFERS * biggest_quant * s if recipe.quant.bits != "none" else 0.0
     parts["gathered"] = gathered
 
@@ -343,7 +363,10 @@ def estimate(
         act += micro_batch * recipe.data.seq_len**2  # boolean block-causal mask for packed documents
     parts["activations"] = act
     chunk = min(LOSS_CHUNK_TOKENS, tokens)
+    # Split over the vocabulary, a chunk is world x as many tokens over 1/world of the vocabulary: the same.
     parts["logits"] = LOGIT_BYTES_PER_ELEMENT * chunk * v
+    if vocab_split:  # every rank's hidden states (compute dtype) and their fp32 input-gradient partial sums
+        parts["logits"] += shard * tokens * h * (s + 4)
 
     parts["allocator"] = ALLOCATOR_SLACK * sum(parts.values())
     parts["cuda_nccl"] = CUDA_CONTEXT_BYTES + (NCCL_BYTES if world_size > 1 else 0)
@@ -361,9 +384,13 @@ def estimate(
 # ------------------------------------------------------------------------------------------ choosing
 
 
-def relative_step_time(micro_batch: int, checkpointing: bool) -> float:
-    """Time per sequence relative to an ideal kernel, for ranking settings (lower is faster)."""
-    return (1 + MICRO_STEP_OVERHEAD / micro_batch) * (RECOMPUTE_COST if checkpointing else 1.0)
+def relative_step_time(micro_batch: int, checkpointing: bool, regather_tokens: float = 0.0) -> float:
+    """Time per sequence relative to an ideal kernel, for ranking settings (lower is faster).
+
+    `regather_tokens`: sequence tokens per micro-step; > 0 when FSDP gathers each layer again for backward
+    (sharded, resharding after forward), which costs about REGATHER_TOKENS tokens' worth of compute."""
+    regather = 1 + REGATHER_TOKENS / (micro_batch * regather_tokens) if regather_tokens else 1.0
+    return (1 + MICRO_STEP_OVERHEAD / micro_batch) * (RECOMPUTE_COST if checkpointing else 1.0) * regather
 
 
 def micro_batch_candidates(global_batch: int, world_size: int) -> list[int]:
@@ -388,14 +415,32 @@ def choose(
     t = recipe.train
     mbs = micro_batch_candidates(t.global_batch, world_size) if t.micro_batch == "auto" else [int(t.micro_batch)]
     cks = [False, True] if t.gradient_checkpointing == "auto" else [bool(t.gradient_checkpointing)]
-    options = [estimate(recipe, shape, world_size, mb, ck, gpu_memory, nproc_per_node) for mb in mbs for ck in cks]
+    fs = recipe.parallel.fsdp
+    recipes = [recipe]
+    if recipe.parallel.backend == "fsdp" and fs.reshard_after_forward == "auto":
+        recipes = [with_reshard(recipe, True)] + ([] if fs.cpu_offload else [with_reshard(recipe, False)])
+    options = [
+        estimate(r, shape, world_size, mb, ck, gpu_memory, nproc_per_node) for r in recipes for mb in mbs for ck in cks
+    ]
     fitting = [e for e in options if e.fits]
+
+    def speed(e: Estimate) -> tuple[float, int, bool]:
+        su = e.setup
+        shard = _shards(recipe, su)[0]
+        regathers = recipe.parallel.backend == "fsdp" and shard > 1 and not su.keep_gathered
+        seq = recipe.data.seq_len if regathers else 0
+        return relative_step_time(su.micro_batch, su.checkpointing, seq), -su.micro_batch, su.keep_gathered
+
     if fitting:
-        return min(
-            fitting,
-            key=lambda e: (relative_step_time(e.setup.micro_batch, e.setup.checkpointing), -e.setup.micro_batch),
-        )
+        return min(fitting, key=speed)
     return min(options, key=lambda e: e.total)
+
+
+def with_reshard(recipe: Recipe, reshard: bool) -> Recipe:
+    """The recipe with parallel.fsdp.reshard_after_forward set."""
+    p = recipe.parallel
+    fsdp = p.fsdp.model_copy(update={"reshard_after_forward": reshard})
+    return recipe.model_copy(update={"parallel": p.model_copy(update={"fsdp": fsdp})})
 
 
 def suggestions(recipe: Recipe, shape: ModelShape, est: Estimate, force: bool = False) -> list[str]:
@@ -441,6 +486,8 @@ def suggestions(recipe: Recipe, shape: ModelShape, est: Estimate, force: bool = 
         say(f"--set train.micro_batch={pick} (gradient accumulation {accum})", again(micro_batch=pick))
     if not su.checkpointing:
         say("--set train.gradient_checkpointing=true", again(checkpointing=True))
+    if su.keep_gathered:
+        say("--set parallel.fsdp.reshard_after_forward=true", again(with_reshard(recipe, True)))
     p = recipe.parallel
     if p.backend == "fsdp" and not p.fsdp.cpu_offload:
         r = recipe.model_copy(
@@ -506,7 +553,8 @@ def render(est: Estimate, tips: list[str], backend: str):
     su = est.setup
     head = Text(
         f"per-GPU memory: {backend}, {su.world_size} rank(s), micro-batch {su.micro_batch}, "
-        f"gradient checkpointing {'on' if su.checkpointing else 'off'}",
+        f"gradient checkpointing {'on' if su.checkpointing else 'off'}"
+        + (", layers kept gathered from forward to backward" if su.keep_gathered else ""),
         style="bold",
     )
     table = Table(show_edge=False, pad_edge=False)

@@ -50,6 +50,7 @@ class Plan:
     torchrun_args: list[str] = field(default_factory=list)
     env: dict[str, str] = field(default_factory=dict)
     gradient_checkpointing: bool = True  # resolved from train.gradient_checkpointing ("auto" -> planner)
+    reshard_after_forward: bool = True  # resolved from parallel.fsdp.reshard_after_forward ("auto" -> planner)
     memory: dict[str, Any] | None = None  # the memory planner's per-GPU estimate (memory.Estimate.to_dict)
     gpu_memory_cap_bytes: int = 0  # launch.gpu_memory_gb: each rank's allocator is capped here (0 = no cap)
     # --- multinode
@@ -112,6 +113,7 @@ def make_plan(
         raise UserError(f"parallel.backend = 'none' runs one process, but the launch has {world} ranks; use 'fsdp'")
     mb = micro_batch if micro_batch is not None else recipe.train.micro_batch
     ckpt = recipe.train.gradient_checkpointing
+    reshard = recipe.parallel.fsdp.reshard_after_forward is not False  # 'auto' without a model shape: free
     estimate = None
     if model is not None:
         from launcher import memory
@@ -120,6 +122,7 @@ def make_plan(
         gpu_mem = planned_gpu_memory(recipe, cluster)
         estimate = memory.choose(recipe.model_copy(update={"train": train}), model, world, gpu_mem, nproc)
         mb, ckpt = estimate.setup.micro_batch, estimate.setup.checkpointing
+        reshard = not estimate.setup.keep_gathered if recipe.parallel.fsdp.reshard_after_forward == "auto" else reshard
     if mb == "auto":
         mb = 1  # no model shape to plan with: 1 always fits best.
     if ckpt == "auto":
@@ -147,6 +150,7 @@ def make_plan(
         backend=recipe.parallel.backend,
         env=env,
         gradient_checkpointing=bool(ckpt),
+        reshard_after_forward=reshard,
         memory=estimate.to_dict() if estimate is not None else None,
         gpu_memory_cap_bytes=gpu_memory_cap(recipe),
         hybrid_shard=hybrid and nnodes > 1,
@@ -208,7 +212,12 @@ def resolve_recipe(recipe: Recipe, plan: Plan) -> Recipe:
         update["micro_batch"] = plan.micro_batch
     if t.gradient_checkpointing == "auto":
         update["gradient_checkpointing"] = plan.gradient_checkpointing
-    return recipe.model_copy(update={"train": t.model_copy(update=update)}) if update else recipe
+    out = recipe.model_copy(update={"train": t.model_copy(update=update)}) if update else recipe
+    if recipe.parallel.fsdp.reshard_after_forward == "auto":
+        from launcher.memory import with_reshard
+
+        out = with_reshard(out, plan.reshard_after_forward)
+    return out
 
 
 def torchrun_argv(recipe: Recipe, plan: Plan, cluster: Cluster, run_dir: str) -> list[str]:

@@ -124,3 +124,147 @@ class StepProfiler:
             with open(raw, "rb") as src, gzip.open(str(raw) + ".gz", "wb") as dst:
                 shutil.copyfileobj(src, dst)
             raw.unlink()
+
+
+# ------------------------------------------------------------------ log.memory_steps
+
+# Frames that say nothing about why memory was allocated (wrappers every allocation passes through).
+_GENERIC_FRAMES = (
+    "torch/nn/modules/module.py",
+    "torch/utils/",
+    "torch/_tensor.py",
+    "torch/autograd/",
+    "torch/_ops.py",
+    "torch/_dynamo/",
+    "torch/_compile.py",
+    "torch/_functorch/",
+    "torch/_library/",
+    "torch/overrides.py",
+    "contextlib.py",
+    "functools.py",
+)
+# Packages whose frames tell whose code asked for the memory.
+_OWNER_FRAMES = ("launcher/", "transformers/", "peft/", "bitsandbytes/", "torch/distributed/")
+
+
+def _short(frame: dict) -> str:
+    path = str(frame.get("filename", "?"))
+    for marker in ("site-packages/", "dist-packages/"):
+        if marker in path:
+            path = path.split(marker, 1)[1]
+    if "launcher/" in path:
+        path = "launcher/" + path.rsplit("launcher/", 1)[1]
+    return f"{path}:{frame.get('line', '?')} {frame.get('name', '?')}"
+
+
+def allocation_site(frames: list[dict]) -> str:
+    """'innermost informative frame  <-  innermost frame of launcher/transformers/peft/bitsandbytes/FSDP'.
+
+    Frames come innermost first, as torch's allocator history records them."""
+    site = next((f for f in frames if not any(g in str(f.get("filename", "")) for g in _GENERIC_FRAMES)), None)
+    owner = next((f for f in frames if any(o in str(f.get("filename", "")) for o in _OWNER_FRAMES)), None)
+    parts = [_short(f) for f in (site, owner) if f is not None]
+    if len(parts) == 2 and parts[0] == parts[1]:
+        parts = parts[:1]
+    return "  <-  ".join(parts) or "(no Python frame)"
+
+
+def peak_breakdown(events: list[dict], base_bytes: int) -> tuple[int, int, list[tuple[str, int, int]]]:
+    """(peak allocated bytes, event index of the peak, [(site, bytes, blocks)] live at the peak, largest first).
+
+    `events` is one device's allocator trace (torch.cuda.memory._snapshot()["device_traces"][d]); a block
+    counts from its 'alloc' to its 'free_completed' (a block freed while another stream still uses it stays
+    allocated until then). `base_bytes` were allocated when recording began (mostly the model's shards):
+    they count toward every point and are listed as one line; frees of such blocks lower it.
+    """
+    total, peak, at = base_bytes, base_bytes, -1
+    sizes: dict[int, int] = {}
+    for i, e in enumerate(events):
+        if e["action"] == "alloc":
+            sizes[e["addr"]] = e["size"]
+            total += e["size"]
+        elif e["action"] == "free_completed":
+            total -= sizes.pop(e["addr"], e["size"])
+        if total > peak:
+            peak, at = total, i
+    live: dict[int, dict] = {}
+    base = base_bytes
+    for e in events[: at + 1]:
+        if e["action"] == "alloc":
+            live[e["addr"]] = e
+        elif e["action"] == "free_completed":
+            if live.pop(e["addr"], None) is None:
+                base -= e["size"]
+    groups: dict[str, list[int]] = {}
+    for e in live.values():
+        g = groups.setdefault(allocation_site(e.get("frames") or []), [0, 0])
+        g[0] += e["size"]
+        g[1] += 1
+    rows = [(site, b, n) for site, (b, n) in groups.items()]
+    rows.append(("(allocated before the recorded steps: model shards, optimizer state, ...)", base, 0))
+    return peak, at, sorted(rows, key=lambda r: -r[1])
+
+
+def memory_summary(events: list[dict], base_bytes: int, reserved_peak: int, title: str, top: int = 30) -> str:
+    peak, at, rows = peak_breakdown(events, base_bytes)
+    g = 2**30
+    lines = [
+        title,
+        f"peak allocated in these steps {peak / g:.2f} GiB (event {at + 1} of {len(events)}); "
+        f"peak reserved since the run began {reserved_peak / g:.2f} GiB",
+        "",
+        f"{'GiB':>7s} {'blocks':>7s}  live at the peak, by allocation site",
+    ]
+    for site, b, n in rows[:top]:
+        lines.append(f"{b / g:7.3f} {n:7d}  {site}")
+    if len(rows) > top:
+        rest = rows[top:]
+        lines.append(f"{sum(r[1] for r in rest) / g:7.3f} {sum(r[2] for r in rest):7d}  ({len(rest)} more sites)")
+    return "\n".join(lines) + "\n"
+
+
+class MemoryRecorder:
+    """Records the CUDA allocator's history over 1-based steps first..last (`log.memory_steps`).
+
+    Each rank writes `profile/memory-rank{R}.txt`: the peak allocated within the steps and what was live
+    at it, grouped by allocation site. Rank 0 also writes `profile/memory-rank0.pickle`, the allocator
+    snapshot for https://pytorch.org/memory_viz. Without a GPU there is nothing to record; the text says so.
+    """
+
+    def __init__(self, steps: tuple[int, int] | None, out_dir: Path, rank: int, device: torch.device):
+        self.first, self.last = steps if steps else (0, -1)
+        self.out_dir, self.rank, self.device = out_dir, rank, device
+        self.base = 0
+        self.recording = False
+
+    def begin(self, step: int) -> None:
+        if step != self.first or self.device.type != "cuda":
+            return
+        torch.cuda.synchronize(self.device)
+        self.base = torch.cuda.memory_allocated(self.device)
+        # Python stacks only: C++ unwinding at every allocation would slow the steps it measures.
+        torch.cuda.memory._record_memory_history(enabled="all", context="all", stacks="python", max_entries=2_000_000)
+        self.recording = True
+
+    def end(self, step: int) -> None:
+        if step != self.last:
+            return
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        out = self.out_dir / f"memory-rank{self.rank}.txt"
+        title = f"rank {self.rank}, steps {self.first}-{self.last}"
+        if not self.recording:
+            out.write_text(f"{title}\nno CUDA device: the allocator history is recorded on GPUs only\n")
+            return
+        torch.cuda.synchronize(self.device)
+        snap = torch.cuda.memory._snapshot(self.device)
+        torch.cuda.memory._record_memory_history(enabled=None)
+        self.recording = False
+        index = self.device.index if self.device.index is not None else torch.cuda.current_device()
+        events = snap["device_traces"][index]
+        reserved = torch.cuda.max_memory_reserved(self.device)
+        out.write_text(memory_summary(events, self.base, reserved, title))
+        if self.rank == 0:
+            import pickle
+
+            with open(self.out_dir / "memory-rank0.pickle", "wb") as f:
+                pickle.dump(snap, f)

@@ -19,9 +19,10 @@ from launcher import checkpoint, export
 from launcher.data import StepBatches, StepSampler, build_data, build_tokenizer
 from launcher.loading import build_model
 from launcher.parallel import make_engine
-from launcher.profiling import StepProfiler
+from launcher.profiling import MemoryRecorder, StepProfiler
 from launcher.rundir import RunDir
 from launcher.sinks import gather_per_rank, open_sinks
+from launcher.train import IGNORE
 
 STOP_FILE = "STOP"  # the launcher creates it when it is asked to stop (SIGTERM/SIGUSR1)
 PREEMPTED_FILE = "preempted.json"  # rank 0 writes it after the preemption checkpoint
@@ -168,12 +169,14 @@ def _train(run: RunDir, d, recipe, plan: dict, metrics, t_spawn: float) -> None:
     metrics("start", total_steps=total_steps, world=d.world, first_step_after_s=time.time() - t_spawn)
 
     profiler = StepProfiler(recipe.log.profile_steps, run.path / "profile", d.rank, device)
+    memory = MemoryRecorder(recipe.log.memory_steps, run.path / "profile", d.rank, device)
     tokens_seen = 0
     t_last = time.perf_counter()
     data_s = 0.0  # host time spent waiting for batches since the last metrics line (the data-loader cost)
     batches = StepBatches(train_data, sampler, pin=device.type == "cuda")
     for step in range(start_step, total_steps):
         profiler.begin(step + 1)
+        memory.begin(step + 1)
         t_data = time.perf_counter()
         micro, n_labels = batches.get(step, step + 1 if step + 1 < total_steps else None)
         data_s += time.perf_counter() - t_data
@@ -194,6 +197,7 @@ def _train(run: RunDir, d, recipe, plan: dict, metrics, t_spawn: float) -> None:
         loss = float(red[0]) / n_global
         preempted = bool(red[1] > 0)
         profiler.end(step + 1)
+        memory.end(step + 1)
         tokens = plan["global_batch"] * recipe.data.seq_len
         tokens_seen += tokens
         if step % recipe.log.every_steps == 0 or step == total_steps - 1:
@@ -252,11 +256,15 @@ def evaluate(model, data, micro_batch: int, d, device) -> float:
     total = torch.zeros(2, device=device)
     idx = list(range(len(data)))
     batches = [idx[i : i + micro_batch] for i in range(0, len(idx), micro_batch)]
-    # Every rank runs the same number of forwards (FSDP's all-gathers are collective); ranks past the
-    # end repeat batch 0 and discard it.
+    # Every rank runs the same number of forwards of the same shape (FSDP's all-gathers and the
+    # vocabulary-sharded loss are collective): ranks past the end repeat batch 0 and discard it, and a
+    # short last batch is filled up with rows whose labels are all ignored.
     for i in range(-(-len(batches) // d.world)):
         k = i * d.world + d.rank
-        bt = {key: v.to(device) for key, v in data.collate(batches[k if k < len(batches) else 0]).items()}
+        rows = batches[k if k < len(batches) else 0]
+        bt = data.collate(rows + rows[:1] * (micro_batch - len(rows)))
+        bt["labels"][len(rows) :] = IGNORE
+        bt = {key: v.to(device) for key, v in bt.items()}
         s, n = model(bt["input_ids"], bt["labels"], bt["position_ids"])
         if k < len(batches):
             total += torch.stack([s.float(), n.float()])

@@ -23,8 +23,8 @@ class CausalLMLoss(nn.Module):
     chunk recomputed in backward. Positions without a label are skipped by ignore_index rather than by
     boolean indexing, which would make the host wait for the GPU (a device sync) in every forward.
     This is also the FSDP root module, so the final norm is gathered by its hooks; a plain lm_head is an
-    FSDP unit of its own (launcher/parallel/fsdp.py), gathered here only around the loss, because the loss
-    reads its weight directly and its backward needs no weight.
+    FSDP unit of its own (launcher/parallel/fsdp.py) that is never gathered: each rank computes the logits
+    of its vocabulary rows for every rank's tokens (ShardedLinearCrossEntropy).
     """
 
     def __init__(self, causal_lm: nn.Module, chunk_tokens: int = 2048):
@@ -42,12 +42,7 @@ class CausalLMLoss(nn.Module):
         y = labels[:, 1:].reshape(-1)
         head = self.lm.lm_head
         if self.fused_head:
-            sharded = hasattr(head, "unshard")  # an FSDP2 unit: gather it for the loss, free it right after
-            if sharded:
-                head.unshard()
-            total = LinearCrossEntropy.apply(h, head.weight, y, self.chunk_tokens)
-            if sharded:
-                head.reshard()
+            total = fused_head_loss(h, head.weight, y, self.chunk_tokens)
         else:
             total = hidden.new_zeros((), dtype=torch.float32)
             for s in range(0, h.shape[0], self.chunk_tokens):
@@ -103,6 +98,90 @@ class LinearCrossEntropy(torch.autograd.Function):
         (grad_h,) = ctx.saved_tensors
         # Scaled in fp32: the factor (world / global token count) is not exact in bf16.
         return (grad_h.to(grad_total.dtype) * grad_total).to(grad_h.dtype), None, None, None
+
+
+def fused_head_loss(h: torch.Tensor, w: torch.Tensor, y: torch.Tensor, chunk: int) -> torch.Tensor:
+    """Summed cross-entropy of h @ w.T for this rank's tokens; w whole, or an FSDP2 shard (a DTensor)."""
+    from torch.distributed.tensor import DTensor
+
+    if not isinstance(w, DTensor):
+        return LinearCrossEntropy.apply(h, w, y, chunk)
+    from launcher.loading import local_view, shard_group
+
+    local, v0, _ = local_view(w)
+    rank, world, group = shard_group(w)
+    if world == 1:
+        return LinearCrossEntropy.apply(h, local, y, chunk)
+    return ShardedLinearCrossEntropy.apply(h, local, y, chunk, v0, world, group)
+
+
+class ShardedLinearCrossEntropy(torch.autograd.Function):
+    """LinearCrossEntropy over a vocabulary-sharded frozen w (rows v0.. of the head on this rank).
+
+    Gathering the head for the loss would hold the whole [vocab, hidden] matrix plus FSDP's all-gather
+    buffer on every rank (70B: 2.1 GB each), at the point of the step where the activations are largest.
+    Instead the ranks all-gather their tokens' hidden states (tokens x hidden, ~1/60 of the head for 70B
+    at 2k tokens per rank) and each computes the logits of its own vocabulary rows for every rank's tokens;
+    the log-sum-exp is combined across ranks per token, each token's target logit comes from the rank
+    holding that row, and the input gradients, summed over ranks in fp32, are scattered back to the ranks
+    owning the tokens. The same multiply-adds as one device, split by vocabulary instead of by token.
+    Every rank of the group must call it with the same number of tokens (the step loop and evaluation
+    give every rank equal micro-batches of seq_len rows).
+    """
+
+    @staticmethod
+    def forward(ctx, h, w, y, chunk: int, v0: int, world: int, group) -> torch.Tensor:
+        import torch.distributed as dist
+
+        # torch 2.13 renamed the flat collectives (the old names warn on every call); 2.11 has only those.
+        all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+        reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+        w = w.to(h.dtype)
+        t, vr = h.shape[0], w.shape[0]
+        h_all = h.new_empty((world * t, h.shape[1]))
+        all_gather(h_all, h.contiguous(), group=group)
+        y_all = y.new_empty(world * t)
+        all_gather(y_all, y.contiguous(), group=group)
+        acc = torch.promote_types(h.dtype, torch.float32)
+        lse_all = torch.empty(world * t, dtype=acc, device=h.device)
+        target_all = torch.zeros(world * t, dtype=acc, device=h.device)  # this shard's target logits, else 0
+        grad_all = torch.empty((world * t, h.shape[1]), dtype=acc, device=h.device) if h.requires_grad else None
+        step = chunk * world  # logits [step, vocab / world]: the memory of one whole-vocabulary chunk
+        for s in range(0, world * t, step):
+            hs, ys = h_all[s : s + step], y_all[s : s + step]
+            logits = F.linear(hs, w).to(acc)
+            local_y = ys - v0
+            mine = (ys != IGNORE) & (local_y >= 0) & (local_y < vr)
+            idx = local_y.clamp(0, max(vr - 1, 0)).unsqueeze(1)
+            target_all[s : s + step] = logits.gather(1, idx).squeeze(1) * mine
+            lse_parts = h.new_empty(world * hs.shape[0], dtype=acc)
+            all_gather(lse_parts, torch.logsumexp(logits, dim=1), group=group)
+            lse = torch.logsumexp(lse_parts.view(world, -1), dim=0)
+            lse_all[s : s + step] = lse
+            if grad_all is not None:
+                probs = logits.sub_(lse.unsqueeze(1)).exp_()
+                probs.scatter_add_(1, idx, -mine.unsqueeze(1).to(probs.dtype))
+                probs.mul_((ys != IGNORE).unsqueeze(1))
+                grad_all[s : s + step] = probs.to(h.dtype) @ w
+        # Each rank's own tokens: its slice of the gathered order. Target logits and gradients are sums over
+        # the vocabulary shards (only one shard has a token's target; every shard adds to its gradient).
+        target = target_all.new_empty(t)
+        reduce_scatter(target, target_all, group=group)
+        rank = dist.get_rank(group)
+        own = slice(rank * t, (rank + 1) * t)
+        total = ((lse_all[own] - target) * (y != IGNORE)).sum()
+        grad_h = None
+        if grad_all is not None:
+            grad_h = grad_all.new_empty((t, h.shape[1]))
+            reduce_scatter(grad_h, grad_all, group=group)
+            grad_h = grad_h.to(h.dtype)
+        ctx.save_for_backward(grad_h)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_total: torch.Tensor):
+        (grad_h,) = ctx.saved_tensors
+        return (grad_h.to(grad_total.dtype) * grad_total).to(grad_h.dtype), None, None, None, None, None, None
 
 
 def lr_lambda(schedule: str, warmup: int, total: int, min_ratio: float) -> Callable[[int], float]:

@@ -56,6 +56,8 @@ ROWS: dict[str, dict] = {
     "qlaunch-fsdp2-mb2-compile": dict(kind="qlaunch", mb=2, ckpt=True, compile=True),
     "qlaunch-fsdp2-mb8-compile": dict(kind="qlaunch", mb=8, ckpt=True, compile=True),
     "qlaunch-fsdp2-auto-compile": dict(kind="qlaunch", mb="auto", ckpt="auto", compile=True),
+    # Layers kept gathered from forward to backward: one all-gather per layer and step instead of two.
+    "qlaunch-fsdp2-mb2-compile-keep": dict(kind="qlaunch", mb=2, ckpt=True, compile=True, reshard=False),
     # ZeRO-3 with train.compile (each decoder layer one ZeRO-3 unit), at the peers' settings and at the
     # micro-batch/checkpointing the planner picks for FSDP2 on this card (batch 4, no checkpointing).
     "qlaunch-zero3-mb2-compile": dict(kind="qlaunch", mb=2, ckpt=True, backend="deepspeed", compile=True),
@@ -187,8 +189,11 @@ def recipe_text(row: dict, model: Path, data: Path, runs: Path, gpus: int, steps
     # "auto": the planner picks micro-batch; keep the global batch a multiple of any micro-batch it may pick.
     gb = (8 if mb == "auto" else mb) * gpus
     extra = "[parallel.deepspeed]\nstage = 3\n" if backend == "deepspeed" else ""
-    if backend == "fsdp" and row.get("reshard") is False:
-        extra = "[parallel.fsdp]\nreshard_after_forward = false\n"
+    if backend == "fsdp":
+        # Rows at fixed settings reshard after forward (as they were first measured) unless they say
+        # otherwise; rows with the planner's micro-batch also take its reshard choice.
+        reshard = row.get("reshard", "auto" if mb == "auto" else True)
+        extra = f"[parallel.fsdp]\nreshard_after_forward = {json.dumps(reshard)}\n"
     return f"""name = "bench"
 [model]
 path = "{model}"

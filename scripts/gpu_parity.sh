@@ -26,6 +26,7 @@ run lr0_compile --gpus 2 --set train.lr=0.0 --set train.max_steps=4 --set train.
   --set "data.val_path=\"$OUT/two.jsonl\"" --set train.compile=true
 run ref32 --gpus 1 "${FP32[@]}" "${COMMON[@]}" --set 'parallel.backend="none"' --set train.micro_batch=8
 run fsdp32 --gpus 2 "${FP32[@]}" "${COMMON[@]}" --set train.micro_batch=2
+run fsdp32_reshard --gpus 2 "${FP32[@]}" "${COMMON[@]}" --set train.micro_batch=2 --set parallel.fsdp.reshard_after_forward=true
 run ref16 --gpus 1 "${COMMON[@]}" --set 'parallel.backend="none"' --set train.micro_batch=8
 run fsdp16 --gpus 2 "${COMMON[@]}" --set train.micro_batch=2
 run zero3_16 --gpus 2 "${COMMON[@]}" --set train.micro_batch=2 --set 'parallel.backend="deepspeed"' --set parallel.deepspeed.stage=3
@@ -39,11 +40,11 @@ def losses(tag, ev="step", key="loss"):
     f = sorted(glob.glob(f"{out}/{tag}/*/*/metrics.jsonl"))
     if not f: return []
     return [r[key] for r in map(json.loads, open(f[-1])) if r["event"] == ev]
-for tag in ["lr0", "lr0_compile", "ref32", "fsdp32", "ref16", "fsdp16", "zero3_16", "fsdp16_compile", "zero3_16_compile", "zero3_32_compile"]:
+for tag in ["lr0", "lr0_compile", "ref32", "fsdp32", "fsdp32_reshard", "ref16", "fsdp16", "zero3_16", "fsdp16_compile", "zero3_16_compile", "zero3_32_compile"]:
     print(tag, [round(x, 6) for x in losses(tag)])
 print("lr0 eval", losses("lr0", "eval", "eval_loss"))
 print("lr0_compile eval", losses("lr0_compile", "eval", "eval_loss"))
-for a, b in [("fsdp32", "ref32"), ("fsdp16", "ref16"), ("zero3_16", "ref16"), ("fsdp16_compile", "ref16"),
+for a, b in [("fsdp32", "ref32"), ("fsdp32_reshard", "ref32"), ("fsdp16", "ref16"), ("zero3_16", "ref16"), ("fsdp16_compile", "ref16"),
              ("zero3_16_compile", "ref16"), ("zero3_32_compile", "ref32")]:
     x, y = losses(a), losses(b)
     if x and len(x) == len(y):

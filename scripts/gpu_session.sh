@@ -13,6 +13,11 @@
 #   bash scripts/gpu_session.sh 9 OUT   # GPUs 0,1: ZeRO-3 peer and qlaunch ZeRO-3 rows; GPUs 2,3: 70B on 2 GPUs
 #                                       # capped at 24 GiB with CPU offload, then GPU parity (ZeRO-3 + compile)
 #   bash scripts/gpu_session.sh 10 OUT  # part 9's 70B-offload run and ZeRO-3 parity again, side by side
+#   bash scripts/gpu_session.sh 11 OUT  # profiles of the scaling rows (4 GPUs, with and without resharding
+#                                       # after forward; 1 GPU); 70B on 4 GPUs with the allocator history
+#   bash scripts/gpu_session.sh 12 OUT  # after the vocabulary-split loss: scaling (1 GPU first, then 4 GPUs
+#                                       # resharding and keeping layers gathered); 70B on 4 GPUs, 6 steps
+#   bash scripts/gpu_session.sh 13 OUT  # 70B on 4 GPUs, eager, with the allocator history; then GPU parity
 # Two 2-GPU streams run at the same time on disjoint GPU pairs (parts 1, 2, 4, 5, 9), so compare rows of the
 # same stream.
 set -uo pipefail
@@ -118,6 +123,41 @@ elif [ "$PART" = 10 ]; then
   echo "70B offload rc=$?"
   for f in "$B"/r70o/llama70b-qlora/*/; do cp "$f/metrics.jsonl" "$OUT/r70o.metrics.jsonl"; tail -40 "$f/logs/rank0.log" > "$OUT/r70o.rank0.log"; done
   wait
+elif [ "$PART" = 11 ]; then
+  # Where the 4-GPU time goes against 1 GPU (profiles of 2 extra steps per row), and what is live at the 70B
+  # peak (log.memory_steps over steps 2-3 of 4).
+  CUDA_VISIBLE_DEVICES=0,1,2,3 timeout 290 python3 scripts/bench.py "$B/s11" --rows qlaunch-fsdp2-mb2-compile,qlaunch-fsdp2-mb2-compile-keep --gpus 4 --profile > "$OUT/s11a.txt" 2>&1
+  for f in "$B"/s11/*.profile.txt; do cp "$f" "$OUT/g4-$(basename "$f")"; done
+  CUDA_VISIBLE_DEVICES=0 timeout 110 python3 scripts/bench.py "$B/s11" --rows qlaunch-fsdp2-mb2-compile --gpus 1 --port 29811 --profile > "$OUT/s11b.txt" 2>&1
+  cp "$B/s11/qlaunch-fsdp2-mb2-compile.profile.txt" "$OUT/g1-qlaunch-fsdp2-mb2-compile.profile.txt" 2>/dev/null
+  cp "$B/s11/results.jsonl" "$OUT/s11.results.jsonl" 2>/dev/null
+  python3 -c "import sys; sys.path.insert(0, 'scripts'); import bench; from pathlib import Path; bench.write_random_tokens(Path('$B/tokens70.jsonl'), 256, 512)"
+  R70=(--set "log.runs_dir=\"$B/r70m\"" --set "data.datasets=[{path=\"$B/tokens70.jsonl\"}]" --set 'data.format="tokenized"'
+       --set data.packing=false --set 'train.schedule="constant"' --set train.warmup_steps=0 --set train.max_steps=4
+       --set checkpoint.every_steps=0 --set checkpoint.save_final_adapter=false --set "log.memory_steps=[2,3]")
+  timeout 150 python3 -m launcher.cli run recipes/llama70b-qlora.toml --gpus 4 "${R70[@]}" > "$OUT/r70m.txt" 2>&1
+  echo "70B rc=$?"
+  for f in "$B"/r70m/llama70b-qlora/*/; do cp "$f/metrics.jsonl" "$OUT/r70m.metrics.jsonl"; cp "$f"/profile/memory-rank*.txt "$OUT/"; done
+elif [ "$PART" = 12 ]; then
+  CUDA_VISIBLE_DEVICES=0 timeout 150 python3 scripts/bench.py "$B/s12" --rows qlaunch-fsdp2-mb2-compile --gpus 1 --port 29811 > "$OUT/s12a.txt" 2>&1
+  CUDA_VISIBLE_DEVICES=0,1,2,3 timeout 230 python3 scripts/bench.py "$B/s12" --rows qlaunch-fsdp2-mb2-compile-keep,qlaunch-fsdp2-mb2-compile --gpus 4 > "$OUT/s12b.txt" 2>&1
+  cp "$B/s12/results.jsonl" "$OUT/s12.results.jsonl" 2>/dev/null
+  python3 -c "import sys; sys.path.insert(0, 'scripts'); import bench; from pathlib import Path; bench.write_random_tokens(Path('$B/tokens70.jsonl'), 256, 512)"
+  R70=(--set "log.runs_dir=\"$B/r70v\"" --set "data.datasets=[{path=\"$B/tokens70.jsonl\"}]" --set 'data.format="tokenized"'
+       --set data.packing=false --set 'train.schedule="constant"' --set train.warmup_steps=0 --set train.max_steps=6
+       --set checkpoint.every_steps=0 --set checkpoint.save_final_adapter=false)
+  timeout 170 python3 -m launcher.cli run recipes/llama70b-qlora.toml --gpus 4 "${R70[@]}" > "$OUT/r70v.txt" 2>&1
+  echo "70B rc=$?"
+  for f in "$B"/r70v/llama70b-qlora/*/; do cp "$f/metrics.jsonl" "$OUT/r70v.metrics.jsonl"; done
+elif [ "$PART" = 13 ]; then
+  python3 -c "import sys; sys.path.insert(0, 'scripts'); import bench; from pathlib import Path; bench.write_random_tokens(Path('$B/tokens70.jsonl'), 256, 512)"
+  R70=(--set "log.runs_dir=\"$B/r70m\"" --set "data.datasets=[{path=\"$B/tokens70.jsonl\"}]" --set 'data.format="tokenized"'
+       --set data.packing=false --set 'train.schedule="constant"' --set train.warmup_steps=0 --set train.max_steps=4
+       --set checkpoint.every_steps=0 --set checkpoint.save_final_adapter=false --set "log.memory_steps=[2,3]")
+  timeout 200 python3 -m launcher.cli run recipes/llama70b-qlora.toml --gpus 4 "${R70[@]}" > "$OUT/r70m.txt" 2>&1
+  echo "70B rc=$?"
+  for f in "$B"/r70m/llama70b-qlora/*/; do cp "$f/metrics.jsonl" "$OUT/r70m.metrics.jsonl"; cp "$f"/profile/memory-rank*.txt "$OUT/"; done
+  CUDA_VISIBLE_DEVICES=0,1 PARITY_ONLY="lr0 lr0_compile ref32 fsdp32 fsdp32_reshard ref16 fsdp16 fsdp16_compile" timeout 300 bash scripts/gpu_parity.sh /tmp/parity > "$OUT/parity.txt" 2>&1
 else
   [ -e "$B/model-bf16" ] || CUDA_VISIBLE_DEVICES=0 python3 scripts/bench.py "$B" --prepare-only > "$OUT/prepare.txt" 2>&1
   stream s3a 0,1,2,3 qlaunch-fsdp2-mb2 --gpus 4 --port 29611

@@ -223,9 +223,18 @@ def test_tied_embeddings_refused(tmp_path):
     )
 
 
-def test_profile_steps_out_of_order(tmp_path):
+@pytest.mark.parametrize("key", ["profile_steps", "memory_steps"])
+def test_profile_steps_out_of_order(tmp_path, key):
     check_error(
         tmp_path,
-        BASE_RECIPE + "[log]\nprofile_steps = [3, 2]\n",
-        expect=["log.profile_steps = [3, 2]", "1 <= first <= last"],
+        BASE_RECIPE + f"[log]\n{key} = [3, 2]\n",
+        expect=[f"log.{key} = [3, 2]", "1 <= first <= last"],
+    )
+
+
+def test_memory_steps_with_compile_on(tmp_path):
+    check_error(
+        tmp_path,
+        BASE_RECIPE.replace("[train]\n", "[train]\ncompile = true\n") + "[log]\nmemory_steps = [2, 3]\n",
+        expect=["log.memory_steps cannot record compiled layers", "train.compile = false"],
     )

@@ -26,6 +26,9 @@ FP32 = [
 ]
 
 
+RESHARD = ["--set", "parallel.fsdp.reshard_after_forward=true"]
+
+
 def losses(run_root: Path, key: str = "loss", event: str = "step") -> list[float]:
     runs = sorted(run_root.glob("*/*/metrics.jsonl"))
     assert runs, f"no run under {run_root}"
@@ -77,6 +80,26 @@ def test_lr0_loss_constant_with_eval_between_steps(tmp_path, recipe_file, gpus):
     assert abs(evals[0] - steps[0]) / steps[0] < 1e-6  # eval computes the training loss of the same batch
 
 
+def test_eval_with_a_short_last_batch_equals_one_device(tmp_path, recipe_file):
+    """Three validation rows at micro-batch 2: on 2 ranks, rank 1's only batch has one row, filled up to
+    two with ignored labels (the vocabulary-sharded loss needs the same shape on every rank). The eval
+    loss equals the single-process one's."""
+    data = _two_doc_data(tmp_path)
+    val = tmp_path / "val.jsonl"
+    docs = [json.loads(x)["text"] for x in data.read_text().splitlines()]
+    val.write_text("".join(json.dumps({"text": d}) + "\n" for d in [*docs, docs[0][: len(docs[0]) // 2]]))
+    data.write_text(val.read_text() + json.dumps({"text": docs[1][: len(docs[1]) // 2]}) + "\n")  # 4 rows
+    recipe = recipe_file(BASE_RECIPE.replace("max_steps = 2", "max_steps = 1"))
+    sets = [
+        *FP32, "--set", "train.lr=0.0", "--set", f'data.val_path="{val}"', "--set", 'data.format="text"',
+        "--set", f'data.datasets=[{{path="{data}"}}]', "--set", "train.micro_batch=2", "--set", "train.eval_every=1",
+    ]  # fmt: skip
+    train(tmp_path, recipe, "one", 1, *sets, "--set", "train.global_batch=2")
+    train(tmp_path, recipe, "two", 2, *sets, "--set", "train.global_batch=4")
+    one, two = (losses(tmp_path / tag, "eval_loss", "eval") for tag in ("one", "two"))
+    assert len(one) == 1 and rel(two, one) < 1e-6, (one, two)
+
+
 @pytest.fixture(scope="module")
 def trajectories(tmp_path_factory):
     """Loss and gradient norm over 6 steps for the single-process reference and FSDP2 at world 1, 2, 4
@@ -95,7 +118,8 @@ def trajectories(tmp_path_factory):
         "fsdp1": train(tmp, recipe, "fsdp1", 1, *common, "--set", "train.micro_batch=8", key=k),
         "fsdp2_accum": train(tmp, recipe, "fsdp2a", 2, *common, "--set", "train.micro_batch=2", key=k),
         "fsdp2": train(tmp, recipe, "fsdp2", 2, *common, "--set", "train.micro_batch=4", key=k),
-        "fsdp4": train(tmp, recipe, "fsdp4", 4, *common, "--set", "train.micro_batch=2", key=k),
+        # 'auto' keeps the layers gathered on CPU runs; world 4 frees and re-gathers them instead.
+        "fsdp4": train(tmp, recipe, "fsdp4", 4, *common, *RESHARD, "--set", "train.micro_batch=2", key=k),
     }
 
 

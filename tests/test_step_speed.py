@@ -91,7 +91,7 @@ def test_profile_steps_write_a_summary_per_rank_and_a_trace(tmp_path, recipe_fil
     out = tmp_path / "runs"
     r = run_cli(
         "run", str(recipe_file(BASE_RECIPE.replace("max_steps = 2", "max_steps = 4"))), "--gpus", "2",
-        "--set", f'log.runs_dir="{out}"', "--set", "log.profile_steps=[2,3]",
+        "--set", f'log.runs_dir="{out}"', "--set", "log.profile_steps=[2,3]", "--set", "log.memory_steps=[3,3]",
     )  # fmt: skip
     assert r.returncode == 0, r.stdout + r.stderr
     (run,) = out.glob("*/*/")
@@ -100,6 +100,9 @@ def test_profile_steps_write_a_summary_per_rank_and_a_trace(tmp_path, recipe_fil
         assert text.startswith(f"rank {rank}, steps 2-3\nprofiled steps: 2, wall ")
         assert "no device kernels recorded (CPU run)" in text and "aten::" in text
     assert (run / "profile" / "rank0.trace.json.gz").stat().st_size > 1000
+    for rank in (0, 1):  # the allocator history is a GPU thing: the CPU run says so instead of failing
+        text = (run / "profile" / f"memory-rank{rank}.txt").read_text()
+        assert text == f"rank {rank}, steps 3-3\nno CUDA device: the allocator history is recorded on GPUs only\n"
     assert not (run / "profile" / "rank1.trace.json.gz").exists()
     steps = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert [e["step"] for e in steps if e["event"] == "step"] == [1, 2, 3, 4]
@@ -115,6 +118,7 @@ def test_profile_steps_write_a_summary_per_rank_and_a_trace(tmp_path, recipe_fil
         (['parallel.backend="none"'], "cuda", True),
         (["train.compile=false"], "cuda", False),
         (["train.compile=true"], "cpu", True),
+        (["log.memory_steps=[2,3]"], "cuda", False),  # torch's allocator history breaks compiled layers
     ],
 )
 def test_compile_auto_resolution(recipe_file, sets, device, expect):
@@ -158,3 +162,100 @@ def test_profile_summary_of_device_kernels():
         "4-bit dequantize": "0.01",
         "other (elementwise, norms, reductions)": "0.01",
     }, text
+
+
+def test_memory_peak_breakdown_replays_the_allocator_trace():
+    """The peak of a recorded allocator trace and what was live at it, grouped by allocation site: blocks
+    count until 'free_completed', frees of blocks allocated before recording lower the base line, and a
+    site is the innermost frame outside torch's generic wrappers plus the innermost project/library frame."""
+    from launcher.profiling import memory_summary, peak_breakdown
+
+    def fr(path, line, name):
+        return {"filename": path, "line": line, "name": name}
+
+    mod = fr("/x/site-packages/torch/nn/modules/module.py", 1, "_call_impl")
+    gather = [fr("/x/site-packages/torch/distributed/fsdp/_fully_shard/_fsdp_collectives.py", 10, "all_gather")]
+    loss = [fr("/x/site-packages/torch/_tensor.py", 5, "to"), fr("/r/launcher/train.py", 80, "forward"), mod]
+    mlp = [fr("/x/site-packages/transformers/models/llama/modeling_llama.py", 7, "forward"), mod]
+    ev = [
+        {"action": "alloc", "addr": 1, "size": 100, "frames": gather},
+        {"action": "alloc", "addr": 2, "size": 50, "frames": loss},
+        {"action": "free_requested", "addr": 1, "size": 100, "frames": gather},
+        {"action": "alloc", "addr": 3, "size": 30, "frames": loss},
+        {"action": "alloc", "addr": 4, "size": 20, "frames": mlp},  # peak: 1000 + 100 + 50 + 30 + 20
+        {"action": "free_completed", "addr": 1, "size": 100, "frames": gather},
+        {"action": "free_completed", "addr": 99, "size": 400, "frames": []},  # allocated before recording
+        {"action": "alloc", "addr": 5, "size": 150, "frames": mlp},  # 1000 - 400 + 250: below the peak
+    ]
+    peak, at, rows = peak_breakdown(ev, 1000)
+    assert (peak, at) == (1200, 4)
+    assert rows == [
+        ("(allocated before the recorded steps: model shards, optimizer state, ...)", 1000, 0),
+        ("torch/distributed/fsdp/_fully_shard/_fsdp_collectives.py:10 all_gather", 100, 1),
+        ("launcher/train.py:80 forward", 80, 2),
+        ("transformers/models/llama/modeling_llama.py:7 forward", 20, 1),
+    ]
+    text = memory_summary(ev, 1000, 5 * 2**30, "rank 0, steps 2-3")
+    assert text.splitlines()[1].endswith("peak reserved since the run began 5.00 GiB")
+    assert "launcher/train.py:80 forward" in text
+
+
+def _sharded_ce_rank(rank: int, world: int, port: int, out: str) -> None:
+    import os
+
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    from launcher.train import fused_head_loss
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo")
+    h_all, w, y_all = _sharded_ce_inputs(world)
+    mesh = init_device_mesh("cpu", (world,))
+    w_shard = distribute_tensor(w, mesh, [Shard(0)])  # rows 17 / 17 / 16 of 50: uneven, as FSDP2 splits
+    t = h_all.shape[0] // world
+    results = {}
+    for grad in (True, False):
+        h = h_all[rank * t : (rank + 1) * t].clone().requires_grad_(grad)
+        with torch.set_grad_enabled(grad):
+            loss = fused_head_loss(h, w_shard, y_all[rank * t : (rank + 1) * t], 7)
+        results[grad] = (loss.detach(), torch.autograd.grad(loss * 0.3, h)[0] if grad else None)
+    torch.save(results, f"{out}/rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+def _sharded_ce_inputs(world: int):
+    g = torch.Generator().manual_seed(1)
+    h = torch.randn(world * 23, 16, dtype=torch.float64, generator=g)
+    w = torch.randn(50, 16, dtype=torch.float64, generator=g)
+    y = torch.randint(0, 50, (world * 23,), generator=g)
+    y[::5] = IGNORE
+    return h, w, y
+
+
+@pytest.mark.slow
+def test_vocab_sharded_cross_entropy_equals_one_device(tmp_path):
+    """3 gloo ranks, each with its own 23 tokens and 17/17/16 rows of a 50-word head (a DTensor shard, as
+    FSDP2 leaves lm_head): each rank's loss and input gradient equal the one-device fused loss over its
+    tokens, with ignored labels and a chunk that does not divide the tokens, with and without grad."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    world = 3
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_sharded_ce_rank, args=(world, port, str(tmp_path)), nprocs=world, join=True)
+    h_all, w, y_all = _sharded_ce_inputs(world)
+    t = h_all.shape[0] // world
+    for rank in range(world):
+        got = torch.load(tmp_path / f"rank{rank}.pt")
+        h = h_all[rank * t : (rank + 1) * t].clone().requires_grad_(True)
+        ref = LinearCrossEntropy.apply(h, w, y_all[rank * t : (rank + 1) * t], 7)
+        (g_ref,) = torch.autograd.grad(ref * 0.3, h)
+        assert torch.allclose(got[True][0], ref, rtol=1e-12), (rank, got[True][0], ref)
+        assert torch.allclose(got[True][1], g_ref, rtol=1e-10, atol=1e-12), rank
+        assert torch.allclose(got[False][0], ref, rtol=1e-12), rank

@@ -25,17 +25,18 @@ def apply_fsdp(loss_model: nn.Module, causal_lm: nn.Module, recipe: Recipe, mesh
     layers = list(causal_lm.model.layers)
     for i, layer in enumerate(layers):
         # The last layer's parameters are needed again at the start of backward: keep them gathered.
-        reshard = opts.reshard_after_forward and i < len(layers) - 1
+        reshard = opts.reshard_after_forward is not False and i < len(layers) - 1  # 'auto' is resolved by the plan
         fully_shard(layer, reshard_after_forward=reshard, **common)
     emb = causal_lm.model.embed_tokens
     tied = emb.weight is causal_lm.lm_head.weight
     if not tied:
         fully_shard(emb, reshard_after_forward=True, **common)
         if loss_model.fused_head:
-            # The loss gathers a plain frozen lm_head itself and frees it at once: its backward needs no weight
-            # (train.LinearCrossEntropy), so it need not stay gathered through the whole backward as part of
-            # the root (70B: 2.1 GB per rank). A LoRA-wrapped or quantized head is called chunk by chunk and
-            # recomputed in backward, so it stays in the root and is gathered once.
+            # A plain frozen lm_head is a unit of its own that is never gathered: the loss reads each rank's
+            # vocabulary rows (train.ShardedLinearCrossEntropy). In the root it would be gathered whole with
+            # the final norm and kept through backward (70B: 2.1 GB per rank). A LoRA-wrapped or quantized head
+            # is called as a module, chunk by chunk and recomputed in backward, so it stays in the root and
+            # is gathered once.
             fully_shard(causal_lm.lm_head, reshard_after_forward=True, **common)
     # Root: final norm (+ the tied embedding, or a LoRA/quantized lm_head), used first thing in backward, so
     # not resharded.
