@@ -83,10 +83,12 @@ class LinearCrossEntropy(torch.autograd.Function):
             logits = F.linear(hs, w).to(acc)
             valid = ys != IGNORE
             target = ys.clamp(min=0).unsqueeze(1)
-            lse = torch.logsumexp(logits, dim=1)
-            total = total + ((lse - logits.gather(1, target).squeeze(1)) * valid).sum()
+            target_logit = logits.gather(1, target).squeeze(1)
+            m, z = shifted_exp_(logits)  # logits now hold exp(logit - m)
+            lse = m + z.log()
+            total = total + ((lse - target_logit) * valid).sum()
             if grad_h is not None:
-                probs = logits.sub_(lse.unsqueeze(1)).exp_()  # in place: the fp32 logits are not needed again
+                probs = logits.div_(z.unsqueeze(1))  # softmax, in place
                 probs.scatter_add_(1, target, torch.full_like(target, -1.0, dtype=probs.dtype))
                 probs.mul_(valid.unsqueeze(1))
                 grad_h[s : s + chunk] = probs.to(h.dtype) @ w
@@ -98,6 +100,18 @@ class LinearCrossEntropy(torch.autograd.Function):
         (grad_h,) = ctx.saved_tensors
         # Scaled in fp32: the factor (world / global token count) is not exact in bf16.
         return (grad_h.to(grad_total.dtype) * grad_total).to(grad_h.dtype), None, None, None
+
+
+def shifted_exp_(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Row maxima m and sums z of exp(logits - m), leaving exp(logits - m) in `logits` (in place).
+
+    torch.logsumexp would hold a temporary as large as the chunk's logits: on 70B, 4 GPUs, 0.98 GiB live at
+    the step's memory peak (log.memory_steps; bench/RESULTS.md). The softmax is then the same buffer
+    scaled per row, also in place.
+    """
+    m = logits.amax(dim=1)
+    logits.sub_(m.unsqueeze(1)).exp_()
+    return m, logits.sum(dim=1)
 
 
 def fused_head_loss(h: torch.Tensor, w: torch.Tensor, y: torch.Tensor, chunk: int) -> torch.Tensor:
@@ -154,12 +168,14 @@ class ShardedLinearCrossEntropy(torch.autograd.Function):
             mine = (ys != IGNORE) & (local_y >= 0) & (local_y < vr)
             idx = local_y.clamp(0, max(vr - 1, 0)).unsqueeze(1)
             target_all[s : s + step] = logits.gather(1, idx).squeeze(1) * mine
-            lse_parts = h.new_empty(world * hs.shape[0], dtype=acc)
-            all_gather(lse_parts, torch.logsumexp(logits, dim=1), group=group)
-            lse = torch.logsumexp(lse_parts.view(world, -1), dim=0)
+            m, z = shifted_exp_(logits)  # logits now hold exp(logit - m) over this rank's rows
+            stats = h.new_empty((world, 2, hs.shape[0]), dtype=acc)
+            all_gather(stats.view(-1), torch.stack([m, z]).view(-1), group=group)
+            top = stats[:, 0].amax(dim=0)
+            lse = top + (stats[:, 1] * (stats[:, 0] - top).exp()).sum(dim=0).log()
             lse_all[s : s + step] = lse
             if grad_all is not None:
-                probs = logits.sub_(lse.unsqueeze(1)).exp_()
+                probs = logits.mul_((m - lse).exp().unsqueeze(1))  # softmax over the whole vocabulary, in place
                 probs.scatter_add_(1, idx, -mine.unsqueeze(1).to(probs.dtype))
                 probs.mul_((ys != IGNORE).unsqueeze(1))
                 grad_all[s : s + step] = probs.to(h.dtype) @ w
