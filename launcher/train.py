@@ -123,7 +123,9 @@ def fused_head_loss(h: torch.Tensor, w: torch.Tensor, y: torch.Tensor, chunk: in
     from launcher.loading import local_view, shard_group
 
     local, v0, _ = local_view(w)
-    rank, world, group = shard_group(w)
+    # With parallel.fsdp.cpu_offload the shard lives in host memory; the loss reads it on the GPU.
+    local = local.to(h.device, non_blocking=True)
+    _, world, group = shard_group(w)
     if world == 1:
         return LinearCrossEntropy.apply(h, local, y, chunk)
     return ShardedLinearCrossEntropy.apply(h, local, y, chunk, v0, world, group)
