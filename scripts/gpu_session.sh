@@ -34,6 +34,19 @@ stream() {  # stream NAME GPUS ROWS [args...]: one bench.py invocation with its 
   CUDA_VISIBLE_DEVICES=$gpus python3 scripts/bench.py "$B/$name" --rows "$rows" "$@" > "$OUT/$name.txt" 2>&1
   cp "$B/$name/results.jsonl" "$OUT/$name.results.jsonl" 2>/dev/null
 }
+rehearse70() {  # rehearse70 NAME STEPS TIMEOUT [--set ...]: the 70B recipe on 4 GPUs, random tokens
+  local name=$1 steps=$2 limit=$3
+  shift 3
+  python3 -c "import sys; sys.path.insert(0, 'scripts'); import bench; from pathlib import Path; bench.write_random_tokens(Path('$B/tokens70.jsonl'), 256, 512)"
+  local args=(--set "log.runs_dir=\"$B/$name\"" --set "data.datasets=[{path=\"$B/tokens70.jsonl\"}]" --set 'data.format="tokenized"'
+              --set data.packing=false --set 'train.schedule="constant"' --set train.warmup_steps=0 --set "train.max_steps=$steps"
+              --set checkpoint.every_steps=0 --set checkpoint.save_final_adapter=false "$@")
+  timeout "$limit" python3 -m launcher.cli run recipes/llama70b-qlora.toml --gpus 4 "${args[@]}" > "$OUT/$name.txt" 2>&1
+  echo "70B $name rc=$?"
+  for f in "$B/$name"/llama70b-qlora/*/; do
+    cp "$f/metrics.jsonl" "$OUT/$name.metrics.jsonl"; cp "$f"/profile/memory-rank*.txt "$OUT/" 2>/dev/null
+  done
+}
 t0=$(date +%s)
 if [ "$PART" = 1 ]; then
   CUDA_VISIBLE_DEVICES=0 python3 scripts/bench.py "$B" --prepare-only > "$OUT/prepare.txt" 2>&1
@@ -131,33 +144,17 @@ elif [ "$PART" = 11 ]; then
   CUDA_VISIBLE_DEVICES=0 timeout 110 python3 scripts/bench.py "$B/s11" --rows qlaunch-fsdp2-mb2-compile --gpus 1 --port 29811 --profile > "$OUT/s11b.txt" 2>&1
   cp "$B/s11/qlaunch-fsdp2-mb2-compile.profile.txt" "$OUT/g1-qlaunch-fsdp2-mb2-compile.profile.txt" 2>/dev/null
   cp "$B/s11/results.jsonl" "$OUT/s11.results.jsonl" 2>/dev/null
-  python3 -c "import sys; sys.path.insert(0, 'scripts'); import bench; from pathlib import Path; bench.write_random_tokens(Path('$B/tokens70.jsonl'), 256, 512)"
-  R70=(--set "log.runs_dir=\"$B/r70m\"" --set "data.datasets=[{path=\"$B/tokens70.jsonl\"}]" --set 'data.format="tokenized"'
-       --set data.packing=false --set 'train.schedule="constant"' --set train.warmup_steps=0 --set train.max_steps=4
-       --set checkpoint.every_steps=0 --set checkpoint.save_final_adapter=false --set "log.memory_steps=[2,3]")
-  timeout 150 python3 -m launcher.cli run recipes/llama70b-qlora.toml --gpus 4 "${R70[@]}" > "$OUT/r70m.txt" 2>&1
-  echo "70B rc=$?"
-  for f in "$B"/r70m/llama70b-qlora/*/; do cp "$f/metrics.jsonl" "$OUT/r70m.metrics.jsonl"; cp "$f"/profile/memory-rank*.txt "$OUT/"; done
+  rehearse70 r70m 4 150 --set "log.memory_steps=[2,3]"
 elif [ "$PART" = 12 ]; then
   CUDA_VISIBLE_DEVICES=0 timeout 150 python3 scripts/bench.py "$B/s12" --rows qlaunch-fsdp2-mb2-compile --gpus 1 --port 29811 > "$OUT/s12a.txt" 2>&1
   CUDA_VISIBLE_DEVICES=0,1,2,3 timeout 230 python3 scripts/bench.py "$B/s12" --rows qlaunch-fsdp2-mb2-compile-keep,qlaunch-fsdp2-mb2-compile --gpus 4 > "$OUT/s12b.txt" 2>&1
   cp "$B/s12/results.jsonl" "$OUT/s12.results.jsonl" 2>/dev/null
-  python3 -c "import sys; sys.path.insert(0, 'scripts'); import bench; from pathlib import Path; bench.write_random_tokens(Path('$B/tokens70.jsonl'), 256, 512)"
-  R70=(--set "log.runs_dir=\"$B/r70v\"" --set "data.datasets=[{path=\"$B/tokens70.jsonl\"}]" --set 'data.format="tokenized"'
-       --set data.packing=false --set 'train.schedule="constant"' --set train.warmup_steps=0 --set train.max_steps=6
-       --set checkpoint.every_steps=0 --set checkpoint.save_final_adapter=false)
-  timeout 170 python3 -m launcher.cli run recipes/llama70b-qlora.toml --gpus 4 "${R70[@]}" > "$OUT/r70v.txt" 2>&1
-  echo "70B rc=$?"
-  for f in "$B"/r70v/llama70b-qlora/*/; do cp "$f/metrics.jsonl" "$OUT/r70v.metrics.jsonl"; done
+  rehearse70 r70v 6 170
 elif [ "$PART" = 13 ]; then
-  python3 -c "import sys; sys.path.insert(0, 'scripts'); import bench; from pathlib import Path; bench.write_random_tokens(Path('$B/tokens70.jsonl'), 256, 512)"
-  R70=(--set "log.runs_dir=\"$B/r70m\"" --set "data.datasets=[{path=\"$B/tokens70.jsonl\"}]" --set 'data.format="tokenized"'
-       --set data.packing=false --set 'train.schedule="constant"' --set train.warmup_steps=0 --set train.max_steps=4
-       --set checkpoint.every_steps=0 --set checkpoint.save_final_adapter=false --set "log.memory_steps=[2,3]")
-  timeout 200 python3 -m launcher.cli run recipes/llama70b-qlora.toml --gpus 4 "${R70[@]}" > "$OUT/r70m.txt" 2>&1
-  echo "70B rc=$?"
-  for f in "$B"/r70m/llama70b-qlora/*/; do cp "$f/metrics.jsonl" "$OUT/r70m.metrics.jsonl"; cp "$f"/profile/memory-rank*.txt "$OUT/"; done
-  CUDA_VISIBLE_DEVICES=0,1 PARITY_ONLY="lr0 lr0_compile ref32 fsdp32 fsdp32_reshard ref16 fsdp16 fsdp16_compile" timeout 300 bash scripts/gpu_parity.sh /tmp/parity > "$OUT/parity.txt" 2>&1
+  rehearse70 r70m 4 200 --set "log.memory_steps=[2,3]"
+  # Each parity run takes about a minute on a fresh machine: 300 s (as in call 3 of the fifth session) ran
+  # out after 5 runs. Their outputs go under OUT.
+  CUDA_VISIBLE_DEVICES=0,1 PARITY_ONLY="lr0 ref32 fsdp32 fsdp32_reshard ref16 fsdp16 fsdp16_compile" timeout 450 bash scripts/gpu_parity.sh "$OUT/parity" > "$OUT/parity.txt" 2>&1
 else
   [ -e "$B/model-bf16" ] || CUDA_VISIBLE_DEVICES=0 python3 scripts/bench.py "$B" --prepare-only > "$OUT/prepare.txt" 2>&1
   stream s3a 0,1,2,3 qlaunch-fsdp2-mb2 --gpus 4 --port 29611
