@@ -8,12 +8,14 @@ trainer:
     scale per output row, whole on every rank;
   * dense frozen weights (embeddings, lm_head, norms) are sharded in `model.dtype`;
   * during forward/backward whole decoder layers are all-gathered in `quant.compute_dtype` (the current one
-    plus the prefetched next), a plain lm_head is gathered for the loss (counted here beside the layers
-    although it is freed before backward: errs high), and bitsandbytes dequantizes each 4-bit weight to a
-    full compute-dtype matrix for its matmul;
+    plus the prefetched next; with parallel.fsdp.reshard_after_forward = false every layer stays gathered
+    until its backward), and bitsandbytes dequantizes each 4-bit weight to a full compute-dtype matrix for
+    its matmul. FSDP never gathers a plain frozen lm_head (the loss splits the vocabulary over the ranks);
+    DeepSpeed ZeRO-3 and a LoRA-wrapped or quantized head gather it with the root;
   * LoRA masters, their gradients (reduced in fp32) and AdamW's two moments are fp32 and sharded;
   * activations are either one hidden state per layer boundary (gradient checkpointing) or every tensor a
-    Llama layer saves for backward; the loss runs lm_head over 2048-token chunks (train.LinearCrossEntropy).
+    Llama layer saves for backward; the loss runs lm_head over 2048-token chunks (train.LinearCrossEntropy;
+    split over the vocabulary, world x 2048 tokens over 1/world of it, plus every rank's hidden states).
 
 Every coefficient below is a named constant with the reason for its value. They are first estimates from
 counting the saved tensors; GPU calibration (against torch.cuda.max_memory_reserved) adjusts them.
