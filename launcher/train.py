@@ -102,6 +102,33 @@ class LinearCrossEntropy(torch.autograd.Function):
         return (grad_h.to(grad_total.dtype) * grad_total).to(grad_h.dtype), None, None, None
 
 
+_MM_OUT_DTYPE = [True]  # cleared if this torch/GPU has no bf16 x bf16 -> fp32 matmul
+
+
+def mm_acc(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a @ b for compute-dtype inputs, returned in fp32 *before* rounding to the compute dtype.
+
+    The vocabulary-split loss sums each rank's partial input gradient over the ranks. Rounding every
+    partial to bf16 first would round twice, differently for every world size (a bf16 run on 4 ranks and
+    on 2 would drift apart by ~1e-3 in the gradient norm); summed in fp32 and rounded once at the end, they
+    give what one device's single matmul gives, up to fp32 summation order. On CPU the products of the
+    upcast bf16 values are exact and the upcast matmul costs what the bf16 one does; on GPUs cuBLAS
+    writes the fp32 accumulator directly (torch.mm's out_dtype), else the rounded product is used.
+    """
+    if a.dtype == torch.float32 or a.dtype == torch.float64:
+        return a @ b
+    if a.is_cuda:
+        if _MM_OUT_DTYPE[0]:
+            try:
+                return torch.mm(a, b, out_dtype=torch.float32)
+            except (RuntimeError, TypeError) as err:
+                if isinstance(err, torch.OutOfMemoryError):
+                    raise
+                _MM_OUT_DTYPE[0] = False
+        return (a @ b).float()
+    return a.float() @ b.float()
+
+
 def shifted_exp_(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Row maxima m and sums z of exp(logits - m), leaving exp(logits - m) in `logits` (in place).
 
@@ -180,7 +207,7 @@ class ShardedLinearCrossEntropy(torch.autograd.Function):
                 probs = logits.mul_((m - lse).exp().unsqueeze(1))  # softmax over the whole vocabulary, in place
                 probs.scatter_add_(1, idx, -mine.unsqueeze(1).to(probs.dtype))
                 probs.mul_((ys != IGNORE).unsqueeze(1))
-                grad_all[s : s + step] = probs.to(h.dtype) @ w
+                grad_all[s : s + step] = mm_acc(probs.to(h.dtype), w)
         # Each rank's own tokens: its slice of the gathered order. Target logits and gradients are sums over
         # the vocabulary shards (only one shard has a token's target; every shard adds to its gradient).
         target = target_all.new_empty(t)
