@@ -116,7 +116,11 @@ class LocalSlurm:
             f"SlurmctldPort={ctld_port}",
             f"SlurmdPort={slurmd_port}",
             "AuthType=auth/munge",
-            f"AuthInfo=socket={sock}",
+            # A requeued job waits out the credential lifetime before it may start again: its old
+            # credential is revoked on the nodes until then, and a launch before that fails at once
+            # ("Job credential revoked", exit 1:0). 15 s instead of the default 120 keeps the requeue tests
+            # short without forcing the start time (which raced exactly that).
+            f"AuthInfo=socket={sock},cred_expire=15",
             "CredType=cred/munge",
             f"StateSaveLocation={r / 'state'}",
             f"SlurmdSpoolDir={r / 'spool'}/%n",
@@ -294,15 +298,14 @@ def test_time_limit_warning_checkpoints_requeues_and_resumes(tmp_path, one_node_
     assert s.cmd("scancel", "--signal=USR1", "--batch", job_id).returncode == 0
     requeued = []
 
-    def hurry(j):
-        # A requeued job waits ~2 minutes (its new begin time) before SLURM starts it again.
+    def seen(j):
+        # A requeued job waits for its new begin time (the credential lifetime, see LocalSlurm.start).
         if j.get("JobState") == "PENDING" and j.get("Reason") == "BeginTime":
             requeued.append(j)
-            s.cmd("scontrol", "update", f"JobId={job_id}", "StartTime=now")
 
-    j = s.wait_done(job_id, 420, on_poll=hurry)
+    j = s.wait_done(job_id, 420, on_poll=seen)
     out = _job_output(tmp_path, job_id)
-    assert (j["JobState"], j["ExitCode"]) == ("COMPLETED", "0:0"), out
+    assert (j["JobState"], j["ExitCode"]) == ("COMPLETED", "0:0"), out + s.logs()
     assert int(j["Restarts"]) == 1 and requeued, out
     assert "requeueing job" in out
     m = re.search(r"resumed from step (\d+)", out)
@@ -399,13 +402,9 @@ def test_two_node_job_checkpoints_requeues_and_resumes_in_its_run_dir(tmp_path, 
         time.sleep(1)
     assert s.cmd("scancel", "--signal=USR1", "--batch", job_id).returncode == 0
 
-    def hurry(j):
-        if j.get("JobState") == "PENDING" and j.get("Reason") == "BeginTime":
-            s.cmd("scontrol", "update", f"JobId={job_id}", "StartTime=now")
-
-    j = s.wait_done(job_id, 480, on_poll=hurry)
+    j = s.wait_done(job_id, 480)
     out = _job_output(tmp_path, job_id)
-    assert (j["JobState"], j["ExitCode"]) == ("COMPLETED", "0:0"), out
+    assert (j["JobState"], j["ExitCode"]) == ("COMPLETED", "0:0"), out + s.logs()
     assert int(j["Restarts"]) == 1 and "requeueing job" in out, out
     m = re.search(r"resumed from step (\d+)", out)
     assert m and int(m.group(1)) >= 3 and "step 30/30" in out, out
