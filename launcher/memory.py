@@ -216,6 +216,11 @@ def _quantized(recipe: Recipe, leaf: str) -> bool:
     return recipe.quant.bits != "none" and leaf not in {_leaf(s) for s in recipe.quant.skip_modules}
 
 
+def _fsdp_sharded(recipe: Recipe, setup: Setup) -> bool:
+    """FSDP with more than one shard: layers are gathered (and may be kept), the head's vocabulary split."""
+    return recipe.parallel.backend == "fsdp" and _shards(recipe, setup)[0] > 1
+
+
 def _shards(recipe: Recipe, setup: Setup) -> tuple[int, bool, bool]:
     """(ranks a parameter is sharded over, weights on host, optimizer state on host)."""
     p = recipe.parallel
@@ -278,8 +283,9 @@ def estimate(
     shard, weights_off, optim_off = _shards(recipe, setup)
     backend = recipe.parallel.backend
     gathers = backend == "fsdp" or (backend == "deepspeed" and recipe.parallel.deepspeed.stage == 3)
+    fsdp_sharded = _fsdp_sharded(recipe, setup)
     # 'auto' counts as resharding here: choose() resolves it by estimating both.
-    keep = backend == "fsdp" and shard > 1 and recipe.parallel.fsdp.reshard_after_forward is False
+    keep = fsdp_sharded and recipe.parallel.fsdp.reshard_after_forward is False
     setup = replace(setup, keep_gathered=keep)
     s_model = DTYPE_BYTES[recipe.model.dtype]
     s = DTYPE_BYTES[recipe.quant.compute_dtype]
@@ -314,7 +320,7 @@ def estimate(
     lora_params = L * lora_layer + (recipe.lora.rank * 2 * h if "lm_head" in targets else 0)
     # FSDP never gathers a plain frozen head: the loss splits the vocabulary over the ranks instead
     # (train.ShardedLinearCrossEntropy), which gathers every rank's hidden states and sums input gradients.
-    vocab_split = backend == "fsdp" and shard > 1 and head and not head_packed and "lm_head" not in targets
+    vocab_split = fsdp_sharded and head and not head_packed and "lm_head" not in targets
 
     parts: dict[str, float] = {}
     parts["weights_4bit"] = 0.0 if weights_off else (L * packed_layer + head_packed) / shard
@@ -420,7 +426,8 @@ def choose(
     fs = recipe.parallel.fsdp
     recipes = [recipe]
     if recipe.parallel.backend == "fsdp" and fs.reshard_after_forward == "auto":
-        recipes = [with_reshard(recipe, True)] + ([] if fs.cpu_offload else [with_reshard(recipe, False)])
+        keeps = [False] if fs.cpu_offload else [False, True]
+        recipes = [with_fsdp(recipe, reshard_after_forward=not keep) for keep in keeps]
     options = [
         estimate(r, shape, world_size, mb, ck, gpu_memory, nproc_per_node) for r in recipes for mb in mbs for ck in cks
     ]
@@ -428,8 +435,7 @@ def choose(
 
     def speed(e: Estimate) -> tuple[float, int, bool]:
         su = e.setup
-        shard = _shards(recipe, su)[0]
-        regathers = recipe.parallel.backend == "fsdp" and shard > 1 and not su.keep_gathered
+        regathers = _fsdp_sharded(recipe, su) and not su.keep_gathered
         seq = recipe.data.seq_len if regathers else 0
         return relative_step_time(su.micro_batch, su.checkpointing, seq), -su.micro_batch, su.keep_gathered
 
@@ -438,10 +444,10 @@ def choose(
     return min(options, key=lambda e: e.total)
 
 
-def with_reshard(recipe: Recipe, reshard: bool) -> Recipe:
-    """The recipe with parallel.fsdp.reshard_after_forward set."""
+def with_fsdp(recipe: Recipe, **update: Any) -> Recipe:
+    """The recipe with these parallel.fsdp keys replaced."""
     p = recipe.parallel
-    fsdp = p.fsdp.model_copy(update={"reshard_after_forward": reshard})
+    fsdp = p.fsdp.model_copy(update=update)
     return recipe.model_copy(update={"parallel": p.model_copy(update={"fsdp": fsdp})})
 
 
@@ -489,13 +495,10 @@ def suggestions(recipe: Recipe, shape: ModelShape, est: Estimate, force: bool = 
     if not su.checkpointing:
         say("--set train.gradient_checkpointing=true", again(checkpointing=True))
     if su.keep_gathered:
-        say("--set parallel.fsdp.reshard_after_forward=true", again(with_reshard(recipe, True)))
+        say("--set parallel.fsdp.reshard_after_forward=true", again(with_fsdp(recipe, reshard_after_forward=True)))
     p = recipe.parallel
     if p.backend == "fsdp" and not p.fsdp.cpu_offload:
-        r = recipe.model_copy(
-            update={"parallel": p.model_copy(update={"fsdp": p.fsdp.model_copy(update={"cpu_offload": True})})}
-        )
-        say("--set parallel.fsdp.cpu_offload=true", again(r))
+        say("--set parallel.fsdp.cpu_offload=true", again(with_fsdp(recipe, cpu_offload=True)))
     if p.backend == "deepspeed" and not p.deepspeed.offload_optimizer:
         r = recipe.model_copy(
             update={

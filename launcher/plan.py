@@ -122,7 +122,8 @@ def make_plan(
         gpu_mem = planned_gpu_memory(recipe, cluster)
         estimate = memory.choose(recipe.model_copy(update={"train": train}), model, world, gpu_mem, nproc)
         mb, ckpt = estimate.setup.micro_batch, estimate.setup.checkpointing
-        reshard = not estimate.setup.keep_gathered if recipe.parallel.fsdp.reshard_after_forward == "auto" else reshard
+        if recipe.parallel.fsdp.reshard_after_forward == "auto":
+            reshard = not estimate.setup.keep_gathered
     if mb == "auto":
         mb = 1  # no model shape to plan with: 1 always fits best.
     if ckpt == "auto":
@@ -214,9 +215,9 @@ def resolve_recipe(recipe: Recipe, plan: Plan) -> Recipe:
         update["gradient_checkpointing"] = plan.gradient_checkpointing
     out = recipe.model_copy(update={"train": t.model_copy(update=update)}) if update else recipe
     if recipe.parallel.fsdp.reshard_after_forward == "auto":
-        from launcher.memory import with_reshard
+        from launcher.memory import with_fsdp
 
-        out = with_reshard(out, plan.reshard_after_forward)
+        out = with_fsdp(out, reshard_after_forward=plan.reshard_after_forward)
     return out
 
 

@@ -8,7 +8,7 @@ import re
 import pytest
 
 from launcher import memory
-from launcher.memory import GiB, ModelShape, choose, estimate, suggestions
+from launcher.memory import GiB, ModelShape, choose, estimate, suggestions, with_fsdp
 from launcher.plan import Cluster, make_plan, resolve_recipe
 from launcher.recipe import load_recipe
 from tests.conftest import TINY_MODEL, run_cli
@@ -85,13 +85,7 @@ def test_checkpointing_and_micro_batch_drive_activations(big):
 
 
 def test_cpu_offload_moves_shards_and_optimizer_off_the_gpu(big):
-    off = big.model_copy(
-        update={
-            "parallel": big.parallel.model_copy(
-                update={"fsdp": big.parallel.fsdp.model_copy(update={"cpu_offload": True})}
-            )
-        }
-    )
+    off = with_fsdp(big, cpu_offload=True)
     e = estimate(off, SHAPE, 2, 2, True)
     assert e.parts["weights_4bit"] == e.parts["dense_weights"] == e.parts["lora"] == 0
     assert e.parts["gathered"] > 0  # layers are still gathered onto the GPU to compute
@@ -145,13 +139,7 @@ def test_make_plan_resolves_auto_with_the_model_shape(big):
     assert rec.train.gradient_checkpointing is planned.gradient_checkpointing
     assert rec.parallel.fsdp.reshard_after_forward is planned.reshard_after_forward
     assert planned.reshard_after_forward is not planned.memory["keep_gathered"]
-    fixed = big.model_copy(
-        update={
-            "parallel": big.parallel.model_copy(
-                update={"fsdp": big.parallel.fsdp.model_copy(update={"reshard_after_forward": True})}
-            )
-        }
-    )
+    fixed = with_fsdp(big, reshard_after_forward=True)
     assert resolve_recipe(fixed, make_plan(fixed, Cluster(), model=SHAPE)) is fixed  # nothing to resolve
 
 
@@ -230,19 +218,14 @@ def test_layers_kept_gathered_cost_every_layer_and_auto_keeps_them_when_they_fit
     H100s, 8B, batch 2: 11.30 GiB against 8.10 resharding, bench/RESULTS.md); 'auto' keeps them on an 80 GiB
     card, where the re-gather costs more than the memory, and frees them on a card they do not fit, with
     CPU offload, and on one GPU (nothing is gathered there)."""
-    from launcher.memory import choose, with_reshard
-
-    keep = estimate(with_reshard(big, False), SHAPE, 4, 2, True)
-    free = estimate(with_reshard(big, True), SHAPE, 4, 2, True)
+    keep = estimate(with_fsdp(big, reshard_after_forward=False), SHAPE, 4, 2, True)
+    free = estimate(with_fsdp(big, reshard_after_forward=True), SHAPE, 4, 2, True)
     assert keep.setup.keep_gathered and not free.setup.keep_gathered
     assert 2.8 * GiB < keep.parts["gathered"] - free.parts["gathered"] < 3.6 * GiB  # 30 more 8B layers
-    auto = with_reshard(big, "auto")
+    auto = with_fsdp(big, reshard_after_forward="auto")
     assert choose(auto, SHAPE, 4, 80 * GiB).setup.keep_gathered
     assert not choose(auto, SHAPE, 4, int(free.total / 0.9)).setup.keep_gathered  # only resharding fits
     assert not choose(auto, SHAPE, 1, 80 * GiB).setup.keep_gathered
-    p = auto.parallel
-    offload = auto.model_copy(
-        update={"parallel": p.model_copy(update={"fsdp": p.fsdp.model_copy(update={"cpu_offload": True})})}
-    )
-    assert not choose(offload, SHAPE, 4, 80 * GiB).setup.keep_gathered
-    assert not choose(with_reshard(big, True), SHAPE, 4, 80 * GiB).setup.keep_gathered  # explicit wins
+    assert not choose(with_fsdp(auto, cpu_offload=True), SHAPE, 4, 80 * GiB).setup.keep_gathered
+    explicit = with_fsdp(big, reshard_after_forward=True)
+    assert not choose(explicit, SHAPE, 4, 80 * GiB).setup.keep_gathered  # explicit wins
