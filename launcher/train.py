@@ -97,9 +97,14 @@ class LinearCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_total: torch.Tensor):
-        (grad_h,) = ctx.saved_tensors
-        # Scaled in fp32: the factor (world / global token count) is not exact in bf16.
-        return (grad_h.to(grad_total.dtype) * grad_total).to(grad_h.dtype), None, None, None
+        return scaled_input_grad(ctx, grad_total), None, None, None
+
+
+def scaled_input_grad(ctx, grad_total: torch.Tensor) -> torch.Tensor:
+    """The input gradient a fused loss stored in forward, times the upstream gradient of its sum."""
+    (grad_h,) = ctx.saved_tensors
+    # Scaled in fp32: the factor (world / global token count) is not exact in bf16.
+    return (grad_h.to(grad_total.dtype) * grad_total).to(grad_h.dtype)
 
 
 _MM_OUT_DTYPE = [True]  # cleared if this torch/GPU has no bf16 x bf16 -> fp32 matmul
@@ -152,10 +157,10 @@ def fused_head_loss(h: torch.Tensor, w: torch.Tensor, y: torch.Tensor, chunk: in
     local, v0, _ = local_view(w)
     # With parallel.fsdp.cpu_offload the shard lives in host memory; the loss reads it on the GPU.
     local = local.to(h.device, non_blocking=True)
-    _, world, group = shard_group(w)
+    rank, world, group = shard_group(w)
     if world == 1:
         return LinearCrossEntropy.apply(h, local, y, chunk)
-    return ShardedLinearCrossEntropy.apply(h, local, y, chunk, v0, world, group)
+    return ShardedLinearCrossEntropy.apply(h, local, y, chunk, v0, rank, world, group)
 
 
 class ShardedLinearCrossEntropy(torch.autograd.Function):
@@ -173,7 +178,7 @@ class ShardedLinearCrossEntropy(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, h, w, y, chunk: int, v0: int, world: int, group) -> torch.Tensor:
+    def forward(ctx, h, w, y, chunk: int, v0: int, rank: int, world: int, group) -> torch.Tensor:
         import torch.distributed as dist
 
         # torch 2.13 renamed the flat collectives (the old names warn on every call); 2.11 has only those.
@@ -194,7 +199,8 @@ class ShardedLinearCrossEntropy(torch.autograd.Function):
             hs, ys = h_all[s : s + step], y_all[s : s + step]
             logits = F.linear(hs, w).to(acc)
             local_y = ys - v0
-            mine = (ys != IGNORE) & (local_y >= 0) & (local_y < vr)
+            valid = ys != IGNORE
+            mine = valid & (local_y >= 0) & (local_y < vr)
             idx = local_y.clamp(0, max(vr - 1, 0)).unsqueeze(1)
             target_all[s : s + step] = logits.gather(1, idx).squeeze(1) * mine
             m, z = shifted_exp_(logits)  # logits now hold exp(logit - m) over this rank's rows
@@ -206,14 +212,13 @@ class ShardedLinearCrossEntropy(torch.autograd.Function):
             if grad_all is not None:
                 probs = logits.mul_((m - lse).exp().unsqueeze(1))  # softmax over the whole vocabulary, in place
                 probs.scatter_add_(1, idx, -mine.unsqueeze(1).to(probs.dtype))
-                probs.mul_((ys != IGNORE).unsqueeze(1))
+                probs.mul_(valid.unsqueeze(1))
                 grad_all[s : s + step] = mm_acc(probs.to(h.dtype), w)
         # Each rank's own tokens: its slice of the gathered order. Target logits and gradients are sums over
         # the vocabulary shards (only one shard has a token's target; every shard adds to its gradient).
         target = target_all.new_empty(t)
         reduce_scatter(target, target_all, group=group)
-        rank = dist.get_rank(group)
-        own = slice(rank * t, (rank + 1) * t)
+        own = slice(rank * t, (rank + 1) * t)  # rank within the shard group: the all-gather's order
         total = ((lse_all[own] - target) * (y != IGNORE)).sum()
         grad_h = None
         if grad_all is not None:
@@ -225,8 +230,7 @@ class ShardedLinearCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_total: torch.Tensor):
-        (grad_h,) = ctx.saved_tensors
-        return (grad_h.to(grad_total.dtype) * grad_total).to(grad_h.dtype), None, None, None, None, None, None
+        return scaled_input_grad(ctx, grad_total), None, None, None, None, None, None, None
 
 
 def lr_lambda(schedule: str, warmup: int, total: int, min_ratio: float) -> Callable[[int], float]:
