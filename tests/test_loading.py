@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import socket
 from pathlib import Path
 
 import pytest
@@ -13,7 +12,7 @@ import torch.multiprocessing as mp
 
 from launcher.loading import quantize_shard, shard_rows, shard_spans
 from launcher.recipe import QuantConfig, load_recipe
-from tests.conftest import BASE_RECIPE, TINY_MODEL, run_cli
+from tests.conftest import BASE_RECIPE, TINY_MODEL, free_port, run_cli
 
 
 @pytest.mark.parametrize("world", [1, 2, 3, 4, 7])
@@ -51,12 +50,6 @@ def test_shard_quantization_equals_whole_tensor(world, storage, double_quant):
     assert torch.equal(
         F.dequantize_4bit(ref_packed, state).to(torch.bfloat16), F.dequantize_4bit(ref_packed, ref_state)
     )
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _rank_main(rank: int, world: int, port: int, recipe_path: str, model_dirs: list[str], out: str) -> None:
@@ -114,7 +107,7 @@ def test_ranks_hold_only_their_shard_and_sources_agree(tmp_path, prequant_dir):
     world = 2
     mp.spawn(
         _rank_main,
-        args=(world, _free_port(), str(recipe), [str(TINY_MODEL), str(prequant_dir)], str(tmp_path)),
+        args=(world, free_port(), str(recipe), [str(TINY_MODEL), str(prequant_dir)], str(tmp_path)),
         nprocs=world,
         join=True,
     )

@@ -27,7 +27,7 @@ from launcher.plan import Cluster, check_elastic_nodes, make_plan, multinode_env
 from launcher.recipe import load_recipe
 from launcher.rundir import RunDir
 from launcher.spawn import NodeWatch, descendants, describe_node, distributed_settings, is_peer_failure, node_blame
-from tests.conftest import BASE_RECIPE, ROOT
+from tests.conftest import BASE_RECIPE, ROOT, free_port
 
 # ================================================================== planning (pure)
 
@@ -211,12 +211,6 @@ def test_describe_node_without_a_known_node_rank():
 # ================================================================== the node watch, in process
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _run_dir(tmp_path: Path, name: str, ranks: list[int]) -> RunDir:
     run = RunDir(tmp_path / name)
     run.logs.mkdir(parents=True)
@@ -240,7 +234,7 @@ def _peer(watch: NodeWatch, node_rank: int) -> dict | None:
 
 
 def test_watch_reports_a_failed_node_and_a_vanished_one(tmp_path):
-    port = _free_port()
+    port = free_port()
     addr = ("127.0.0.1", port)
     host = NodeWatch(_run_dir(tmp_path, "n0", [0, 1]), addr, True, 0, 30, stop_on_loss=False).start()
     run1 = _run_dir(tmp_path, "n1", [2, 3])
@@ -266,7 +260,7 @@ def test_watch_reports_a_failed_node_and_a_vanished_one(tmp_path):
 
 
 def test_watch_client_notices_the_host_going_away(tmp_path):
-    addr = ("127.0.0.1", _free_port())
+    addr = ("127.0.0.1", free_port())
     host = NodeWatch(_run_dir(tmp_path, "n0", [0, 1]), addr, True, 0, 30, stop_on_loss=False).start()
     n1 = NodeWatch(_run_dir(tmp_path, "n1", [2, 3]), addr, False, 1, 30, stop_on_loss=False).start()
     try:
@@ -281,7 +275,7 @@ def test_watch_client_notices_the_host_going_away(tmp_path):
 def test_watch_silent_node_is_lost_and_local_ranks_are_stopped(tmp_path):
     """A node whose connection stays open but says nothing (cut off from the network: no FIN ever
     arrives) is lost after node_timeout; a run that cannot continue then stops its own ranks."""
-    addr = ("127.0.0.1", _free_port())
+    addr = ("127.0.0.1", free_port())
     host = NodeWatch(_run_dir(tmp_path, "n0", [0, 1]), addr, True, 0, 2.0, stop_on_loss=True).start()
     ranks = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     host.attach(ranks)
@@ -328,7 +322,7 @@ def test_watch_stops_local_ranks_when_another_node_reports_its_ranks_failed(tmp_
     from launcher import spawn
 
     monkeypatch.setattr(spawn, "KILL_GRACE_S", 1.0)
-    addr = ("127.0.0.1", _free_port())
+    addr = ("127.0.0.1", free_port())
     notes: list[str] = []
     host = NodeWatch(_run_dir(tmp_path, "n0", [0, 1]), addr, True, 0, 1.0, stop_on_loss=True, log=notes.append)
     host.start()

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from launcher.recipe import load_recipe
 from launcher.train import IGNORE, LinearCrossEntropy
-from tests.conftest import BASE_RECIPE, run_cli
+from tests.conftest import BASE_RECIPE, free_port, run_cli
 
 
 @pytest.mark.parametrize("chunk", [7, 64, 1000])
@@ -240,15 +240,10 @@ def test_vocab_sharded_cross_entropy_equals_one_device(tmp_path):
     """3 gloo ranks, each with its own 23 tokens and 17/17/16 rows of a 50-word head (a DTensor shard, as
     FSDP2 leaves lm_head): each rank's loss and input gradient equal the one-device fused loss over its
     tokens, with ignored labels and a chunk that does not divide the tokens, with and without grad."""
-    import socket
-
     import torch.multiprocessing as mp
 
     world = 3
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(_sharded_ce_rank, args=(world, port, str(tmp_path)), nprocs=world, join=True)
+    mp.spawn(_sharded_ce_rank, args=(world, free_port(), str(tmp_path)), nprocs=world, join=True)
     h_all, w, y_all = _sharded_ce_inputs(world)
     t = h_all.shape[0] // world
     for rank in range(world):
