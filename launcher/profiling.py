@@ -253,7 +253,11 @@ class MemoryRecorder:
         out = self.out_dir / f"memory-rank{self.rank}.txt"
         title = f"rank {self.rank}, steps {self.first}-{self.last}"
         if not self.recording:
-            out.write_text(f"{title}\nno CUDA device: the allocator history is recorded on GPUs only\n")
+            if self.device.type != "cuda":
+                why = "no CUDA device: the allocator history is recorded on GPUs only"
+            else:  # a resumed run started after step `first`: begin() never saw it
+                why = f"step {self.first} ran before this process started (a resumed run): nothing recorded"
+            out.write_text(f"{title}\n{why}\n")
             return
         torch.cuda.synchronize(self.device)
         snap = torch.cuda.memory._snapshot(self.device)

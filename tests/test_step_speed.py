@@ -164,6 +164,19 @@ def test_profile_summary_of_device_kernels():
     }, text
 
 
+def test_memory_recorder_says_why_it_recorded_nothing_on_a_gpu_run_resumed_past_its_first_step(tmp_path):
+    """A run resumed at step 3 with log.memory_steps = [2, 3] never began recording: its note must say so,
+    not claim that there is no GPU (no CUDA call is made on this path, so it runs on CPU too)."""
+    from launcher.profiling import MemoryRecorder
+
+    rec = MemoryRecorder((2, 3), tmp_path, 1, torch.device("cuda", 0))
+    rec.begin(3)
+    rec.end(3)
+    assert (tmp_path / "memory-rank1.txt").read_text() == (
+        "rank 1, steps 2-3\nstep 2 ran before this process started (a resumed run): nothing recorded\n"
+    )
+
+
 def test_memory_peak_breakdown_replays_the_allocator_trace():
     """The peak of a recorded allocator trace and what was live at it, grouped by allocation site: blocks
     count until 'free_completed', frees of blocks allocated before recording lower the base line, and a
