@@ -100,13 +100,7 @@ elif [ "$PART" = 8 ]; then
   CUDA_VISIBLE_DEVICES=0,1,2,3 timeout 200 python3 scripts/bench.py "$B/s8" --rows qlaunch-fsdp2-mb2-compile --gpus 4 > "$OUT/s8a.txt" 2>&1
   CUDA_VISIBLE_DEVICES=0 timeout 110 python3 scripts/bench.py "$B/s8" --rows qlaunch-fsdp2-mb2-compile --gpus 1 --port 29811 > "$OUT/s8b.txt" 2>&1
   cp "$B/s8/results.jsonl" "$OUT/s8.results.jsonl" 2>/dev/null
-  python3 -c "import sys; sys.path.insert(0, 'scripts'); import bench; from pathlib import Path; bench.write_random_tokens(Path('$B/tokens70.jsonl'), 256, 512)"
-  R70=(--set "log.runs_dir=\"$B/r70h\"" --set "data.datasets=[{path=\"$B/tokens70.jsonl\"}]" --set 'data.format="tokenized"'
-       --set data.packing=false --set 'train.schedule="constant"' --set train.warmup_steps=0 --set train.max_steps=6
-       --set checkpoint.every_steps=0 --set checkpoint.save_final_adapter=false)
-  timeout 200 python3 -m launcher.cli run recipes/llama70b-qlora.toml --gpus 4 "${R70[@]}" > "$OUT/r70h.txt" 2>&1
-  echo "70B rc=$?"
-  for f in "$B"/r70h/llama70b-qlora/*/; do cp "$f/metrics.jsonl" "$OUT/r70h.metrics.jsonl"; done
+  rehearse70 r70h 6 200
 elif [ "$PART" = 9 ]; then
   # GPUs 0,1: the ZeRO-3 peer, then qlaunch ZeRO-3 (each layer one ZeRO-3 unit) eager and compiled at batch 2,
   # and compiled at batch 4 without checkpointing. GPUs 2,3: 70B on 2 GPUs, each capped at 24 GiB, FSDP2 with
