@@ -139,6 +139,11 @@ def newest_complete(root: Path, warn=print) -> Path | None:
     return None
 
 
+def looks_like_checkpoint(p: Path) -> bool:
+    """A checkpoint directory (step_N/), as opposed to a run directory, whether usable or not."""
+    return (p / COMPLETE).is_file() or (p / META).is_file()
+
+
 def find_resume_target(arg: str, runs_dir: Path, name: str) -> Path | None:
     """--resume auto | RUN_DIR | CHECKPOINT_DIR -> a complete checkpoint directory (launching process).
 
@@ -152,7 +157,7 @@ def find_resume_target(arg: str, runs_dir: Path, name: str) -> Path | None:
         ]
         return max(found, key=_saved_at).resolve() if found else None
     p = Path(arg)
-    if (p / COMPLETE).is_file() or (p / META).is_file():
+    if looks_like_checkpoint(p):
         ok, why = is_complete(p)
         if not ok:
             raise UserError(f"--resume {arg}: not a usable checkpoint ({why})")

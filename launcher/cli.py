@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -14,7 +15,7 @@ import click
 import typer
 
 from launcher import __version__
-from launcher.errors import UserError
+from launcher.errors import EXIT_ABORTED, EXIT_DIVERGED, EXIT_PREEMPTED, UserError
 
 app = typer.Typer(
     name="qlaunch",
@@ -93,7 +94,13 @@ def _cluster(node_rank: int = 0, master_addr: str = "127.0.0.1", rdzv_endpoint=N
 
 @app.command()
 def run(
-    recipe: Annotated[str, typer.Argument(help="Recipe TOML file (see `qlaunch recipes`).")],
+    recipe: Annotated[
+        str | None,
+        typer.Argument(
+            help="Recipe TOML file (see `qlaunch recipes`). Optional with --resume RUN_DIR|CHECKPOINT_DIR, which "
+            "continues under the run's own resolved recipe (plus any --set/--gpus given here)."
+        ),
+    ] = None,
     gpus: GpusOpt = None,
     nnodes: NnodesOpt = None,
     node_rank: Annotated[
@@ -156,10 +163,13 @@ def run(
 ) -> None:
     """Validate RECIPE, write a run directory, spawn the ranks with torch's elastic launcher and train.
 
-    Exit status: 0 done; 2 bad input; 75 preempted (SIGTERM/SIGUSR1: a checkpoint was saved, rerun with
-    --resume); otherwise the failing workers' status."""
+    Exit status: 0 done; 2 bad input; 3 diverged (a NaN/inf loss or gradient norm stopped the run); 75
+    preempted (SIGTERM/SIGUSR1/Ctrl-C: a checkpoint was saved, continue with --resume RUN_DIR); 130 a second
+    Ctrl-C killed the ranks; otherwise the failing workers' status."""
     from launcher.plan import make_plan, resolve_recipe
     from launcher.recipe import load_recipe
+
+    recipe = _recipe_to_run(recipe, resume)
 
     # --- multinode: this node's place, from the flags or else from a SLURM allocation
     where = _placement(nnodes, node_rank, master_addr, master_port, rdzv_endpoint, rdzv_id, no_slurm)
@@ -168,7 +178,7 @@ def run(
     overrides = _overrides(set_, gpus, nnodes)
     if master_port is not None:
         overrides.append(f"launch.master_port={master_port}")
-    rec = load_recipe(recipe, overrides)
+    rec = _absolute_runs_dir(load_recipe(recipe, overrides))
     cluster = _cluster(node_rank, master_addr, rdzv_endpoint, where.rdzv_id, where.min_nodes)
     auto = _has_auto(rec)
     plan = make_plan(rec, cluster, model=_model_shape(rec, required=auto) if auto or not dry_run else None)
@@ -210,23 +220,40 @@ def run(
         from launcher.parallel.deepspeed import require_deepspeed
 
         require_deepspeed()  # here, not minutes later on every rank
+    from launcher import data
     from launcher.configs import decoder_layer_class, render_files
     from launcher.rundir import PLAN_FILE, new_run_dir, write_files
 
     layer_cls = decoder_layer_class(rec)
+    # Every row of every dataset, tokenized here into the shared cache: a bad row anywhere is one line
+    # before a run directory exists, and the ranks only map the finished file.
+    cache = Path(rec.log.runs_dir) / DATA_CACHE_DIR
+    data.prepare(rec, cache)
     if shared is None:
-        run_dir, writer = new_run_dir(rec), True
+        run_dir, writer, fresh = new_run_dir(rec), True, True
     else:
         run_dir, writer = _open_shared_run_dir(shared, plan.nnodes, node_rank, rdzv_endpoint, resume is not None)
+        fresh = False
     spec = launch_spec(rec, plan, cluster, str(run_dir.path), run_dir.node)
     if writer:
         # One writer per run directory: the other nodes' configs would differ only in their node rank.
         configs = render_files(rec, plan, run_dir.path, layer_cls, node_rank, master_addr)
-        plan_dict = {**plan.to_dict(), "resume_from": str(resume_from) if resume_from else None}
-        write_files(run_dir, rec, {PLAN_FILE: json.dumps(plan_dict, indent=2) + "\n", **configs})
+        plan_dict = {
+            **plan.to_dict(),
+            "resume_from": str(resume_from) if resume_from else None,
+            "data_cache": str(cache),
+        }
+        try:
+            write_files(run_dir, rec, {PLAN_FILE: json.dumps(plan_dict, indent=2) + "\n", **configs})
+        except OSError as err:
+            if fresh:  # nothing half-written: a run directory without its files is no run
+                shutil.rmtree(run_dir.path, ignore_errors=True)
+            raise UserError(
+                f"{err.filename or run_dir.path}: cannot write the run directory ({err.strerror})"
+            ) from None
     print(f"run directory: {run_dir.path}" + (f" (this node's logs: {run_dir.logs})" if run_dir.node else ""))
     from launcher import live
-    from launcher.spawn import failure_summary, spawn, user_error_of
+    from launcher.spawn import spawn
 
     # --- multinode: node 0 shows the live view, the others a line; the node watch names a failed node
     follow, watch = live.follow, None
@@ -244,23 +271,76 @@ def run(
         if watch:
             watch.close()
     # --- end multinode
-    preempted = run_dir.path / "preempted.json"
-    if rc == 0 and preempted.is_file():
-        info = json.loads(preempted.read_text())
+    _end_of_run(run_dir, rc, blame, plan.nnodes > 1)
+
+
+def _end_of_run(run_dir, rc: int, blame: str | None, multinode: bool) -> None:
+    """After torchrun exited: the exit status and the one report a user needs (see `run`'s docstring)."""
+    from launcher.spawn import disk_full, failure_summary, rank_error_of
+
+    resume = f"qlaunch run --resume {run_dir.path}" + (" (on every node, with its node flags)" if multinode else "")
+    if rc == EXIT_ABORTED:
+        print("qlaunch: aborted by a second Ctrl-C; the ranks were killed", file=sys.stderr)
+        raise typer.Exit(EXIT_ABORTED)
+    if rc == 0 and run_dir.preempted_file.is_file():
+        info = json.loads(run_dir.preempted_file.read_text())
         print(
-            f"preempted at step {info['step']}: checkpoint {info['checkpoint']}; "
-            f"continue with: qlaunch run {recipe} --resume {run_dir.path}",
+            f"preempted at step {info['step']}: checkpoint {info['checkpoint']}; continue with: {resume}",
             file=sys.stderr,
         )
         raise typer.Exit(EXIT_PREEMPTED)
-    if rc != 0:
-        msg = user_error_of(run_dir)
-        if msg:
-            raise UserError(msg)
-        if blame:
-            print(blame, file=sys.stderr)
-        print(failure_summary(run_dir), file=sys.stderr)
+    if rc == 0:
+        return
+    err = rank_error_of(run_dir)
+    if err is not None and err["kind"] in ("user", "diverged"):
+        # Marked, so that the directory does not read as a crashed run that --resume should continue.
+        try:
+            run_dir.failed_file.write_text(json.dumps(err) + "\n")
+        except OSError:
+            pass
+        if err["kind"] == "user":
+            raise UserError(err["message"])
+        print(f"qlaunch: error: {err['message']}", file=sys.stderr)
+        raise typer.Exit(EXIT_DIVERGED)
+    full = disk_full(run_dir)
+    if full:
+        print(f"qlaunch: error: {full}; free some space, then continue with: {resume}", file=sys.stderr)
         raise typer.Exit(rc if 0 < rc < 256 else 1)
+    if blame:
+        print(blame, file=sys.stderr)
+    print(failure_summary(run_dir), file=sys.stderr)
+    raise typer.Exit(rc if 0 < rc < 256 else 1)
+
+
+def _recipe_to_run(recipe: str | None, resume: str | None) -> str:
+    """The recipe file `qlaunch run` reads: the one given, or with --resume RUN_DIR|CHECKPOINT_DIR and no
+    recipe, the run's own resolved recipe.toml (every default and --set of the first run filled in), so that
+    the printed resume command reproduces the run."""
+    if recipe is not None:
+        return recipe
+    if resume is None or resume == "auto":
+        raise UserError(
+            "qlaunch run needs a RECIPE file (`qlaunch recipes` lists the bundled ones); only --resume RUN_DIR or "
+            "--resume CHECKPOINT_DIR can do without it (the run's own recipe.toml is used)"
+        )
+    from launcher import checkpoint
+    from launcher.rundir import RECIPE_FILE
+
+    p = Path(resume)
+    run = p.parent.parent if checkpoint.looks_like_checkpoint(p) else p
+    if not (run / RECIPE_FILE).is_file():
+        raise UserError(
+            f"--resume {resume}: no {RECIPE_FILE} in {run} (not a qlaunch run directory); give the RECIPE as well"
+        )
+    return str(run / RECIPE_FILE)
+
+
+def _absolute_runs_dir(rec):
+    """log.runs_dir as an absolute path (at the edge: it is relative to where qlaunch runs), so the resolved
+    recipe in the run directory places a resumed run beside the first one from any directory."""
+    return rec.model_copy(
+        update={"log": rec.log.model_copy(update={"runs_dir": str(Path(rec.log.runs_dir).resolve())})}
+    )
 
 
 # --- multinode
@@ -439,7 +519,8 @@ def slurm(
 # --- end multinode
 
 
-EXIT_PREEMPTED = 75  # EX_TEMPFAIL: stopped by SIGTERM/SIGUSR1 after saving a checkpoint; resume later
+# Beside the run directories, shared by every run of this runs_dir (tokenized data, keyed by its inputs).
+DATA_CACHE_DIR = ".data-cache"
 
 
 def _has_auto(rec) -> bool:

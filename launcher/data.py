@@ -961,22 +961,34 @@ def shared_build(
     build: Callable[[], dict],
     *,
     rank: int = 0,
+    attempt: str | None = None,
+    share_errors: bool = True,
     timeout_s: float = WAIT_TIMEOUT_S,
     stale_s: float = STALE_LOCK_S,
     poll_s: float = 0.2,
 ) -> dict:
     """Build `<key>.pt` once per cache directory and return it (memory-mapped) to every caller.
 
-    Whoever creates `<key>.lock` first (O_EXCL) builds; the others poll for `<key>.pt` or `<key>.error`.
+    Whoever creates `<key>.lock` first (O_EXCL) builds; the others poll for `<key>.pt` or the error marker.
     A lock election instead of "rank 0 builds" works whether or not nodes share the directory: with a
     shared file system one process in the job builds, otherwise one per node. The builder writes the
     result atomically (tmp + rename); if it fails it writes the error marker with its one-line message
     (and re-raises), so waiters raise the same error instead of hanging. A lock whose heartbeat stopped
     for `stale_s` (builder killed) is broken and taken over; `timeout_s` bounds the wait in any case.
     No collectives: a rank that fails here cannot leave the others blocked in one.
+
+    The marker belongs to one `attempt` (one run, one elastic restart; default: this process): the
+    processes of that attempt read it, every later one ignores it and builds again. A cache directory is
+    shared by every run, and a failure (a crash, a bad row, a full disk) must not fail all later runs.
+    `share_errors=False` (a caller no other process waits for) writes no marker at all.
     """
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    final, marker, lock = (cache_dir / f"{key}{ext}" for ext in (".pt", ".error", ".lock"))
+    attempt = attempt or f"{socket.gethostname()}-{os.getpid()}"
+    tag = hashlib.sha256(attempt.encode()).hexdigest()[:12]
+    try:
+        cache_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise UserError(f"{cache_dir}: cannot create the data cache ({err.strerror or err})") from None
+    final, marker, lock = (cache_dir / name for name in (f"{key}.pt", f"{key}.{tag}.error", f"{key}.lock"))
     deadline = time.monotonic() + timeout_s
     said = False
     while True:
@@ -992,12 +1004,16 @@ def shared_build(
                     try:
                         payload = build()
                     except Exception as err:
+                        if not share_errors:
+                            raise
                         kind = "user" if isinstance(err, UserError) else "crash"
                         msg = str(err) if kind == "user" else f"{type(err).__name__}: {err}"
                         body = json.dumps({"kind": kind, "message": " ".join(msg.split()), "rank": rank}).encode()
                         _atomic_write_bytes(marker, lambda f, b=body: f.write(b))
                         raise
                     _atomic_write_bytes(final, lambda f, p=payload: torch.save(p, f))
+                for old in cache_dir.glob(f"{key}.*.error"):  # failed attempts' markers: not needed any more
+                    old.unlink(missing_ok=True)
                 return _load_payload(final)
             finally:
                 lock.unlink(missing_ok=True)
@@ -1021,7 +1037,7 @@ def shared_build(
 
 
 def build_data(
-    recipe: Recipe, tokenizer, rank: int, world: int, cache_dir: Path | None = None
+    recipe: Recipe, tokenizer, rank: int, world: int, cache_dir: Path | None = None, attempt: str | None = None
 ) -> tuple[Packed, Packed | None]:
     """Train and validation rows. The same for every rank and world size (ranks pick rows with StepSampler).
 
@@ -1032,7 +1048,9 @@ def build_data(
         payload = build_payload(recipe, tokenizer)
     else:
         key = fingerprint(recipe, tokenizer)
-        payload = shared_build(Path(cache_dir), key, lambda: build_payload(recipe, tokenizer), rank=rank)
+        build = lambda: build_payload(recipe, tokenizer)  # noqa: E731
+        # One process alone (the launcher's `prepare`, a one-rank run) has nobody to tell of a failure.
+        payload = shared_build(Path(cache_dir), key, build, rank=rank, attempt=attempt, share_errors=world > 1)
     stats = dict(payload["stats"])
     if rank == 0:
         s = stats
@@ -1064,6 +1082,25 @@ def _check_tokenizer(recipe: Recipe):
     except Exception as err:  # noqa: BLE001 - a tokenizer that cannot load is the user's to fix
         name = recipe.model.tokenizer or recipe.model.path
         raise UserError(f"{name}: the tokenizer could not be loaded ({type(err).__name__}: {err})") from None
+
+
+def prepare(recipe: Recipe, cache_dir: Path) -> None:
+    """Tokenize the whole data into the cache in the launching process, before any run directory exists.
+
+    Every row is validated on the way, so a bad one anywhere in a dataset (not only in the first rows
+    `check` reads) is one line naming its file and line before a rank is spawned; the ranks then map the
+    finished file instead of building it. Writes only the cache (nothing at all when a row is bad)."""
+    tokenizer = _check_tokenizer(recipe)
+    created = [d for d in (cache_dir, *cache_dir.parents) if not d.exists()]
+    try:
+        build_data(recipe, tokenizer, 0, 1, cache_dir)
+    except BaseException:
+        for d in created:  # innermost first; only what this call created, and only if still empty
+            try:
+                d.rmdir()
+            except OSError:
+                break
+        raise
 
 
 def check(recipe: Recipe, rows: int = CHECK_ROWS) -> None:

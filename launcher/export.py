@@ -41,6 +41,13 @@ def _deepspeed_full(p: torch.Tensor) -> torch.Tensor | None:
 def save_adapter(peft_model: torch.nn.Module, out_dir: Path, rank: int) -> Path:
     """Write atomically: a temp dir renamed into place, so a crash never leaves half an adapter."""
     state = lora_state_dict(peft_model)
+    # The step loop stops at the first non-finite loss or norm; this is the last line of defence (every rank
+    # holds the whole state here, so all of them refuse together).
+    bad = next((k for k, t in state.items() if not bool(torch.isfinite(t).all())), None)
+    if bad is not None:
+        from launcher.errors import TrainingDiverged
+
+        raise TrainingDiverged(f"the trained adapter holds NaN or infinite values ({bad}); it was not exported")
     if rank != 0:
         return out_dir
     tmp = out_dir.with_name(out_dir.name + ".tmp")

@@ -13,6 +13,7 @@ Events this module understands (all carry `time`; unknown events and fields are 
   eval      step, eval_loss
   checkpointing  step (a write started);  checkpoint  path, step, seconds (a write finished)
   resumed   step, path;  preempted  step, path (stopped on request after a checkpoint)
+  diverged  step, loss, grad_norm (as text: NaN and inf are not JSON; the run stops there)
   adapter   path;  warning  message;  done
 """
 
@@ -324,6 +325,8 @@ def format_event(e: dict, st: RunState | None = None) -> str | None:
         return f"resumed from step {e.get('step')}: {e.get('path', '')}"
     if ev == "preempted":
         return f"stopped on request after step {e.get('step')}; checkpoint {e.get('path', '')} (rerun to resume)"
+    if ev == "diverged":
+        return f"stopped at step {e.get('step')}: loss {e.get('loss')}, gradient norm {e.get('grad_norm')}"
     if ev == "adapter":
         return f"adapter saved: {e['path']}"
     if ev == "warning":

@@ -130,7 +130,11 @@ def make_plan(
         ckpt = True
     accum = batch_split(recipe.train.global_batch, int(mb), world)
     check_elastic_nodes(recipe.train.global_batch, int(mb), nproc, cluster.min_nodes, nnodes)
-    env = {"OMP_NUM_THREADS": "1"} if device == "cpu" else {}
+    # Ranks import only the installed package: `python -m` puts the current directory first on sys.path,
+    # so a launcher/ (or torch/) folder where qlaunch runs would replace it in torchrun and on every rank.
+    env = {"PYTHONSAFEPATH": "1"}
+    if device == "cpu":
+        env["OMP_NUM_THREADS"] = "1"
     if device == "cuda":
         # Fail a hung collective instead of waiting forever, and keep NVLink multicast off.
         env.update({"TORCH_NCCL_ASYNC_ERROR_HANDLING": "1", "NCCL_NVLS_ENABLE": "0"})

@@ -18,6 +18,9 @@ RECIPE_FILE = "recipe.toml"
 LAUNCH_FILE = "launch.json"
 PLAN_FILE = "plan.json"
 METRICS_FILE = "metrics.jsonl"
+STOP_FILE = "STOP"  # the launcher creates it when it is asked to stop (SIGTERM/SIGUSR1, Ctrl-C)
+PREEMPTED_FILE = "preempted.json"  # rank 0 writes it after the preemption checkpoint
+FAILED_FILE = "failed.json"  # the launcher writes it when the ranks stopped on bad input or divergence
 
 
 @dataclass(frozen=True)
@@ -53,6 +56,18 @@ class RunDir:
     def adapter(self) -> Path:
         return self.path / "adapter"
 
+    @property
+    def stop_file(self) -> Path:
+        return self.path / STOP_FILE
+
+    @property
+    def preempted_file(self) -> Path:
+        return self.path / PREEMPTED_FILE
+
+    @property
+    def failed_file(self) -> Path:
+        return self.path / FAILED_FILE
+
     def rank_log(self, rank: int) -> Path:
         return self.logs / f"rank{rank}.log"
 
@@ -66,17 +81,27 @@ class RunDir:
 def new_run_dir(recipe: Recipe, root: str | Path | None = None) -> RunDir:
     """Create a fresh, never-reused directory (timestamp + a counter if two runs start in one second)."""
     base = Path(root or recipe.log.runs_dir) / recipe.name
-    base.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    for i in range(1000):
-        path = base / (stamp if i == 0 else f"{stamp}-{i}")
-        try:
-            path.mkdir()
-        except FileExistsError:
-            continue
-        (path / "logs").mkdir()
-        return RunDir(path.resolve())
-    raise RuntimeError(f"could not create a run directory under {base}")
+    try:
+        base.mkdir(parents=True, exist_ok=True)
+        for i in range(1000):
+            path = base / (stamp if i == 0 else f"{stamp}-{i}")
+            try:
+                path.mkdir()
+            except FileExistsError:
+                continue
+            (path / "logs").mkdir()
+            return RunDir(path.resolve())
+    except OSError as err:
+        raise UserError(
+            f"log.runs_dir = {str(base.parent)!r}: cannot create a run directory ({_os_cause(err)})"
+        ) from None
+    raise UserError(f"{base}: 1000 run directories were started in this second; try again")
+
+
+def _os_cause(err: OSError) -> str:
+    """'Read-only file system', 'No space left on device': the cause of an OSError, without its path."""
+    return err.strerror or type(err).__name__
 
 
 def shared_run_dir(path: Path, node: str, writer: bool, resuming: bool) -> RunDir:
@@ -97,7 +122,7 @@ def shared_run_dir(path: Path, node: str, writer: bool, resuming: bool) -> RunDi
     run.logs.mkdir(parents=True, exist_ok=True)
     stale = list(run.logs.glob("rank*.error.json"))
     if writer:
-        stale += [path / "STOP", path / "preempted.json"]
+        stale += [path / STOP_FILE, path / PREEMPTED_FILE, path / FAILED_FILE]
     for f in stale:
         f.unlink(missing_ok=True)
     return run

@@ -17,6 +17,7 @@ import torch.distributed as dist
 
 from launcher import checkpoint, export
 from launcher.data import StepBatches, StepSampler, build_data, build_tokenizer
+from launcher.errors import TrainingDiverged
 from launcher.loading import build_model
 from launcher.parallel import make_engine
 from launcher.profiling import MemoryRecorder, StepProfiler
@@ -24,12 +25,10 @@ from launcher.rundir import RunDir
 from launcher.sinks import gather_per_rank, open_sinks
 from launcher.train import IGNORE
 
-STOP_FILE = "STOP"  # the launcher creates it when it is asked to stop (SIGTERM/SIGUSR1)
-PREEMPTED_FILE = "preempted.json"  # rank 0 writes it after the preemption checkpoint
-
 
 class StopRequest:
-    """SIGTERM/SIGUSR1 (SLURM, the launcher) ask for a checkpoint at the next step boundary, then exit."""
+    """SIGTERM/SIGUSR1 (SLURM) or the launcher's stop file (SIGTERM, SIGUSR1 or Ctrl-C to qlaunch) ask for a
+    checkpoint at the next step boundary, then exit."""
 
     def __init__(self, stop_file: Path):
         self.flag = False
@@ -145,8 +144,11 @@ def _train(run: RunDir, d, recipe, plan: dict, metrics, t_spawn: float) -> None:
 
     tokenizer = build_tokenizer(recipe, built.model_dir)
     metrics("loading", phase="data")
-    # Tokenized data is cached per content fingerprint beside the runs, so later runs reuse it.
-    train_data, val_data = build_data(recipe, tokenizer, d.rank, d.world, run.path.parent.parent / ".data-cache")
+    # Tokenized data is cached per content fingerprint beside the runs, so later runs reuse it; `qlaunch run`
+    # has built it already (every row checked before spawning), so normally this only maps the file.
+    cache = Path(plan.get("data_cache") or run.path.parent.parent / ".data-cache")
+    attempt = f"{run.path}#{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}"
+    train_data, val_data = build_data(recipe, tokenizer, d.rank, d.world, cache, attempt=attempt)
     sampler = StepSampler(
         len(train_data), plan["global_batch"], plan["micro_batch"], d.world, d.rank, recipe.train.seed
     )
@@ -165,7 +167,7 @@ def _train(run: RunDir, d, recipe, plan: dict, metrics, t_spawn: float) -> None:
         start_step = meta["step"]
         metrics("resumed", step=start_step, path=str(ckpt))
         print(f"[rank {d.rank}] resumed from {ckpt} at step {start_step}", flush=True)
-    stop = StopRequest(run.path / STOP_FILE)
+    stop = StopRequest(run.stop_file)
     metrics("start", total_steps=total_steps, world=d.world, first_step_after_s=time.time() - t_spawn)
 
     profiler = StepProfiler(recipe.log.profile_steps, run.path / "profile", d.rank, device)
@@ -196,6 +198,11 @@ def _train(run: RunDir, d, recipe, plan: dict, metrics, t_spawn: float) -> None:
             dist.all_reduce(red)
         loss = float(red[0]) / n_global
         preempted = bool(red[1] > 0)
+        if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+            # Every rank has the same all-reduced loss and global norm: all stop here, before anything of
+            # this step (checkpoint, eval, adapter) is written.
+            metrics("diverged", step=step + 1, loss=str(loss), grad_norm=str(grad_norm))
+            raise diverged(step + 1, loss, grad_norm, run, plan)
         profiler.end(step + 1)
         memory.end(step + 1)
         tokens = plan["global_batch"] * recipe.data.seq_len
@@ -235,7 +242,7 @@ def _train(run: RunDir, d, recipe, plan: dict, metrics, t_spawn: float) -> None:
             metrics("checkpoint", step=step + 1, path=str(path))
         if preempted:
             if d.rank == 0:
-                (run.path / PREEMPTED_FILE).write_text(json.dumps({"step": step + 1, "checkpoint": str(path)}))
+                run.preempted_file.write_text(json.dumps({"step": step + 1, "checkpoint": str(path)}))
             metrics("preempted", step=step + 1, path=str(path))
             return
 
@@ -246,6 +253,18 @@ def _train(run: RunDir, d, recipe, plan: dict, metrics, t_spawn: float) -> None:
         out = export.save_adapter(built.peft_model, run.adapter, d.rank)
         metrics("adapter", path=str(out))
     metrics("done", steps=total_steps, **peak_memory_gb(device))
+
+
+def diverged(step: int, loss: float, grad_norm: float, run: RunDir, plan: dict) -> TrainingDiverged:
+    what = f"the loss is {loss}" if not math.isfinite(loss) else f"the gradient norm is {grad_norm}"
+    last = checkpoint.newest_complete(run.checkpoints, warn=lambda _msg: None)
+    if last is None and plan.get("resume_from"):
+        last = Path(plan["resume_from"])
+    kept = f"the last good checkpoint is {last}" if last else "no checkpoint was saved before it"
+    return TrainingDiverged(
+        f"training diverged at step {step}: {what}; nothing of this step was saved and no adapter was "
+        f"exported; {kept}. Lower train.lr, set train.grad_clip, or check the data and the model's weights"
+    )
 
 
 @torch.no_grad()

@@ -5,13 +5,17 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
 
+from launcher.errors import EXIT_ABORTED
 from launcher.plan import Cluster, Plan, python_cmd, torchrun_argv
+from launcher.procs import death_signal_setter
 from launcher.recipe import Recipe
 from launcher.rundir import RunDir, atomic_write
 
@@ -31,10 +35,12 @@ def launch_spec(recipe: Recipe, plan: Plan, cluster: Cluster, run_dir: str, node
 
 
 def spawn(run: RunDir, spec: dict, follow) -> int:
-    """Run torchrun as a child; `follow(run, proc)` shows progress until it exits. Returns its exit code."""
+    """Run torchrun as a child; `follow(run, proc)` shows progress until it exits. Returns its exit code,
+    or EXIT_ABORTED when a second Ctrl-C killed the run."""
     atomic_write(run.launch_file, json.dumps(spec, indent=2) + "\n")
     env = {**os.environ, **spec["env"], "QLAUNCH_SPAWN_TIME": str(time.time()), "PYTHONUNBUFFERED": "1"}
-    # The project root on PYTHONPATH so `-m launcher.worker` resolves even when qlaunch is not installed.
+    # The project root on PYTHONPATH so `-m launcher.worker` resolves even when qlaunch is not installed:
+    # the package this qlaunch runs from, never the current directory (the plan's env sets PYTHONSAFEPATH).
     root = str(Path(__file__).resolve().parent.parent)
     env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     with open(run.logs / "launcher.log", "ab") as log:
@@ -44,32 +50,66 @@ def spawn(run: RunDir, spec: dict, follow) -> int:
         usr1 = signal.signal(signal.SIGUSR1, signal.SIG_IGN)
         try:
             proc = subprocess.Popen(
-                spec["argv"], stdout=log, stderr=subprocess.STDOUT, env=env, stdin=subprocess.DEVNULL
+                spec["argv"],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=env,
+                stdin=subprocess.DEVNULL,
+                # A session of its own: a Ctrl-C at the terminal goes to the foreground process group, and
+                # torchrun would pass it to the ranks as a crash (a KeyboardInterrupt in some collective).
+                # qlaunch alone gets it and turns it into a stop request (Stopper).
+                start_new_session=True,
+                # Killed with qlaunch: a SIGKILLed qlaunch must not leave torchrun and its ranks training.
+                preexec_fn=death_signal_setter(),
             )
         finally:
             signal.signal(signal.SIGUSR1, usr1)
-
-        def forward(signum, _frame):
-            # Preemption: ask the ranks (through a file they check at every step boundary) to checkpoint and
-            # exit. Signalling torchrun directly would make it kill the workers 30 s later, mid-save. If the
-            # ranks have not finished within STOP_GRACE_S, fall back to torchrun's own shutdown.
-            if proc.poll() is None:
-                (run.path / "STOP").touch()
-                fallback = threading.Timer(STOP_GRACE_S, lambda: proc.poll() is None and terminate(proc))
-                fallback.daemon = True  # must not keep qlaunch alive once the ranks are done
-                fallback.start()
-
-        old = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGUSR1)}
+        stopper = Stopper(run, proc)
+        old = {s: signal.signal(s, stopper.on_signal) for s in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)}
         try:
             follow(run, proc)
-            rc = proc.wait()
-        except KeyboardInterrupt:
-            proc.send_signal(signal.SIGINT)
             rc = proc.wait()
         finally:
             for s, h in old.items():
                 signal.signal(s, h)
-    return rc
+    return EXIT_ABORTED if stopper.aborted else rc
+
+
+class Stopper:
+    """SIGTERM, SIGUSR1 and a first Ctrl-C ask the ranks to checkpoint at the next step boundary and exit
+    (qlaunch then exits 75); a second Ctrl-C kills torchrun and every rank at once.
+
+    The request goes through a file the ranks check at every step boundary (session.StopRequest).
+    Signalling torchrun instead would make it kill the workers 30 s later, mid-save. If the ranks have not
+    finished within STOP_GRACE_S (a hung collective, a long load), torchrun's own shutdown follows."""
+
+    def __init__(self, run: RunDir, proc: subprocess.Popen):
+        self.run, self.proc = run, proc
+        self.requested = False
+        self.aborted = False
+
+    def on_signal(self, signum: int, _frame) -> None:
+        if self.proc.poll() is not None:
+            return
+        if signum == signal.SIGINT and self.requested:
+            self.aborted = True
+            print("qlaunch: second Ctrl-C: killing the ranks now", file=sys.stderr, flush=True)
+            kill_tree(self.proc, wait=False)
+            return
+        if self.requested:
+            return
+        self.requested = True
+        self.run.stop_file.touch()
+        if signum == signal.SIGINT:
+            print(
+                "qlaunch: stopping: the ranks save a checkpoint at the next step boundary "
+                "(Ctrl-C again to abort at once)",
+                file=sys.stderr,
+                flush=True,
+            )
+        fallback = threading.Timer(STOP_GRACE_S, lambda: self.proc.poll() is None and terminate(self.proc))
+        fallback.daemon = True  # must not keep qlaunch alive once the ranks are done
+        fallback.start()
 
 
 def failure_summary(run: RunDir, tail: int = 12) -> str:
@@ -211,16 +251,42 @@ def oom_advice(run: RunDir, log_text: str) -> list[str]:
     return lines
 
 
-def user_error_of(run: RunDir) -> str | None:
-    """A worker's one-line user error (e.g. a bad data file found at load time), if that is what failed."""
+def rank_error_of(run: RunDir) -> dict | None:
+    """The error record of a rank that stopped on bad input or because training diverged (kind 'user' or
+    'diverged': every rank stops with the same message), if that is how the run ended."""
     for f in sorted(run.logs.glob("rank*.error.json")):
         try:
             e = json.loads(f.read_text())
         except (OSError, json.JSONDecodeError):
             continue
-        if e.get("kind") == "user":
-            return e["message"]
+        if e.get("kind") in ("user", "diverged") and isinstance(e.get("message"), str):
+            return e
     return None
+
+
+DISK_LOW_BYTES = 1 << 20
+
+
+def disk_full(run: RunDir) -> str | None:
+    """'no space left on device under RUN (0 MiB free)' when the run's disk is full, or its ranks said so.
+
+    A full disk leaves no trace the usual report could use: the ranks cannot write their logs or error
+    records, nor torchrun its report, so the free space of the run's file system is asked directly."""
+    try:
+        free = shutil.disk_usage(run.path).free
+    except OSError:
+        return None
+    said = False
+    for log in [run.logs / "launcher.log", *run.logs.glob("rank*.log")]:
+        try:
+            with open(log, "rb") as fh:
+                fh.seek(max(0, log.stat().st_size - 65536))
+                said = said or b"No space left on device" in fh.read()
+        except OSError:
+            continue
+    if free >= DISK_LOW_BYTES and not said:
+        return None
+    return f"no space left on the device of {run.path} ({free / 2**20:.1f} MiB free): the ranks could not write"
 
 
 # ====================================================================== multi-node: the node watch
@@ -653,14 +719,15 @@ def descendants(pid: int) -> list[int]:
     return out
 
 
-def kill_tree(proc: subprocess.Popen) -> None:
+def kill_tree(proc: subprocess.Popen, wait: bool = True) -> None:
     """SIGKILL proc and every process below it, all collected before anything dies and is reparented."""
     for pid in reversed(descendants(proc.pid)):  # the ranks before torchrun, which could start new ones
         try:
             os.kill(pid, signal.SIGKILL)
         except (ProcessLookupError, PermissionError):
             pass
-    proc.wait()
+    if wait:
+        proc.wait()
 
 
 def _is_local_address(host: str) -> bool:

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from launcher.errors import UserError
+from launcher.procs import die_with_parent
 from launcher.rundir import RunDir
 
 
@@ -70,6 +71,8 @@ class Metrics:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    if not die_with_parent():  # torchrun is gone already: nobody would collect this rank (launcher.procs)
+        return 1
     # A second argument names this node in a run directory shared by several nodes (its logs' folder).
     run = RunDir(Path(argv[0]).resolve(), argv[1] if len(argv) > 1 else None)
     d = Dist.from_env()
@@ -84,8 +87,8 @@ def main(argv: list[str] | None = None) -> int:
 
         run_training(run, d)
         return 0
-    except UserError as err:
-        _write_error(run, d.rank, str(err), "user")
+    except UserError as err:  # bad input found only here, or a diverged run (TrainingDiverged)
+        _write_error(run, d.rank, str(err), err.kind)
         print(f"error: {err}", flush=True)
         return err.exit_code
     except BaseException as err:  # noqa: BLE001 - every failure must reach the rank's log and error file

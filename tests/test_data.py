@@ -488,6 +488,27 @@ def test_shared_build_crash_stale_lock_and_timeout(tmp_path):
     assert time.monotonic() - t0 < 10
 
 
+def test_a_failed_build_never_fails_later_runs(tmp_path):
+    """The cache directory is shared by every run: a failure marker tells only the failing attempt's own
+    processes (so they stop at once instead of waiting); a later run or an elastic restart builds again."""
+
+    def crash():
+        raise ValueError("disk on fire")
+
+    cache = tmp_path / "cache"
+    with pytest.raises(ValueError):
+        shared_build(cache, "k", crash, attempt="run-a#0")
+    with pytest.raises(RuntimeError, match="ValueError: disk on fire"):
+        shared_build(cache, "k", lambda: {"x": 1}, attempt="run-a#0")  # the same attempt's other ranks
+    got = shared_build(cache, "k", lambda: {"x": torch.ones(2)}, attempt="run-a#1")  # the restart builds
+    assert got["x"].sum() == 2
+    assert [p.name for p in cache.iterdir()] == ["k.pt"], "the failed attempt's marker is cleaned up"
+    # A process nobody waits for (the launcher's own build, a one-rank run) leaves no marker at all.
+    with pytest.raises(ValueError):
+        shared_build(tmp_path / "solo", "k", crash, share_errors=False)
+    assert list((tmp_path / "solo").iterdir()) == []
+
+
 # ------------------------------------------------------------------ sampling
 
 

@@ -129,3 +129,10 @@ def test_follow_live_draws_on_a_terminal(tmp_path):
     out = buf.getvalue()
     assert "\x1b[" in out  # cursor movement and colour: this is the terminal path
     assert "5/30" in out and "tokens/s" in out
+
+
+def test_a_diverged_run_gets_its_line():
+    from launcher.live import format_event
+
+    line = format_event({"event": "diverged", "step": 4, "loss": "nan", "grad_norm": "inf", "time": 1.0})
+    assert line == "stopped at step 4: loss nan, gradient norm inf"
