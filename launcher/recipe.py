@@ -12,11 +12,13 @@ import os
 import re
 import stat
 import tomllib
+import types
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Annotated, Any, Literal, get_args
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 
 from launcher.errors import RecipeError
 from launcher.limits import (
@@ -33,8 +35,19 @@ from launcher.limits import (
 )
 
 DType = Literal["bfloat16", "float16", "float32"]
+
+
+def _not_a_bool(value: Any) -> Any:
+    # pydantic takes true as 1 for numbers; `gpus = true` or `lr = true` is a mistake, not 1.
+    if isinstance(value, bool):
+        raise PydanticCustomError("bool_for_number", "input should be a number, not true or false")
+    return value
+
+
+Int = Annotated[int, BeforeValidator(_not_a_bool)]
+Float = Annotated[float, BeforeValidator(_not_a_bool)]
 # Adam's moment decay rates: 1 would never forget, and a rate outside [0, 1) diverges.
-Beta = Annotated[float, Field(ge=0.0, lt=1.0)]
+Beta = Annotated[Float, Field(ge=0.0, lt=1.0)]
 # Run names become a directory under log.runs_dir: one plain path component, never '.', '..' or hidden.
 RUN_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}")
 
@@ -45,8 +58,8 @@ def is_jinja_template(text: str) -> bool:
 
 
 def _short(value: Any, limit: int = 80) -> str:
-    """repr of a recipe value, cut to fit a one-line message."""
-    shown = repr(value)
+    """repr of a recipe value (booleans as TOML writes them), cut to fit a one-line message."""
+    shown = ("true" if value else "false") if isinstance(value, bool) else repr(value)
     return shown if len(shown) <= limit else shown[: limit - 3] + "..."
 
 
@@ -100,15 +113,15 @@ class QuantConfig(_Section):
 
 
 class LoraConfig(_Section):
-    rank: int = Field(16, ge=1, le=1024, description="LoRA rank r.")
-    alpha: float = Field(32.0, gt=0, description="LoRA alpha; the update is scaled by alpha / rank.")
-    dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout on the LoRA input.")
+    rank: Int = Field(16, ge=1, le=1024, description="LoRA rank r.")
+    alpha: Float = Field(32.0, gt=0, description="LoRA alpha; the update is scaled by alpha / rank.")
+    dropout: Float = Field(0.0, ge=0.0, lt=1.0, description="Dropout on the LoRA input.")
     target_modules: Literal["all-linear"] | Annotated[list[str], Field(min_length=1)] = Field(
         "all-linear",
         description="'all-linear' (every linear layer of the decoder, not lm_head) or a list of module name suffixes.",
     )
     use_dora: bool = Field(False, description="Weight-decomposed LoRA (DoRA).")
-    init_seed: int = Field(
+    init_seed: Int = Field(
         0, ge=0, lt=SEED_LIMIT, description="Seed of the LoRA A initialisation (identical on all ranks)."
     )
 
@@ -118,7 +131,7 @@ class DatasetSpec(_Section):
         description="A .jsonl/.json/.parquet/.csv/.arrow file, a directory written by Dataset.save_to_disk, a "
         "directory of data files, or a hub dataset name (org/name)."
     )
-    weight: float = Field(
+    weight: Float = Field(
         1.0,
         gt=0,
         le=MAX_DATASET_WEIGHT,
@@ -158,7 +171,7 @@ class DataConfig(_Section):
         description="Also train on prompt tokens (alpaca: the instruction part; chat: every message, not only "
         "the assistant's). Off: the loss covers responses only.",
     )
-    seq_len: int = Field(2048, ge=8, le=MAX_SEQ_LEN, description="Tokens per sample (packed or padded).")
+    seq_len: Int = Field(2048, ge=8, le=MAX_SEQ_LEN, description="Tokens per sample (packed or padded).")
     packing: bool = Field(
         True,
         description="Pack several documents into each seq_len row (position ids restart per document and no "
@@ -169,7 +182,7 @@ class DataConfig(_Section):
         description="Samples longer than seq_len: 'truncate' keeps the first seq_len tokens, 'drop' skips "
         "them, 'error' stops with the file and line of the first one.",
     )
-    val_fraction: float = Field(
+    val_fraction: Float = Field(
         0.0,
         ge=0.0,
         lt=1.0,
@@ -196,21 +209,21 @@ class DataConfig(_Section):
 
 
 class TrainConfig(_Section):
-    max_steps: int | None = Field(None, ge=1, le=MAX_STEPS, description="Optimizer steps to run (or give `epochs`).")
-    epochs: float | None = Field(
+    max_steps: Int | None = Field(None, ge=1, le=MAX_STEPS, description="Optimizer steps to run (or give `epochs`).")
+    epochs: Float | None = Field(
         None, gt=0, le=MAX_EPOCHS, description="Passes over the training data (if max_steps is not set)."
     )
-    micro_batch: int | Literal["auto"] = Field(
+    micro_batch: Int | Literal["auto"] = Field(
         1, description="Sequences per rank per forward pass (1..65536), or 'auto' (planner)."
     )
-    global_batch: int = Field(8, ge=1, le=MAX_GLOBAL_BATCH, description="Sequences per optimizer step over all ranks.")
-    lr: float = Field(2e-4, ge=0.0, description="Peak learning rate (0 is allowed: a parity check).")
+    global_batch: Int = Field(8, ge=1, le=MAX_GLOBAL_BATCH, description="Sequences per optimizer step over all ranks.")
+    lr: Float = Field(2e-4, ge=0.0, description="Peak learning rate (0 is allowed: a parity check).")
     schedule: Literal["cosine", "linear", "constant"] = Field("cosine", description="Decay after warmup.")
-    warmup_steps: int = Field(0, ge=0, le=MAX_STEPS, description="Linear warmup steps.")
-    min_lr_ratio: float = Field(0.0, ge=0.0, le=1.0, description="Final lr as a fraction of the peak.")
-    weight_decay: float = Field(0.0, ge=0.0, description="AdamW weight decay on LoRA weights.")
+    warmup_steps: Int = Field(0, ge=0, le=MAX_STEPS, description="Linear warmup steps.")
+    min_lr_ratio: Float = Field(0.0, ge=0.0, le=1.0, description="Final lr as a fraction of the peak.")
+    weight_decay: Float = Field(0.0, ge=0.0, description="AdamW weight decay on LoRA weights.")
     betas: tuple[Beta, Beta] = Field((0.9, 0.999), description="AdamW betas, each in [0, 1).")
-    grad_clip: float | None = Field(1.0, gt=0, description="Clip the global gradient norm to this (None = off).")
+    grad_clip: Float | None = Field(1.0, gt=0, description="Clip the global gradient norm to this (None = off).")
     gradient_checkpointing: bool | Literal["auto"] = Field(True, description="Recompute decoder layers in backward.")
     compile: bool | Literal["auto"] = Field(
         "auto",
@@ -220,8 +233,8 @@ class TrainConfig(_Section):
         "forward holds no DeepSpeed hook), off on CPU (compiling there costs more than it saves in short runs) "
         "and with log.memory_steps.",
     )
-    seed: int = Field(0, ge=0, lt=SEED_LIMIT, description="Seed for data order and dropout.")
-    eval_every: int = Field(0, ge=0, le=MAX_STEPS, description="Run validation every N steps (0 = never).")
+    seed: Int = Field(0, ge=0, lt=SEED_LIMIT, description="Seed for data order and dropout.")
+    eval_every: Int = Field(0, ge=0, le=MAX_STEPS, description="Run validation every N steps (0 = never).")
 
     @model_validator(mode="after")
     def _length(self) -> TrainConfig:
@@ -255,7 +268,7 @@ class DeepSpeedConfig(_Section):
     )
     offload_optimizer: bool = Field(False, description="Keep optimizer state in host memory.")
     offload_params: bool = Field(False, description="Keep parameters in host memory (stage 3 only).")
-    persistence_threshold: int = Field(
+    persistence_threshold: Int = Field(
         100_000,
         ge=0,
         description="Stage 3: parameters with at most this many elements are not re-partitioned after use; every "
@@ -273,24 +286,24 @@ class ParallelConfig(_Section):
 
 
 class CheckpointConfig(_Section):
-    every_steps: int = Field(
+    every_steps: Int = Field(
         0, ge=0, le=MAX_STEPS, description="Save a sharded checkpoint every N steps (0 = only at the end)."
     )
-    keep_last: int = Field(2, ge=1, description="Complete checkpoints to keep.")
+    keep_last: Int = Field(2, ge=1, description="Complete checkpoints to keep.")
     save_final_adapter: bool = Field(True, description="Export the PEFT adapter at the end of training.")
 
 
 class LaunchConfig(_Section):
-    gpus: int = Field(
+    gpus: Int = Field(
         1,
         ge=1,
         le=MAX_GPUS_PER_NODE,
         description="Ranks per node (GPUs, or CPU processes on a machine without CUDA).",
     )
-    nnodes: int = Field(1, ge=1, le=MAX_NODES, description="Number of nodes.")
-    max_restarts: int = Field(0, ge=0, description="Elastic restarts of the whole worker group after a failure.")
-    master_port: int = Field(29500, ge=1, le=65535, description="Rendezvous port (0 = pick a free one).")
-    gpu_memory_gb: float | None = Field(
+    nnodes: Int = Field(1, ge=1, le=MAX_NODES, description="Number of nodes.")
+    max_restarts: Int = Field(0, ge=0, description="Elastic restarts of the whole worker group after a failure.")
+    master_port: Int = Field(29500, ge=1, le=65535, description="Rendezvous port (0 = pick a free one).")
+    gpu_memory_gb: Float | None = Field(
         None,
         gt=0,
         le=MAX_GPU_MEMORY_GB,
@@ -301,17 +314,17 @@ class LaunchConfig(_Section):
 
 
 class LogConfig(_Section):
-    every_steps: int = Field(1, ge=1, le=MAX_STEPS, description="Write a metrics line every N steps.")
+    every_steps: Int = Field(1, ge=1, le=MAX_STEPS, description="Write a metrics line every N steps.")
     runs_dir: str = Field("runs", description="Where run directories are created.")
     tensorboard: bool = Field(False, description="Also write TensorBoard event files (needs tensorboard).")
     wandb: bool = Field(False, description="Also log to Weights & Biases (offline works without network).")
-    profile_steps: tuple[int, int] | None = Field(
+    profile_steps: tuple[Int, Int] | None = Field(
         None,
         description="Run the torch profiler over steps [first, last] (1-based, inclusive) and write "
         "profile/rank<R>.txt (GPU busy time, device time by kernel kind, top operators) and rank 0's trace.",
     )
 
-    memory_steps: tuple[int, int] | None = Field(
+    memory_steps: tuple[Int, Int] | None = Field(
         None,
         description="Record the GPU allocator's history over steps [first, last] (1-based, inclusive) and write "
         "profile/memory-rank<R>.txt (the peak and what was live at it, by allocation site) and rank 0's "
@@ -812,8 +825,20 @@ def _bounds(info: Any) -> str:
     return f"{low}x{high}" if low or high else ""
 
 
+def _type_name(ann: Any) -> str:
+    """'int | None', 'bool | Literal', 'tuple' for a field's annotation (validators and constraints left out)."""
+    origin, args = get_origin(ann), get_args(ann)
+    if origin is Annotated:
+        return _type_name(args[0])
+    if origin in (Union, types.UnionType):
+        return " | ".join(_type_name(a) for a in args)
+    if ann is type(None):
+        return "None"
+    return getattr(origin or ann, "__name__", None) or str(origin or ann).replace("typing.", "")
+
+
 def _describe(info: Any) -> str:
-    ann = getattr(info.annotation, "__name__", None) or str(info.annotation).replace("typing.", "")
+    ann = _type_name(info.annotation)
     default = "required" if info.is_required() else f"default {info.get_default(call_default_factory=True)!r}"
     if isinstance(info.get_default(call_default_factory=True), BaseModel):
         default = "table"
