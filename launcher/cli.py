@@ -707,7 +707,7 @@ def usage_error_line(err: BaseException, argv: list[str]) -> str:
 
 
 def main() -> None:
-    """The console script: every failure the user can cause is one 'qlaunch: error:' line, never a traceback.
+    """The console script: bad input (UserError) and command-line usage errors are one 'qlaunch: error:' line.
 
     Exit status: as the command sets it; 2 for bad input and usage errors; 0 after help (a bare `qlaunch`
     prints the help, like `qlaunch --help`)."""
