@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import re
@@ -11,14 +12,16 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Annotated
 
-import click
 import typer
 
 from launcher import __version__
 from launcher.errors import EXIT_ABORTED, EXIT_DIVERGED, EXIT_PREEMPTED, UserError
+from launcher.limits import MAX_GPU_MEMORY_GB, MAX_GPUS_PER_NODE, MAX_NODES
+
+PROG = "qlaunch"
 
 app = typer.Typer(
-    name="qlaunch",
+    name=PROG,
     help="Distributed QLoRA/LoRA fine-tuning from one TOML recipe (FSDP2 or DeepSpeed, torch elastic).",
     no_args_is_help=True,
     add_completion=False,
@@ -32,7 +35,9 @@ SetOpt = Annotated[
 ]
 GpusOpt = Annotated[
     int | None,
-    typer.Option("--gpus", min=1, help="Ranks per node: GPUs, or CPU processes on a machine without CUDA."),
+    typer.Option(
+        "--gpus", min=1, max=MAX_GPUS_PER_NODE, help="Ranks per node: GPUs, or CPU processes on a machine without CUDA."
+    ),
 ]
 NnodesOpt = Annotated[
     str | None,
@@ -110,7 +115,8 @@ def run(
         str | None, typer.Option("--master-addr", help="Node 0's address (multi-node; default 127.0.0.1).")
     ] = None,
     master_port: Annotated[
-        int | None, typer.Option("--master-port", help="Node 0's rendezvous port (the node watch uses port+1).")
+        int | None,
+        typer.Option("--master-port", min=1, max=65535, help="Node 0's rendezvous port (the node watch uses port+1)."),
     ] = None,
     rdzv_endpoint: Annotated[
         str | None,
@@ -141,6 +147,7 @@ def run(
         typer.Option(
             "--node-timeout",
             min=1,
+            max=24 * 3600,  # a day of silence: anything longer is never meant (and inf would overflow timers)
             help="Multi-node: seconds of silence after which another node counts as lost (its failure is "
             "then named here, and this node's ranks are stopped if the run cannot continue without it).",
         ),
@@ -453,8 +460,10 @@ def _node_blame(watch, rc: int) -> str | None:
 @app.command()
 def slurm(
     recipe: Annotated[str, typer.Argument(help="Recipe TOML file.")],
-    nodes: Annotated[int, typer.Option("--nodes", min=1, help="Nodes to allocate.")],
-    gpus_per_node: Annotated[int, typer.Option("--gpus-per-node", min=1, help="GPUs (ranks) per node.")],
+    nodes: Annotated[int, typer.Option("--nodes", min=1, max=MAX_NODES, help="Nodes to allocate.")],
+    gpus_per_node: Annotated[
+        int, typer.Option("--gpus-per-node", min=1, max=MAX_GPUS_PER_NODE, help="GPUs (ranks) per node.")
+    ],
     partition: Annotated[str | None, typer.Option("--partition", help="SLURM partition.")] = None,
     time_limit: Annotated[str | None, typer.Option("--time", help="Time limit, e.g. 04:00:00.")] = None,
     account: Annotated[str | None, typer.Option("--account", help="Account to charge.")] = None,
@@ -576,7 +585,12 @@ def plan(
     set_: SetOpt = None,
     gpu_mem_gb: Annotated[
         float | None,
-        typer.Option("--gpu-mem-gb", min=1, help="GPU memory to plan for (default: this machine's GPU, else 80)."),
+        typer.Option(
+            "--gpu-mem-gb",
+            min=1,
+            max=MAX_GPU_MEMORY_GB,
+            help="GPU memory to plan for (default: this machine's GPU, else 80).",
+        ),
     ] = None,
 ) -> None:
     """Show the run's plan: world size, batch split, backend settings and the per-GPU memory estimate."""
@@ -727,20 +741,91 @@ def merge(
     print(f"wrote {merge_run(Path(run_dir), Path(out), dtype)}")
 
 
+def _exception_classes(name: str) -> tuple[type[BaseException], ...]:
+    """The exception class `name` as click and typer's vendored copy of click define it, where installed.
+
+    typer >= 0.2x raises its own copies (typer._click.exceptions, typer.exceptions), older ones click's;
+    the GPU machines may run either, so neither is imported unconditionally."""
+    found: list[type[BaseException]] = []
+    for module in ("click.exceptions", "typer._click.exceptions", "typer.exceptions"):
+        try:
+            cls = getattr(importlib.import_module(module), name, None)
+        except ImportError:
+            continue
+        if isinstance(cls, type) and issubclass(cls, BaseException) and cls not in found:
+            found.append(cls)
+    return tuple(found)
+
+
+def _command_path(ctx, argv: list[str]) -> str:
+    """'qlaunch run' for the command a usage error is about: from its context, else (click's parser raises
+    some errors without one) the first word of the command line that names a command."""
+    names = []
+    while ctx is not None:
+        if ctx.info_name:
+            names.append(ctx.info_name)
+        ctx = ctx.parent
+    if len(names) > 1:
+        return " ".join(reversed(names))
+    commands = {c.name or c.callback.__name__ for c in app.registered_commands if c.callback}
+    first = next((a for a in argv if not a.startswith("-")), None)
+    return f"{PROG} {first}" if first in commands else PROG
+
+
+def usage_error_line(err: BaseException, argv: list[str]) -> str:
+    """One line for a command-line usage error: what is wrong, the closest valid choice, where help is."""
+    possibilities = sorted(getattr(err, "possibilities", None) or [])
+    if type(err).__name__ == "NoSuchOption" and possibilities:
+        text = f"{str(err.message).rstrip('.')} (did you mean {' or '.join(possibilities)}?)"
+    else:
+        text = err.format_message()
+    text = " ".join(str(text).split()).rstrip(".")
+    # click: "No such command 'runn'. Did you mean 'run'?" -> "no such command 'runn' (did you mean 'run'?)"
+    text = re.sub(r"\.? Did you mean (.+?)\??$", r" (did you mean \1?)", text)
+    # Lower-case sentence starts ("Invalid value for '--gpus': Input should be ...") but not names ("RECIPE").
+    text = re.sub(r"(^|: )([A-Z])(?=[a-z])", lambda m: m.group(1) + m.group(2).lower(), text)
+    return f"{text}; see '{_command_path(getattr(err, 'ctx', None), argv)} --help'"
+
+
 def main() -> None:
+    """The console script: bad input (UserError), command-line usage errors and this host's file errors
+    (OSError: a full or read-only disk) are one 'qlaunch: error:' line; a Ctrl-C before spawning is one line.
+
+    Exit status: as the command sets it; 2 for bad input, usage and file errors; 130 interrupted; 0 after
+    help (a bare `qlaunch` prints the help, like `qlaunch --help`)."""
+    no_args = _exception_classes("NoArgsIsHelpError")
+    usage = _exception_classes("UsageError")
+    click_error = _exception_classes("ClickException")
+    exit_ = _exception_classes("Exit")
+    abort = _exception_classes("Abort")
     try:
-        rc = app(standalone_mode=False)
+        rc = app(standalone_mode=False, prog_name=PROG)
     except UserError as err:
         print(f"qlaunch: error: {err}", file=sys.stderr)
         sys.exit(err.exit_code)
-    except click.exceptions.Exit as e:
-        sys.exit(e.exit_code)
-    except click.exceptions.Abort:
+    except no_args as err:  # a bare `qlaunch`: the user asks what it does
+        text = err.format_message()  # the help (typer's rich help printed itself when the error was made)
+        if text.strip():
+            print(text)
+        sys.exit(0)
+    except usage as err:
+        print(f"qlaunch: error: {usage_error_line(err, sys.argv[1:])}", file=sys.stderr)
+        sys.exit(2)
+    except click_error as err:
+        print(f"qlaunch: error: {' '.join(str(err.format_message()).split())}", file=sys.stderr)
+        sys.exit(getattr(err, "exit_code", 1) or 1)
+    except exit_ as err:
+        sys.exit(err.exit_code)
+    except abort:
         print("aborted", file=sys.stderr)
-        sys.exit(130)
-    except click.ClickException as e:
-        e.show()
-        sys.exit(e.exit_code)
+        sys.exit(EXIT_ABORTED)
+    except KeyboardInterrupt:  # a Ctrl-C before any rank exists (spawn turns later ones into a stop request)
+        print("qlaunch: interrupted", file=sys.stderr)
+        sys.exit(EXIT_ABORTED)
+    except OSError as err:  # this host's own files: a full or read-only disk, a path that vanished
+        where = " -> ".join(str(f) for f in (err.filename, err.filename2) if f) or "qlaunch"
+        print(f"qlaunch: error: {where}: {err.strerror or type(err).__name__}", file=sys.stderr)
+        sys.exit(2)
     sys.exit(rc if isinstance(rc, int) else 0)
 
 

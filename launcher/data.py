@@ -31,6 +31,7 @@ import math
 import os
 import re
 import socket
+import stat
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -265,7 +266,20 @@ class Source:
 def classify(path: str, split: str, key: str) -> Source:
     """File / saved dataset / directory of data files / hub name; raises for missing or unsupported files."""
     p = Path(path).expanduser()
-    if p.is_file():
+    if not p.is_absolute() and _HUB_ID.fullmatch(path) and p.suffix.lower() not in FILE_KINDS:
+        # A recipe's local paths are absolute by now (recipe.resolve_paths); a relative org/name is a hub id,
+        # and a folder of that name in the current directory must not stand in for it.
+        return Source(path, "hub", split, key)
+    try:
+        mode = p.stat().st_mode  # follows symlinks: a link to a data file is that file
+    except (FileNotFoundError, NotADirectoryError):
+        mode = None
+    except OSError as err:
+        raise UserError(f"{path}: cannot access ({err.strerror or type(err).__name__}) ({key})") from None
+    if mode is not None and not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+        # Reading a FIFO would wait for a writer forever; a device or socket is no dataset either.
+        raise UserError(f"{path}: not a regular file (a FIFO, socket or device) ({key}); give a data file or directory")
+    if mode is not None and stat.S_ISREG(mode):
         kind = FILE_KINDS.get(p.suffix.lower())
         if kind is None:
             raise UserError(
@@ -273,12 +287,10 @@ def classify(path: str, split: str, key: str) -> Source:
                 ".parquet, .csv, .arrow, a directory written by Dataset.save_to_disk, or a hub dataset name"
             )
         return Source(str(p), kind, split, key)
-    if p.is_dir():
+    if mode is not None:
         saved = (p / "dataset_dict.json").is_file() or (p / "state.json").is_file()
         # A plain directory of data files is loaded exactly like a hub dataset repository.
         return Source(str(p), "saved" if saved else "repo", split, key)
-    if _HUB_ID.fullmatch(path) and Path(path).suffix.lower() not in FILE_KINDS:
-        return Source(path, "hub", split, key)
     raise UserError(f"{path}: file not found ({key})")
 
 
@@ -371,6 +383,10 @@ def _json_msg(err: json.JSONDecodeError) -> str:
     return f"{err.msg.removesuffix(' at')} at column {err.colno}"
 
 
+# json.loads recurses once per nesting level; a record nested past Python's recursion limit cannot be parsed.
+_JSON_TOO_DEEP = "JSON nested too deeply (arrays or objects about 1000 levels deep); a record needs a few levels"
+
+
 def _json_rows(path: Path, limit: int | None = None) -> tuple[list[dict], list[int], bool]:
     """Parse a JSON / JSON-lines file ourselves: exact line numbers for syntax errors and non-objects.
 
@@ -381,6 +397,8 @@ def _json_rows(path: Path, limit: int | None = None) -> tuple[list[dict], list[i
             data = json.loads(path.read_text(encoding="utf-8"))
         except json.JSONDecodeError as err:
             raise UserError(f"{path}:{err.lineno}: malformed JSON ({_json_msg(err)})") from None
+        except RecursionError:
+            raise UserError(f"{path}: {_JSON_TOO_DEEP}") from None
         except UnicodeDecodeError as err:
             raise UserError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from None
         for k, rec in enumerate(data):
@@ -400,6 +418,8 @@ def _json_rows(path: Path, limit: int | None = None) -> tuple[list[dict], list[i
                 rec = json.loads(raw.rstrip(b"\r\n"))
             except json.JSONDecodeError as err:
                 raise UserError(f"{path}:{n}: malformed JSON ({_json_msg(err)})") from None
+            except RecursionError:
+                raise UserError(f"{path}:{n}: {_JSON_TOO_DEEP}") from None
             except UnicodeDecodeError as err:
                 raise UserError(f"{path}:{n}: not UTF-8 text ({err.reason})") from None
             if not isinstance(rec, dict):

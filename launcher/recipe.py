@@ -8,20 +8,65 @@ from __future__ import annotations
 
 import difflib
 import json
+import os
 import re
+import stat
 import tomllib
+import types
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 
 from launcher.errors import RecipeError
+from launcher.limits import (
+    MAX_DATASET_WEIGHT,
+    MAX_EPOCHS,
+    MAX_GLOBAL_BATCH,
+    MAX_GPU_MEMORY_GB,
+    MAX_GPUS_PER_NODE,
+    MAX_MICRO_BATCH,
+    MAX_NODES,
+    MAX_SEQ_LEN,
+    MAX_STEPS,
+    SEED_LIMIT,
+)
 
 DType = Literal["bfloat16", "float16", "float32"]
 
 
+def _not_a_bool(value: Any) -> Any:
+    # pydantic takes true as 1 for numbers; `gpus = true` or `lr = true` is a mistake, not 1.
+    if isinstance(value, bool):
+        raise PydanticCustomError("bool_for_number", "input should be a number, not true or false")
+    return value
+
+
+Int = Annotated[int, BeforeValidator(_not_a_bool)]
+Float = Annotated[float, BeforeValidator(_not_a_bool)]
+# Adam's moment decay rates: 1 would never forget, and a rate outside [0, 1) diverges.
+Beta = Annotated[Float, Field(ge=0.0, lt=1.0)]
+# Run names become a directory under log.runs_dir: one plain path component, never '.', '..' or hidden.
+RUN_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}")
+
+
+def is_jinja_template(text: str) -> bool:
+    """Whether a chat template value is Jinja text at all (a template name such as 'chatml' is not)."""
+    return "{{" in text or "{%" in text
+
+
+def _short(value: Any, limit: int = 80) -> str:
+    """repr of a recipe value (booleans as TOML writes them), cut to fit a one-line message."""
+    shown = ("true" if value else "false") if isinstance(value, bool) else repr(value)
+    return shown if len(shown) <= limit else shown[: limit - 3] + "..."
+
+
 class _Section(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid", validate_default=True)
+    # allow_inf_nan=False: inf/nan (TOML's inf, nan, and 1e400, which overflows to inf) in any float field
+    # would train to NaN or crash the ranks; they are refused where the recipe is validated.
+    model_config = ConfigDict(frozen=True, extra="forbid", validate_default=True, allow_inf_nan=False)
 
 
 class ModelConfig(_Section):
@@ -68,15 +113,17 @@ class QuantConfig(_Section):
 
 
 class LoraConfig(_Section):
-    rank: int = Field(16, ge=1, le=1024, description="LoRA rank r.")
-    alpha: float = Field(32.0, gt=0, description="LoRA alpha; the update is scaled by alpha / rank.")
-    dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout on the LoRA input.")
-    target_modules: Literal["all-linear"] | list[str] = Field(
+    rank: Int = Field(16, ge=1, le=1024, description="LoRA rank r.")
+    alpha: Float = Field(32.0, gt=0, description="LoRA alpha; the update is scaled by alpha / rank.")
+    dropout: Float = Field(0.0, ge=0.0, lt=1.0, description="Dropout on the LoRA input.")
+    target_modules: Literal["all-linear"] | Annotated[list[str], Field(min_length=1)] = Field(
         "all-linear",
         description="'all-linear' (every linear layer of the decoder, not lm_head) or a list of module name suffixes.",
     )
     use_dora: bool = Field(False, description="Weight-decomposed LoRA (DoRA).")
-    init_seed: int = Field(0, description="Seed of the LoRA A initialisation (identical on all ranks).")
+    init_seed: Int = Field(
+        0, ge=0, lt=SEED_LIMIT, description="Seed of the LoRA A initialisation (identical on all ranks)."
+    )
 
 
 class DatasetSpec(_Section):
@@ -84,9 +131,10 @@ class DatasetSpec(_Section):
         description="A .jsonl/.json/.parquet/.csv/.arrow file, a directory written by Dataset.save_to_disk, a "
         "directory of data files, or a hub dataset name (org/name)."
     )
-    weight: float = Field(
+    weight: Float = Field(
         1.0,
         gt=0,
+        le=MAX_DATASET_WEIGHT,
         description="How much of this dataset one epoch uses: 1 = every sample once, 2 = twice, 0.5 = a seeded "
         "half. Several datasets are mixed in proportion to weight x size, the same at any world size.",
     )
@@ -114,14 +162,16 @@ class DataConfig(_Section):
         "labels", description="Optional labels column of `tokenized` records (absent: train on every token)."
     )
     chat_template: str | None = Field(
-        None, description="Jinja chat template for `chat` records, overriding the tokenizer's own."
+        None,
+        description="Jinja chat template text for `chat` records (with {{ ... }} / {% ... %}), overriding the "
+        "tokenizer's own.",
     )
     train_on_prompt: bool = Field(
         False,
         description="Also train on prompt tokens (alpaca: the instruction part; chat: every message, not only "
         "the assistant's). Off: the loss covers responses only.",
     )
-    seq_len: int = Field(2048, ge=8, description="Tokens per sample (packed or padded).")
+    seq_len: Int = Field(2048, ge=8, le=MAX_SEQ_LEN, description="Tokens per sample (packed or padded).")
     packing: bool = Field(
         True,
         description="Pack several documents into each seq_len row (position ids restart per document and no "
@@ -132,7 +182,7 @@ class DataConfig(_Section):
         description="Samples longer than seq_len: 'truncate' keeps the first seq_len tokens, 'drop' skips "
         "them, 'error' stops with the file and line of the first one.",
     )
-    val_fraction: float = Field(
+    val_fraction: Float = Field(
         0.0,
         ge=0.0,
         lt=1.0,
@@ -146,21 +196,34 @@ class DataConfig(_Section):
         "validation", description="Split of val_path for hub datasets and saved DatasetDicts (files have one)."
     )
 
+    @field_validator("chat_template")
+    @classmethod
+    def _jinja(cls, template: str | None) -> str | None:
+        if template is not None and not is_jinja_template(template):
+            raise ValueError(
+                f"data.chat_template = {_short(template)}: not a Jinja chat template (no '{{{{' or '{{%'); give "
+                "the template text itself (named templates are not supported), or leave it unset to use the "
+                "tokenizer's template"
+            )
+        return template
+
 
 class TrainConfig(_Section):
-    max_steps: int | None = Field(None, ge=1, description="Optimizer steps to run (or give `epochs`).")
-    epochs: float | None = Field(None, gt=0, description="Passes over the training data (if max_steps is not set).")
-    micro_batch: int | Literal["auto"] = Field(
-        1, description="Sequences per rank per forward pass, or 'auto' (planner)."
+    max_steps: Int | None = Field(None, ge=1, le=MAX_STEPS, description="Optimizer steps to run (or give `epochs`).")
+    epochs: Float | None = Field(
+        None, gt=0, le=MAX_EPOCHS, description="Passes over the training data (if max_steps is not set)."
     )
-    global_batch: int = Field(8, ge=1, description="Sequences per optimizer step over all ranks.")
-    lr: float = Field(2e-4, ge=0.0, description="Peak learning rate (0 is allowed: a parity check).")
+    micro_batch: Int | Literal["auto"] = Field(
+        1, description="Sequences per rank per forward pass (1..65536), or 'auto' (planner)."
+    )
+    global_batch: Int = Field(8, ge=1, le=MAX_GLOBAL_BATCH, description="Sequences per optimizer step over all ranks.")
+    lr: Float = Field(2e-4, ge=0.0, description="Peak learning rate (0 is allowed: a parity check).")
     schedule: Literal["cosine", "linear", "constant"] = Field("cosine", description="Decay after warmup.")
-    warmup_steps: int = Field(0, ge=0, description="Linear warmup steps.")
-    min_lr_ratio: float = Field(0.0, ge=0.0, le=1.0, description="Final lr as a fraction of the peak.")
-    weight_decay: float = Field(0.0, ge=0.0, description="AdamW weight decay on LoRA weights.")
-    betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas.")
-    grad_clip: float | None = Field(1.0, gt=0, description="Clip the global gradient norm to this (None = off).")
+    warmup_steps: Int = Field(0, ge=0, le=MAX_STEPS, description="Linear warmup steps.")
+    min_lr_ratio: Float = Field(0.0, ge=0.0, le=1.0, description="Final lr as a fraction of the peak.")
+    weight_decay: Float = Field(0.0, ge=0.0, description="AdamW weight decay on LoRA weights.")
+    betas: tuple[Beta, Beta] = Field((0.9, 0.999), description="AdamW betas, each in [0, 1).")
+    grad_clip: Float | None = Field(1.0, gt=0, description="Clip the global gradient norm to this (None = off).")
     gradient_checkpointing: bool | Literal["auto"] = Field(True, description="Recompute decoder layers in backward.")
     compile: bool | Literal["auto"] = Field(
         "auto",
@@ -170,15 +233,15 @@ class TrainConfig(_Section):
         "forward holds no DeepSpeed hook), off on CPU (compiling there costs more than it saves in short runs) "
         "and with log.memory_steps.",
     )
-    seed: int = Field(0, description="Seed for data order and dropout.")
-    eval_every: int = Field(0, ge=0, description="Run validation every N steps (0 = never).")
+    seed: Int = Field(0, ge=0, lt=SEED_LIMIT, description="Seed for data order and dropout.")
+    eval_every: Int = Field(0, ge=0, le=MAX_STEPS, description="Run validation every N steps (0 = never).")
 
     @model_validator(mode="after")
     def _length(self) -> TrainConfig:
         if self.max_steps is None and self.epochs is None:
             raise ValueError("set train.max_steps or train.epochs")
-        if isinstance(self.micro_batch, int) and self.micro_batch < 1:
-            raise ValueError("train.micro_batch must be >= 1 or 'auto'")
+        if isinstance(self.micro_batch, int) and not 1 <= self.micro_batch <= MAX_MICRO_BATCH:
+            raise ValueError(f"train.micro_batch = {self.micro_batch}: must be 1..{MAX_MICRO_BATCH} or 'auto'")
         return self
 
 
@@ -205,7 +268,7 @@ class DeepSpeedConfig(_Section):
     )
     offload_optimizer: bool = Field(False, description="Keep optimizer state in host memory.")
     offload_params: bool = Field(False, description="Keep parameters in host memory (stage 3 only).")
-    persistence_threshold: int = Field(
+    persistence_threshold: Int = Field(
         100_000,
         ge=0,
         description="Stage 3: parameters with at most this many elements are not re-partitioned after use; every "
@@ -223,19 +286,27 @@ class ParallelConfig(_Section):
 
 
 class CheckpointConfig(_Section):
-    every_steps: int = Field(0, ge=0, description="Save a sharded checkpoint every N steps (0 = only at the end).")
-    keep_last: int = Field(2, ge=1, description="Complete checkpoints to keep.")
+    every_steps: Int = Field(
+        0, ge=0, le=MAX_STEPS, description="Save a sharded checkpoint every N steps (0 = only at the end)."
+    )
+    keep_last: Int = Field(2, ge=1, description="Complete checkpoints to keep.")
     save_final_adapter: bool = Field(True, description="Export the PEFT adapter at the end of training.")
 
 
 class LaunchConfig(_Section):
-    gpus: int = Field(1, ge=1, description="Ranks per node (GPUs, or CPU processes on a machine without CUDA).")
-    nnodes: int = Field(1, ge=1, description="Number of nodes.")
-    max_restarts: int = Field(0, ge=0, description="Elastic restarts of the whole worker group after a failure.")
-    master_port: int = Field(29500, ge=1, le=65535, description="Rendezvous port (0 = pick a free one).")
-    gpu_memory_gb: float | None = Field(
+    gpus: Int = Field(
+        1,
+        ge=1,
+        le=MAX_GPUS_PER_NODE,
+        description="Ranks per node (GPUs, or CPU processes on a machine without CUDA).",
+    )
+    nnodes: Int = Field(1, ge=1, le=MAX_NODES, description="Number of nodes.")
+    max_restarts: Int = Field(0, ge=0, description="Elastic restarts of the whole worker group after a failure.")
+    master_port: Int = Field(29500, ge=1, le=65535, description="Rendezvous port (0 = pick a free one).")
+    gpu_memory_gb: Float | None = Field(
         None,
         gt=0,
+        le=MAX_GPU_MEMORY_GB,
         description="Cap each rank's GPU memory at this many GiB (torch's allocator, through "
         "torch.cuda.set_per_process_memory_fraction) and plan for a card of that size: rehearse a smaller "
         "card on a bigger one. None = the whole card.",
@@ -243,17 +314,17 @@ class LaunchConfig(_Section):
 
 
 class LogConfig(_Section):
-    every_steps: int = Field(1, ge=1, description="Write a metrics line every N steps.")
+    every_steps: Int = Field(1, ge=1, le=MAX_STEPS, description="Write a metrics line every N steps.")
     runs_dir: str = Field("runs", description="Where run directories are created.")
     tensorboard: bool = Field(False, description="Also write TensorBoard event files (needs tensorboard).")
     wandb: bool = Field(False, description="Also log to Weights & Biases (offline works without network).")
-    profile_steps: tuple[int, int] | None = Field(
+    profile_steps: tuple[Int, Int] | None = Field(
         None,
         description="Run the torch profiler over steps [first, last] (1-based, inclusive) and write "
         "profile/rank<R>.txt (GPU busy time, device time by kernel kind, top operators) and rank 0's trace.",
     )
 
-    memory_steps: tuple[int, int] | None = Field(
+    memory_steps: tuple[Int, Int] | None = Field(
         None,
         description="Record the GPU allocator's history over steps [first, last] (1-based, inclusive) and write "
         "profile/memory-rank<R>.txt (the peak and what was live at it, by allocation site) and rank 0's "
@@ -264,15 +335,19 @@ class LogConfig(_Section):
     def _profile(self) -> LogConfig:
         for key in ("profile_steps", "memory_steps"):
             steps = getattr(self, key)
-            if steps is not None and not 1 <= steps[0] <= steps[1]:
+            if steps is not None and not 1 <= steps[0] <= steps[1] <= MAX_STEPS:
                 raise ValueError(
-                    f"log.{key} = [{steps[0]}, {steps[1]}]: need 1 <= first <= last (1-based step numbers)"
+                    f"log.{key} = [{steps[0]}, {steps[1]}]: need 1 <= first <= last <= {MAX_STEPS} (1-based step "
+                    "numbers)"
                 )
         return self
 
 
 class Recipe(_Section):
-    name: str = Field(description="Run name; the run directory is runs/<name>/<timestamp>/.")
+    name: str = Field(
+        description="Run name; the run directory is runs/<name>/<timestamp>/. Letters, digits, '.', '_' and '-' "
+        "(not first: '.'), at most 128 characters."
+    )
     model: ModelConfig
     quant: QuantConfig = Field(default_factory=QuantConfig)
     lora: LoraConfig = Field(default_factory=LoraConfig)
@@ -282,6 +357,16 @@ class Recipe(_Section):
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
     launch: LaunchConfig = Field(default_factory=LaunchConfig)
     log: LogConfig = Field(default_factory=LogConfig)
+
+    @field_validator("name")
+    @classmethod
+    def _run_name(cls, name: str) -> str:
+        if not RUN_NAME.fullmatch(name):
+            raise ValueError(
+                f"name = {_short(name)}: a run name is one directory name: 1-128 letters, digits, '.', '_' or "
+                "'-', not starting with '.'"
+            )
+        return name
 
     @model_validator(mode="after")
     def _cross(self) -> Recipe:
@@ -377,18 +462,77 @@ def _key_line(text: str, loc: tuple[Any, ...]) -> int | None:
     return header
 
 
-def _format_validation(err: ValidationError, source: str, text: str | None) -> str:
-    e = err.errors()[0]
+# A cross-field check reports at its section; its message starts with the key it is about.
+_LEADING_KEY = re.compile(r"[a-z_]+(?:\.[a-z_]+)+")
+
+
+def _field_loc(loc: tuple[Any, ...]) -> tuple[Any, ...]:
+    """loc up to the recipe field it is about: pydantic adds a union member's name after the field
+    (('train', 'micro_batch', 'int'), ('lora', 'target_modules', "literal['all-linear']"))."""
+    model: type[BaseModel] | None = Recipe
+    out: list[Any] = []
+    for p in loc:
+        if isinstance(p, int):
+            out.append(p)
+            continue
+        if model is None or p not in model.model_fields:
+            break
+        out.append(p)
+        ann = model.model_fields[p].annotation
+        args = get_args(ann)
+        # A section, or a list of sections (data.datasets): the next names are its fields; otherwise a leaf.
+        model = next((a for a in (ann, *args) if isinstance(a, type) and issubclass(a, BaseModel)), None)
+    return tuple(out)
+
+
+def _error_loc(e: dict[str, Any]) -> tuple[Any, ...]:
     loc = tuple(p for p in e["loc"] if p not in ("function-after", "tagged-union"))
+    if e["type"] != "extra_forbidden":  # an unknown key is not in the schema: keep it whole
+        loc = _field_loc(loc)
+    if e["type"] == "value_error":
+        m = _LEADING_KEY.match(str(e.get("ctx", {}).get("error", e["msg"])))
+        section = [str(p) for p in loc if not isinstance(p, int)]
+        if m and m.group(0) in SCHEMA_KEYS and m.group(0).split(".")[: len(section)] == section:
+            return tuple(m.group(0).split("."))
+    return loc
+
+
+def _shown_key(loc: tuple[Any, ...]) -> str:
+    """('data', 'datasets', 0, 'weight') -> 'data.datasets[0].weight'."""
+    out = ""
+    for p in loc:
+        out += f"[{p}]" if isinstance(p, int) else ("." if out else "") + str(p)
+    return out
+
+
+def _override_for(loc: tuple[Any, ...], overrides: Sequence[str]) -> str | None:
+    """The --set item that put the value at `loc` there (it set that key or a table above it); the last wins."""
+    parts = [str(p) for p in loc if not isinstance(p, int)]
+    for item in reversed(overrides):
+        key = item.split("=", 1)[0].strip().split(".")
+        if parts[: len(key)] == key:
+            return item
+    return None
+
+
+def _format_validation(err: ValidationError, source: str, text: str | None, overrides: Sequence[str] = ()) -> str:
+    errors = err.errors()
+    e = errors[0]
+    loc = _error_loc(e)
     key = ".".join(str(p) for p in loc if not isinstance(p, int))
     where = source
-    if text is not None:
+    item = _override_for(loc, overrides)
+    if item is not None:
+        where = f"--set {_short(item)}"  # the value came from the command line, not from the file
+    elif text is not None:
         line = _key_line(text, loc)
         if line:
             where = f"{source}:{line}"
     typ = e["type"]
     if typ == "extra_forbidden":
         return f"{where}: unknown key '{key}'{suggest(key)}"
+    if typ == "missing" and loc and isinstance(loc[-1], int):  # a tuple such as train.betas given too few items
+        return f"{where}: {_shown_key(loc)} is missing: {_shown_key(loc[:-1])} needs more items"
     if typ == "missing":
         info = SCHEMA_KEYS.get(key)
         doc = f" ({info.description})" if info is not None and info.description else ""
@@ -397,28 +541,49 @@ def _format_validation(err: ValidationError, source: str, text: str | None) -> s
         msg = str(e.get("ctx", {}).get("error", e["msg"]))
         return f"{where}: {msg}"
     value = e.get("input")
-    shown = repr(value) if not isinstance(value, dict) else "a table"
-    return f"{where}: {key or 'recipe'} = {shown}: {e['msg'].lower()}"
+    shown = _short(value) if not isinstance(value, dict) else "a table"
+    # A value that fits no member of a union (int or 'auto', 'all-linear' or a list): what each would need.
+    reasons = [x["msg"].lower() for x in errors if _error_loc(x) == loc and x["type"] not in ("missing", "value_error")]
+    if typ == "finite_number":
+        reasons = ["must be a finite number (inf and nan are not allowed)"]
+    return f"{where}: {_shown_key(loc) or 'recipe'} = {shown}: {' or '.join(dict.fromkeys(reasons))}"
+
+
+def _too_deep(value: Any, limit: int) -> bool:
+    """Whether arrays/tables nest deeper than `limit` (checked without recursion, so depth cannot crash it)."""
+    stack = [(value, 0)]
+    while stack:
+        v, depth = stack.pop()
+        if isinstance(v, dict | list):
+            if depth >= limit:
+                return True
+            stack.extend((x, depth + 1) for x in (v.values() if isinstance(v, dict) else v))
+    return False
 
 
 def parse_override(item: str) -> tuple[list[str], Any]:
     """'train.lr=2e-4' -> (['train', 'lr'], 0.0002). Values are TOML literals; bare words are strings."""
+    label = f"--set {_short(item)}"
     if "=" not in item:
-        raise RecipeError(f"--set {item!r}: expected KEY=VALUE, e.g. --set train.lr=2e-4")
+        raise RecipeError(f"{label}: expected KEY=VALUE, e.g. --set train.lr=2e-4")
     key, raw = (s.strip() for s in item.split("=", 1))
     if not key or not re.fullmatch(r"[A-Za-z0-9_]+(\.[A-Za-z0-9_]+)*", key):
-        raise RecipeError(f"--set {item!r}: bad key {key!r}; keys look like section.field")
+        raise RecipeError(f"{label}: bad key {_short(key)}; keys look like section.field")
     if key not in SCHEMA_KEYS:
-        raise RecipeError(f"--set {item!r}: unknown key '{key}'{suggest(key)}")
+        raise RecipeError(f"{label}: unknown key '{key}'{suggest(key)}")
     try:
         value = tomllib.loads(f"v = {raw}")["v"]
+    except RecursionError:
+        raise RecipeError(f"{label}: the value nests arrays or tables too deeply") from None
     except tomllib.TOMLDecodeError:
         if re.fullmatch(r"[A-Za-z0-9_\-./:~][A-Za-z0-9_\-./:~+]*", raw) and raw not in ("true", "false"):
             value = raw  # a bare word such as a path or a backend name
         else:
             raise RecipeError(
-                f"--set {item!r}: {raw!r} is not a TOML value (strings in quotes, e.g. --set model.path='\"x\"')"
+                f"{label}: {_short(raw)} is not a TOML value (strings in quotes, e.g. --set model.path='\"x\"')"
             ) from None
+    if _too_deep(value, MAX_NESTING):
+        raise RecipeError(f"{label}: the value nests arrays or tables more than {MAX_NESTING} levels deep")
     return key.split("."), value
 
 
@@ -430,7 +595,7 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
         for part in path[:-1]:
             nxt = cur.setdefault(part, {})
             if not isinstance(nxt, dict):
-                raise RecipeError(f"--set {item!r}: '{part}' is not a table")
+                raise RecipeError(f"--set {_short(item)}: '{part}' is not a table")
             cur = nxt
         cur[path[-1]] = value
     return out
@@ -444,62 +609,141 @@ def _deepcopy(d: Any) -> Any:
     return d
 
 
-def validate(data: dict[str, Any], source: str = "<recipe>", text: str | None = None) -> Recipe:
+def validate(
+    data: dict[str, Any], source: str = "<recipe>", text: str | None = None, overrides: Sequence[str] = ()
+) -> Recipe:
+    """The recipe model; an invalid value is one line naming the file and line, or the --set item it came from."""
     try:
         return Recipe.model_validate(data)
     except ValidationError as err:
-        raise RecipeError(_format_validation(err, source, text)) from None
+        raise RecipeError(_format_validation(err, source, text, overrides)) from None
+
+
+# A recipe is a few kilobytes (a long chat template, tens); the caps keep a wrong path or a crafted file
+# from filling memory or recursing until Python's stack gives out (tomllib parses nesting recursively).
+MAX_RECIPE_BYTES = 4 * 2**20
+MAX_NESTING = 32
+
+
+def _not_found(path: str | Path) -> RecipeError:
+    hint = ""
+    bundled = bundled_recipes()
+    close = difflib.get_close_matches(Path(path).stem, [b.stem for b in bundled], n=1)
+    if close:
+        hint = f" (did you mean recipes/{close[0]}.toml?)"
+    elif bundled:
+        hint = " (bundled recipes: " + ", ".join(f"recipes/{b.name}" for b in bundled) + ")"
+    return RecipeError(f"{path}: recipe file not found{hint}")
+
+
+def _read_recipe_bytes(path: str | Path) -> bytes:
+    """The bytes of a regular file of at most MAX_RECIPE_BYTES; one line naming the path otherwise."""
+    try:
+        # O_NONBLOCK: opening a FIFO for reading would otherwise wait for a writer (forever).
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    except (FileNotFoundError, NotADirectoryError):
+        raise _not_found(path) from None
+    except IsADirectoryError:
+        raise RecipeError(f"{path}: is a directory, not a recipe file (give a .toml file)") from None
+    except OSError as err:
+        raise RecipeError(f"{path}: cannot open the recipe ({err.strerror or type(err).__name__})") from None
+    try:
+        st = os.fstat(fd)
+        if stat.S_ISDIR(st.st_mode):
+            raise RecipeError(f"{path}: is a directory, not a recipe file (give a .toml file)")
+        if not stat.S_ISREG(st.st_mode):
+            raise RecipeError(f"{path}: not a regular file (a FIFO, socket or device); give a recipe .toml file")
+        chunks, size = [], 0
+        while size <= MAX_RECIPE_BYTES and (chunk := os.read(fd, 1 << 20)):
+            chunks.append(chunk)
+            size += len(chunk)
+        if size > MAX_RECIPE_BYTES:
+            raise RecipeError(f"{path}: {st.st_size} bytes is too large for a recipe (at most {MAX_RECIPE_BYTES})")
+        return b"".join(chunks)
+    except OSError as err:
+        raise RecipeError(f"{path}: cannot read the recipe ({err.strerror or type(err).__name__})") from None
+    finally:
+        os.close(fd)
+
+
+def _toml_error(err: tomllib.TOMLDecodeError) -> str:
+    """tomllib's message, without the characters of the file it quotes ("Illegal character '\\x00'")."""
+    return re.sub(r"(character) (?:'(?:[^'\\]|\\.)*'|\"(?:[^\"\\]|\\.)*\")", r"\1", str(err))
 
 
 def read_toml(path: str | Path) -> tuple[dict[str, Any], str]:
-    p = Path(path)
-    if not p.is_file():
-        hint = ""
-        bundled = bundled_recipes()
-        close = difflib.get_close_matches(p.stem, [b.stem for b in bundled], n=1)
-        if close:
-            hint = f" (did you mean recipes/{close[0]}.toml?)"
-        elif bundled:
-            hint = " (bundled recipes: " + ", ".join(f"recipes/{b.name}" for b in bundled) + ")"
-        raise RecipeError(f"{path}: recipe file not found{hint}")
-    text = p.read_text()
+    raw = _read_recipe_bytes(path)
     try:
-        return tomllib.loads(text), text
+        text = raw.decode("utf-8").removeprefix("\ufeff")  # a byte-order mark some editors write
+    except UnicodeDecodeError as err:
+        line = raw.count(b"\n", 0, err.start) + 1
+        raise RecipeError(f"{path}:{line}: not UTF-8 text ({err.reason}); a recipe is a UTF-8 TOML file") from None
+    try:
+        data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as err:
         # tomllib puts "(at line L, column C)" at the end of its message.
-        raise RecipeError(f"{path}: TOML syntax error: {err}") from None
+        raise RecipeError(f"{path}: TOML syntax error: {_toml_error(err)}") from None
+    except RecursionError:
+        raise RecipeError(f"{path}: arrays or inline tables nest too deeply for a recipe") from None
+    if _too_deep(data, MAX_NESTING):
+        raise RecipeError(
+            f"{path}: arrays or tables nest more than {MAX_NESTING} levels deep; no recipe key needs that"
+        )
+    return data, text
+
+
+# Paths a recipe may name that are not local: hub ids look like org/name (huggingface_hub's form), and a
+# dataset path with a data file's suffix is never one (data.FILE_KINDS).
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+DATA_FILE_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv", ".arrow")
+PATH_KEYS = ("model.path", "model.tokenizer", "data.datasets", "data.val_path")
+
+
+def _set_on_command_line(key: str, overrides: list[str]) -> bool:
+    """Whether a --set item set `key` or a table above it."""
+    return any(key == k or key.startswith(k + ".") for k in (o.split("=", 1)[0].strip() for o in overrides))
 
 
 def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
     data, text = read_toml(path)
     recipe_dir = Path(path).resolve().parent
-    data = apply_overrides(data, overrides or [])
-    recipe = validate(data, str(path), text)
-    return resolve_paths(recipe, recipe_dir)
+    items = list(overrides or [])
+    data = apply_overrides(data, items)
+    recipe = validate(data, str(path), text, items)
+    return resolve_paths(recipe, recipe_dir, {k for k in PATH_KEYS if _set_on_command_line(k, items)})
 
 
-def _looks_local(s: str) -> bool:
-    return s.startswith((".", "/", "~")) or "/" not in s or s.count("/") > 1
+def resolve_path(s: str | None, base: Path, dataset: bool = False) -> str | None:
+    """A local path made absolute against `base` only (the current directory is never tried unless it is
+    base); absolute and ~ paths as they are. A relative path that does not exist under base and has the
+    form of a hub id (org/name) stays as written: it is a hub id."""
+    if s is None:
+        return None
+    p = Path(s).expanduser()
+    if not p.is_absolute():
+        candidate = base / p
+        hub = HUB_ID.fullmatch(s) and not (dataset and p.suffix.lower() in DATA_FILE_SUFFIXES)
+        if hub and not candidate.exists():
+            return s
+        p = candidate
+    return str(p.resolve()) if p.exists() else os.path.normpath(p)
 
 
-def resolve_paths(recipe: Recipe, base: Path) -> Recipe:
-    """Recipe-relative local paths become absolute so the run dir's copy works from anywhere.
+def resolve_paths(recipe: Recipe, base: Path, from_command_line: set[str] | frozenset[str] = frozenset()) -> Recipe:
+    """Local paths become absolute so the run dir's copy works from anywhere.
 
-    A path that exists relative to the current directory or the recipe's directory is local; anything
-    else with one slash (org/name) is left alone as a hub id.
+    Relative paths written in the recipe file are relative to the recipe's directory (`base`); those given
+    with --set (keys in `from_command_line`, of PATH_KEYS) to the current directory, where they were typed.
     """
+    cwd = Path.cwd()
 
-    def fix(s: str | None) -> str | None:
-        if s is None:
-            return None
-        for cand in (Path(s).expanduser(), base / s, base.parent / s):
-            if cand.exists():
-                return str(cand.resolve())
-        return s
+    def fix(key: str, s: str | None, dataset: bool = False) -> str | None:
+        return resolve_path(s, cwd if key in from_command_line else base, dataset)
 
-    model = recipe.model.model_copy(update={"path": fix(recipe.model.path), "tokenizer": fix(recipe.model.tokenizer)})
-    ds = [d.model_copy(update={"path": fix(d.path)}) for d in recipe.data.datasets]
-    data = recipe.data.model_copy(update={"datasets": ds, "val_path": fix(recipe.data.val_path)})
+    m, d = recipe.model, recipe.data
+    model = m.model_copy(update={"path": fix("model.path", m.path), "tokenizer": fix("model.tokenizer", m.tokenizer)})
+    ds = [x.model_copy(update={"path": fix("data.datasets", x.path, True)}) for x in d.datasets]
+    data = d.model_copy(update={"datasets": ds, "val_path": fix("data.val_path", d.val_path, True)})
     return recipe.model_copy(update={"model": model, "data": data})
 
 
@@ -566,9 +810,37 @@ def explain(key: str) -> str:
     return f"{key}: {_describe(SCHEMA_KEYS[key])}"
 
 
+def _bounds(info: Any) -> str:
+    """'0 <= x < 2147483648' from a field's ge/gt/le/lt constraints ('' if it has none)."""
+    low = high = ""
+    for c in info.metadata:
+        if getattr(c, "ge", None) is not None:
+            low = f"{c.ge} <= "
+        elif getattr(c, "gt", None) is not None:
+            low = f"{c.gt} < "
+        elif getattr(c, "le", None) is not None:
+            high = f" <= {c.le}"
+        elif getattr(c, "lt", None) is not None:
+            high = f" < {c.lt}"
+    return f"{low}x{high}" if low or high else ""
+
+
+def _type_name(ann: Any) -> str:
+    """'int | None', 'bool | Literal', 'tuple' for a field's annotation (validators and constraints left out)."""
+    origin, args = get_origin(ann), get_args(ann)
+    if origin is Annotated:
+        return _type_name(args[0])
+    if origin in (Union, types.UnionType):
+        return " | ".join(_type_name(a) for a in args)
+    if ann is type(None):
+        return "None"
+    return getattr(origin or ann, "__name__", None) or str(origin or ann).replace("typing.", "")
+
+
 def _describe(info: Any) -> str:
-    ann = getattr(info.annotation, "__name__", None) or str(info.annotation).replace("typing.", "")
+    ann = _type_name(info.annotation)
     default = "required" if info.is_required() else f"default {info.get_default(call_default_factory=True)!r}"
     if isinstance(info.get_default(call_default_factory=True), BaseModel):
         default = "table"
-    return f"{info.description or ''} [{ann}; {default}]"
+    bounds = _bounds(info)
+    return f"{info.description or ''} [{ann}; {default}{'; ' + bounds if bounds else ''}]"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -11,7 +12,7 @@ import pytest
 from launcher.errors import UserError
 from launcher.plan import Cluster, make_plan
 from launcher.recipe import load_recipe
-from tests.conftest import BASE_RECIPE, TINY_MODEL, assert_one_line_error, run_cli
+from tests.conftest import BASE_RECIPE, TINY_DATA, TINY_MODEL, assert_one_line_error, run_cli
 
 
 def check_error(tmp_path: Path, recipe_text: str | None, *extra: str, expect: list[str], recipe_name="recipe.toml"):
@@ -238,3 +239,364 @@ def test_memory_steps_with_compile_on(tmp_path):
         BASE_RECIPE.replace("[train]\n", "[train]\ncompile = true\n") + "[log]\nmemory_steps = [2, 3]\n",
         expect=["log.memory_steps cannot record compiled layers", "train.compile = false"],
     )
+
+
+# ---------------------------------------------------------------- non-finite and out-of-range numbers
+
+
+def _set_key(text: str, section: str, key: str, literal: str) -> tuple[str, int]:
+    """The recipe text with `key = literal` in [section] (replacing the key's line if there is one), and its line."""
+    lines = text.splitlines()
+    start = lines.index(f"[{section}]")
+    end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("[")), len(lines))
+    at = next((i for i in range(start + 1, end) if lines[i].startswith(f"{key} =")), None)
+    if at is None:
+        at = start + 1
+        lines.insert(at, "")
+    lines[at] = f"{key} = {literal}"
+    return "\n".join(lines) + "\n", at + 1
+
+
+FLOAT_KEYS = [
+    ("train", "lr"),
+    ("lora", "alpha"),
+    ("train", "weight_decay"),
+    ("train", "epochs"),
+    ("train", "grad_clip"),
+    ("train", "min_lr_ratio"),
+    ("lora", "dropout"),
+    ("data", "val_fraction"),
+    ("launch", "gpu_memory_gb"),
+]
+# TOML literal -> the float it parses to, as the message shows it (1e400 overflows to inf).
+NON_FINITE = {"inf": "inf", "nan": "nan", "-inf": "-inf", "+inf": "inf", "1e400": "inf", "-1e400": "-inf"}
+
+
+@pytest.mark.parametrize("literal", list(NON_FINITE))
+@pytest.mark.parametrize("section,key", FLOAT_KEYS)
+def test_non_finite_floats_are_refused_in_the_file_and_with_set(tmp_path, section, key, literal):
+    want = f"{section}.{key} = {NON_FINITE[literal]}: must be a finite number"
+    text, line = _set_key(BASE_RECIPE, section, key, literal)
+    (tmp_path / "recipe.toml").write_text(text)
+    with pytest.raises(UserError) as err:
+        load_recipe(tmp_path / "recipe.toml")
+    assert str(err.value).startswith(f"{tmp_path / 'recipe.toml'}:{line}: {want}"), str(err.value)
+    (tmp_path / "base.toml").write_text(BASE_RECIPE)
+    with pytest.raises(UserError) as err:
+        load_recipe(tmp_path / "base.toml", [f"{section}.{key}={literal}"])
+    assert str(err.value).startswith(f"--set '{section}.{key}={literal}': {want}"), str(err.value)
+
+
+@pytest.mark.parametrize(
+    "override,expect",
+    [
+        ("train.betas=[0.9, nan]", "train.betas[1] = nan: must be a finite number"),
+        ("train.betas=[inf, 0.9]", "train.betas[0] = inf: must be a finite number"),
+        ("train.betas=[1.0, 0.999]", "train.betas[0] = 1.0: input should be less than 1"),
+        ("train.betas=[0.9, -0.1]", "train.betas[1] = -0.1: input should be greater than or equal to 0"),
+        ("train.betas=[0.9]", "train.betas[1] is missing: train.betas needs more items"),
+        ("launch.gpus=true", "launch.gpus = true: input should be a number, not true or false"),
+        ("train.lr=false", "train.lr = false: input should be a number, not true or false"),
+        ("log.profile_steps=[true, 2]", "log.profile_steps[0] = true: input should be a number, not true"),
+        ("lora.target_modules=[]", "lora.target_modules = []: input should be 'all-linear' or list should have at"),
+        ("train.micro_batch='x'", "train.micro_batch = 'x': input should be a valid integer, unable to parse"),
+        ('data.datasets=[{path = "d.jsonl", weight = inf}]', "data.datasets[0].weight = inf: must be a finite"),
+        ('data.datasets=[{path = "d.jsonl", weight = 1e9}]', "data.datasets[0].weight = 1000000000.0: input should"),
+        ("train.seed=-1", "train.seed = -1: input should be greater than or equal to 0"),
+        ("train.seed=2147483648", "train.seed = 2147483648: input should be less than 2147483648"),
+        ("lora.init_seed=-1", "lora.init_seed = -1: input should be greater than or equal to 0"),
+        ("train.epochs=1e7", "train.epochs = 10000000.0: input should be less than or equal to 1000000"),
+        ("train.max_steps=9223372036854775807", "train.max_steps = 9223372036854775807: input should be less"),
+        ("train.warmup_steps=10000000000", "train.warmup_steps = 10000000000: input should be less"),
+        ("data.seq_len=4194304", "data.seq_len = 4194304: input should be less than or equal to 1048576"),
+        ("train.global_batch=4194304", "train.global_batch = 4194304: input should be less than or equal"),
+        ("train.micro_batch=0", "train.micro_batch = 0: must be 1..65536 or 'auto'"),
+        ("train.micro_batch=1000000", "train.micro_batch = 1000000: must be 1..65536 or 'auto'"),
+        ("train.eval_every=10000000000", "train.eval_every = 10000000000: input should be less"),
+        ("checkpoint.every_steps=10000000000", "checkpoint.every_steps = 10000000000: input should be less"),
+        ("log.every_steps=10000000000", "log.every_steps = 10000000000: input should be less"),
+        ("log.profile_steps=[1, 10000000000]", "log.profile_steps = [1, 10000000000]: need 1 <= first <= last <="),
+        ("launch.gpus=5000", "launch.gpus = 5000: input should be less than or equal to 1024"),
+        ("launch.nnodes=1000000", "launch.nnodes = 1000000: input should be less than or equal to 65536"),
+        ("launch.gpu_memory_gb=1e300", "launch.gpu_memory_gb = 1e+300: input should be less than or equal"),
+    ],
+)
+def test_out_of_range_numbers_are_refused_at_validation(recipe_file, override, expect):
+    with pytest.raises(UserError) as err:
+        load_recipe(recipe_file(), [override])
+    assert str(err.value).startswith(f"--set {override!r}: {expect}"), str(err.value)
+
+
+def test_largest_accepted_values_still_validate(recipe_file):
+    sets = ["train.seed=2147483647", "lora.init_seed=2147483647", "train.betas=[0.0, 0.9999]", "train.lr=0"]
+    rec = load_recipe(recipe_file(), [*sets, "train.max_steps=1000000000", "data.seq_len=1048576"])
+    assert (rec.train.seed, rec.train.betas, rec.data.seq_len) == (2**31 - 1, (0.0, 0.9999), 2**20)
+
+
+def test_infinite_lr_in_the_file_through_the_cli(tmp_path):
+    check_error(tmp_path, BASE_RECIPE.replace("lr = 1e-3", "lr = 1e400"), expect=["recipe.toml:18: train.lr = inf"])
+
+
+def test_negative_seed_with_set_through_the_cli(tmp_path):
+    msg = check_error(tmp_path, BASE_RECIPE, "--set", "train.seed=-1", expect=["--set 'train.seed=-1': train.seed"])
+    assert "recipe.toml" not in msg
+
+
+# ---------------------------------------------------------------- --set errors name the override
+
+
+def test_set_value_error_names_the_override_not_the_file_line(recipe_file):
+    with pytest.raises(UserError) as err:
+        load_recipe(recipe_file(), ["train.lr=-1"])  # lr is on line 18 of the file, but -1 came from --set
+    assert str(err.value).startswith("--set 'train.lr=-1': train.lr = -1: input should be greater"), str(err.value)
+
+
+def test_set_of_a_whole_table_is_named_for_a_key_inside_it(recipe_file):
+    with pytest.raises(UserError) as err:
+        load_recipe(recipe_file(), ["lora={rank = 0}"])
+    assert str(err.value).startswith("--set 'lora={rank = 0}': lora.rank = 0: input should be greater"), str(err.value)
+
+
+def test_cross_field_error_from_set_names_the_override(recipe_file):
+    with pytest.raises(UserError) as err:
+        load_recipe(recipe_file(), ['quant.storage_dtype="float16"'])
+    assert str(err.value).startswith("--set 'quant.storage_dtype=\"float16\"': quant.storage_dtype = 'float16' but")
+
+
+def test_file_errors_keep_their_line_when_another_key_is_set(recipe_file):
+    path = recipe_file(BASE_RECIPE.replace("rank = 8", "rank = 0"))
+    with pytest.raises(UserError) as err:
+        load_recipe(path, ["train.lr=1e-4"])
+    assert str(err.value).startswith(f"{path}:8: lora.rank = 0: input should be greater"), str(err.value)
+
+
+def test_cross_field_error_in_the_file_names_its_key_line(recipe_file):
+    path = recipe_file(BASE_RECIPE.replace("micro_batch = 2", "micro_batch = 0"))
+    with pytest.raises(UserError) as err:
+        load_recipe(path)
+    assert str(err.value).startswith(f"{path}:16: train.micro_batch = 0: must be 1.."), str(err.value)
+
+
+# ---------------------------------------------------------------- recipe files that are not a recipe
+
+
+def test_deeply_nested_toml_array(tmp_path):
+    deep = "[" * 100_000 + "]" * 100_000
+    check_error(
+        tmp_path, BASE_RECIPE + f"x = {deep}\n", expect=["recipe.toml: arrays or inline tables nest too deeply"]
+    )
+
+
+def test_deeply_nested_inline_tables(tmp_path):
+    deep = "{a = " * 5000 + "1" + "}" * 5000
+    check_error(tmp_path, f"x = {deep}\n" + BASE_RECIPE, expect=["recipe.toml: arrays or inline tables nest too"])
+
+
+def test_nesting_python_can_parse_is_still_refused(recipe_file):
+    """40 levels parse, but no recipe key needs more than a few, and deeper values would recurse later."""
+    with pytest.raises(UserError, match=r"recipe.toml: arrays or tables nest more than 32 levels deep"):
+        load_recipe(recipe_file(BASE_RECIPE + "x = " + "[" * 40 + "]" * 40 + "\n"))
+
+
+def test_deeply_nested_set_value(tmp_path):
+    deep = "[" * 50_000 + "]" * 50_000  # one argument of a command line holds at most 128 KiB
+    msg = check_error(tmp_path, BASE_RECIPE, "--set", f"lora.target_modules={deep}", expect=["nests arrays or tables"])
+    assert msg.startswith("qlaunch: error: --set 'lora.target_modules=[[[[") and len(msg) < 300
+
+
+def test_recipe_that_is_not_utf8(tmp_path):
+    (tmp_path / "recipe.toml").write_bytes(BASE_RECIPE.encode() + b'extra = "caf\xe9"\n')
+    line = BASE_RECIPE.count("\n") + 1
+    msg = check_error(tmp_path, None, expect=[f"recipe.toml:{line}: not UTF-8 text", "a recipe is a UTF-8 TOML file"])
+    assert "\\xe9" not in msg and "0xe9" not in msg, "the file's bytes are not echoed"
+
+
+def test_recipe_syntax_error_does_not_echo_the_files_characters(recipe_file):
+    with pytest.raises(UserError) as err:
+        load_recipe(recipe_file(BASE_RECIPE + 'x = "a\x01b"\n'))
+    line = BASE_RECIPE.count("\n") + 1
+    assert f"Illegal character (at line {line}," in str(err.value) and "x01" not in str(err.value), str(err.value)
+
+
+def test_recipe_path_is_a_directory(tmp_path):
+    (tmp_path / "recipe.toml").mkdir()
+    check_error(tmp_path, None, expect=["recipe.toml: is a directory, not a recipe file"])
+
+
+def test_recipe_path_is_a_fifo(tmp_path):
+    os.mkfifo(tmp_path / "recipe.toml")  # opening it for reading would wait for a writer forever
+    check_error(tmp_path, None, expect=["recipe.toml: not a regular file (a FIFO, socket or device)"])
+
+
+def test_recipe_file_too_large(recipe_file):
+    with pytest.raises(UserError, match=r"recipe.toml: \d+ bytes is too large for a recipe \(at most 4194304\)"):
+        load_recipe(recipe_file(BASE_RECIPE + "#" * (5 * 2**20) + "\n"))
+
+
+def test_unreadable_recipe(tmp_path, recipe_file):
+    path = recipe_file()
+    path.chmod(0)
+    if os.access(path, os.R_OK):
+        pytest.skip("running as root: permissions do not stop reading")
+    with pytest.raises(UserError, match=r"recipe.toml: cannot open the recipe \(Permission denied\)"):
+        load_recipe(path)
+
+
+def test_byte_order_mark_is_accepted(recipe_file):
+    path = recipe_file()
+    path.write_bytes(b"\xef\xbb\xbf" + BASE_RECIPE.encode())
+    assert load_recipe(path).name == "t"
+
+
+# ---------------------------------------------------------------- run names, chat templates
+
+
+@pytest.mark.parametrize("name", ["../../x", "..", ".", ".hidden", "", "a/b", "a\\b", "x y", "é", "x" * 129, "-\n"])
+def test_run_name_must_be_one_plain_directory_name(recipe_file, name):
+    path = recipe_file(BASE_RECIPE.replace('name = "t"', f"name = {json.dumps(name)}"))
+    with pytest.raises(UserError) as err:
+        load_recipe(path)
+    assert str(err.value).startswith(f"{path}:2: name = {name!r}"[:60]), str(err.value)
+    assert "letters, digits, '.', '_' or '-', not starting with '.'" in str(err.value)
+
+
+@pytest.mark.parametrize("name", ["t", "llama-70b_qlora.v2", "-x", "_", "x" * 128])
+def test_valid_run_names(recipe_file, name):
+    assert load_recipe(recipe_file(BASE_RECIPE.replace('name = "t"', f'name = "{name}"'))).name == name
+
+
+def test_run_name_escaping_runs_dir_writes_nothing(tmp_path):
+    runs = tmp_path / "a" / "b" / "runs"  # runs/../../escape would be tmp_path/a/escape
+    check_error(
+        tmp_path,
+        BASE_RECIPE.replace('name = "t"', 'name = "../../escape"'),
+        "--set",
+        f"log.runs_dir='{runs}'",
+        expect=["recipe.toml:2: name = '../../escape'"],
+    )
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["recipe.toml"]
+
+
+@pytest.mark.parametrize("template", ["chatml", "llama-3", "", "{ role }"])
+def test_chat_template_that_is_not_jinja(recipe_file, template):
+    path = recipe_file(BASE_RECIPE.replace('format = "alpaca"', f'format = "chat"\nchat_template = "{template}"'))
+    with pytest.raises(UserError) as err:
+        load_recipe(path)
+    assert str(err.value).startswith(f"{path}:13: data.chat_template = {template!r}: not a Jinja chat template")
+    assert "leave it unset to use the tokenizer's template" in str(err.value)
+
+
+def test_chat_template_with_jinja_is_accepted(recipe_file):
+    for template in ["{{ messages[0]['content'] }}", "{% for m in messages %}{{ m.content }}{% endfor %}"]:
+        rec = load_recipe(recipe_file(), ['data.format="chat"', f"data.chat_template={json.dumps(template)}"])
+        assert rec.data.chat_template == template
+
+
+# ---------------------------------------------------------------- paths: relative to the recipe file
+
+
+@pytest.fixture
+def planted(tmp_path, monkeypatch):
+    """A recipe in proj/recipes/ naming ../assets/model and data.jsonl beside it, and a current directory
+    (work/sub/) where someone planted the same relative names."""
+    real = {"model": tmp_path / "proj/assets/model", "data": tmp_path / "proj/recipes/data.jsonl"}
+    cwd = tmp_path / "work/sub"
+    fake = {"model": tmp_path / "work/assets/model", "data": cwd / "data.jsonl"}
+    for group in (real, fake):
+        group["model"].mkdir(parents=True)
+        shutil.copy(TINY_MODEL / "config.json", group["model"] / "config.json")
+        group["data"].parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(TINY_DATA / "train.jsonl", group["data"])
+    text = BASE_RECIPE.replace(str(TINY_MODEL), "../assets/model").replace(str(TINY_DATA / "train.jsonl"), "data.jsonl")
+    (tmp_path / "proj/recipes/r.toml").write_text(text)
+    monkeypatch.chdir(cwd)
+    return tmp_path / "proj/recipes/r.toml", real, fake
+
+
+def test_recipe_paths_resolve_next_to_the_recipe_not_in_the_current_directory(planted):
+    recipe, real, _ = planted
+    rec = load_recipe(recipe)
+    assert rec.model.path == str(real["model"].resolve())
+    assert rec.data.datasets[0].path == str(real["data"].resolve())
+
+
+def test_set_paths_resolve_in_the_current_directory(planted):
+    recipe, _, fake = planted
+    rec = load_recipe(recipe, ['model.path="../assets/model"', 'data.datasets=[{path = "data.jsonl"}]'])
+    assert rec.model.path == str(fake["model"].resolve())
+    assert rec.data.datasets[0].path == str(fake["data"].resolve())
+
+
+def test_missing_recipe_path_is_not_looked_up_in_the_current_directory(planted):
+    recipe, real, fake = planted
+    shutil.rmtree(real["model"])
+    rec = load_recipe(recipe)
+    assert rec.model.path == str(real["model"])  # absolute and missing: preflight names it; the planted one is unused
+
+
+def test_hub_ids_stay_hub_ids(planted, tmp_path):
+    recipe, _, _ = planted
+    (Path.cwd() / "someorg" / "some-data").mkdir(parents=True)  # planted in the current directory
+    rec = load_recipe(recipe, ['model.tokenizer="meta-llama/Llama-3.1-8B"'])
+    assert rec.model.tokenizer == "meta-llama/Llama-3.1-8B"
+    text = recipe.read_text().replace('"data.jsonl"', '"someorg/some-data"')
+    recipe.write_text(text)
+    rec = load_recipe(recipe)
+    assert rec.data.datasets[0].path == "someorg/some-data"
+    from launcher.data import classify
+
+    assert classify(rec.data.datasets[0].path, "train", "data.datasets[0].path").kind == "hub"
+
+
+def test_home_and_absolute_paths_stay_as_they_are(planted, tmp_path, monkeypatch):
+    recipe, real, _ = planted
+    monkeypatch.setenv("HOME", str(tmp_path / "proj"))
+    rec = load_recipe(recipe, ['model.path="~/assets/model"', f'data.val_path="{real["data"]}"'])
+    assert (rec.model.path, rec.data.val_path) == (str(real["model"].resolve()), str(real["data"].resolve()))
+
+
+def test_bundled_recipes_resolve_from_any_directory(tmp_path, monkeypatch):
+    root = Path(__file__).resolve().parent.parent
+    monkeypatch.chdir(tmp_path)
+    for recipe in sorted((root / "recipes").glob("*.toml")):
+        rec = load_recipe(recipe)
+        for p in (rec.model.path, rec.model.tokenizer, *(d.path for d in rec.data.datasets), rec.data.val_path):
+            assert p is None or (Path(p).is_absolute() and Path(p).exists()), (recipe.name, p)
+
+
+def test_data_suffixes_agree_with_the_data_loader():
+    from launcher import data, recipe
+
+    assert set(recipe.DATA_FILE_SUFFIXES) == set(data.FILE_KINDS)
+    assert recipe.HUB_ID.pattern == data._HUB_ID.pattern
+
+
+# ---------------------------------------------------------------- data files that are not data
+
+
+def test_fifo_as_a_data_file(tmp_path):
+    from launcher.data import classify
+
+    os.mkfifo(tmp_path / "train.jsonl")
+    with pytest.raises(UserError, match=r"train.jsonl: not a regular file \(a FIFO, socket or device\) \(data.d"):
+        classify(str(tmp_path / "train.jsonl"), "train", "data.datasets[0].path")
+
+
+def test_deeply_nested_json_row_names_file_and_line(tmp_path):
+    data = tmp_path / "deep.jsonl"
+    deep = "[" * 100_000 + "]" * 100_000
+    data.write_text('{"instruction": "i", "output": "o"}\n' * 3 + f'{{"instruction": "i", "output": {deep}}}\n')
+    check_error(
+        tmp_path,
+        BASE_RECIPE.replace(str(TINY_DATA / "train.jsonl"), str(data)),
+        expect=[f"{data}:4: JSON nested too deeply"],
+    )
+
+
+def test_deeply_nested_json_array_file(tmp_path):
+    from launcher.data import _json_rows
+
+    data = tmp_path / "deep.json"
+    data.write_text('[{"instruction": "i", "output": ' + "[" * 100_000 + "]" * 100_000 + "}]")
+    with pytest.raises(UserError, match=r"deep.json: JSON nested too deeply"):
+        _json_rows(data)
