@@ -539,12 +539,19 @@ def _has_auto(rec) -> bool:
 def _model_shape(rec, required: bool):
     """The model's shape for the memory planner (config.json only, no weights); None if unavailable
     and not required (preflight then reports why with its own message)."""
-    from launcher.loading import resolve_model_dir
+    from launcher.loading import config_size_problem, resolve_model_dir
     from launcher.memory import ModelShape
+    from launcher.sources import read_json_object
 
     try:
-        config = json.loads((resolve_model_dir(rec) / "config.json").read_text())
-        return ModelShape.from_config(config.get("text_config", config))
+        # Read and checked as preflight does: a FIFO must not block here, nor a zero size divide.
+        path = resolve_model_dir(rec) / "config.json"
+        config = read_json_object(path, "model config")
+        text = config.get("text_config", config)
+        problem = config_size_problem(text) if isinstance(text, dict) else "text_config must be an object"
+        if problem:
+            raise UserError(f"{path}: {problem}")
+        return ModelShape.from_config(text)
     except (UserError, OSError, ValueError, TypeError, KeyError) as err:
         if required:
             msg = str(err) if isinstance(err, UserError) else f"cannot read the model config ({err})"

@@ -21,9 +21,12 @@ ZeRO-2), and every rank quantizes whole tensors.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import math
+import os
+import re
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -40,13 +43,25 @@ from launcher.sources import (
     PACKED_SUFFIX,
     RandomSource,
     SafetensorsSource,
+    read_json_object,
     read_quant_meta,
 )
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
-# Architectures whose decoder layers live at `model.layers` and that were tested with this loader.
-SUPPORTED_ARCHS = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
+# Architectures whose decoder layers live at `model.layers` and that were tested with this loader, with
+# their config's model_type (transformers builds the model from model_type, not from architectures).
+MODEL_TYPES = {
+    "LlamaForCausalLM": "llama",
+    "MistralForCausalLM": "mistral",
+    "Qwen2ForCausalLM": "qwen2",
+    "Qwen3ForCausalLM": "qwen3",
+}
+SUPPORTED_ARCHS = tuple(MODEL_TYPES)
+SUPPORTED_MODEL_TYPES = tuple(MODEL_TYPES.values())
+# Sizes the skeleton is built from: transformers accepts 0 or negative values for some and builds a
+# model without layers, or fails deep inside torch with a negative dimension.
+POSITIVE_SIZES = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
 
 
 # ------------------------------------------------------------------ config & skeleton
@@ -56,7 +71,13 @@ def resolve_model_dir(recipe: Recipe) -> Path:
     """Local directory for the model's config/weights; hub ids go through huggingface_hub's cache."""
     p = Path(recipe.model.path)
     if p.exists():
-        if not (p / "config.json").is_file():
+        if not p.is_dir():
+            raise UserError(
+                f"model.path = {recipe.model.path!r}: not a directory (a model directory holds config.json "
+                "and *.safetensors files)"
+            )
+        # lexists: a config.json that is a FIFO or a dangling link exists, and load_config says what it is.
+        if not os.path.lexists(p / "config.json"):
             raise UserError(f"model.path = {recipe.model.path!r}: directory has no config.json")
         return p
     if recipe.model.path.count("/") == 1 and not recipe.model.path.startswith((".", "/")):
@@ -73,23 +94,122 @@ def resolve_model_dir(recipe: Recipe) -> Path:
 
 
 def load_config(recipe: Recipe, model_dir: Path):
+    """The model's transformers config; anything wrong with config.json is one line naming it."""
     from transformers import AutoConfig
 
-    config = AutoConfig.from_pretrained(str(model_dir), trust_remote_code=recipe.model.trust_remote_code)
+    path = model_dir / "config.json"
+    raw = read_json_object(path, "model config")
+    problem = config_dict_problem(raw, recipe.model.trust_remote_code)
+    if problem:
+        raise UserError(f"{path}: {problem}")
+    try:
+        with quiet_transformers():
+            config = AutoConfig.from_pretrained(str(model_dir), trust_remote_code=recipe.model.trust_remote_code)
+    except Exception as err:  # any refusal of a config file is bad input, not a crash
+        raise UserError(f"{path}: transformers cannot load this config ({transformers_refusal(err)})") from None
     archs = list(getattr(config, "architectures", None) or [])
     if not archs or archs[0] not in SUPPORTED_ARCHS:
-        raise UserError(
-            f"{model_dir}/config.json: architecture {archs[0] if archs else '(none)'} is not supported; "
-            f"supported: {', '.join(SUPPORTED_ARCHS)}"
+        name = (_identifier(archs[0]) or "(not a class name)") if archs else "(none)"
+        raise UserError(f"{path}: architecture {name} is not supported; supported: {', '.join(SUPPORTED_ARCHS)}")
+    model_type = MODEL_TYPES[archs[0]]
+    if config.model_type != model_type and not recipe.model.trust_remote_code:
+        # transformers builds the model from model_type, not from architectures: another family's
+        # tensors would be expected (and reported missing) under a name that says Llama.
+        raise UserError(  # config.model_type is transformers' own name for the class it loaded
+            f"{path}: model_type {config.model_type!r} does not match architectures = [{archs[0]!r}], whose "
+            f"model_type is {model_type!r}"
         )
+    problem = config_size_problem(config)
+    if problem:
+        raise UserError(f"{path}: {problem}")
     if getattr(config, "tie_word_embeddings", False):
         # The loader fills lm_head and the embedding as separate tensors and FSDP shards them apart; a
         # tied pair would silently come untied. Refuse rather than train a different model.
         raise UserError(
-            f"{model_dir}/config.json: tie_word_embeddings = true (e.g. Llama-3.2-1B/3B, small Qwen2.5) is not "
+            f"{path}: tie_word_embeddings = true (e.g. Llama-3.2-1B/3B, small Qwen2.5) is not "
             "supported yet; supported: untied models such as Llama-3.1-8B/70B, Mistral-7B, Qwen2.5-7B+"
         )
     return config
+
+
+@contextlib.contextmanager
+def quiet_transformers() -> Iterator[None]:
+    """Errors only from transformers' loggers: its warnings about a config quote the file's values (and
+    would be a second line beside qlaunch's one-line error)."""
+    logger = logging.getLogger("transformers")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def _identifier(value: object) -> str | None:
+    """VALUE if it is a short name such as `llama` or `LlamaForCausalLM` (safe to show), else None."""
+    return value if isinstance(value, str) and re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", value) else None
+
+
+def config_dict_problem(raw: dict, trust_remote_code: bool) -> str | None:
+    """What makes a parsed config.json unloadable before transformers sees it (its messages quote values)."""
+    from transformers import CONFIG_MAPPING
+
+    model_type = raw.get("model_type")
+    if not isinstance(model_type, str) or not model_type:
+        return f"no model_type (a string such as {', '.join(map(repr, SUPPORTED_MODEL_TYPES))})"
+    remote = trust_remote_code and "auto_map" in raw
+    if model_type not in CONFIG_MAPPING and not remote:
+        import transformers
+
+        name = _identifier(model_type)
+        return (
+            f"model_type {name + ' ' if name else ''}is not an architecture transformers "
+            f"{transformers.__version__} knows; supported: {', '.join(SUPPORTED_MODEL_TYPES)}"
+        )
+    archs = raw.get("architectures")
+    if archs is not None and not (isinstance(archs, list) and all(isinstance(a, str) for a in archs)):
+        return 'architectures must be a list of class names such as ["LlamaForCausalLM"]'
+    return None
+
+
+def config_size_problem(config) -> str | None:
+    """The sizes the skeleton is built from, checked (transformers lets some impossible ones through).
+
+    CONFIG is a transformers config or a config.json dict (the memory planner reads the file itself)."""
+    get = config.get if isinstance(config, dict) else lambda key: getattr(config, key, None)
+    for key in POSITIVE_SIZES:
+        value = get(key)
+        if type(value) is not int or value <= 0:
+            return f"{key} must be a positive integer"
+    heads = get("num_attention_heads")
+    kv_heads = heads if get("num_key_value_heads") is None else get("num_key_value_heads")
+    if type(kv_heads) is not int or kv_heads <= 0 or heads % kv_heads:
+        return "num_key_value_heads must be a positive integer that divides num_attention_heads"
+    for key in ("head_dim", "max_position_embeddings"):
+        value = get(key)
+        if value is not None and (type(value) is not int or value <= 0):
+            return f"{key} must be a positive integer"
+    return None
+
+
+def transformers_refusal(err: Exception) -> str:
+    """Why transformers refused a config, naming no value from it.
+
+    A strict-dataclass error's first line names the field or validator, and its next line the value; other
+    messages may quote the file, so only their class is given."""
+    from huggingface_hub.errors import StrictDataclassError
+
+    first = str(err).strip().splitlines()[0].rstrip(":") if str(err).strip() else ""
+    if isinstance(err, StrictDataclassError) and first:
+        return first[:1].lower() + first[1:200]
+    return f"{type(err).__name__}; compare it with the config.json of the same model on the hub"
+
+
+def max_positions(config) -> int | None:
+    """max_position_embeddings of the (text) model, if the config gives one."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    value = getattr(text, "max_position_embeddings", None)
+    return value if type(value) is int and value > 0 else None
 
 
 def build_skeleton(recipe: Recipe, config) -> nn.Module:
@@ -599,7 +719,11 @@ def materialize(
 
 
 def open_source(recipe: Recipe, model_dir: Path, config, shapes: dict[str, tuple[int, ...]], device):
-    """(source, prequantized?) for the recipe's model.init and the directory's contents."""
+    """(source, prequantized?) for the recipe's model.init and the directory's contents.
+
+    Every tensor the architecture needs is checked against the headers here (name, shape, dtype; for a
+    pre-quantized checkpoint the packed bytes and scales too), so a mismatched file never reaches a rank's
+    reads."""
     if recipe.model.init == "random":
         std = float(getattr(config, "initializer_range", 0.02))
         return RandomSource(shapes, std, recipe.train.seed, device), False
@@ -608,11 +732,11 @@ def open_source(recipe: Recipe, model_dir: Path, config, shapes: dict[str, tuple
     if meta is not None:
         q = recipe.quant
         want = {"type": q.type, "blocksize": q.blocksize}
-        have = {k: meta.get(k) for k in want}
+        have = {k: meta[k] for k in want}  # validated by read_quant_meta: safe to show
         if q.bits != 4:
             # `qlaunch quantize` writes packed NF4 bytes and block scales: nothing an int8 or dense layer can use.
             raise UserError(
-                f"{model_dir}: a `qlaunch quantize` checkpoint (4-bit {meta.get('type')}) cannot be loaded with "
+                f"{model_dir}: a `qlaunch quantize` checkpoint (4-bit {meta['type']}) cannot be loaded with "
                 f"quant.bits = {q.bits!r}; set model.path to the original checkpoint, or quant.bits = 4"
             )
         if want != have:
@@ -620,14 +744,35 @@ def open_source(recipe: Recipe, model_dir: Path, config, shapes: dict[str, tuple
                 f"{model_dir}: pre-quantized with {have}, but the recipe asks for {want}; "
                 "quantize again or match the recipe"
             )
-        return src, True
     for name, shape in shapes.items():
+        if meta is not None and name + PACKED_SUFFIX in src:
+            _check_packed(src, model_dir, name, shape, meta)
+            continue
         if name not in src:
             raise UserError(f"{model_dir}: tensor '{name}' missing from the checkpoint (a shard file missing?)")
         if tuple(src.shape(name)) != tuple(shape):
             raise UserError(f"{model_dir}: tensor '{name}' has shape {src.shape(name)}, the config implies {shape}")
         src.dtype(name)  # rejects int/unknown dtypes with the file named
-    return src, False
+    return src, meta is not None
+
+
+def _check_packed(src: SafetensorsSource, model_dir: Path, name: str, shape: tuple[int, ...], meta: dict) -> None:
+    """The packed bytes (uint8, two weights a byte) and fp32 block scales of a pre-quantized weight fit SHAPE."""
+    n = math.prod(shape)
+    if meta["shapes"].get(name) != list(shape):
+        raise UserError(f"{model_dir}: {name} was quantized with another shape than the config implies ({shape})")
+    for tensor, dtype, numel in (
+        (name + PACKED_SUFFIX, "U8", n // 2),
+        (name + ABSMAX_SUFFIX, "F32", -(-n // meta["blocksize"])),
+    ):
+        if tensor not in src:
+            raise UserError(f"{model_dir}: tensor '{tensor}' missing from the pre-quantized checkpoint")
+        info = src.info[tensor]
+        if info.dtype != dtype or len(info.shape) != 1 or info.shape[0] != numel:
+            raise UserError(
+                f"{model_dir}: tensor '{tensor}' is {info.dtype} {list(info.shape)}; the config's {shape} "
+                f"needs {dtype} [{numel}]"
+            )
 
 
 # ------------------------------------------------------------------ assembly

@@ -13,8 +13,9 @@ import hashlib
 import json
 import math
 import os
+import stat
 from pathlib import Path
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 import torch
 
@@ -25,8 +26,23 @@ QUANT_META = "qlaunch_quant.json"
 PACKED_SUFFIX = ".qweight"
 ABSMAX_SUFFIX = ".absmax"
 
+INDEX_FILE = "model.safetensors.index.json"
+
 _DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "U8": torch.uint8}
 _MAX_READ = 1 << 30  # Linux returns at most ~2 GiB per read call; ask for 1 GiB at a time
+# Bits per element of every dtype the safetensors format defines (F4 and F6 pack elements across bytes).
+DTYPE_BITS = {
+    **dict.fromkeys(["BOOL", "U8", "I8", "F8_E5M2", "F8_E4M3", "F8_E8M0"], 8),
+    **dict.fromkeys(["I16", "U16", "F16", "BF16"], 16),
+    **dict.fromkeys(["I32", "U32", "F32"], 32),
+    **dict.fromkeys(["I64", "U64", "F64", "C64"], 64),
+    "F4": 4,
+    "F6_E2M3": 6,
+    "F6_E3M2": 6,
+}
+MAX_HEADER_BYTES = 100_000_000  # the safetensors library refuses larger headers
+MAX_JSON_BYTES = 100_000_000  # config.json, the index, qlaunch_quant.json: real ones are kilobytes
+_U64 = 1 << 64  # offsets and dimensions are u64 in the format
 
 
 class Source(Protocol):
@@ -34,31 +50,56 @@ class Source(Protocol):
     def read_flat(self, name: str, start: int, end: int, device=None) -> torch.Tensor: ...
 
 
+class TensorInfo(NamedTuple):
+    """One header entry: dtype string, shape, and byte range [begin, end) within the data after the header."""
+
+    dtype: str
+    shape: tuple[int, ...]
+    begin: int
+    end: int
+
+
 class SafetensorsSource:
-    """Tensor name -> (file, dtype, shape) from the headers of every *.safetensors file in a directory."""
+    """Tensor name -> (file, dtype, shape) from the headers of the directory's *.safetensors files.
+
+    With a `model.safetensors.index.json` the files are exactly those its weight map names (as transformers
+    reads them); without one, every *.safetensors file. Every header is validated completely first
+    (`read_header`), so the positioned reads below stay inside the tensor they were asked for.
+    """
 
     def __init__(self, directory: str | Path):
         self.dir = Path(directory)
-        files = sorted(self.dir.glob("*.safetensors"))
-        index = self.dir / "model.safetensors.index.json"
-        if index.is_file():
-            try:
-                weight_map = json.loads(index.read_text())["weight_map"]
-            except (json.JSONDecodeError, KeyError) as err:
-                raise UserError(f"{index}: not a valid safetensors index ({err})") from None
-            missing = sorted({f for f in weight_map.values() if not (self.dir / f).is_file()})
+        index = self.dir / INDEX_FILE
+        weight_map = read_index(index) if os.path.lexists(index) else None
+        if weight_map is None:
+            files = sorted(self.dir.glob("*.safetensors"))
+        else:
+            if not weight_map:
+                raise UserError(f"{index}: 'weight_map' is empty; it must map every tensor to its shard file")
+            names = sorted(set(weight_map.values()))
+            missing = [f for f in names if not os.path.lexists(self.dir / f)]
             if missing:
                 raise UserError(f"{index}: shard file {missing[0]} is missing from {self.dir}")
+            files = [self.dir / f for f in names]
         if not files:
             raise UserError(f"{self.dir}: no *.safetensors files (a model directory needs its weights)")
         self.where: dict[str, Path] = {}
-        self.meta: dict[str, tuple[torch.dtype | None, tuple[int, ...], str]] = {}
+        self.info: dict[str, TensorInfo] = {}
         self.offset: dict[str, int] = {}  # byte offset of each tensor's data in its file
         for f in files:
-            for name, (dt, shape, offset) in _read_header(f).items():
+            data_start, tensors = read_header(f)
+            for name, info in tensors.items():
+                if name in self.where:
+                    raise UserError(
+                        f"{self.dir}: tensor {shown(name)} is in both {self.where[name].name} and {f.name}; "
+                        "each tensor must be in one file"
+                    )
                 self.where[name] = f
-                self.meta[name] = (_DTYPES.get(dt), shape, dt)
-                self.offset[name] = offset
+                self.info[name] = info
+                self.offset[name] = data_start + info.begin
+        for name, fname in (weight_map or {}).items():
+            if self.where.get(name) != self.dir / fname:
+                raise UserError(f"{index}: maps tensor {shown(name)} to {fname}, which does not contain it")
         self.bytes_read = 0
         self._fds: dict[Path, int] = {}
         self._buffer: torch.Tensor | None = None
@@ -67,20 +108,20 @@ class SafetensorsSource:
         return name in self.where
 
     def shape(self, name: str) -> tuple[int, ...]:
-        return self._check(name)[1]
+        return self._check(name).shape
 
     def dtype(self, name: str) -> torch.dtype:
-        dt, _, raw = self._check(name)
-        if dt is None:
+        raw = self._check(name).dtype
+        if raw not in ("BF16", "F16", "F32"):  # U8 too: its bytes are packed weights, not values (read_raw)
             raise UserError(f"{self.where[name]}: tensor {name} has dtype {raw}; expected BF16, F16 or F32")
-        return dt
+        return _DTYPES[raw]
 
-    def _check(self, name: str) -> tuple[torch.dtype | None, tuple[int, ...], str]:
-        if name not in self.meta:
+    def _check(self, name: str) -> TensorInfo:
+        if name not in self.info:
             raise UserError(
                 f"{self.dir}: tensor '{name}' is not in the checkpoint (wrong architecture or a missing shard?)"
             )
-        return self.meta[name]
+        return self.info[name]
 
     def _read(self, name: str, dtype: torch.dtype, start: int, end: int, device=None) -> torch.Tensor:
         """Elements [start, end) of tensor NAME stored as DTYPE: exactly their bytes, by positioned reads.
@@ -90,8 +131,15 @@ class SafetensorsSource:
         reading through mmap. The result is on `device` if that is a GPU, else a CPU tensor of its own.
         """
         f = self.where[name]
+        numel = math.prod(self.info[name].shape)
+        if not 0 <= start <= end <= numel:
+            # Past its end lie the next tensor's bytes: a mismatched checkpoint must not be read as weights.
+            raise UserError(
+                f"{f}: tensor {name} has {numel} elements, elements [{start}, {end}) were asked for "
+                "(a checkpoint that does not match the model?)"
+            )
         if f not in self._fds:
-            self._fds[f] = os.open(f, os.O_RDONLY)
+            self._fds[f] = open_regular(f, "safetensors file")
         size = torch.empty((), dtype=dtype).element_size()
         nbytes = (end - start) * size
         cuda = device is not None and torch.device(device).type == "cuda"
@@ -100,7 +148,7 @@ class SafetensorsSource:
         while done < nbytes:
             got = os.preadv(self._fds[f], [view[done : done + _MAX_READ]], pos + done)
             if got <= 0:
-                raise UserError(f"{f}: ends inside tensor {name} (truncated file?)")
+                raise UserError(f"{f}: ends inside tensor {name} (truncated since it was checked?)")
             done += got
         self.bytes_read += nbytes
         t = out[:nbytes].view(dtype)
@@ -123,10 +171,10 @@ class SafetensorsSource:
 
     def read_raw(self, name: str, start: int, end: int, device=None) -> torch.Tensor:
         """Elements [start, end) of a 1-D tensor of any dtype (used for packed 4-bit bytes)."""
-        dt, _, raw = self._check(name)
-        if dt is None:
+        raw = self._check(name).dtype
+        if raw not in _DTYPES:
             raise UserError(f"{self.where[name]}: tensor {name} has dtype {raw}; expected one of {sorted(_DTYPES)}")
-        return self._read(name, dt, start, end, device)
+        return self._read(name, _DTYPES[raw], start, end, device)
 
     def close(self) -> None:
         fds = getattr(self, "_fds", {})  # absent when __init__ refused the directory
@@ -138,29 +186,237 @@ class SafetensorsSource:
         self.close()
 
 
-def _read_header(path: Path) -> dict[str, tuple[str, tuple[int, ...], int]]:
-    """Parse a safetensors header ourselves so a corrupt file gets a one-line error naming it."""
-    size = path.stat().st_size
+# ------------------------------------------------------------------ untrusted files
+# A model directory may come from anyone. Every file is opened only if it is a regular file (a FIFO would
+# block the open or the read forever, a directory or device makes no sense), and no message ever quotes
+# the file's bytes: a symlink to some other file must not leak its contents into a terminal or a log.
+
+
+class HeaderError(ValueError):
+    """A rule of the safetensors format that a file breaks; the text quotes no bytes of the file."""
+
+
+def shown(name: str, limit: int = 80) -> str:
+    """A name taken from a parsed file, safe on one line: quoted, non-printables escaped, cut to `limit`."""
+    text = ascii(name[:limit])
+    return text if len(name) <= limit else text[:-1] + "...'"
+
+
+def _kind(mode: int) -> str:
+    for test, kind in ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket")):
+        if test(mode):
+            return kind
+    return "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "not a regular file"
+
+
+def open_regular(path: Path, what: str) -> int:
+    """A read-only descriptor of PATH (symlinks followed) if it is a regular file, else one line naming it.
+
+    stat first, so a device or FIFO is never opened at all; O_NONBLOCK and fstat on the open descriptor
+    still hold if the name is swapped for a FIFO in between (its open would wait for a writer forever).
+    """
     try:
-        with open(path, "rb") as fh:
-            raw = fh.read(8)
-            if len(raw) < 8:
-                raise ValueError("file shorter than its 8-byte header length")
-            n = int.from_bytes(raw, "little")
-            if n <= 0 or n > size - 8 or n > 100_000_000:
-                raise ValueError(f"header length {n} does not fit a file of {size} bytes")
-            header = json.loads(fh.read(n))
-        out = {}
-        for name, info in header.items():
-            if name == "__metadata__":
-                continue
-            a, b = info["data_offsets"]
-            if b > size - 8 - n or a > b:
-                raise ValueError(f"tensor {name} lies past the end of the file (truncated?)")
-            out[name] = (info["dtype"], tuple(info["shape"]), 8 + n + a)
-        return out
-    except (ValueError, KeyError, TypeError, UnicodeDecodeError) as err:
+        if not stat.S_ISREG(mode := os.stat(path).st_mode):
+            raise UserError(f"{path}: the {what} is {_kind(mode)}; it must be a regular file")
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    except FileNotFoundError:
+        raise UserError(f"{path}: {what} not found (a dangling symlink?)") from None
+    except OSError as err:
+        raise UserError(f"{path}: cannot open the {what} ({err.strerror})") from None
+    if not stat.S_ISREG(mode := os.fstat(fd).st_mode):
+        os.close(fd)
+        raise UserError(f"{path}: the {what} is {_kind(mode)}; it must be a regular file")
+    return fd
+
+
+def _pread_exact(fd: int, n: int, offset: int) -> bytes:
+    parts, done = [], 0
+    while done < n:
+        chunk = os.pread(fd, min(n - done, _MAX_READ), offset + done)
+        if not chunk:
+            break
+        parts.append(chunk)
+        done += len(chunk)
+    return b"".join(parts)
+
+
+def read_regular(path: Path, what: str, limit: int = MAX_JSON_BYTES) -> bytes:
+    """The bytes of a regular file of at most `limit` bytes."""
+    fd = open_regular(path, what)
+    try:
+        size = os.fstat(fd).st_size
+        if size > limit:
+            raise UserError(f"{path}: the {what} is larger than {limit // 1_000_000} MB; this is not a {what}")
+        return _pread_exact(fd, size, 0)
+    except OSError as err:
+        raise UserError(f"{path}: cannot read the {what} ({err.strerror})") from None
+    finally:
+        os.close(fd)
+
+
+def _json_kind(value: object) -> str:
+    kinds = ((list, "an array"), (str, "a string"), (bool, "a boolean"), ((int, float), "a number"))
+    return next((k for t, k in kinds if isinstance(value, t)), "null")
+
+
+def read_json_object(path: Path, what: str) -> dict:
+    """A regular file holding UTF-8 JSON whose top level is an object; one line naming the file otherwise."""
+    raw = read_regular(path, what)
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise UserError(f"{path}: the {what} is not UTF-8 text (invalid byte at offset {err.start})") from None
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as err:
+        # err.msg is json's fixed wording ("Expecting value", ...): it quotes nothing of the text.
+        raise UserError(
+            f"{path}: the {what} is not valid JSON ({err.msg} at line {err.lineno}, column {err.colno})"
+        ) from None
+    except RecursionError:
+        raise UserError(f"{path}: the {what} is nested too deeply to parse (no real {what} is)") from None
+    if not isinstance(value, dict):
+        raise UserError(f"{path}: the {what} must be a JSON object, not {_json_kind(value)}")
+    return value
+
+
+def header_length(first8: bytes, file_size: int) -> int:
+    """N, the header size in the file's first 8 bytes (little-endian u64), if it fits the file and the cap."""
+    if len(first8) < 8:
+        raise HeaderError("the file is shorter than the 8-byte header size")
+    n = int.from_bytes(first8, "little")
+    if n > MAX_HEADER_BYTES:
+        raise HeaderError(f"the header size field exceeds the format's limit of {MAX_HEADER_BYTES // 1_000_000} MB")
+    if n > file_size - 8:
+        raise HeaderError("the header size field points past the end of the file")
+    return n
+
+
+def _no_constant(name: str):
+    raise HeaderError("the header contains NaN or Infinity, which JSON does not allow")
+
+
+def _is_u64(value: object) -> bool:
+    return type(value) is int and 0 <= value < _U64  # type(): bool is an int subclass
+
+
+def _tensor_info(name: str, entry: object) -> TensorInfo:
+    where = f"tensor {shown(name)}"
+    if not isinstance(entry, dict):
+        raise HeaderError(f"{where}: its entry is not an object")
+    for key in ("dtype", "shape", "data_offsets"):
+        if key not in entry:
+            raise HeaderError(f"{where}: its entry has no '{key}'")
+    dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
+    if not isinstance(dtype, str) or dtype not in DTYPE_BITS:
+        raise HeaderError(f"{where}: unknown dtype; the format's dtypes are {', '.join(DTYPE_BITS)}")
+    if not isinstance(shape, list) or not all(_is_u64(d) for d in shape):
+        raise HeaderError(f"{where}: shape is not a list of non-negative integers")
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(map(_is_u64, offsets))) or offsets[0] > offsets[1]:
+        raise HeaderError(f"{where}: data_offsets is not [begin, end] with 0 <= begin <= end")
+    elements = 1
+    for d in shape:
+        elements *= d
+        if elements >= _U64:  # as the library does: a product past u64 is refused even if a later dim is 0
+            raise HeaderError(f"{where}: its shape has more elements than the format can address")
+    bits = elements * DTYPE_BITS[dtype]
+    if bits % 8 or bits // 8 != offsets[1] - offsets[0]:
+        raise HeaderError(f"{where}: data_offsets span a different number of bytes than its shape and dtype need")
+    return TensorInfo(dtype, tuple(shape), offsets[0], offsets[1])
+
+
+def parse_header(header: bytes, data_size: int) -> dict[str, TensorInfo]:
+    """Every tensor of a safetensors header whose data area holds `data_size` bytes, under the format's rules.
+
+    The rules are the safetensors library's own: UTF-8 JSON object; `__metadata__` maps strings to
+    strings; each other entry has a known dtype, a shape of non-negative integers and [begin, end] offsets
+    whose span is exactly shape x dtype bytes; sorted by offset, the tensors tile the data area from byte 0
+    to its end with no gap, overlap or trailing bytes.
+    """
+    try:
+        text = header.decode("utf-8")
+    except UnicodeDecodeError:
+        raise HeaderError("the header is not UTF-8") from None
+    try:
+        value = json.loads(text, parse_constant=_no_constant)
+    except json.JSONDecodeError as err:
+        raise HeaderError(f"the header is not valid JSON ({err.msg} at character {err.pos})") from None
+    except RecursionError:
+        raise HeaderError("the header is nested too deeply to parse (no safetensors header is)") from None
+    if not isinstance(value, dict):
+        raise HeaderError("the header is not a JSON object")
+    meta = value.pop("__metadata__", None)
+    if meta is not None and not (
+        isinstance(meta, dict) and all(isinstance(k, str) and isinstance(v, str) for k, v in meta.items())
+    ):
+        raise HeaderError("__metadata__ is not an object of strings")
+    tensors = {name: _tensor_info(name, entry) for name, entry in value.items()}
+    end, previous = 0, None
+    for name, info in sorted(tensors.items(), key=lambda item: (item[1].begin, item[1].end)):
+        if info.end > data_size:
+            raise HeaderError(f"tensor {shown(name)} lies past the end of the file (truncated?)")
+        if info.begin < end:
+            raise HeaderError(f"tensors {shown(previous or '')} and {shown(name)} overlap")
+        if info.begin > end:
+            raise HeaderError(f"the bytes before tensor {shown(name)} belong to no tensor (a gap in the data)")
+        end, previous = info.end, name
+    if end != data_size:
+        raise HeaderError("the file has bytes after the last tensor that belong to no tensor")
+    return tensors
+
+
+def read_header(path: Path) -> tuple[int, dict[str, TensorInfo]]:
+    """(byte offset of the data area, validated tensors) of a safetensors file; one line naming it if invalid.
+
+    The format's rules are checked here (parse_header) and then by the safetensors library itself, the
+    authority on what a valid file is: if a future version of the library grows a rule, it still holds.
+    """
+    fd = open_regular(path, "safetensors file")
+    try:
+        size = os.fstat(fd).st_size
+        n = header_length(_pread_exact(fd, 8, 0), size)
+        tensors = parse_header(_pread_exact(fd, n, 8), size - 8 - n)
+    except HeaderError as err:
         raise UserError(f"{path}: corrupt safetensors file ({err})") from None
+    except OSError as err:
+        raise UserError(f"{path}: cannot read the safetensors file ({err.strerror})") from None
+    finally:
+        os.close(fd)
+    _library_accepts(path)
+    return 8 + n, tensors
+
+
+def _library_accepts(path: Path) -> None:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt"):
+            pass
+    except Exception:  # its messages quote header bytes (an unknown dtype, a bad number): give none of them
+        raise UserError(f"{path}: corrupt safetensors file (the safetensors library refuses it)") from None
+
+
+def _plain_shard_name(name: str) -> bool:
+    """A file name in the model directory itself: no directory part, no '..', nothing unprintable."""
+    return name.endswith(".safetensors") and "/" not in name and "\\" not in name and name.isprintable()
+
+
+def read_index(path: Path) -> dict[str, str]:
+    """The weight map (tensor name -> shard file name) of a model.safetensors.index.json.
+
+    A crafted index must not make qlaunch read outside the model directory: every file it names must be a
+    plain *.safetensors file name there."""
+    index = read_json_object(path, "safetensors index")
+    weight_map = index.get("weight_map")
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise UserError(f"{path}: 'weight_map' must be an object mapping tensor names to shard file names")
+    for name, fname in weight_map.items():
+        if not _plain_shard_name(fname):
+            raise UserError(
+                f"{path}: weight_map[{shown(name)}] must be the name of a *.safetensors file in the model "
+                "directory itself (no '/', no '..')"
+            )
+    return weight_map
 
 
 class RandomSource:
@@ -215,8 +471,35 @@ def _name_seed(seed: int, name: str, chunk: int) -> int:
     return int.from_bytes(h, "little") & ((1 << 63) - 1)
 
 
+QUANT_FORMAT = "qlaunch-4bit-v1"
+
+
 def read_quant_meta(directory: str | Path) -> dict | None:
+    """The record `qlaunch quantize` leaves in its output (None for any other directory), validated."""
     p = Path(directory) / QUANT_META
-    if not p.is_file():
+    if not os.path.lexists(p):
         return None
-    return json.loads(p.read_text())
+    meta = read_json_object(p, "qlaunch quantize record")
+    problem = quant_meta_problem(meta)
+    if problem:
+        raise UserError(f"{p}: {problem}; write the checkpoint again with `qlaunch quantize`")
+    return meta
+
+
+def quant_meta_problem(meta: dict) -> str | None:
+    """What is wrong with a qlaunch_quant.json, or None (values are checked before any message shows them)."""
+    if meta.get("format") != QUANT_FORMAT:
+        return f"'format' must be {QUANT_FORMAT!r}"
+    if meta.get("type") not in ("nf4", "fp4"):
+        return "'type' must be 'nf4' or 'fp4'"
+    if type(meta.get("blocksize")) is not int or meta["blocksize"] not in (32, 64, 128, 256):
+        return "'blocksize' must be 32, 64, 128 or 256"
+    quantized, shapes = meta.get("quantized"), meta.get("shapes")
+    if not isinstance(quantized, list) or not all(isinstance(n, str) for n in quantized):
+        return "'quantized' must be a list of tensor names"
+    if not isinstance(shapes, dict) or set(shapes) != set(quantized):
+        return "'shapes' must give the shape of every tensor in 'quantized'"
+    for shape in shapes.values():
+        if not (isinstance(shape, list) and len(shape) == 2 and all(type(d) is int and d > 0 for d in shape)):
+            return "'shapes' must map each quantized tensor to [rows, columns] (positive integers)"
+    return None

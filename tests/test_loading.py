@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -256,7 +257,8 @@ def test_prequantized_checkpoint_refuses_int8(tmp_path):
     d.mkdir()
     for f in TINY_MODEL.iterdir():
         (d / f.name).symlink_to(f)
-    (d / "qlaunch_quant.json").write_text('{"type": "nf4", "blocksize": 64}')
+    meta = {"format": "qlaunch-4bit-v1", "type": "nf4", "blocksize": 64, "quantized": [], "shapes": {}}
+    (d / "qlaunch_quant.json").write_text(json.dumps(meta))
     recipe = tmp_path / "r.toml"
     recipe.write_text(BASE_RECIPE)
     rec = load_recipe(recipe, [f'model.path="{d}"', "quant.bits=8", 'parallel.backend="none"'])
