@@ -217,6 +217,9 @@ def build_tokenizer(recipe: Recipe, model_dir: Path):
     from transformers import AutoTokenizer
 
     path = recipe.model.tokenizer or str(model_dir)
+    if not Path(path).expanduser().is_absolute() and not _HUB_ID.fullmatch(path):
+        # Local tokenizer paths are absolute by now (see loading.resolve_model_dir): never the current directory.
+        raise UserError(f"model.tokenizer = {path!r}: no such directory (and not a hub id of the form org/name)")
     return AutoTokenizer.from_pretrained(path, trust_remote_code=recipe.model.trust_remote_code)
 
 
@@ -677,7 +680,10 @@ class Renderer:
                 messages, tokenize=False, add_generation_prompt=generation, chat_template=self.template
             )
         except Exception as err:  # noqa: BLE001 - jinja errors, raise_exception() in templates
-            raise UserError(f"{where}: the chat template failed: {' '.join(str(err).split())[:300]}") from None
+            which = "data.chat_template" if self.cfg.chat_template else "the tokenizer's chat_template"
+            raise UserError(
+                f"{where}: the chat template ({which}) failed: {' '.join(str(err).split())[:300]}"
+            ) from None
         return out if isinstance(out, str) else str(out)
 
     def _chat(self, value: Any, where: object) -> Segments:

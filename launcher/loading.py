@@ -68,9 +68,13 @@ POSITIVE_SIZES = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_
 
 
 def resolve_model_dir(recipe: Recipe) -> Path:
-    """Local directory for the model's config/weights; hub ids go through huggingface_hub's cache."""
-    p = Path(recipe.model.path)
-    if p.exists():
+    """Local directory for the model's config/weights; hub ids go through huggingface_hub's cache.
+
+    A relative path is never looked up in the current directory: the recipe made every local path absolute
+    (relative to the recipe file, or to where `--set` was typed), so what is still relative is a hub id,
+    and a planted ./org/name folder where qlaunch runs must not stand in for it."""
+    p = Path(recipe.model.path).expanduser()
+    if p.is_absolute() and p.exists():
         if not p.is_dir():
             raise UserError(
                 f"model.path = {recipe.model.path!r}: not a directory (a model directory holds config.json "

@@ -302,10 +302,15 @@ class LaunchConfig(_Section):
     )
     nnodes: Int = Field(1, ge=1, le=MAX_NODES, description="Number of nodes.")
     max_restarts: Int = Field(0, ge=0, description="Elastic restarts of the whole worker group after a failure.")
-    master_port: Int = Field(29500, ge=1, le=65535, description="Rendezvous port (0 = pick a free one).")
+    master_port: Int = Field(
+        29500,
+        ge=1,
+        le=65535,
+        description="Rendezvous port of a multi-node run (node 0's; one node picks a free one itself).",
+    )
     gpu_memory_gb: Float | None = Field(
         None,
-        gt=0,
+        ge=1,  # below a GiB the cap would round to nothing (no card is that small)
         le=MAX_GPU_MEMORY_GB,
         description="Cap each rank's GPU memory at this many GiB (torch's allocator, through "
         "torch.cuda.set_per_process_memory_fraction) and plan for a card of that size: rehearse a smaller "

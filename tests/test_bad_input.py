@@ -319,6 +319,7 @@ def test_non_finite_floats_are_refused_in_the_file_and_with_set(tmp_path, sectio
         ("launch.gpus=5000", "launch.gpus = 5000: input should be less than or equal to 1024"),
         ("launch.nnodes=1000000", "launch.nnodes = 1000000: input should be less than or equal to 65536"),
         ("launch.gpu_memory_gb=1e300", "launch.gpu_memory_gb = 1e+300: input should be less than or equal"),
+        ("launch.gpu_memory_gb=1e-300", "launch.gpu_memory_gb = 1e-300: input should be greater than or equal to 1"),
     ],
 )
 def test_out_of_range_numbers_are_refused_at_validation(recipe_file, override, expect):

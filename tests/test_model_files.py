@@ -593,3 +593,25 @@ def test_cli_quantize_refuses_a_bad_header_and_writes_nothing(tmp_path):
     (d / "config.json").unlink()
     r = run_cli("quantize", str(d), "-o", str(out), cwd=tmp_path, timeout=120)
     assert_one_line_error(r, ["not a model directory (no config.json)"], tmp_path / "runs")
+
+
+def test_a_relative_hub_id_is_never_looked_up_in_the_current_directory(tmp_path, monkeypatch):
+    """The recipe makes local paths absolute; what stays relative is a hub id, and a planted ./org/name
+    folder where qlaunch runs must not stand in for the hub's model (or tokenizer)."""
+    from launcher.data import build_tokenizer
+    from launcher.loading import resolve_model_dir
+
+    planted = tmp_path / "someorg" / "somemodel"
+    shutil.copytree(TINY_MODEL, planted)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # no hub here: the lookup must fail, not find the folder
+    rec_path = tmp_path / "elsewhere" / "r.toml"
+    rec_path.parent.mkdir()
+    rec_path.write_text(BASE_RECIPE.replace(str(TINY_MODEL), "someorg/somemodel"))
+    rec = load_recipe(rec_path)
+    assert rec.model.path == "someorg/somemodel"
+    with pytest.raises(UserError, match="could not fetch from the hub"):
+        resolve_model_dir(rec)
+    rec = rec.model_copy(update={"model": rec.model.model_copy(update={"tokenizer": "./someorg/somemodel"})})
+    with pytest.raises(UserError, match=r"model.tokenizer = './someorg/somemodel': no such directory"):
+        build_tokenizer(rec, TINY_MODEL)
