@@ -327,8 +327,8 @@ def _recipe_to_run(recipe: str | None, resume: str | None) -> str:
         return recipe
     if resume is None or resume == "auto":
         raise UserError(
-            "qlaunch run needs a RECIPE file (`qlaunch recipes` lists the bundled ones); only --resume RUN_DIR or "
-            "--resume CHECKPOINT_DIR can do without it (the run's own recipe.toml is used)"
+            "missing argument 'RECIPE' (`qlaunch recipes` lists the bundled ones; only --resume RUN_DIR or "
+            "--resume CHECKPOINT_DIR can do without it: the run's own recipe.toml is used); see 'qlaunch run --help'"
         )
     from launcher import checkpoint
     from launcher.rundir import RECIPE_FILE

@@ -251,9 +251,9 @@ def test_a_bad_row_deep_in_a_dataset_is_found_before_spawning(tmp_path, recipe_f
 
 def test_run_without_a_recipe_needs_a_run_directory_to_resume(tmp_path):
     r = run_cli("run", cwd=tmp_path)
-    assert_one_line_error(r, ["qlaunch run needs a RECIPE file"], tmp_path / "runs")
+    assert_one_line_error(r, ["missing argument 'RECIPE'", "only --resume RUN_DIR"], tmp_path / "runs")
     r = run_cli("run", "--resume", "auto", cwd=tmp_path)
-    assert_one_line_error(r, ["qlaunch run needs a RECIPE file"], tmp_path / "runs")
+    assert_one_line_error(r, ["missing argument 'RECIPE'", "only --resume RUN_DIR"], tmp_path / "runs")
     r = run_cli("run", "--resume", str(tmp_path), cwd=tmp_path)
     assert_one_line_error(r, [f"--resume {tmp_path}: no recipe.toml in {tmp_path}"], tmp_path / "runs")
 
