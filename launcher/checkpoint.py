@@ -40,46 +40,54 @@ CHECKSUMS = "sha256"  # meta.json key: relative path -> hex digest of every file
 _DIGESTS = ".sha256_rank{rank}.json"  # a rank's digests of its own files, merged into meta.json by rank 0
 _MAX_WORLD = 1 << 20
 
-# Recipe keys whose change alters the math of a resumed run (anything else — max_steps, logging,
-# checkpoint cadence, the number of GPUs — may change between a run and its resume).
-MATH_KEYS = (
-    "model.path",
-    "model.init",
-    "model.dtype",
-    "quant",
-    "lora",
-    "data.datasets",
-    "data.format",
-    "data.seq_len",
-    "data.packing",
-    "data.overlong",
-    "data.train_on_prompt",
-    "train.global_batch",
-    "train.lr",
-    "train.schedule",
-    "train.warmup_steps",
-    "train.min_lr_ratio",
-    "train.weight_decay",
-    "train.betas",
-    "train.grad_clip",
-    "train.seed",
-    "parallel.backend",
+# Recipe keys that provably do not change the function a resumed run computes: everything else does (a key
+# added to the recipe later counts as math until it is listed here). "x.*" is a whole section.
+HARMLESS_KEYS = (
+    "name",
+    "train.max_steps",  # extending (or shortening) the run
+    "train.epochs",
+    "train.eval_every",
+    "train.micro_batch",  # same global batch, same function: only the split into micro-steps changes
+    "train.gradient_checkpointing",
+    "train.compile",
+    "checkpoint.*",
+    "launch.*",  # GPUs, nodes, restarts, ports (DeepSpeed checks its world size when it loads)
+    "log.*",
+    "parallel.fsdp.*",  # resharding, offload and hybrid sharding move the same numbers around
+    "parallel.deepspeed.offload_optimizer",
+    "parallel.deepspeed.offload_params",
+    "parallel.deepspeed.persistence_threshold",
 )
 
 
-def fingerprint(recipe: Recipe) -> dict[str, Any]:
-    d = recipe_to_dict(recipe)
-    out = {}
-    for key in MATH_KEYS:
-        cur: Any = d
-        for part in key.split("."):
-            cur = cur.get(part) if isinstance(cur, dict) else None
-        out[key] = cur
+def harmless(key: str) -> bool:
+    return any(key == h or (h.endswith(".*") and key.startswith(h[:-1])) for h in HARMLESS_KEYS)
+
+
+def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{"lora": {"rank": 8}} -> {"lora.rank": 8}; lists (data.datasets) stay whole values."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
     return out
 
 
-def math_changes(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
-    return [k for k in MATH_KEYS if old.get(k) != new.get(k)]
+def fingerprint(recipe: Recipe) -> dict[str, Any]:
+    """Every recipe key that changes the math, flattened (kept in meta.json)."""
+    return {k: v for k, v in flatten(recipe_to_dict(recipe)).items() if not harmless(k)}
+
+
+def math_changes(old: dict[str, Any], recipe: Recipe) -> list[tuple[str, Any, Any]]:
+    """(key, saved value, new value) for each math key the recipe changes.
+
+    Only the keys the saved fingerprint has are compared: checkpoints written before the fingerprint was
+    the whole recipe hold a few keys and whole sections ("lora": {...}), which flatten to the same keys.
+    A saved key the recipe no longer has cannot be matched by the user and is not compared."""
+    new = flatten(recipe_to_dict(recipe))
+    return [(k, v, new[k]) for k, v in flatten(old).items() if not harmless(k) and k in new and new[k] != v]
 
 
 def step_dir(root: Path, step: int) -> Path:
@@ -293,16 +301,23 @@ def _saved_at(d: Path) -> float:
     return 0.0
 
 
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
 def check_compatible(ckpt: Path, recipe: Recipe) -> None:
-    """Refuse a resume whose recipe changes the math; allow harmless changes."""
-    meta = json.loads((ckpt / META).read_text())
-    changed = math_changes(meta.get("fingerprint", {}), fingerprint(recipe))
+    """Refuse a resume whose recipe changes the math; allow the harmless keys (HARMLESS_KEYS)."""
+    meta, why = _read_meta(ckpt)
+    saved = meta.get("fingerprint", {}) if meta is not None else None
+    if not isinstance(saved, dict):
+        raise UserError(f"--resume {ckpt}: {why or f'{META} has no recipe fingerprint object'}")
+    changed = math_changes(saved, recipe)
     if changed:
-        old = meta["fingerprint"]
-        new = fingerprint(recipe)
-        detail = "; ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in changed[:3])
+        detail = "; ".join(f"{k}: {_short(old)} -> {_short(new)}" for k, old, new in changed[:3])
+        more = f"; and {len(changed) - 3} more" if len(changed) > 3 else ""
         raise UserError(
-            f"--resume {ckpt}: the recipe changes the math of the run ({detail}); "
+            f"--resume {ckpt}: the recipe changes the math of the run ({detail}{more}); "
             "resume with the original values or start a new run"
         )
 

@@ -172,7 +172,7 @@ def test_resume_refuses_a_math_change_and_allows_a_harmless_one(tmp_path, recipe
     r = run_cli("run", str(recipe_path), "--set", f'log.runs_dir="{tmp_path}"', "--resume", str(uninterrupted),
                 "--set", "lora.rank=16")  # fmt: skip
     assert r.returncode == 2
-    assert "changes the math of the run (lora: " in r.stderr and "'rank': 8" in r.stderr
+    assert "changes the math of the run (lora.rank: 8 -> 16)" in r.stderr
     assert not tmp_path.joinpath("t").exists()
     r = run_cli("run", str(recipe_path), "--set", f'log.runs_dir="{tmp_path}"', "--resume", str(uninterrupted),
                 "--set", "train.max_steps=9")  # fmt: skip
@@ -313,6 +313,78 @@ def test_resume_from_a_run_with_no_usable_checkpoint_says_why_for_each(tmp_path)
     (tmp_path / "fresh" / "checkpoints").mkdir(parents=True)
     with pytest.raises(UserError, match=r"no complete checkpoint \(it saved none; set checkpoint.every_steps\)"):
         checkpoint.find_resume_target(str(tmp_path / "fresh"), tmp_path, "t")
+
+
+# ================================================================== what a resume may change (pure)
+
+
+def _recipe(tmp_path: Path, *overrides: str):
+    from launcher.recipe import load_recipe
+
+    p = tmp_path / "r.toml"
+    p.write_text(RECIPE)
+    return load_recipe(p, list(overrides))
+
+
+def _saved(tmp_path: Path, fingerprint: dict) -> Path:
+    d = tmp_path / "ck"
+    d.mkdir(exist_ok=True)
+    (d / "meta.json").write_text(json.dumps({"step": 4, "fingerprint": fingerprint}))
+    return d
+
+
+def test_every_key_changes_the_math_except_the_documented_harmless_ones(tmp_path):
+    base = _recipe(tmp_path)
+    ck = _saved(tmp_path, json.loads(json.dumps(checkpoint.fingerprint(base))))  # as meta.json holds it
+    assert not any(checkpoint.harmless(k) for k in checkpoint.fingerprint(base))
+    refused = {
+        "data.val_fraction=0.1": "data.val_fraction: 0.0 -> 0.1",
+        'data.chat_template="chatml"': "data.chat_template: None -> 'chatml'",
+        'data.output_column="answer"': "data.output_column: 'output' -> 'answer'",
+        f'model.tokenizer="{ROOT / "assets" / "tiny-llama"}"': "model.tokenizer: None -> ",
+        "lora.rank=16": "lora.rank: 8 -> 16",
+        "train.lr=1e-4": "train.lr: 0.002 -> 0.0001",
+        'parallel.backend="none"': "parallel.backend: 'fsdp' -> 'none'",
+    }
+    for override, detail in refused.items():
+        with pytest.raises(UserError, match="changes the math of the run") as info:
+            checkpoint.check_compatible(ck, _recipe(tmp_path, override))
+        assert f"({detail}" in str(info.value), (override, str(info.value))
+    allowed = ["train.max_steps=100", "train.micro_batch=1", "train.gradient_checkpointing=false", "train.eval_every=5",
+               'train.compile="off"', "checkpoint.every_steps=3", "launch.gpus=1", "log.every_steps=7", 'name="other"',
+               "parallel.fsdp.cpu_offload=true", "parallel.deepspeed.offload_optimizer=true"]  # fmt: skip
+    for override in allowed:
+        checkpoint.check_compatible(ck, _recipe(tmp_path, override))
+    with pytest.raises(UserError) as info:  # up to three changes named, the rest counted
+        checkpoint.check_compatible(
+            ck, _recipe(tmp_path, "lora.rank=4", "lora.alpha=4", "train.seed=3", "data.seq_len=32", "train.lr=1.0")
+        )
+    assert str(info.value).count(" -> ") == 3 and "; and 2 more)" in str(info.value)
+
+
+# The fingerprint qlaunch wrote before it covered the whole recipe (whole sections for quant and lora).
+OLD_MATH_KEYS = ("model.path", "model.init", "model.dtype", "quant", "lora", "data.datasets", "data.format",
+                 "data.seq_len", "data.packing", "data.overlong", "data.train_on_prompt", "train.global_batch",
+                 "train.lr", "train.schedule", "train.warmup_steps", "train.min_lr_ratio", "train.weight_decay",
+                 "train.betas", "train.grad_clip", "train.seed", "parallel.backend")  # fmt: skip
+
+
+def test_a_checkpoint_with_the_old_fingerprint_still_resumes_when_nothing_changed(tmp_path):
+    from launcher.recipe import recipe_to_dict
+
+    base = _recipe(tmp_path)
+    d = recipe_to_dict(base)
+    old = {}
+    for key in OLD_MATH_KEYS:
+        cur = d
+        for part in key.split("."):
+            cur = cur[part]
+        old[key] = cur
+    ck = _saved(tmp_path, json.loads(json.dumps(old)))
+    checkpoint.check_compatible(ck, base)
+    checkpoint.check_compatible(ck, _recipe(tmp_path, "data.val_fraction=0.1"))  # not recorded then
+    with pytest.raises(UserError, match=r"\(lora.rank: 8 -> 16\)"):
+        checkpoint.check_compatible(ck, _recipe(tmp_path, "lora.rank=16"))
 
 
 # ================================================================== through the CLI (real checkpoints)
