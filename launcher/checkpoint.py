@@ -322,6 +322,14 @@ def check_compatible(ckpt: Path, recipe: Recipe) -> None:
         )
 
 
+def check_loadable(ckpt: Path) -> None:
+    """What the ranks will unpickle, checked before any is spawned (they check it again when they load)."""
+    if (ckpt / "dcp").is_dir():
+        from launcher import safe_dcp
+
+        safe_dcp.read_metadata(ckpt / "dcp")
+
+
 # ---------------------------------------------------------------- save / load (collective)
 
 

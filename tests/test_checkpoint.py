@@ -397,6 +397,12 @@ def _copy_run(uninterrupted: Path, dest: Path) -> Path:
     return dest
 
 
+def _crafted_metadata(flag: Path) -> bytes:
+    """Protocol 4: os.system('touch FLAG') reached by a dotted name through a DCP module."""
+    mod, name, cmd = (s.encode() for s in ("torch.distributed.checkpoint.filesystem", "os.system", f"touch {flag}"))
+    return b"\x80\x04\x8c%c%s\x8c%c%s\x93\x8c%c%s\x85R." % (len(mod), mod, len(name), name, len(cmd), cmd)
+
+
 @slow
 def test_checkpoints_record_every_files_checksum(uninterrupted):
     for ckpt in (uninterrupted / "checkpoints").iterdir():
@@ -434,3 +440,30 @@ def test_resume_auto_with_no_usable_checkpoint_fails_in_one_line(tmp_path, recip
                               "20260101-000000/step_00000004 (no COMPLETE marker"], tmp_path / "nothing")  # fmt: skip
     assert "warning: skipping checkpoint 20260101-000000/step_00000008" in r.stdout
     assert sorted(p.name for p in (runs / "t").iterdir()) == ["20260101-000000"]  # no run directory written
+
+
+@slow
+def test_crafted_metadata_through_the_cli_is_one_line_and_never_runs(tmp_path, recipe_path, uninterrupted):
+    """The launching process checks the metadata of the checkpoint it resumes from before any rank starts;
+    the ranks check what they load themselves (here: the run's own newer checkpoint, which they prefer)."""
+    flag = tmp_path / "PWNED"
+    run = _copy_run(uninterrupted, tmp_path / "copy")
+    newest = run / "checkpoints" / "step_00000008"
+    (newest / "dcp" / ".metadata").write_bytes(_crafted_metadata(flag))
+    out = tmp_path / "out"
+    r = run_cli("run", str(recipe_path), "--set", f'log.runs_dir="{out}"', "--resume", str(newest), cwd=tmp_path)
+    assert_one_line_error(r, ["not a usable checkpoint (dcp/.metadata has"], out)  # meta.json not rewritten
+    reseal(newest)  # the author of a crafted directory rewrites meta.json too
+    r = run_cli("run", str(recipe_path), "--set", f'log.runs_dir="{out}"', "--resume", str(newest), cwd=tmp_path)
+    assert_one_line_error(r, [f"checkpoint metadata {newest / 'dcp' / '.metadata'}: refusing to unpickle it"], out)
+    assert not flag.exists()
+    # The ranks: a run directory reused for a resume holds the crafted checkpoint, which the ranks prefer
+    # (an elastic restart resumes from its own run's newest) over the checked --resume target.
+    r = run_cli("run", str(recipe_path), "--run-dir", str(run), "--resume", str(run / "checkpoints" / "step_00000004"),
+                "--set", "train.max_steps=9", cwd=tmp_path)  # fmt: skip
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert r.returncode == 2 and "Traceback" not in r.stdout + r.stderr, r.stdout + r.stderr
+    assert lines == [f"qlaunch: error: checkpoint metadata {newest / 'dcp' / '.metadata'}: refusing to unpickle it: "
+                     "it names a global that is not a DCP metadata class or torch value type (nothing in it was run; "
+                     "qlaunch resumes only from metadata as DCP writes it)"], r.stderr  # fmt: skip
+    assert not flag.exists() and not (tmp_path / "PWNED").exists()
