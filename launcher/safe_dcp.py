@@ -180,7 +180,10 @@ _GLOBALS: dict[tuple[str, str], Any] = {
 }
 
 
-class _MetadataUnpickler(pickle.Unpickler):
+class _MetadataUnpickler(pickle._Unpickler):
+    # The pure-Python unpickler, not the C one: the C unpickler sizes its memo table by the largest index a
+    # PUT opcode names, so a few bytes (LONG_BINPUT 690514018) make it allocate gigabytes; this one keeps a
+    # dict. It reads from the file's bytes in memory, so a length field cannot make it allocate more.
     def find_class(self, module: str, name: str) -> Any:
         # Exact pairs only: pickle itself would resolve a dotted name attribute by attribute, through
         # whatever the module imported (os, builtins, ...).
@@ -389,7 +392,8 @@ def read_metadata(directory: str | os.PathLike) -> Metadata:
         with os.fdopen(fd, "rb") as fh:
             if not stat.S_ISREG(os.fstat(fh.fileno()).st_mode):
                 raise _Refused("it is not a regular file")
-            metadata = _metadata(_MetadataUnpickler(fh).load())
+            data = fh.read()
+        metadata = _metadata(_MetadataUnpickler(io.BytesIO(data)).load())
         _check_files(metadata, Path(directory))
     except _Refused as why:
         raise UserError(

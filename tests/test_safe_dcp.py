@@ -374,3 +374,28 @@ def test_every_rank_of_a_group_gets_the_one_line_user_error(tmp_path):
     results = [(tmp_path / f"rank{r}").read_text() for r in range(2)]
     assert all(r.startswith("UserError: ") and "not plain data" in r and "\n" not in r for r in results), results
     assert not flag.exists()
+
+
+def test_a_few_bytes_cannot_make_the_reader_allocate_gigabytes(tmp_path):
+    """A PUT opcode names its memo slot: the C unpickler sizes its memo table by the largest index (8 bytes
+    a slot), and a length field asks the file for that many bytes. Neither may cost more than the file."""
+    import tracemalloc
+
+    ck = tmp_path / "ck"
+    _real_checkpoint(ck)
+    huge = (100_000_000).to_bytes(4, "little")
+    shapes = [
+        b"\x80\x04N\x72" + huge + b".",  # LONG_BINPUT 100M: an 800 MB table in the C unpickler
+        b"\x80\x04\x8e" + (2**40).to_bytes(8, "little") + b"x.",  # BINBYTES8 of a terabyte
+        b"\x80\x04\x95" + (2**40).to_bytes(8, "little") + b"N.",  # FRAME of a terabyte
+    ]
+    for data in shapes:
+        (ck / ".metadata").write_bytes(data)
+        tracemalloc.start()
+        try:
+            with pytest.raises(UserError, match="refusing to unpickle"):
+                safe_dcp.read_metadata(ck)
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        assert peak < 20 * 2**20, (data, peak)
