@@ -4,22 +4,26 @@ Layout: RUN/checkpoints/step_00000042/
     dcp/ or deepspeed/  the backend's own sharded files: torch.distributed.checkpoint (LoRA weights +
                     optimizer state, one shard file per rank) or DeepSpeed's (each rank's ZeRO partition)
     rng_rank<N>.pt  that rank's RNG states (tensors only; loaded with weights_only=True)
-    meta.json       step, scheduler state, world size, recipe fingerprint, and every file's size
+    meta.json       step, scheduler state, world size, recipe fingerprint, every file's size and sha256
     COMPLETE        written last; a directory without it is not a checkpoint
 
 Atomicity: everything is written into step_N.tmp/, then rank 0 renames it to step_N/ after a barrier
 and writes COMPLETE. A crash at any point leaves either the previous checkpoint set or a `.tmp`
 directory that is ignored and cleaned up. Resume takes the newest directory whose COMPLETE exists and
-whose files have the sizes meta.json recorded; anything else is skipped with a warning. Every rank
-reads the same files and makes the same choice, so no collective is needed to agree.
+whose files have the sizes and checksums meta.json recorded (checkpoints written before checksums were
+recorded: sizes only); anything else is skipped with a warning. Every rank reads the same files and makes
+the same choice, so no collective is needed to agree.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
+import re
 import shutil
+import stat
 import time
 from pathlib import Path
 from typing import Any
@@ -32,74 +36,170 @@ from launcher.recipe import Recipe, recipe_to_dict
 
 COMPLETE = "COMPLETE"
 META = "meta.json"
+CHECKSUMS = "sha256"  # meta.json key: relative path -> hex digest of every file
+_DIGESTS = ".sha256_rank{rank}.json"  # a rank's digests of its own files, merged into meta.json by rank 0
+_MAX_WORLD = 1 << 20
 
-# Recipe keys whose change alters the math of a resumed run (anything else — max_steps, logging,
-# checkpoint cadence, the number of GPUs — may change between a run and its resume).
-MATH_KEYS = (
-    "model.path",
-    "model.init",
-    "model.dtype",
-    "quant",
-    "lora",
-    "data.datasets",
-    "data.format",
-    "data.seq_len",
-    "data.packing",
-    "data.overlong",
-    "data.train_on_prompt",
-    "train.global_batch",
-    "train.lr",
-    "train.schedule",
-    "train.warmup_steps",
-    "train.min_lr_ratio",
-    "train.weight_decay",
-    "train.betas",
-    "train.grad_clip",
-    "train.seed",
-    "parallel.backend",
+# Recipe keys that provably do not change the function a resumed run computes: everything else does (a key
+# added to the recipe later counts as math until it is listed here). "x.*" is a whole section.
+HARMLESS_KEYS = (
+    "name",
+    "train.max_steps",  # extending (or shortening) the run
+    "train.epochs",
+    "train.eval_every",
+    "train.micro_batch",  # same global batch, same function: only the split into micro-steps changes
+    "train.gradient_checkpointing",
+    "train.compile",
+    "checkpoint.*",
+    "launch.*",  # GPUs, nodes, restarts, ports (DeepSpeed checks its world size when it loads)
+    "log.*",
+    "parallel.fsdp.*",  # resharding, offload and hybrid sharding move the same numbers around
+    "parallel.deepspeed.offload_optimizer",
+    "parallel.deepspeed.offload_params",
+    "parallel.deepspeed.persistence_threshold",
 )
 
 
-def fingerprint(recipe: Recipe) -> dict[str, Any]:
-    d = recipe_to_dict(recipe)
-    out = {}
-    for key in MATH_KEYS:
-        cur: Any = d
-        for part in key.split("."):
-            cur = cur.get(part) if isinstance(cur, dict) else None
-        out[key] = cur
+def harmless(key: str) -> bool:
+    return any(key == h or (h.endswith(".*") and key.startswith(h[:-1])) for h in HARMLESS_KEYS)
+
+
+def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{"lora": {"rank": 8}} -> {"lora.rank": 8}; lists (data.datasets) stay whole values."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
     return out
 
 
-def math_changes(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
-    return [k for k in MATH_KEYS if old.get(k) != new.get(k)]
+def fingerprint(recipe: Recipe) -> dict[str, Any]:
+    """Every recipe key that changes the math, flattened (kept in meta.json)."""
+    return {k: v for k, v in flatten(recipe_to_dict(recipe)).items() if not harmless(k)}
+
+
+def math_changes(old: dict[str, Any], recipe: Recipe) -> list[tuple[str, Any, Any]]:
+    """(key, saved value, new value) for each math key the recipe changes.
+
+    Only the keys the saved fingerprint has are compared: checkpoints written before the fingerprint was
+    the whole recipe hold a few keys and whole sections ("lora": {...}), which flatten to the same keys.
+    A saved key the recipe no longer has cannot be matched by the user and is not compared."""
+    new = flatten(recipe_to_dict(recipe))
+    return [(k, v, new[k]) for k, v in flatten(old).items() if not harmless(k) and k in new and new[k] != v]
 
 
 def step_dir(root: Path, step: int) -> Path:
     return root / f"step_{step:08d}"
 
 
+def _checkpoint_files(d: Path) -> list[str]:
+    """Relative paths of the files that make up a checkpoint (not meta.json, COMPLETE or digest files)."""
+    names = (str(p.relative_to(d)) for p in sorted(d.rglob("*")) if p.is_file())
+    return [n for n in names if n not in (META, COMPLETE) and not n.startswith(".sha256_rank")]
+
+
 def _file_sizes(d: Path) -> dict[str, int]:
-    return {str(p.relative_to(d)): p.stat().st_size for p in sorted(d.rglob("*")) if p.is_file() and p.name != META}
+    return {name: (d / name).stat().st_size for name in _checkpoint_files(d)}
 
 
-def is_complete(d: Path) -> tuple[bool, str]:
-    """(usable?, why not) for one checkpoint directory."""
-    if not (d / COMPLETE).is_file():
-        return False, "no COMPLETE marker (interrupted while saving)"
+def sha256(path: Path) -> str:
+    with open(path, "rb") as fh:
+        return hashlib.file_digest(fh, "sha256").hexdigest()
+
+
+# A file a rank writes itself: DCP's __<rank>_<n>.distcp, DeepSpeed's *zero_pp_rank_<rank>_*, the RNG files.
+_RANK_FILE = re.compile(
+    r"(?:^|/)(?:__(\d+)_\d+\.distcp|rng_rank(\d+)\.pt|python_rng_rank(\d+)\.json|[^/]*zero_pp_rank_(\d+)_[^/]*)$"
+)
+
+
+def file_owner(name: str) -> int:
+    """The rank that wrote (and hashes) a checkpoint file; shared files are rank 0's."""
+    m = _RANK_FILE.search(name)
+    return int(next(g for g in m.groups() if g is not None)) if m else 0
+
+
+def write_own_digests(d: Path, rank: int) -> None:
+    """Each rank but 0 hashes the files it wrote, so the cost is spread over the ranks (rank 0: the rest)."""
+    own = {name: sha256(d / name) for name in _checkpoint_files(d) if file_owner(name) == rank}
+    (d / _DIGESTS.format(rank=rank)).write_text(json.dumps(own))
+
+
+def collect_digests(d: Path) -> dict[str, str]:
+    """Rank 0, after the barrier: the other ranks' digests (their files removed), and its own for the rest."""
+    found: dict[str, str] = {}
+    for f in sorted(d.glob(_DIGESTS.format(rank="*"))):
+        found.update(json.loads(f.read_text()))
+        f.unlink()
+    return {name: found.get(name) or sha256(d / name) for name in _checkpoint_files(d)}
+
+
+def _plain_relative(name: Any) -> bool:
+    # What checkpoint.save records; anything else (absolute, '..', odd characters) is refused unread.
+    return (
+        isinstance(name, str) and re.fullmatch(r"[\w.-]+(/[\w.-]+)*", name) is not None and ".." not in name.split("/")
+    )
+
+
+def _regular_file(d: Path, name: str) -> str | None:
+    """Why d/name is not a regular file of the checkpoint, or None."""
+    p = d / name
+    try:
+        st = os.lstat(p)
+    except OSError:
+        return f"{name} is missing"
+    if not stat.S_ISREG(st.st_mode):
+        return f"{name} is not a regular file (a link, a directory or a device)"
+    if not p.resolve().is_relative_to(d.resolve()):
+        return f"{name} lies outside the checkpoint directory (through a link)"
+    return None
+
+
+def _read_meta(d: Path) -> tuple[dict[str, Any] | None, str]:
     try:
         meta = json.loads((d / META).read_text())
-    except (OSError, json.JSONDecodeError) as err:
-        return False, f"unreadable {META} ({err})"
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as err:
+        return None, f"unreadable {META} ({type(err).__name__})"
+    if not isinstance(meta, dict):
+        return None, f"{META} is not a JSON object"
+    files, sums, world = meta.get("files", {}), meta.get(CHECKSUMS, {}), meta.get("world_size", 1)
+    if not isinstance(files, dict) or not all(_plain_relative(k) and type(v) is int for k, v in files.items()):
+        return None, f"{META}: 'files' is not a map of file names inside the checkpoint to sizes"
+    if not isinstance(sums, dict) or not all(_plain_relative(k) and isinstance(v, str) for k, v in sums.items()):
+        return None, f"{META}: '{CHECKSUMS}' is not a map of file names inside the checkpoint to digests"
+    if type(world) is not int or not 0 < world <= _MAX_WORLD:
+        return None, f"{META}: 'world_size' is not a positive integer"
+    return meta, ""
+
+
+def is_complete(d: Path, checksums: bool = True) -> tuple[bool, str]:
+    """(usable?, why not) for one checkpoint directory; `checksums=False` checks sizes only (cheap)."""
+    if not (d / COMPLETE).is_file():
+        return False, "no COMPLETE marker (interrupted while saving)"
+    meta, why = _read_meta(d)
+    if meta is None:
+        return False, why
     for name, size in meta.get("files", {}).items():
-        p = d / name
-        if not p.is_file():
-            return False, f"{name} is missing"
-        if p.stat().st_size != size:
-            return False, f"{name} has {p.stat().st_size} bytes, {size} were written"
+        why = _regular_file(d, name)
+        if why:
+            return False, why
+        actual = (d / name).stat().st_size
+        if actual != size:
+            return False, f"{name} has {actual} bytes, {size} were written"
     missing = missing_rank_files(d, meta.get("world_size", 1))
     if missing:
         return False, f"{missing} is missing (a rank's shard never reached this directory)"
+    if (d / "dcp").is_dir() and not (d / "dcp" / ".metadata").is_file():
+        return False, "dcp/.metadata is missing"
+    if checksums:
+        for name, digest in meta.get(CHECKSUMS, {}).items():
+            why = _regular_file(d, name)
+            if why:
+                return False, why
+            if sha256(d / name) != digest:
+                return False, f"{name} does not match the checksum recorded when it was saved (corrupted since)"
     return True, ""
 
 
@@ -130,13 +230,25 @@ def list_checkpoints(root: Path) -> list[Path]:
     )
 
 
-def newest_complete(root: Path, warn=print) -> Path | None:
-    for d in reversed(list_checkpoints(root)):
+def first_usable(candidates: list[Path], warn=print, label=lambda d: d.name) -> tuple[Path | None, list[str]]:
+    """The first usable checkpoint of `candidates` (newest first), and 'NAME (why)' for each one skipped
+    before it; each skipped one is also warned about."""
+    skipped = []
+    for d in candidates:
         ok, why = is_complete(d)
         if ok:
-            return d
-        warn(f"warning: skipping checkpoint {d.name}: {why}")
-    return None
+            return d, skipped
+        warn(f"warning: skipping checkpoint {label(d)}: {why}")
+        skipped.append(f"{label(d)} ({why})")
+    return None, skipped
+
+
+def newest_complete(root: Path, warn=print) -> Path | None:
+    return first_usable(list(reversed(list_checkpoints(root))), warn)[0]
+
+
+def _listing(skipped: list[str]) -> str:
+    return "; ".join(skipped[:3]) + (f"; and {len(skipped) - 3} more" if len(skipped) > 3 else "")
 
 
 def looks_like_checkpoint(p: Path) -> bool:
@@ -144,18 +256,26 @@ def looks_like_checkpoint(p: Path) -> bool:
     return (p / COMPLETE).is_file() or (p / META).is_file()
 
 
-def find_resume_target(arg: str, runs_dir: Path, name: str) -> Path | None:
+def find_resume_target(arg: str, runs_dir: Path, name: str, warn=print) -> Path | None:
     """--resume auto | RUN_DIR | CHECKPOINT_DIR -> a complete checkpoint directory (launching process).
 
     'auto' with no checkpoint yet returns None (start fresh): a job preempted before its first
-    checkpoint, then requeued with --resume auto, must start rather than fail."""
+    checkpoint, then requeued with --resume auto, must start rather than fail. Checkpoints that exist but
+    are all unusable are an error: starting at step 0 would silently discard the run."""
     if arg == "auto":
         # Newest by the time it was saved, not by directory name: run directories are named by timestamp
         # or, for multi-node runs, by job id, and the two do not sort together.
-        found = [
-            d for ck in (runs_dir / name).glob("*/checkpoints") if (d := newest_complete(ck, warn=lambda _m: None))
-        ]
-        return max(found, key=_saved_at).resolve() if found else None
+        found = [d for ck in (runs_dir / name).glob("*/checkpoints") for d in list_checkpoints(ck)]
+        if not found:
+            return None
+        newest_first = sorted(found, key=_saved_at, reverse=True)
+        d, skipped = first_usable(newest_first, warn, label=lambda d: f"{d.parent.parent.name}/{d.name}")
+        if d is None:
+            raise UserError(
+                f"--resume auto: {len(found)} checkpoint(s) of {name} under {runs_dir / name}, none usable: "
+                f"{_listing(skipped)}; resume from a run or checkpoint directory, or start without --resume"
+            )
+        return d.resolve()
     p = Path(arg)
     if looks_like_checkpoint(p):
         ok, why = is_complete(p)
@@ -163,9 +283,10 @@ def find_resume_target(arg: str, runs_dir: Path, name: str) -> Path | None:
             raise UserError(f"--resume {arg}: not a usable checkpoint ({why})")
         return p.resolve()
     if (p / "checkpoints").is_dir():
-        d = newest_complete(p / "checkpoints")
+        d, skipped = first_usable(list(reversed(list_checkpoints(p / "checkpoints"))), warn)
         if d is None:
-            raise UserError(f"--resume {arg}: the run has no complete checkpoint")
+            detail = _listing(skipped) if skipped else "it saved none; set checkpoint.every_steps"
+            raise UserError(f"--resume {arg}: the run has no complete checkpoint ({detail})")
         return d.resolve()
     raise UserError(
         f"--resume {arg}: not a run directory or checkpoint directory (use auto, RUN_DIR or CHECKPOINT_DIR)"
@@ -175,22 +296,43 @@ def find_resume_target(arg: str, runs_dir: Path, name: str) -> Path | None:
 def _saved_at(d: Path) -> float:
     try:
         return float(json.loads((d / META).read_text())["time"])
-    except (OSError, ValueError, KeyError, TypeError):
-        return (d / COMPLETE).stat().st_mtime
+    except (OSError, ValueError, KeyError, TypeError, RecursionError):
+        pass
+    for p in (d / COMPLETE, d):
+        try:
+            return p.stat().st_mtime
+        except OSError:
+            pass
+    return 0.0
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def check_compatible(ckpt: Path, recipe: Recipe) -> None:
-    """Refuse a resume whose recipe changes the math; allow harmless changes."""
-    meta = json.loads((ckpt / META).read_text())
-    changed = math_changes(meta.get("fingerprint", {}), fingerprint(recipe))
+    """Refuse a resume whose recipe changes the math; allow the harmless keys (HARMLESS_KEYS)."""
+    meta, why = _read_meta(ckpt)
+    saved = meta.get("fingerprint", {}) if meta is not None else None
+    if not isinstance(saved, dict):
+        raise UserError(f"--resume {ckpt}: {why or f'{META} has no recipe fingerprint object'}")
+    changed = math_changes(saved, recipe)
     if changed:
-        old = meta["fingerprint"]
-        new = fingerprint(recipe)
-        detail = "; ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in changed[:3])
+        detail = "; ".join(f"{k}: {_short(old)} -> {_short(new)}" for k, old, new in changed[:3])
+        more = f"; and {len(changed) - 3} more" if len(changed) > 3 else ""
         raise UserError(
-            f"--resume {ckpt}: the recipe changes the math of the run ({detail}); "
+            f"--resume {ckpt}: the recipe changes the math of the run ({detail}{more}); "
             "resume with the original values or start a new run"
         )
+
+
+def check_loadable(ckpt: Path) -> None:
+    """What the ranks will unpickle, checked before any is spawned (they check it again when they load)."""
+    if (ckpt / "dcp").is_dir():
+        from launcher import safe_dcp
+
+        safe_dcp.read_metadata(ckpt / "dcp")
 
 
 # ---------------------------------------------------------------- save / load (collective)
@@ -224,8 +366,11 @@ def save(root: Path, step: int, engine, recipe: Recipe, extra: dict[str, Any], k
     engine.save_state(tmp)  # collective: the backend's own sharded files, each rank its part
     torch.save(_rng_state(), tmp / f"rng_rank{rank}.pt")
     (tmp / f"python_rng_rank{rank}.json").write_text(json.dumps(random.getstate(), default=list))
+    if rank != 0:
+        write_own_digests(tmp, rank)
     _barrier()
     if rank == 0:
+        digests = collect_digests(tmp)
         meta = {
             "step": step,
             "time": time.time(),
@@ -234,6 +379,7 @@ def save(root: Path, step: int, engine, recipe: Recipe, extra: dict[str, Any], k
             "scheduler": engine.scheduler_state(),
             **extra,
             "files": _file_sizes(tmp),
+            CHECKSUMS: digests,
         }
         (tmp / META).write_text(json.dumps(meta, indent=1))
         if final.exists():
@@ -259,7 +405,7 @@ def _fsync_dir(d: Path) -> None:
 
 def prune(root: Path, keep_last: int) -> None:
     """Delete all but the newest `keep_last` complete checkpoints, and stale .tmp directories."""
-    complete = [d for d in list_checkpoints(root) if is_complete(d)[0]]
+    complete = [d for d in list_checkpoints(root) if is_complete(d, checksums=False)[0]]
     for d in complete[:-keep_last]:
         shutil.rmtree(d, ignore_errors=True)
     for d in root.glob("step_*.tmp"):
@@ -268,17 +414,28 @@ def prune(root: Path, keep_last: int) -> None:
 
 def load(ckpt: Path, engine) -> dict[str, Any]:
     """Restore weights, optimizer, scheduler and this rank's RNG; returns meta.json (step, sampler...)."""
-    meta = json.loads((ckpt / META).read_text())
+    meta, why = _read_meta(ckpt)
+    if meta is None or type(meta.get("step")) is not int or meta["step"] < 0:
+        raise UserError(f"checkpoint {ckpt}: {why or f'{META} has no step number'}")
+    scheduler = meta.get("scheduler")
+    # LambdaLR.load_state_dict copies every key into the scheduler object: only its own keys may come in.
+    if not isinstance(scheduler, dict) or set(scheduler) != set(engine.scheduler_state()):
+        raise UserError(f"checkpoint {ckpt}: {META} 'scheduler' is not the state of qlaunch's lr schedule")
     engine.load_state(ckpt)
-    engine.load_scheduler_state(meta["scheduler"])
+    engine.load_scheduler_state(scheduler)
     rank = _rank()
     same_world = meta.get("world_size") == (dist.get_world_size() if dist.is_initialized() else 1)
     rng_file = ckpt / f"rng_rank{rank}.pt"
     if same_world and rng_file.is_file():
-        rng = torch.load(rng_file, weights_only=True)
-        torch.set_rng_state(rng["torch"])
-        if "cuda" in rng and torch.cuda.is_available():
-            torch.cuda.set_rng_state(rng["cuda"])
-        py = json.loads((ckpt / f"python_rng_rank{rank}.json").read_text())
-        random.setstate((py[0], tuple(py[1]), py[2]))
+        try:
+            rng = torch.load(rng_file, weights_only=True)
+            torch.set_rng_state(rng["torch"])
+            if "cuda" in rng and torch.cuda.is_available():
+                torch.cuda.set_rng_state(rng["cuda"])
+            py = json.loads((ckpt / f"python_rng_rank{rank}.json").read_text())
+            random.setstate((py[0], tuple(py[1]), py[2]))
+        except (OSError, ValueError, TypeError, KeyError, IndexError, RuntimeError) as err:
+            raise UserError(
+                f"checkpoint {ckpt}: rank {rank}'s RNG state is not one qlaunch wrote ({type(err).__name__})"
+            ) from None
     return meta

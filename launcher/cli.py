@@ -223,6 +223,7 @@ def run(
             print(f"--resume auto: no complete checkpoint of {rec.name} yet; starting from step 0")
         else:
             checkpoint.check_compatible(resume_from, rec)
+            checkpoint.check_loadable(resume_from)  # the DCP metadata the ranks will unpickle, checked here first
     if rec.parallel.backend == "deepspeed":
         from launcher.parallel.deepspeed import require_deepspeed
 

@@ -1,4 +1,5 @@
-"""Checkpoints, exact resume and fault tolerance, through real `qlaunch run` processes (2 gloo ranks)."""
+"""Checkpoints, exact resume and fault tolerance, through real `qlaunch run` processes (2 gloo ranks), and
+the pure parts (checksums, choosing what to resume from, the compatibility check) on real files."""
 
 from __future__ import annotations
 
@@ -15,9 +16,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.conftest import BASE_RECIPE, ROOT, run_cli, sigterm_after_step
+from launcher import checkpoint
+from launcher.errors import UserError
+from tests.conftest import BASE_RECIPE, ROOT, assert_one_line_error, run_cli, sigterm_after_step
 
-pytestmark = pytest.mark.slow
+slow = pytest.mark.slow  # the tests that spawn `qlaunch run`
 
 RECIPE = BASE_RECIPE.replace("max_steps = 2", "max_steps = 8").replace("lr = 1e-3", "lr = 2e-3")
 
@@ -65,6 +68,7 @@ def uninterrupted(tmp_path_factory, recipe_path) -> Path:
     return only_run(root)
 
 
+@slow
 def test_resume_from_step_k_reproduces_the_uninterrupted_run(tmp_path, recipe_path, uninterrupted):
     ckpt = uninterrupted / "checkpoints" / "step_00000004"
     assert (ckpt / "COMPLETE").is_file()
@@ -78,6 +82,7 @@ def test_resume_from_step_k_reproduces_the_uninterrupted_run(tmp_path, recipe_pa
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+@slow
 def test_kill_a_rank_elastic_restart_finishes_with_the_same_adapter(tmp_path, recipe_path, uninterrupted):
     """kill -9 of rank 1 after the step-2 checkpoint: torch elastic restarts the group, the ranks resume
     from their newest complete checkpoint, and the final adapter is bitwise the uninterrupted one."""
@@ -108,6 +113,7 @@ def test_kill_a_rank_elastic_restart_finishes_with_the_same_adapter(tmp_path, re
     assert step_losses(run) == step_losses(uninterrupted)
 
 
+@slow
 def test_sigterm_saves_a_checkpoint_exits_75_and_resume_continues(tmp_path, recipe_path):
     root = tmp_path / "runs"
     args = ["run", str(recipe_path), "--set", f'log.runs_dir="{root}"', "--set", "train.max_steps=400"]
@@ -127,6 +133,7 @@ def test_sigterm_saves_a_checkpoint_exits_75_and_resume_continues(tmp_path, reci
     assert sorted(step_losses(resumed)) == [stopped + 1, stopped + 2]
 
 
+@slow
 def test_sigusr1_to_every_process_of_the_run_checkpoints_and_exits_75(tmp_path, recipe_path):
     """SLURM's time-limit warning reaches qlaunch, torchrun and the ranks at once (the whole job step):
     torchrun must survive it while the ranks save, so the run ends as a preemption, not a failure."""
@@ -140,6 +147,7 @@ def test_sigusr1_to_every_process_of_the_run_checkpoints_and_exits_75(tmp_path, 
     assert (Path(info["checkpoint"]) / "COMPLETE").is_file()
 
 
+@slow
 def test_corrupt_newest_checkpoint_falls_back_with_a_warning(tmp_path, recipe_path, uninterrupted):
     import shutil
 
@@ -159,13 +167,303 @@ def test_corrupt_newest_checkpoint_falls_back_with_a_warning(tmp_path, recipe_pa
     assert r.returncode == 2 and "no complete checkpoint" in r.stderr
 
 
+@slow
 def test_resume_refuses_a_math_change_and_allows_a_harmless_one(tmp_path, recipe_path, uninterrupted):
     r = run_cli("run", str(recipe_path), "--set", f'log.runs_dir="{tmp_path}"', "--resume", str(uninterrupted),
                 "--set", "lora.rank=16")  # fmt: skip
     assert r.returncode == 2
-    assert "changes the math of the run (lora: " in r.stderr and "'rank': 8" in r.stderr
+    assert "changes the math of the run (lora.rank: 8 -> 16)" in r.stderr
     assert not tmp_path.joinpath("t").exists()
     r = run_cli("run", str(recipe_path), "--set", f'log.runs_dir="{tmp_path}"', "--resume", str(uninterrupted),
                 "--set", "train.max_steps=9")  # fmt: skip
     assert r.returncode == 0, r.stdout + r.stderr
     assert sorted(step_losses(only_run(tmp_path))) == [9]
+
+
+# ================================================================== checksums (real files, no ranks)
+
+
+def _fake_checkpoint(d: Path, world: int = 2, step: int = 2, saved_at: float = 1.0, checksums: bool = True) -> Path:
+    """A checkpoint directory laid out and sealed as checkpoint.save leaves it (placeholder contents)."""
+    (d / "dcp").mkdir(parents=True)
+    (d / "dcp" / ".metadata").write_bytes(b"m" * 10)
+    for r in range(world):
+        (d / "dcp" / f"__{r}_0.distcp").write_bytes(bytes(range(50 + r)))
+        (d / f"rng_rank{r}.pt").write_bytes(b"r" * 8)
+    reseal(d, {"step": step, "time": saved_at, "world_size": world}, checksums)
+    (d / "COMPLETE").write_text("ok\n")
+    return d
+
+
+def reseal(d: Path, meta: dict | None = None, checksums: bool = True) -> None:
+    """Record the directory's current sizes (and checksums) in meta.json, as whoever wrote it would."""
+    meta = meta if meta is not None else json.loads((d / "meta.json").read_text())
+    meta = {**meta, "files": checkpoint._file_sizes(d)}
+    meta.pop("sha256", None)
+    if checksums:
+        meta["sha256"] = checkpoint.collect_digests(d)
+    (d / "meta.json").write_text(json.dumps(meta))
+
+
+def flip_a_byte(p: Path) -> None:
+    data = bytearray(p.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    p.write_bytes(bytes(data))  # same size: only a checksum tells
+
+
+def test_each_rank_hashes_the_files_it_wrote_and_rank_0_the_rest(tmp_path):
+    assert [checkpoint.file_owner(n) for n in ("dcp/__3_0.distcp", "rng_rank2.pt", "python_rng_rank1.json",
+            "deepspeed/bf16_zero_pp_rank_5_mp_rank_00_optim_states.pt", "dcp/.metadata",
+            "deepspeed/mp_rank_00_model_states.pt")] == [3, 2, 1, 5, 0, 0]  # fmt: skip
+    d = _fake_checkpoint(tmp_path / "step_00000002")
+    (d / "meta.json").unlink()
+    checkpoint.write_own_digests(d, 1)
+    own = json.loads((d / ".sha256_rank1.json").read_text())
+    assert sorted(own) == ["dcp/__1_0.distcp", "rng_rank1.pt"]
+    # Rank 0 takes rank 1's digests as they are (it does not read those files again) and hashes the rest.
+    (d / ".sha256_rank1.json").write_text(json.dumps({**own, "rng_rank1.pt": "from-rank-1"}))
+    digests = checkpoint.collect_digests(d)
+    assert digests["rng_rank1.pt"] == "from-rank-1" and not list(d.glob(".sha256_rank*"))
+    assert digests["dcp/__0_0.distcp"] == checkpoint.sha256(d / "dcp" / "__0_0.distcp")
+    assert sorted(digests) == sorted(checkpoint._file_sizes(d))
+
+
+def test_same_size_corruption_is_found_by_the_checksum_and_resume_falls_back(tmp_path):
+    root = tmp_path / "checkpoints"
+    older = _fake_checkpoint(root / "step_00000002", step=2)
+    newer = _fake_checkpoint(root / "step_00000004", step=4)
+    flip_a_byte(newer / "dcp" / "__1_0.distcp")
+    ok, why = checkpoint.is_complete(newer)
+    assert not ok and why.startswith("dcp/__1_0.distcp does not match the checksum"), why
+    assert checkpoint.is_complete(newer, checksums=False) == (True, "")  # prune's cheap check: sizes only
+    warnings: list[str] = []
+    assert checkpoint.newest_complete(root, warn=warnings.append) == older
+    assert warnings == [f"warning: skipping checkpoint step_00000004: {why}"]
+    # Named explicitly: one line, no fallback.
+    with pytest.raises(UserError, match=r"not a usable checkpoint \(dcp/__1_0.distcp does not match the checksum"):
+        checkpoint.find_resume_target(str(newer), tmp_path, "t")
+    # A checkpoint written before checksums were recorded keeps working on its sizes alone.
+    reseal(newer, checksums=False)
+    assert checkpoint.is_complete(newer) == (True, "")
+
+
+def test_meta_json_cannot_point_a_resume_at_other_files(tmp_path):
+    """meta.json is data from the checkpoint directory: its file list may not leave the directory, name a
+    link, a FIFO or a device (which would hang the checksum), or claim an absurd world size."""
+    outside = tmp_path / "secret"
+    outside.write_bytes(b"SECRET")
+    d = _fake_checkpoint(tmp_path / "ck" / "step_00000002")
+    good = json.loads((d / "meta.json").read_text())
+    os.mkfifo(d / "fifo")
+    (d / "link").symlink_to(outside)
+    cases = {
+        "../../secret": "'files' is not a map of file names inside the checkpoint",
+        str(outside): "'files' is not a map of file names inside the checkpoint",
+        "fifo": "fifo is not a regular file",
+        "link": "link is not a regular file",
+    }
+    for name, why in cases.items():
+        (d / "meta.json").write_text(json.dumps({**good, "files": {name: 6}}))
+        ok, got = checkpoint.is_complete(d)
+        assert not ok and why in got and "SECRET" not in got, (name, got)
+        (d / "meta.json").write_text(json.dumps({**good, "sha256": {name: "0" * 64}}))
+        ok, got = checkpoint.is_complete(d)
+        assert not ok and (why.replace("'files' is not a map of file names", "'sha256' is not a map of file names")
+                           if "map" in why else why) in got, (name, got)  # fmt: skip
+    for bad in ({"world_size": 10**12}, {"world_size": "2"}, {"files": []}):
+        (d / "meta.json").write_text(json.dumps({**good, **bad}))
+        assert not checkpoint.is_complete(d)[0], bad
+    (d / "meta.json").write_text("[1, 2]")
+    assert checkpoint.is_complete(d) == (False, "meta.json is not a JSON object")
+
+
+def test_resume_auto_warns_about_every_checkpoint_it_skips_and_fails_when_none_is_usable(tmp_path):
+    runs = tmp_path / "runs"
+    a2 = _fake_checkpoint(runs / "t" / "20260101-000000" / "checkpoints" / "step_00000002", saved_at=1.0)
+    a4 = _fake_checkpoint(runs / "t" / "20260101-000000" / "checkpoints" / "step_00000004", saved_at=2.0)
+    b6 = _fake_checkpoint(runs / "t" / "4242" / "checkpoints" / "step_00000006", saved_at=3.0)  # a SLURM job id
+    (b6 / "COMPLETE").unlink()  # interrupted while saving
+    flip_a_byte(a4 / "rng_rank0.pt")
+    warnings: list[str] = []
+    assert checkpoint.find_resume_target("auto", runs, "t", warn=warnings.append) == a2.resolve()
+    assert warnings == [
+        "warning: skipping checkpoint 4242/step_00000006: no COMPLETE marker (interrupted while saving)",
+        "warning: skipping checkpoint 20260101-000000/step_00000004: rng_rank0.pt does not match the checksum "
+        "recorded when it was saved (corrupted since)",
+    ]
+    (a2 / "dcp" / "__0_0.distcp").write_bytes(b"short")
+    with pytest.raises(UserError) as info:
+        checkpoint.find_resume_target("auto", runs, "t", warn=lambda _m: None)
+    msg = str(info.value)
+    assert msg.startswith(f"--resume auto: 3 checkpoint(s) of t under {runs / 't'}, none usable: 4242/step_00000006 (")
+    assert "20260101-000000/step_00000004 (rng_rank0.pt does not match" in msg
+    assert "20260101-000000/step_00000002 (dcp/__0_0.distcp has 5 bytes, 50 were written)" in msg
+    # No checkpoint at all (a job requeued before its first one): start from step 0.
+    assert checkpoint.find_resume_target("auto", tmp_path / "empty", "t") is None
+    (runs / "t" / "999" / "checkpoints" / "step_00000002.tmp").mkdir(parents=True)
+    assert checkpoint.find_resume_target("auto", tmp_path / "empty", "t") is None
+
+
+def test_resume_from_a_run_with_no_usable_checkpoint_says_why_for_each(tmp_path):
+    run = tmp_path / "run"
+    d = _fake_checkpoint(run / "checkpoints" / "step_00000002")
+    flip_a_byte(d / "dcp" / ".metadata")
+    with pytest.raises(UserError, match=r"the run has no complete checkpoint \(step_00000002 \(dcp/.metadata does"):
+        checkpoint.find_resume_target(str(run), tmp_path, "t", warn=lambda _m: None)
+    (tmp_path / "fresh" / "checkpoints").mkdir(parents=True)
+    with pytest.raises(UserError, match=r"no complete checkpoint \(it saved none; set checkpoint.every_steps\)"):
+        checkpoint.find_resume_target(str(tmp_path / "fresh"), tmp_path, "t")
+
+
+# ================================================================== what a resume may change (pure)
+
+
+def _recipe(tmp_path: Path, *overrides: str):
+    from launcher.recipe import load_recipe
+
+    p = tmp_path / "r.toml"
+    p.write_text(RECIPE)
+    return load_recipe(p, list(overrides))
+
+
+def _saved(tmp_path: Path, fingerprint: dict) -> Path:
+    d = tmp_path / "ck"
+    d.mkdir(exist_ok=True)
+    (d / "meta.json").write_text(json.dumps({"step": 4, "fingerprint": fingerprint}))
+    return d
+
+
+def test_every_key_changes_the_math_except_the_documented_harmless_ones(tmp_path):
+    base = _recipe(tmp_path)
+    ck = _saved(tmp_path, json.loads(json.dumps(checkpoint.fingerprint(base))))  # as meta.json holds it
+    assert not any(checkpoint.harmless(k) for k in checkpoint.fingerprint(base))
+    refused = {
+        "data.val_fraction=0.1": "data.val_fraction: 0.0 -> 0.1",
+        'data.chat_template="chatml"': "data.chat_template: None -> 'chatml'",
+        'data.output_column="answer"': "data.output_column: 'output' -> 'answer'",
+        f'model.tokenizer="{ROOT / "assets" / "tiny-llama"}"': "model.tokenizer: None -> ",
+        "lora.rank=16": "lora.rank: 8 -> 16",
+        "train.lr=1e-4": "train.lr: 0.002 -> 0.0001",
+        'parallel.backend="none"': "parallel.backend: 'fsdp' -> 'none'",
+    }
+    for override, detail in refused.items():
+        with pytest.raises(UserError, match="changes the math of the run") as info:
+            checkpoint.check_compatible(ck, _recipe(tmp_path, override))
+        assert f"({detail}" in str(info.value), (override, str(info.value))
+    allowed = ["train.max_steps=100", "train.micro_batch=1", "train.gradient_checkpointing=false", "train.eval_every=5",
+               'train.compile="off"', "checkpoint.every_steps=3", "launch.gpus=1", "log.every_steps=7", 'name="other"',
+               "parallel.fsdp.cpu_offload=true", "parallel.deepspeed.offload_optimizer=true"]  # fmt: skip
+    for override in allowed:
+        checkpoint.check_compatible(ck, _recipe(tmp_path, override))
+    with pytest.raises(UserError) as info:  # up to three changes named, the rest counted
+        checkpoint.check_compatible(
+            ck, _recipe(tmp_path, "lora.rank=4", "lora.alpha=4", "train.seed=3", "data.seq_len=32", "train.lr=1.0")
+        )
+    assert str(info.value).count(" -> ") == 3 and "; and 2 more)" in str(info.value)
+
+
+# The fingerprint qlaunch wrote before it covered the whole recipe (whole sections for quant and lora).
+OLD_MATH_KEYS = ("model.path", "model.init", "model.dtype", "quant", "lora", "data.datasets", "data.format",
+                 "data.seq_len", "data.packing", "data.overlong", "data.train_on_prompt", "train.global_batch",
+                 "train.lr", "train.schedule", "train.warmup_steps", "train.min_lr_ratio", "train.weight_decay",
+                 "train.betas", "train.grad_clip", "train.seed", "parallel.backend")  # fmt: skip
+
+
+def test_a_checkpoint_with_the_old_fingerprint_still_resumes_when_nothing_changed(tmp_path):
+    from launcher.recipe import recipe_to_dict
+
+    base = _recipe(tmp_path)
+    d = recipe_to_dict(base)
+    old = {}
+    for key in OLD_MATH_KEYS:
+        cur = d
+        for part in key.split("."):
+            cur = cur[part]
+        old[key] = cur
+    ck = _saved(tmp_path, json.loads(json.dumps(old)))
+    checkpoint.check_compatible(ck, base)
+    checkpoint.check_compatible(ck, _recipe(tmp_path, "data.val_fraction=0.1"))  # not recorded then
+    with pytest.raises(UserError, match=r"\(lora.rank: 8 -> 16\)"):
+        checkpoint.check_compatible(ck, _recipe(tmp_path, "lora.rank=16"))
+
+
+# ================================================================== through the CLI (real checkpoints)
+
+
+def _copy_run(uninterrupted: Path, dest: Path) -> Path:
+    import shutil
+
+    shutil.copytree(uninterrupted, dest)
+    return dest
+
+
+def _crafted_metadata(flag: Path) -> bytes:
+    """Protocol 4: os.system('touch FLAG') reached by a dotted name through a DCP module."""
+    mod, name, cmd = (s.encode() for s in ("torch.distributed.checkpoint.filesystem", "os.system", f"touch {flag}"))
+    return b"\x80\x04\x8c%c%s\x8c%c%s\x93\x8c%c%s\x85R." % (len(mod), mod, len(name), name, len(cmd), cmd)
+
+
+@slow
+def test_checkpoints_record_every_files_checksum(uninterrupted):
+    for ckpt in (uninterrupted / "checkpoints").iterdir():
+        meta = json.loads((ckpt / "meta.json").read_text())
+        assert sorted(meta["sha256"]) == sorted(meta["files"]) and not list(ckpt.glob(".sha256_rank*"))
+        assert all(checkpoint.sha256(ckpt / name) == digest for name, digest in meta["sha256"].items())
+        assert {"dcp/__0_0.distcp", "dcp/__1_0.distcp", "dcp/.metadata", "rng_rank1.pt"} <= set(meta["sha256"])
+
+
+@slow
+def test_same_size_corruption_falls_back_or_is_refused_in_one_line(tmp_path, recipe_path, uninterrupted):
+    run = _copy_run(uninterrupted, tmp_path / "copy")
+    flip_a_byte(next((run / "checkpoints" / "step_00000008" / "dcp").glob("*.distcp")))
+    out = tmp_path / "out"
+    r = run_cli("run", str(recipe_path), "--set", f'log.runs_dir="{out}"', "--resume", str(run))
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "warning: skipping checkpoint step_00000008: dcp/__" in r.stdout and "checksum" in r.stdout
+    assert [m["step"] for m in metrics(only_run(out)) if m["event"] == "resumed"] == [4]
+    assert step_losses(only_run(out)) == {s: v for s, v in step_losses(uninterrupted).items() if s > 4}
+    # Named explicitly, the corrupt checkpoint is an error, found before anything is written.
+    r = run_cli("run", str(recipe_path), "--set", f'log.runs_dir="{tmp_path / "out2"}"',
+                "--resume", str(run / "checkpoints" / "step_00000008"))  # fmt: skip
+    assert_one_line_error(r, ["not a usable checkpoint (dcp/__", "does not match the checksum"], tmp_path / "out2")
+
+
+@slow
+def test_resume_auto_with_no_usable_checkpoint_fails_in_one_line(tmp_path, recipe_path, uninterrupted):
+    runs = tmp_path / "runs"
+    run = _copy_run(uninterrupted, runs / "t" / "20260101-000000")
+    flip_a_byte(run / "checkpoints" / "step_00000008" / "rng_rank1.pt")
+    (run / "checkpoints" / "step_00000004" / "COMPLETE").unlink()
+    r = run_cli("run", str(recipe_path), "--set", f'log.runs_dir="{runs}"', "--resume", "auto")
+    assert_one_line_error(r, ["--resume auto: 2 checkpoint(s) of t", "none usable",
+                              "20260101-000000/step_00000008 (rng_rank1.pt does not match the checksum",
+                              "20260101-000000/step_00000004 (no COMPLETE marker"], tmp_path / "nothing")  # fmt: skip
+    assert "warning: skipping checkpoint 20260101-000000/step_00000008" in r.stdout
+    assert sorted(p.name for p in (runs / "t").iterdir()) == ["20260101-000000"]  # no run directory written
+
+
+@slow
+def test_crafted_metadata_through_the_cli_is_one_line_and_never_runs(tmp_path, recipe_path, uninterrupted):
+    """The launching process checks the metadata of the checkpoint it resumes from before any rank starts;
+    the ranks check what they load themselves (here: the run's own newer checkpoint, which they prefer)."""
+    flag = tmp_path / "PWNED"
+    run = _copy_run(uninterrupted, tmp_path / "copy")
+    newest = run / "checkpoints" / "step_00000008"
+    (newest / "dcp" / ".metadata").write_bytes(_crafted_metadata(flag))
+    out = tmp_path / "out"
+    r = run_cli("run", str(recipe_path), "--set", f'log.runs_dir="{out}"', "--resume", str(newest), cwd=tmp_path)
+    assert_one_line_error(r, ["not a usable checkpoint (dcp/.metadata has"], out)  # meta.json not rewritten
+    reseal(newest)  # the author of a crafted directory rewrites meta.json too
+    r = run_cli("run", str(recipe_path), "--set", f'log.runs_dir="{out}"', "--resume", str(newest), cwd=tmp_path)
+    assert_one_line_error(r, [f"checkpoint metadata {newest / 'dcp' / '.metadata'}: refusing to unpickle it"], out)
+    assert not flag.exists()
+    # The ranks: a run directory reused for a resume holds the crafted checkpoint, which the ranks prefer
+    # (an elastic restart resumes from its own run's newest) over the checked --resume target.
+    r = run_cli("run", str(recipe_path), "--run-dir", str(run), "--resume", str(run / "checkpoints" / "step_00000004"),
+                "--set", "train.max_steps=9", cwd=tmp_path)  # fmt: skip
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert r.returncode == 2 and "Traceback" not in r.stdout + r.stderr, r.stdout + r.stderr
+    assert lines == [f"qlaunch: error: checkpoint metadata {newest / 'dcp' / '.metadata'}: refusing to unpickle it: "
+                     "it names a global that is not a DCP metadata class or torch value type (nothing in it was run; "
+                     "qlaunch resumes only from metadata as DCP writes it)"], r.stderr  # fmt: skip
+    assert not flag.exists() and not (tmp_path / "PWNED").exists()
