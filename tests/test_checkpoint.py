@@ -339,7 +339,7 @@ def test_every_key_changes_the_math_except_the_documented_harmless_ones(tmp_path
     assert not any(checkpoint.harmless(k) for k in checkpoint.fingerprint(base))
     refused = {
         "data.val_fraction=0.1": "data.val_fraction: 0.0 -> 0.1",
-        'data.chat_template="chatml"': "data.chat_template: None -> 'chatml'",
+        'data.chat_template="{{ messages }}"': "data.chat_template: None -> '{{ messages }}'",
         'data.output_column="answer"': "data.output_column: 'output' -> 'answer'",
         f'model.tokenizer="{ROOT / "assets" / "tiny-llama"}"': "model.tokenizer: None -> ",
         "lora.rank=16": "lora.rank: 8 -> 16",

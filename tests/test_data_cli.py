@@ -19,8 +19,8 @@ def _jsonl(path: Path, rows: list) -> None:
 
 # name -> (file name, file content writer, extra [data] lines, expected message after "<tmp>/")
 CASES = {
-    # Past the rows check() reads: found by the rank that tokenizes, and still one line on the terminal.
-    "malformed JSON found by the ranks": (
+    # Past the rows check() reads: found when the launcher tokenizes everything, before spawning.
+    "malformed JSON past the rows the quick check reads": (
         "late.jsonl",
         lambda p: p.write_text('{"instruction": "i", "output": "o"}\n' * 2100 + '{"instruction": 1\n'),
         "",
@@ -105,11 +105,6 @@ def test_bad_data_exits_2_with_one_line_and_writes_nothing(results, case):
     errors = [ln for ln in res.stderr.splitlines() if ln.startswith("qlaunch: error:")]
     assert len(errors) == 1, out
     assert errors[0].startswith(f"qlaunch: error: {tmp}/{expected}"), out
-    if case == "malformed JSON found by the ranks":
-        # The run had started; every rank stopped (none hangs waiting for the tokenizing one).
-        # The tokenization cache (and its error marker) lives beside the runs, shared by later runs.
-        (run_dir,) = (p for p in runs.glob("*/*") if p.parent.name != ".data-cache")
-        assert len(list(runs.glob(".data-cache/*.error"))) == 1
-        assert {json.loads(f.read_text())["kind"] for f in run_dir.glob("logs/rank*.error.json")} == {"user"}
-    else:
-        assert not runs.exists() or not any(runs.iterdir()), "a bad data file must not create a run directory"
+    # Every row is read before a run directory exists (the launcher tokenizes the whole data), and a bad
+    # row leaves nothing behind: no run directory, no cache entry, no error marker.
+    assert not runs.exists() or not any(runs.iterdir()), "a bad data file must not create a run directory"
