@@ -7,6 +7,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -15,7 +16,7 @@ from typing import Annotated
 import typer
 
 from launcher import __version__
-from launcher.errors import EXIT_ABORTED, EXIT_DIVERGED, EXIT_PREEMPTED, UserError
+from launcher.errors import EXIT_ABORTED, EXIT_DIVERGED, EXIT_PREEMPTED, StoppedBeforeStart, UserError
 from launcher.limits import MAX_GPU_MEMORY_GB, MAX_GPUS_PER_NODE, MAX_NODES
 
 PROG = "qlaunch"
@@ -176,6 +177,7 @@ def run(
     from launcher.plan import make_plan, resolve_recipe
     from launcher.recipe import load_recipe
 
+    _stop_means_stop_before_start()
     recipe = _recipe_to_run(recipe, resume)
 
     # --- multinode: this node's place, from the flags or else from a SLURM allocation
@@ -229,8 +231,8 @@ def run(
 
         require_deepspeed()  # here, not minutes later on every rank
     from launcher import data
-    from launcher.configs import decoder_layer_class, render_files
-    from launcher.rundir import PLAN_FILE, new_run_dir, write_files
+    from launcher.configs import decoder_layer_class
+    from launcher.rundir import new_run_dir
 
     layer_cls = decoder_layer_class(rec)
     # Every row of every dataset, tokenized here into the shared cache: a bad row anywhere is one line
@@ -242,6 +244,25 @@ def run(
     else:
         run_dir, writer = _open_shared_run_dir(shared, plan.nnodes, node_rank, rdzv_endpoint, resume is not None)
         fresh = False
+    try:
+        rc, blame = _start(run_dir, writer, fresh, rec, plan, cluster, layer_cls, node_rank, master_addr,
+                           resume_from, cache, rdzv_endpoint, node_timeout)  # fmt: skip
+    except (StoppedBeforeStart, KeyboardInterrupt):
+        # Nothing was started (spawn takes signals over before torchrun starts): nothing half-written stays.
+        if fresh:
+            shutil.rmtree(run_dir.path, ignore_errors=True)
+        raise
+    _end_of_run(run_dir, rc, blame, plan.nnodes > 1)
+
+
+def _start(run_dir, writer, fresh, rec, plan, cluster, layer_cls, node_rank, master_addr, resume_from, cache,
+           rdzv_endpoint, node_timeout):  # fmt: skip
+    """Write the run directory's files and spawn; (torchrun's exit status, the node to blame or None)."""
+    from launcher import live
+    from launcher.configs import render_files
+    from launcher.rundir import PLAN_FILE, write_files
+    from launcher.spawn import launch_spec, spawn
+
     spec = launch_spec(rec, plan, cluster, str(run_dir.path), run_dir.node)
     if writer:
         # One writer per run directory: the other nodes' configs would differ only in their node rank.
@@ -260,8 +281,6 @@ def run(
                 f"{err.filename or run_dir.path}: cannot write the run directory ({err.strerror})"
             ) from None
     print(f"run directory: {run_dir.path}" + (f" (this node's logs: {run_dir.logs})" if run_dir.node else ""))
-    from launcher import live
-    from launcher.spawn import spawn
 
     # --- multinode: node 0 shows the live view, the others a line; the node watch names a failed node
     follow, watch = live.follow, None
@@ -274,12 +293,24 @@ def run(
         follow = watch.follow(follow) if watch else follow
     try:
         rc = spawn(run_dir, spec, follow)
-        blame = _node_blame(watch, rc)
+        for sig in (signal.SIGTERM, signal.SIGUSR1):  # the run is over: nothing is left to stop
+            signal.signal(sig, signal.SIG_DFL)
+        return rc, _node_blame(watch, rc)
     finally:
         if watch:
             watch.close()
     # --- end multinode
-    _end_of_run(run_dir, rc, blame, plan.nnodes > 1)
+
+
+def _stop_means_stop_before_start() -> None:
+    """Until spawn takes them over, SIGTERM and SIGUSR1 (SLURM's warning) end qlaunch with one line and exit
+    75, cleaning up on the way (a data-cache lock, a begun run directory), instead of killing it silently."""
+
+    def stop(signum, _frame):
+        raise StoppedBeforeStart(signal.Signals(signum).name)
+
+    for sig in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(sig, stop)
 
 
 def _end_of_run(run_dir, rc: int, blame: str | None, multinode: bool) -> None:
@@ -827,6 +858,9 @@ def main() -> None:
     except abort:
         print("aborted", file=sys.stderr)
         sys.exit(EXIT_ABORTED)
+    except StoppedBeforeStart as err:
+        print(f"qlaunch: {err}", file=sys.stderr)
+        sys.exit(err.exit_code)
     except KeyboardInterrupt:  # a Ctrl-C before any rank exists (spawn turns later ones into a stop request)
         print("qlaunch: interrupted", file=sys.stderr)
         sys.exit(EXIT_ABORTED)

@@ -971,6 +971,25 @@ def _try_lock(lock: Path, rank: int) -> bool:
     return True
 
 
+def _holder_is_gone(lock: Path) -> bool:
+    """The lock was taken by a process of this machine that no longer exists (killed, crashed): no need to
+    wait out the heartbeat. A lock of another host, or one not written yet, counts as held."""
+    try:
+        info = json.loads(lock.read_text())
+        host, pid = info["host"], int(info["pid"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+    if host != socket.gethostname() or pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # alive, someone else's
+        return False
+    return False
+
+
 def _raise_marker(marker: Path) -> None:
     try:
         info = json.loads(marker.read_text())
@@ -1047,8 +1066,9 @@ def shared_build(
             age = time.time() - lock.stat().st_mtime
         except FileNotFoundError:
             continue  # the builder just finished or gave up: look again
-        if age > stale_s:
-            print(f"[data] breaking stale lock {lock} (no heartbeat for {age:.0f}s)", flush=True)
+        if age > stale_s or _holder_is_gone(lock):
+            why = "its builder is gone" if age <= stale_s else f"no heartbeat for {age:.0f}s"
+            print(f"[data] breaking stale lock {lock} ({why})", flush=True)
             lock.unlink(missing_ok=True)
             continue
         if time.monotonic() > deadline:

@@ -34,3 +34,14 @@ class TrainingDiverged(UserError):
 
     exit_code = EXIT_DIVERGED
     kind = "diverged"
+
+
+class StoppedBeforeStart(Exception):
+    """SIGTERM or SIGUSR1 reached qlaunch before any rank was started: nothing ran, nothing is kept (a run
+    directory it had begun is removed), and the exit status is that of a preemption, so a SLURM job requeues
+    and its --resume auto starts afresh."""
+
+    exit_code = EXIT_PREEMPTED
+
+    def __init__(self, signame: str):
+        super().__init__(f"stopped by {signame} before any rank started; nothing was trained; run it again to start")

@@ -42,14 +42,20 @@ def spawn(run: RunDir, spec: dict, follow) -> int:
     # The project root on PYTHONPATH so `-m launcher.worker` resolves even when qlaunch is not installed:
     # the package this qlaunch runs from, never the current directory (the plan's env sets PYTHONSAFEPATH).
     root = str(Path(__file__).resolve().parent.parent)
-    env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    # An empty entry (PYTHONPATH=":x", "x:") means the current directory: dropped, as safe-path mode intends.
+    kept = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
+    env["PYTHONPATH"] = os.pathsep.join([root, *kept])
     with open(run.logs / "launcher.log", "ab") as log:
-        # SLURM signals every process of a job step, torchrun included, and SIGUSR1's default action would
-        # kill torchrun while its ranks save their checkpoint (qlaunch then saw a failure, not a preemption).
-        # torchrun inherits "ignore"; the ranks install their own handler (session.StopRequest).
-        usr1 = signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+        # The stop handlers come first: a signal arriving while torchrun starts is a stop request the ranks
+        # see at their first step boundary, never a qlaunch killed with its child half-started.
+        stopper = Stopper(run)
+        old = {s: signal.signal(s, stopper.on_signal) for s in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)}
         try:
-            proc = subprocess.Popen(
+            # SLURM signals every process of a job step, torchrun included, and SIGUSR1's default action would
+            # kill torchrun while its ranks save their checkpoint (qlaunch then saw a failure, not a
+            # preemption). The child inherits "ignore" (signal dispositions survive exec only as ignore or
+            # default); the ranks install their own handler (session.StopRequest).
+            stopper.proc = subprocess.Popen(
                 spec["argv"],
                 stdout=log,
                 stderr=subprocess.STDOUT,
@@ -60,19 +66,27 @@ def spawn(run: RunDir, spec: dict, follow) -> int:
                 # qlaunch alone gets it and turns it into a stop request (Stopper).
                 start_new_session=True,
                 # Killed with qlaunch: a SIGKILLed qlaunch must not leave torchrun and its ranks training.
-                preexec_fn=death_signal_setter(),
+                preexec_fn=_child_setup,
             )
-        finally:
-            signal.signal(signal.SIGUSR1, usr1)
-        stopper = Stopper(run, proc)
-        old = {s: signal.signal(s, stopper.on_signal) for s in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)}
-        try:
-            follow(run, proc)
-            rc = proc.wait()
+            if stopper.aborted:  # a second Ctrl-C while torchrun was starting
+                kill_tree(stopper.proc, wait=False)
+            follow(run, stopper.proc)
+            rc = stopper.proc.wait()
         finally:
             for s, h in old.items():
                 signal.signal(s, h)
     return EXIT_ABORTED if stopper.aborted else rc
+
+
+_DIE_WITH_PARENT = death_signal_setter()
+
+
+def _child_setup() -> None:
+    """torchrun's first moments (between fork and exec): die with qlaunch, and take SIGUSR1 as ignored (see
+    spawn); qlaunch's own handlers must not run in the child."""
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+    if _DIE_WITH_PARENT is not None:
+        _DIE_WITH_PARENT()
 
 
 class Stopper:
@@ -83,18 +97,20 @@ class Stopper:
     Signalling torchrun instead would make it kill the workers 30 s later, mid-save. If the ranks have not
     finished within STOP_GRACE_S (a hung collective, a long load), torchrun's own shutdown follows."""
 
-    def __init__(self, run: RunDir, proc: subprocess.Popen):
-        self.run, self.proc = run, proc
+    def __init__(self, run: RunDir):
+        self.run = run
+        self.proc: subprocess.Popen | None = None  # set once torchrun is started
         self.requested = False
         self.aborted = False
 
     def on_signal(self, signum: int, _frame) -> None:
-        if self.proc.poll() is not None:
+        if self.proc is not None and self.proc.poll() is not None:
             return
         if signum == signal.SIGINT and self.requested:
             self.aborted = True
             print("qlaunch: second Ctrl-C: killing the ranks now", file=sys.stderr, flush=True)
-            kill_tree(self.proc, wait=False)
+            if self.proc is not None:
+                kill_tree(self.proc, wait=False)
             return
         if self.requested:
             return
@@ -107,9 +123,13 @@ class Stopper:
                 file=sys.stderr,
                 flush=True,
             )
-        fallback = threading.Timer(STOP_GRACE_S, lambda: self.proc.poll() is None and terminate(self.proc))
+        fallback = threading.Timer(STOP_GRACE_S, self._fallback)
         fallback.daemon = True  # must not keep qlaunch alive once the ranks are done
         fallback.start()
+
+    def _fallback(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            terminate(self.proc)
 
 
 def failure_summary(run: RunDir, tail: int = 12) -> str:

@@ -509,6 +509,22 @@ def test_a_failed_build_never_fails_later_runs(tmp_path):
     assert list((tmp_path / "solo").iterdir()) == []
 
 
+def test_a_lock_whose_builder_died_is_broken_at_once(tmp_path):
+    """A builder killed outright (SIGKILL, a segfault) leaves its lock: a process of the same machine sees the
+    holder is gone and builds, instead of waiting out the heartbeat (minutes)."""
+    import socket
+    import subprocess
+
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    (cache / "k.lock").write_text(json.dumps({"host": socket.gethostname(), "pid": dead.pid, "rank": 0}))
+    t0 = time.monotonic()
+    got = shared_build(cache, "k", lambda: {"x": torch.ones(1)}, timeout_s=5.0, stale_s=300)
+    assert got["x"].sum() == 1 and time.monotonic() - t0 < 2
+
+
 # ------------------------------------------------------------------ sampling
 
 

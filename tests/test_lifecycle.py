@@ -333,3 +333,48 @@ print(json.dumps({{"rc": p.returncode, "out": out, "err": err}}))
     assert len(lines) == 1 and "Traceback" not in out["err"], out
     assert lines[0].startswith(f"qlaunch: error: no space left on the device of {mnt}/runs/"), lines
     assert "continue with: qlaunch run --resume" in lines[0]
+
+
+def test_sigterm_while_the_launcher_tokenizes_is_one_line_and_leaves_no_lock(tmp_path, recipe_file):
+    """SIGTERM (or SLURM's SIGUSR1) before any rank exists: exit 75 with one line; the data-cache lock is
+    released (a later run must not wait for a dead builder) and no run directory is left."""
+    rows = [json.loads(x) for x in (TINY_DATA / "train.jsonl").read_text().splitlines()]
+    big = tmp_path / "big.jsonl"
+    big.write_text("".join(json.dumps(rows[i % len(rows)]) + "\n" for i in range(150_000)))
+    root = tmp_path / "runs"
+    rec = recipe_file(BASE_RECIPE.replace(str(TINY_DATA / "train.jsonl"), str(big)))
+    proc = _start(["run", str(rec), "--set", f'log.runs_dir="{root}"'], tmp_path)
+    try:
+        _wait(lambda: list(root.glob(".data-cache/*.lock")), proc, 300, "the data-cache lock")
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 75, out + err
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert lines == ["qlaunch: stopped by SIGTERM before any rank started; nothing was trained; run it again to start"]
+    assert not list(root.glob(".data-cache/*.lock"))
+    assert not list(root.glob("t/*"))
+
+
+def test_sigterm_as_the_run_directory_appears_is_a_clean_stop(tmp_path, recipe_file):
+    """Around spawn there is no moment where SIGTERM kills qlaunch outright: either nothing was started (the
+    begun run directory is removed) or the ranks got the stop request (they checkpoint and exit). Exit 75."""
+    root = tmp_path / "runs"
+    proc = _start(["run", str(recipe_file(LONG)), "--set", f'log.runs_dir="{root}"'], tmp_path)
+    try:
+        _wait(lambda: list(root.glob("t/*/recipe.toml")), proc, 300, "the run directory")
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 75, out + err
+    assert "Traceback" not in out + err
+    runs = list(root.glob("t/*"))
+    if runs:  # the ranks were started: they stopped at their first step boundary with a checkpoint
+        info = json.loads((runs[0] / "preempted.json").read_text())
+        assert (Path(info["checkpoint"]) / "COMPLETE").is_file()
+    else:
+        assert "stopped by SIGTERM before any rank started" in err
