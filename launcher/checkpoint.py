@@ -341,6 +341,11 @@ def find_resume_target(arg: str, runs_dir: Path, name: str, warn=print) -> Path 
             raise UserError(f"--resume {arg}: not a usable checkpoint ({why})")
         return p.resolve()
     if (p / "checkpoints").is_dir():
+        if (p / "checkpoints").is_symlink():
+            raise UserError(
+                f"--resume {arg}: {p / 'checkpoints'} is a link; a run's checkpoints are read only where it wrote "
+                "them (resume from the checkpoint directory itself)"
+            )
         d, skipped = first_usable(list(reversed(list_checkpoints(p / "checkpoints"))), warn)
         if d is None:
             detail = _listing(skipped) if skipped else "it saved none; set checkpoint.every_steps"

@@ -619,6 +619,11 @@ def test_a_checkpoint_directory_that_is_a_link_is_refused(real_ckpt, tmp_path):
     assert not checkpoint.is_complete(real_ckpt)[0]
     with pytest.raises(UserError, match="the run has no complete checkpoint"):
         checkpoint.find_resume_target(str(run), tmp_path, "t", warn=lambda _m: None)
+    # A run whose checkpoints/ is a link to another run's.
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "checkpoints").symlink_to(elsewhere.parent / "run" / "checkpoints")
+    with pytest.raises(UserError, match="checkpoints is a link; a run's checkpoints are read only where it wrote"):
+        checkpoint.find_resume_target(str(tmp_path / "other"), tmp_path, "t")
 
 
 def test_a_missing_or_malformed_fingerprint_is_incompatible(real_ckpt, tmp_path):
