@@ -718,3 +718,46 @@ def test_what_the_ranks_would_refuse_is_found_before_spawning(real_ckpt):
         False,
         "neither dcp/ nor deepspeed/ is there (the weights and optimizer state are missing)",
     )
+
+
+@slow
+def test_tampered_checkpoints_are_one_line_before_spawning_or_in_the_ranks(tmp_path, recipe_path, uninterrupted):
+    """Findings 17 and 20 through the CLI, checksums rewritten as a tamperer would: what can be checked
+    before spawning is (no run directory); what only a rank can find (a shard's tensor bytes replaced by
+    a pickle) is one line, exit 2, and nothing in it runs."""
+    from launcher import safe_dcp
+
+    flag = tmp_path / "PWNED"
+    run = _copy_run(uninterrupted, tmp_path / "copy")
+    step4, step8 = run / "checkpoints" / "step_00000004", run / "checkpoints" / "step_00000008"
+    out = tmp_path / "out"
+    (step4 / "python_rng_rank1.json").write_text("[3, [1, 2, 3], null]")
+    _rehash(step4, "python_rng_rank1.json")
+    r = run_cli("run", str(recipe_path), "--set", f'log.runs_dir="{out}"', "--resume", str(step4))
+    assert_one_line_error(r, [f"checkpoint {step4}: rank 1's RNG state is not one qlaunch wrote (ValueError)"], out)
+    _edit_meta(step8, lambda m: m.pop("fingerprint"))
+    r = run_cli(
+        "run", str(recipe_path), "--set", f'log.runs_dir="{out}"', "--set", "lora.rank=4", "--resume", str(step8)
+    )
+    assert_one_line_error(r, [f"--resume {step8}: meta.json has no recipe fingerprint object"], out)
+    # The ranks prefer the run's own newest checkpoint (an elastic restart) over the checked --resume target.
+    _edit_meta(step8, lambda m: m.update(fingerprint=json.loads((step4 / "meta.json").read_text())["fingerprint"]))
+    (step4 / "python_rng_rank1.json").write_bytes(
+        (uninterrupted / "checkpoints" / step4.name / "python_rng_rank1.json").read_bytes()
+    )
+    _rehash(step4, "python_rng_rank1.json")
+    storage = safe_dcp.read_metadata(step8 / "dcp").storage_data
+    info = next(v for k, v in storage.items() if k.fqn.startswith("model.") and v.relative_path == "__0_0.distcp")
+    shard = step8 / "dcp" / info.relative_path
+    data = bytearray(shard.read_bytes())
+    data[info.offset : info.offset + info.length] = _system_pickle(flag).ljust(info.length, b"\0")
+    shard.write_bytes(bytes(data))
+    _rehash(step8, "dcp/__0_0.distcp")
+    r = run_cli("run", str(recipe_path), "--run-dir", str(run), "--resume", str(step4), "--set", "train.max_steps=9",
+                cwd=tmp_path)  # fmt: skip
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stdout + r.stderr
+    assert lines == [f"qlaunch: error: checkpoint {step8}: its weights or optimizer state do not load into this run "
+                     "(CheckpointException: UnpicklingError); the checkpoint is damaged or was not written by this "
+                     "recipe"], r.stderr  # fmt: skip
+    assert not flag.exists()
