@@ -21,6 +21,7 @@ Non-tensor entries are read with `torch.load(weights_only=True)`.
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import io
 import os
@@ -42,6 +43,7 @@ from torch.distributed.checkpoint.metadata import (
     TensorProperties,
     TensorStorageMetadata,
 )
+from torch.futures import Future
 
 from launcher.errors import UserError
 
@@ -427,6 +429,27 @@ class SafeReader(FileSystemReader):
             metadata.storage_meta = StorageMeta()
         metadata.storage_meta.load_id = self.load_id
         return metadata
+
+    def read_data(self, plan, planner):
+        # One file at a time, so a failure names the file (DCP's own error would quote what it read).
+        per_file: dict[str, list] = {}
+        for item in plan.items:
+            per_file.setdefault(self.storage_data[item.storage_index].relative_path, []).append(item)
+        for name, items in per_file.items():
+            try:
+                super().read_data(dataclasses.replace(plan, items=items), planner)
+            except UserError as err:
+                raise UserError(f"{name}: {err}") from None
+            except (MemoryError, torch.OutOfMemoryError):
+                raise
+            except Exception as err:  # noqa: BLE001 - a damaged or crafted shard; its message may quote bytes
+                raise UserError(
+                    f"{name} does not load ({type(err).__name__}): the shard is damaged or not as DCP writes it "
+                    "(nothing in it was run)"
+                ) from None
+        fut: Future = Future()
+        fut.set_result(None)
+        return fut
 
 
 class SafeLoadPlanner(DefaultLoadPlanner):
