@@ -336,6 +336,11 @@ def find_resume_target(arg: str, runs_dir: Path, name: str, warn=print) -> Path 
         return d.resolve()
     p = Path(arg)
     if looks_like_checkpoint(p):
+        if p.is_symlink():
+            raise UserError(
+                f"--resume {arg}: the checkpoint directory is a link; qlaunch reads a checkpoint only where it "
+                f"lies (name {p.resolve()} itself if you trust it)"
+            )
         ok, why = is_complete(p)
         if not ok:
             raise UserError(f"--resume {arg}: not a usable checkpoint ({why})")
