@@ -4,6 +4,7 @@ Layout: RUN/checkpoints/step_00000042/
     dcp/ or deepspeed/  the backend's own sharded files: torch.distributed.checkpoint (LoRA weights +
                     optimizer state, one shard file per rank) or DeepSpeed's (each rank's ZeRO partition)
     rng_rank<N>.pt  that rank's RNG states (tensors only; loaded with weights_only=True)
+    python_rng_rank<N>.json  that rank's Python `random` state
     meta.json       step, scheduler state, world size, recipe fingerprint, every file's size and sha256
     COMPLETE        written last; a directory without it is not a checkpoint
 
@@ -11,7 +12,9 @@ Atomicity: everything is written into step_N.tmp/, then rank 0 renames it to ste
 and writes COMPLETE. A crash at any point leaves either the previous checkpoint set or a `.tmp`
 directory that is ignored and cleaned up. Resume takes the newest directory whose COMPLETE exists and
 whose files have the sizes and checksums meta.json recorded (checkpoints written before checksums were
-recorded: sizes only); anything else is skipped with a warning. Every rank reads the same files and makes
+recorded: sizes only), that holds nothing but regular files and directories (no link, FIFO or device, and
+no link as the directory itself), and, with checksums recorded, no file meta.json does not list; anything
+else is skipped with a warning. Every rank reads the same files and makes
 the same choice, so no collective is needed to agree.
 """
 
