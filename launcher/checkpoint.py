@@ -30,6 +30,7 @@ import re
 import shutil
 import stat
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -466,7 +467,9 @@ def _rng_states(ckpt: Path, meta: dict[str, Any], rank: int) -> tuple[dict[str, 
     """Rank `rank`'s (torch RNG states, Python random state), each checked by a throwaway generator."""
     pt, py = (_rank_file(ckpt, meta, n) for n in (f"rng_rank{rank}.pt", f"python_rng_rank{rank}.json"))
     try:
-        rng = torch.load(io.BytesIO(pt), weights_only=True)
+        with warnings.catch_warnings():  # torch warns about a crafted file's pickle protocol: not one line
+            warnings.simplefilter("ignore")
+            rng = torch.load(io.BytesIO(pt), weights_only=True)
         if not isinstance(rng, dict) or "torch" not in rng or not set(rng) <= {"torch", "cuda"}:
             raise ValueError("not a map of RNG states")
         if not all(isinstance(t, torch.Tensor) and t.dtype == torch.uint8 for t in rng.values()):

@@ -660,6 +660,21 @@ def test_loading_turns_any_read_unpickle_or_shape_error_into_one_line(real_ckpt,
         with pytest.raises(UserError, match=r"rank 0's RNG state is not one qlaunch wrote \(UnpicklingError\)"):
             check(real_ckpt)
     assert not flag.exists()
+    # The same in protocol 4, which torch.load warns about on stderr (a second line): no warning escapes.
+    import pickle
+    import warnings
+
+    class System:
+        def __reduce__(self):
+            return (os.system, (f"touch {flag}",))
+
+    rng.write_bytes(pickle.dumps({"torch": System()}, protocol=4))
+    _rehash(real_ckpt, "rng_rank0.pt")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(UserError, match=r"rank 0's RNG state is not one qlaunch wrote \(UnpicklingError\)"):
+            checkpoint.check_loadable(real_ckpt)
+    assert not flag.exists()
     rng.write_bytes(good)
     _rehash(real_ckpt, "rng_rank0.pt")
     # The weights into a model of another shape, and a shard whose bytes are gone: one line each.
