@@ -487,14 +487,14 @@ def _rng_states(ckpt: Path, meta: dict[str, Any], rank: int) -> tuple[dict[str, 
 
 def check_loadable(ckpt: Path) -> None:
     """What the ranks will read, checked before any is spawned (they check it again when they load):
-    meta.json's step and schedule, every rank's RNG files, and the DCP metadata they will unpickle."""
+    meta.json's step and schedule, every rank's RNG files, the DCP metadata and every entry of its shards."""
     meta = _checked_meta(ckpt, _lr_schedule_keys())
     for r in range(meta["world_size"]):
         _rng_states(ckpt, meta, r)
     if (ckpt / "dcp").is_dir():
         from launcher import safe_dcp
 
-        safe_dcp.read_metadata(ckpt / "dcp")
+        safe_dcp.check_entries(ckpt / "dcp")  # the metadata, then every entry of every shard
 
 
 # ---------------------------------------------------------------- save / load (collective)

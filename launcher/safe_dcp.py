@@ -27,6 +27,7 @@ import io
 import os
 import pickle
 import stat
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -412,6 +413,44 @@ def read_metadata(directory: str | os.PathLike) -> Metadata:
     return metadata
 
 
+def _entry_refused(name: str, err: BaseException) -> UserError:
+    return UserError(
+        f"{name} does not load ({type(err).__name__}): the shard is damaged or not as DCP writes it "
+        "(nothing in it was run)"
+    )
+
+
+def check_entries(directory: str | os.PathLike) -> None:
+    """Every entry of every shard file unpickles as plain data (a tensor where the metadata says tensor),
+    checked in the launching process so that a crafted shard is refused before any rank starts.
+
+    Costs about what the checksums cost (one read of every byte); entries are read one at a time."""
+    metadata = read_metadata(directory)
+    tensors = {k for k, v in metadata.state_dict_metadata.items() if isinstance(v, TensorStorageMetadata)}
+    by_file: dict[str, list] = {}
+    for index, info in metadata.storage_data.items():
+        by_file.setdefault(info.relative_path, []).append((index, info))
+    for name, entries in sorted(by_file.items()):
+        try:
+            fd = os.open(Path(directory) / name, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW)
+        except OSError as err:
+            raise UserError(f"checkpoint {directory}: {name}: cannot open it ({err.strerror})") from None
+        try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise UserError(f"checkpoint {directory}: {name} is not a regular file")
+            for index, info in entries:
+                try:
+                    with warnings.catch_warnings():  # torch warns about unusual pickle protocols on stderr
+                        warnings.simplefilter("ignore")
+                        value = torch.load(io.BytesIO(os.pread(fd, info.length, info.offset)), weights_only=True)
+                except Exception as err:  # noqa: BLE001 - a crafted or damaged entry; its message may quote bytes
+                    raise UserError(f"checkpoint {directory}: {_entry_refused(name, err)}") from None
+                if index.fqn in tensors and not isinstance(value, torch.Tensor):
+                    raise UserError(f"checkpoint {directory}: {name}: a tensor entry holds no tensor")
+        finally:
+            os.close(fd)
+
+
 # ---------------------------------------------------------------- loading through DCP
 
 
@@ -443,10 +482,7 @@ class SafeReader(FileSystemReader):
             except (MemoryError, torch.OutOfMemoryError):
                 raise
             except Exception as err:  # noqa: BLE001 - a damaged or crafted shard; its message may quote bytes
-                raise UserError(
-                    f"{name} does not load ({type(err).__name__}): the shard is damaged or not as DCP writes it "
-                    "(nothing in it was run)"
-                ) from None
+                raise _entry_refused(name, err) from None
         fut: Future = Future()
         fut.set_result(None)
         return fut

@@ -690,11 +690,17 @@ def test_loading_turns_any_read_unpickle_or_shape_error_into_one_line(real_ckpt,
     data[info.offset : info.offset + info.length] = _system_pickle(flag).ljust(info.length, b"\0")
     shard.write_bytes(bytes(data))
     _rehash(real_ckpt, f"dcp/{info.relative_path}")
+    with pytest.raises(UserError) as before_spawning:
+        checkpoint.check_loadable(real_ckpt)  # the launching process finds it too
     with pytest.raises(UserError) as err:
         checkpoint.load(real_ckpt, _engine(tmp_path))
-    assert str(err.value) == (
-        f"checkpoint {real_ckpt / 'dcp'}: {info.relative_path} does not load (UnpicklingError): the shard is damaged "
-        "or not as DCP writes it (nothing in it was run)"
+    assert (
+        str(before_spawning.value)
+        == str(err.value)
+        == (
+            f"checkpoint {real_ckpt / 'dcp'}: {info.relative_path} does not load (UnpicklingError): the shard is damaged "
+            "or not as DCP writes it (nothing in it was run)"
+        )
     )
     assert not flag.exists()
 
