@@ -4,6 +4,7 @@ Layout: RUN/checkpoints/step_00000042/
     dcp/ or deepspeed/  the backend's own sharded files: torch.distributed.checkpoint (LoRA weights +
                     optimizer state, one shard file per rank) or DeepSpeed's (each rank's ZeRO partition)
     rng_rank<N>.pt  that rank's RNG states (tensors only; loaded with weights_only=True)
+    python_rng_rank<N>.json  that rank's Python `random` state
     meta.json       step, scheduler state, world size, recipe fingerprint, every file's size and sha256
     COMPLETE        written last; a directory without it is not a checkpoint
 
@@ -11,20 +12,25 @@ Atomicity: everything is written into step_N.tmp/, then rank 0 renames it to ste
 and writes COMPLETE. A crash at any point leaves either the previous checkpoint set or a `.tmp`
 directory that is ignored and cleaned up. Resume takes the newest directory whose COMPLETE exists and
 whose files have the sizes and checksums meta.json recorded (checkpoints written before checksums were
-recorded: sizes only); anything else is skipped with a warning. Every rank reads the same files and makes
+recorded: sizes only), that holds nothing but regular files and directories (no link, FIFO or device, and
+no link as the directory itself), and, with checksums recorded, no file meta.json does not list; anything
+else is skipped with a warning. Every rank reads the same files and makes
 the same choice, so no collective is needed to agree.
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
 import json
+import math
 import os
 import random
 import re
 import shutil
 import stat
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +45,7 @@ META = "meta.json"
 CHECKSUMS = "sha256"  # meta.json key: relative path -> hex digest of every file
 _DIGESTS = ".sha256_rank{rank}.json"  # a rank's digests of its own files, merged into meta.json by rank 0
 _MAX_WORLD = 1 << 20
+_MAX_SMALL_FILE = 64 << 20  # meta.json, the RNG files: a few KB each
 
 # Recipe keys that provably do not change the function a resumed run computes: everything else does (a key
 # added to the recipe later counts as math until it is listed here). "x.*" is a whole section.
@@ -157,9 +164,37 @@ def _regular_file(d: Path, name: str) -> str | None:
     return None
 
 
+class _NotRegular(OSError):
+    """A checkpoint file that is a link, a FIFO, a device or a directory (never opened, never read)."""
+
+
+def _read_own_file(d: Path, name: str, limit: int | None = None) -> bytes:
+    """The bytes of d/name if it is a regular file of the checkpoint directory itself.
+
+    A checkpoint is read only where it was written: no link (to a file or through a directory), and
+    nothing that is not a regular file — a FIFO's open would wait for a writer forever, so it is stat'ed
+    first and opened non-blocking, and the open descriptor is checked again."""
+    why = _regular_file(d, name)
+    if why:
+        raise _NotRegular(why)
+    fd = os.open(d / name, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW)
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise _NotRegular(f"{name} is not a regular file (a link, a directory or a device)")
+        if limit is not None and st.st_size > limit:
+            raise _NotRegular(f"{name} is larger than {limit} bytes (qlaunch writes far less)")
+        with os.fdopen(os.dup(fd), "rb") as fh:
+            return fh.read()
+    finally:
+        os.close(fd)
+
+
 def _read_meta(d: Path) -> tuple[dict[str, Any] | None, str]:
     try:
-        meta = json.loads((d / META).read_text())
+        meta = json.loads(_read_own_file(d, META, _MAX_SMALL_FILE))
+    except _NotRegular as err:
+        return None, str(err)
     except (OSError, UnicodeDecodeError, ValueError, RecursionError) as err:
         return None, f"unreadable {META} ({type(err).__name__})"
     if not isinstance(meta, dict):
@@ -174,30 +209,57 @@ def _read_meta(d: Path) -> tuple[dict[str, Any] | None, str]:
     return meta, ""
 
 
+def _stray_entry(d: Path, listed: set[str] | None) -> str | None:
+    """Why the directory holds something a resume must not read, or None: a link or anything but a regular
+    file or directory anywhere in it, or (`listed`: the files meta.json has checksums for) a file it does
+    not list, which a rank would otherwise load unverified."""
+    for top, dirs, names in os.walk(d, followlinks=False):
+        rel = Path(top).relative_to(d)
+        for name in sorted(dirs):
+            if os.path.islink(Path(top) / name):
+                return f"{rel / name} is a link (a checkpoint is read only where it was written)"
+        for name in sorted(names):
+            key = str(rel / name)
+            why = _regular_file(d, key)
+            if why:
+                return why
+            if listed is not None and key not in (META, COMPLETE) and key not in listed:
+                return f"{key} is not listed in {META} (a file without a recorded checksum is never loaded)"
+    return None
+
+
 def is_complete(d: Path, checksums: bool = True) -> tuple[bool, str]:
     """(usable?, why not) for one checkpoint directory; `checksums=False` checks sizes only (cheap)."""
-    if not (d / COMPLETE).is_file():
+    if d.is_symlink():
+        return False, "the checkpoint directory is a link (a checkpoint is read only where it was written)"
+    if not os.path.lexists(d / COMPLETE):
         return False, "no COMPLETE marker (interrupted while saving)"
+    why = _regular_file(d, COMPLETE)
+    if why:
+        return False, why
     meta, why = _read_meta(d)
     if meta is None:
         return False, why
-    for name, size in meta.get("files", {}).items():
+    for name in {**meta.get("files", {}), **meta.get(CHECKSUMS, {})}:
         why = _regular_file(d, name)
         if why:
             return False, why
+    for name, size in meta.get("files", {}).items():
         actual = (d / name).stat().st_size
         if actual != size:
             return False, f"{name} has {actual} bytes, {size} were written"
+    why = _stray_entry(d, set(meta[CHECKSUMS]) if meta.get(CHECKSUMS) else None)
+    if why:
+        return False, why
     missing = missing_rank_files(d, meta.get("world_size", 1))
     if missing:
         return False, f"{missing} is missing (a rank's shard never reached this directory)"
+    if not (d / "dcp").is_dir() and not (d / "deepspeed").is_dir():
+        return False, "neither dcp/ nor deepspeed/ is there (the weights and optimizer state are missing)"
     if (d / "dcp").is_dir() and not (d / "dcp" / ".metadata").is_file():
         return False, "dcp/.metadata is missing"
     if checksums:
         for name, digest in meta.get(CHECKSUMS, {}).items():
-            why = _regular_file(d, name)
-            if why:
-                return False, why
             if sha256(d / name) != digest:
                 return False, f"{name} does not match the checksum recorded when it was saved (corrupted since)"
     return True, ""
@@ -278,11 +340,21 @@ def find_resume_target(arg: str, runs_dir: Path, name: str, warn=print) -> Path 
         return d.resolve()
     p = Path(arg)
     if looks_like_checkpoint(p):
+        if p.is_symlink():
+            raise UserError(
+                f"--resume {arg}: the checkpoint directory is a link; qlaunch reads a checkpoint only where it "
+                f"lies (name {p.resolve()} itself if you trust it)"
+            )
         ok, why = is_complete(p)
         if not ok:
             raise UserError(f"--resume {arg}: not a usable checkpoint ({why})")
         return p.resolve()
     if (p / "checkpoints").is_dir():
+        if (p / "checkpoints").is_symlink():
+            raise UserError(
+                f"--resume {arg}: {p / 'checkpoints'} is a link; a run's checkpoints are read only where it wrote "
+                "them (resume from the checkpoint directory itself)"
+            )
         d, skipped = first_usable(list(reversed(list_checkpoints(p / "checkpoints"))), warn)
         if d is None:
             detail = _listing(skipped) if skipped else "it saved none; set checkpoint.every_steps"
@@ -295,7 +367,7 @@ def find_resume_target(arg: str, runs_dir: Path, name: str, warn=print) -> Path 
 
 def _saved_at(d: Path) -> float:
     try:
-        return float(json.loads((d / META).read_text())["time"])
+        return float(json.loads(_read_own_file(d, META, _MAX_SMALL_FILE))["time"])
     except (OSError, ValueError, KeyError, TypeError, RecursionError):
         pass
     for p in (d / COMPLETE, d):
@@ -311,13 +383,31 @@ def _short(value: Any) -> str:
     return text if len(text) <= 60 else text[:57] + "..."
 
 
+# Every fingerprint qlaunch ever wrote has these (the oldest as whole sections: "lora": {...}); one without
+# them cannot be compared with the recipe, and comparing nothing would call every change compatible.
+_FINGERPRINT_CORE = ("model.path", "lora.", "train.lr", "train.seed", "parallel.backend")
+
+
+def _fingerprint_gap(saved: Any) -> str | None:
+    if not isinstance(saved, dict):
+        return f"{META} has no recipe fingerprint object"
+    keys = flatten(saved)
+    gaps = [k.rstrip(".") for k in _FINGERPRINT_CORE if not any(f == k or f.startswith(k) for f in keys)]
+    return f"{META}'s recipe fingerprint lacks {', '.join(gaps)}" if gaps else None
+
+
 def check_compatible(ckpt: Path, recipe: Recipe) -> None:
     """Refuse a resume whose recipe changes the math; allow the harmless keys (HARMLESS_KEYS)."""
     meta, why = _read_meta(ckpt)
-    saved = meta.get("fingerprint", {}) if meta is not None else None
-    if not isinstance(saved, dict):
-        raise UserError(f"--resume {ckpt}: {why or f'{META} has no recipe fingerprint object'}")
-    changed = math_changes(saved, recipe)
+    if meta is None:
+        raise UserError(f"--resume {ckpt}: {why}")
+    gap = _fingerprint_gap(meta.get("fingerprint"))
+    if gap:
+        raise UserError(
+            f"--resume {ckpt}: {gap}, so it cannot be checked against the recipe; "
+            "resume only from a checkpoint qlaunch wrote, or start a new run"
+        )
+    changed = math_changes(meta["fingerprint"], recipe)
     if changed:
         detail = "; ".join(f"{k}: {_short(old)} -> {_short(new)}" for k, old, new in changed[:3])
         more = f"; and {len(changed) - 3} more" if len(changed) > 3 else ""
@@ -327,12 +417,84 @@ def check_compatible(ckpt: Path, recipe: Recipe) -> None:
         )
 
 
+def _lr_schedule_keys() -> set[str]:
+    """The keys of qlaunch's LambdaLR state as meta.json keeps it (they vary with the torch version)."""
+    opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+    state = torch.optim.lr_scheduler.LambdaLR(opt, lambda _step: 1.0).state_dict()
+    return set(state) - {"lr_lambdas"}
+
+
+def _number(v: Any) -> bool:
+    return type(v) in (int, float, bool) and (type(v) is not float or math.isfinite(v))
+
+
+def _checked_meta(ckpt: Path, schedule_keys: set[str]) -> dict[str, Any]:
+    """meta.json as load() uses it: a step number and the lr schedule's own counters, nothing else in them."""
+    meta, why = _read_meta(ckpt)
+    if meta is None or type(meta.get("step")) is not int or meta["step"] < 0:
+        raise UserError(f"checkpoint {ckpt}: {why or f'{META} has no step number'}")
+    scheduler = meta.get("scheduler")
+    # LambdaLR.load_state_dict copies every key into the scheduler object: only its own keys may come in,
+    # holding numbers or lists of numbers (one per parameter group).
+    if (
+        not isinstance(scheduler, dict)
+        or set(scheduler) != schedule_keys
+        or not all(_number(v) or (type(v) is list and all(map(_number, v))) for v in scheduler.values())
+    ):
+        raise UserError(f"checkpoint {ckpt}: {META} 'scheduler' is not the state of qlaunch's lr schedule")
+    return meta
+
+
+def _rank_file(ckpt: Path, meta: dict[str, Any], name: str) -> bytes:
+    """A small per-rank file, read once (so what is checked is what is loaded) and verified if listed."""
+    sums = meta.get(CHECKSUMS) or {}
+    if sums and name not in sums:
+        raise UserError(
+            f"checkpoint {ckpt}: {name} is not listed in {META} (a file without a recorded checksum is never loaded)"
+        )
+    try:
+        data = _read_own_file(ckpt, name, _MAX_SMALL_FILE)
+    except _NotRegular as err:
+        raise UserError(f"checkpoint {ckpt}: {err}") from None
+    except OSError as err:
+        raise UserError(f"checkpoint {ckpt}: cannot read {name} ({err.strerror or type(err).__name__})") from None
+    if sums and hashlib.sha256(data).hexdigest() != sums[name]:
+        raise UserError(f"checkpoint {ckpt}: {name} does not match the checksum recorded when it was saved")
+    return data
+
+
+def _rng_states(ckpt: Path, meta: dict[str, Any], rank: int) -> tuple[dict[str, torch.Tensor], tuple]:
+    """Rank `rank`'s (torch RNG states, Python random state), each checked by a throwaway generator."""
+    pt, py = (_rank_file(ckpt, meta, n) for n in (f"rng_rank{rank}.pt", f"python_rng_rank{rank}.json"))
+    try:
+        with warnings.catch_warnings():  # torch warns about a crafted file's pickle protocol: not one line
+            warnings.simplefilter("ignore")
+            rng = torch.load(io.BytesIO(pt), weights_only=True)
+        if not isinstance(rng, dict) or "torch" not in rng or not set(rng) <= {"torch", "cuda"}:
+            raise ValueError("not a map of RNG states")
+        if not all(isinstance(t, torch.Tensor) and t.dtype == torch.uint8 for t in rng.values()):
+            raise TypeError("an RNG state is not a byte tensor")
+        torch.Generator().set_state(rng["torch"])
+        state = json.loads(py)
+        state = (state[0], tuple(state[1]), state[2])
+        random.Random().setstate(state)
+    except Exception as err:  # noqa: BLE001 - weights_only refusals, malformed JSON, wrong shapes: its message may quote bytes
+        raise UserError(
+            f"checkpoint {ckpt}: rank {rank}'s RNG state is not one qlaunch wrote ({type(err).__name__})"
+        ) from None
+    return rng, state
+
+
 def check_loadable(ckpt: Path) -> None:
-    """What the ranks will unpickle, checked before any is spawned (they check it again when they load)."""
+    """What the ranks will read, checked before any is spawned (they check it again when they load):
+    meta.json's step and schedule, every rank's RNG files, the DCP metadata and every entry of its shards."""
+    meta = _checked_meta(ckpt, _lr_schedule_keys())
+    for r in range(meta["world_size"]):
+        _rng_states(ckpt, meta, r)
     if (ckpt / "dcp").is_dir():
         from launcher import safe_dcp
 
-        safe_dcp.read_metadata(ckpt / "dcp")
+        safe_dcp.check_entries(ckpt / "dcp")  # the metadata, then every entry of every shard
 
 
 # ---------------------------------------------------------------- save / load (collective)
@@ -412,30 +574,57 @@ def prune(root: Path, keep_last: int) -> None:
         shutil.rmtree(d, ignore_errors=True)
 
 
+def _resource_failure(err: BaseException) -> bool:
+    """Out of memory or a lost peer: a failure of the machine or the group, not of the checkpoint."""
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    if isinstance(err, (MemoryError, torch.OutOfMemoryError, dist.DistError)):
+        return True
+    if isinstance(err, CheckpointException):
+        inner = (f[0] if isinstance(f, tuple) else f for f in err.failures.values())
+        return any(isinstance(e, BaseException) and _resource_failure(e) for e in inner)
+    return False
+
+
+def _failure_names(err: BaseException) -> str:
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    if isinstance(err, CheckpointException):
+        inner = {type(f[0] if isinstance(f, tuple) else f).__name__ for f in err.failures.values()}
+        return f"{type(err).__name__}: {', '.join(sorted(inner))}"
+    return type(err).__name__
+
+
 def load(ckpt: Path, engine) -> dict[str, Any]:
     """Restore weights, optimizer, scheduler and this rank's RNG; returns meta.json (step, sampler...)."""
-    meta, why = _read_meta(ckpt)
-    if meta is None or type(meta.get("step")) is not int or meta["step"] < 0:
-        raise UserError(f"checkpoint {ckpt}: {why or f'{META} has no step number'}")
-    scheduler = meta.get("scheduler")
-    # LambdaLR.load_state_dict copies every key into the scheduler object: only its own keys may come in.
-    if not isinstance(scheduler, dict) or set(scheduler) != set(engine.scheduler_state()):
-        raise UserError(f"checkpoint {ckpt}: {META} 'scheduler' is not the state of qlaunch's lr schedule")
-    engine.load_state(ckpt)
-    engine.load_scheduler_state(scheduler)
+    # The launching process checked this directory; the ranks check again what they can cheaply (a rank
+    # of an elastic restart, or a later change to the directory, must not load links or unlisted files).
+    ok, why = is_complete(ckpt, checksums=False)
+    if not ok:
+        raise UserError(f"checkpoint {ckpt}: not a usable checkpoint ({why})")
+    meta = _checked_meta(ckpt, set(engine.scheduler_state()))
     rank = _rank()
     same_world = meta.get("world_size") == (dist.get_world_size() if dist.is_initialized() else 1)
-    rng_file = ckpt / f"rng_rank{rank}.pt"
-    if same_world and rng_file.is_file():
-        try:
-            rng = torch.load(rng_file, weights_only=True)
-            torch.set_rng_state(rng["torch"])
-            if "cuda" in rng and torch.cuda.is_available():
-                torch.cuda.set_rng_state(rng["cuda"])
-            py = json.loads((ckpt / f"python_rng_rank{rank}.json").read_text())
-            random.setstate((py[0], tuple(py[1]), py[2]))
-        except (OSError, ValueError, TypeError, KeyError, IndexError, RuntimeError) as err:
-            raise UserError(
-                f"checkpoint {ckpt}: rank {rank}'s RNG state is not one qlaunch wrote ({type(err).__name__})"
-            ) from None
+    rng = _rng_states(ckpt, meta, rank) if same_world else None
+    from torch.distributed.checkpoint.api import CheckpointException  # a BaseException, not an Exception
+
+    try:
+        engine.load_state(ckpt)
+    except UserError:
+        raise
+    except (Exception, CheckpointException) as err:
+        if _resource_failure(err):
+            raise
+        # Only the exception's type: its message can quote bytes of the file (a pickle, a shape).
+        raise UserError(
+            f"checkpoint {ckpt}: its weights or optimizer state do not load into this run ({_failure_names(err)}); "
+            "the checkpoint is damaged or was not written by this recipe"
+        ) from None
+    engine.load_scheduler_state(meta["scheduler"])
+    if rng is not None:
+        states, py = rng
+        torch.set_rng_state(states["torch"])
+        if "cuda" in states and torch.cuda.is_available():
+            torch.cuda.set_rng_state(states["cuda"])
+        random.setstate(py)
     return meta

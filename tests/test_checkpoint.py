@@ -467,3 +467,320 @@ def test_crafted_metadata_through_the_cli_is_one_line_and_never_runs(tmp_path, r
                      "it names a global that is not a DCP metadata class or torch value type (nothing in it was run; "
                      "qlaunch resumes only from metadata as DCP writes it)"], r.stderr  # fmt: skip
     assert not flag.exists() and not (tmp_path / "PWNED").exists()
+
+
+# ================================================================== what a resume reads (a real DCP checkpoint)
+
+
+def _engine(tmp_path: Path, width: int = 4):
+    from torch import nn
+
+    from launcher.parallel import TorchEngine
+
+    torch.manual_seed(0)
+    engine = TorchEngine(nn.Sequential(nn.Linear(width, 4)), _recipe(tmp_path), total_steps=8, device_type="cpu")
+    engine.model(torch.ones(2, width)).sum().backward()
+    engine.step()  # so the optimizer has state to save
+    return engine
+
+
+@pytest.fixture
+def real_ckpt(tmp_path) -> Path:
+    """A checkpoint as checkpoint.save writes it (one process: torch DCP, RNG files, sealed meta.json)."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # DCP: "torch.distributed is disabled ... single process"
+        return checkpoint.save(tmp_path / "run" / "checkpoints", 2, _engine(tmp_path), _recipe(tmp_path), {}, 3)
+
+
+class _Hang(Exception):
+    pass
+
+
+def _no_hang(fn, *args, seconds: int = 10):
+    """fn(*args), failing the test (instead of hanging it) if it blocks, e.g. opening a FIFO."""
+
+    def alarm(_signum, _frame):
+        raise _Hang(f"{fn.__name__} blocked for {seconds} s")
+
+    old = signal.signal(signal.SIGALRM, alarm)
+    signal.alarm(seconds)
+    try:
+        return fn(*args)
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
+
+
+def _unlist(d: Path, name: str) -> None:
+    meta = json.loads((d / "meta.json").read_text())
+    for key in ("files", "sha256"):
+        meta[key].pop(name)
+    (d / "meta.json").write_text(json.dumps(meta))
+
+
+def _rehash(d: Path, name: str) -> None:
+    """What a tamperer does after changing a file: record its new size and checksum."""
+    meta = json.loads((d / "meta.json").read_text())
+    meta["files"][name] = (d / name).stat().st_size
+    meta["sha256"][name] = checkpoint.sha256(d / name)
+    (d / "meta.json").write_text(json.dumps(meta))
+
+
+def _edit_meta(d: Path, edit) -> None:
+    meta = json.loads((d / "meta.json").read_text())
+    edit(meta)
+    (d / "meta.json").write_text(json.dumps(meta))
+
+
+def test_a_real_checkpoint_passes_every_check_and_loads(real_ckpt, tmp_path):
+    assert checkpoint.is_complete(real_ckpt) == (True, "")
+    checkpoint.check_loadable(real_ckpt)
+    checkpoint.check_compatible(real_ckpt, _recipe(tmp_path))
+    assert checkpoint.load(real_ckpt, _engine(tmp_path))["step"] == 2
+
+
+def test_a_meta_json_fifo_never_hangs_a_resume(real_ckpt, tmp_path):
+    """Finding 3: meta.json that is a FIFO, in a checkpoint that is otherwise complete."""
+    (real_ckpt / "meta.json").unlink()
+    os.mkfifo(real_ckpt / "meta.json")
+    assert _no_hang(checkpoint.is_complete, real_ckpt) == (
+        False,
+        "meta.json is not a regular file (a link, a directory or a device)",
+    )
+    run = real_ckpt.parent.parent
+    for arg in (str(real_ckpt), str(run)):
+        with pytest.raises(UserError, match="meta.json is not a regular file"):
+            _no_hang(checkpoint.find_resume_target, arg, tmp_path, "t", lambda _m: None)
+    auto_root = tmp_path / "runs"
+    (auto_root / "t").mkdir(parents=True)
+    (auto_root / "t" / "20260101-000000").symlink_to(run)  # a runs_dir may be reached through links
+    with pytest.raises(UserError, match=r"none usable: 20260101-000000/step_00000002 \(meta.json is not a regular"):
+        _no_hang(checkpoint.find_resume_target, "auto", auto_root, "t", lambda _m: None)
+
+
+@pytest.mark.parametrize("name", ["python_rng_rank0.json", "rng_rank0.pt"])
+def test_an_unlisted_or_irregular_rank_file_is_refused_never_loaded(real_ckpt, tmp_path, name):
+    """Findings 4 and 11: a rank file dropped from meta.json and replaced by a FIFO or a link out of the
+    checkpoint; and with checksums present, any file meta.json does not list."""
+    outside = tmp_path / "outside"
+    outside.write_bytes((real_ckpt / name).read_bytes())  # a valid file: only where it lies is wrong
+    _unlist(real_ckpt, name)
+    (real_ckpt / name).unlink()
+    for plant, why in (
+        (os.mkfifo, "is not a regular file"),
+        (lambda p: p.symlink_to(outside), "is not a regular file"),
+    ):
+        plant(real_ckpt / name)
+        ok, got = _no_hang(checkpoint.is_complete, real_ckpt)
+        assert not ok and got == f"{name} {why} (a link, a directory or a device)", got
+        with pytest.raises(UserError, match=f"{name} {why}"):
+            _no_hang(checkpoint.load, real_ckpt, _engine(tmp_path))  # the ranks check too
+        (real_ckpt / name).unlink()
+    # A regular file, but not listed: refused (the ranks would load it unverified).
+    (real_ckpt / name).write_bytes(outside.read_bytes())
+    ok, got = checkpoint.is_complete(real_ckpt)
+    assert not ok and got == f"{name} is not listed in meta.json (a file without a recorded checksum is never loaded)"
+    with pytest.raises(UserError, match=f"{name} is not listed in meta.json"):
+        checkpoint.load(real_ckpt, _engine(tmp_path))
+    # Also an extra file anywhere else in it, and a link to a directory.
+    _rehash(real_ckpt, name)
+    assert checkpoint.is_complete(real_ckpt) == (True, "")
+    (real_ckpt / "dcp" / "__7_0.distcp").write_bytes(b"x")
+    assert checkpoint.is_complete(real_ckpt)[1].startswith("dcp/__7_0.distcp is not listed in meta.json")
+    (real_ckpt / "dcp" / "__7_0.distcp").unlink()
+    (real_ckpt / "extra").symlink_to(tmp_path)
+    assert checkpoint.is_complete(real_ckpt)[1] == "extra is a link (a checkpoint is read only where it was written)"
+
+
+def test_a_checkpoint_directory_that_is_a_link_is_refused(real_ckpt, tmp_path):
+    """Finding 10: checkpoints/step_N -> a copy elsewhere; a resume from the run never leaves the run."""
+    import shutil
+
+    elsewhere = tmp_path / "elsewhere"
+    shutil.copytree(real_ckpt, elsewhere)
+    assert checkpoint.is_complete(elsewhere) == (True, "")
+    root = real_ckpt.parent
+    (root / "step_00000006").symlink_to(elsewhere)
+    warnings: list[str] = []
+    run = root.parent
+    assert checkpoint.find_resume_target(str(run), tmp_path, "t", warn=warnings.append) == real_ckpt.resolve()
+    assert warnings == [
+        "warning: skipping checkpoint step_00000006: the checkpoint directory is a link "
+        "(a checkpoint is read only where it was written)"
+    ]
+    assert checkpoint.newest_complete(root, warn=lambda _m: None) == real_ckpt  # the ranks' own choice
+    with pytest.raises(UserError, match=f"directory is a link; .* only where it lies \\(name {elsewhere} itself"):
+        checkpoint.find_resume_target(str(root / "step_00000006"), tmp_path, "t")
+    # A link inside it (dcp/ -> the copy's) is refused the same way.
+    shutil.rmtree(real_ckpt / "dcp")
+    (real_ckpt / "dcp").symlink_to(elsewhere / "dcp")
+    assert not checkpoint.is_complete(real_ckpt)[0]
+    with pytest.raises(UserError, match="the run has no complete checkpoint"):
+        checkpoint.find_resume_target(str(run), tmp_path, "t", warn=lambda _m: None)
+    # A run whose checkpoints/ is a link to another run's.
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "checkpoints").symlink_to(elsewhere.parent / "run" / "checkpoints")
+    with pytest.raises(UserError, match="checkpoints is a link; a run's checkpoints are read only where it wrote"):
+        checkpoint.find_resume_target(str(tmp_path / "other"), tmp_path, "t")
+
+
+def test_a_missing_or_malformed_fingerprint_is_incompatible(real_ckpt, tmp_path):
+    """Finding 17: no fingerprint used to compare nothing and call any recipe compatible."""
+    for edit, why in (
+        (lambda m: m.pop("fingerprint"), "meta.json has no recipe fingerprint object"),
+        (lambda m: m.update(fingerprint=[1]), "meta.json has no recipe fingerprint object"),
+        (lambda m: m.update(fingerprint={}), "fingerprint lacks model.path, lora, train.lr, train.seed"),
+        (lambda m: m["fingerprint"].pop("train.lr"), "meta.json's recipe fingerprint lacks train.lr,"),
+    ):
+        fresh = json.loads((real_ckpt / "meta.json").read_text())
+        edit(fresh)
+        (real_ckpt / "meta.json").write_text(json.dumps(fresh))
+        for recipe in (_recipe(tmp_path), _recipe(tmp_path, "lora.rank=4")):
+            with pytest.raises(UserError, match=re.escape(why)) as info:
+                checkpoint.check_compatible(real_ckpt, recipe)
+            assert "cannot be checked against the recipe" in str(info.value)
+        checkpoint.save(real_ckpt.parent, 2, _engine(tmp_path), _recipe(tmp_path), {}, 3)  # restore
+
+
+def _system_pickle(flag: Path) -> bytes:
+    """Protocol 0: os.system('touch FLAG') by GLOBAL + REDUCE, what plain pickle.load would run."""
+    return b"cposix\nsystem\n(V" + f"touch {flag}".encode() + b"\ntR."
+
+
+def test_loading_turns_any_read_unpickle_or_shape_error_into_one_line(real_ckpt, tmp_path):
+    """Finding 17: tampered files (checksums rewritten) failed in the ranks with tracebacks (exit 1)."""
+    flag = tmp_path / "PWNED"
+    rng = real_ckpt / "rng_rank0.pt"
+    good = rng.read_bytes()
+    rng.write_bytes(_system_pickle(flag))
+    _rehash(real_ckpt, "rng_rank0.pt")
+    for check in (checkpoint.check_loadable, lambda d: checkpoint.load(d, _engine(tmp_path))):
+        with pytest.raises(UserError, match=r"rank 0's RNG state is not one qlaunch wrote \(UnpicklingError\)"):
+            check(real_ckpt)
+    assert not flag.exists()
+    # The same in protocol 4, which torch.load warns about on stderr (a second line): no warning escapes.
+    import pickle
+    import warnings
+
+    class System:
+        def __reduce__(self):
+            return (os.system, (f"touch {flag}",))
+
+    rng.write_bytes(pickle.dumps({"torch": System()}, protocol=4))
+    _rehash(real_ckpt, "rng_rank0.pt")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(UserError, match=r"rank 0's RNG state is not one qlaunch wrote \(UnpicklingError\)"):
+            checkpoint.check_loadable(real_ckpt)
+    assert not flag.exists()
+    rng.write_bytes(good)
+    _rehash(real_ckpt, "rng_rank0.pt")
+    # The weights into a model of another shape, and a shard whose bytes are gone: one line each.
+    with pytest.raises(UserError, match=r"its weights or optimizer state do not load into this run \(\w+"):
+        checkpoint.load(real_ckpt, _engine(tmp_path, width=8))
+    # One tensor's bytes in the shard replaced by a pickle that calls os.system (same length, checksum fixed).
+    from launcher import safe_dcp
+
+    storage = safe_dcp.read_metadata(real_ckpt / "dcp").storage_data
+    info = next(v for k, v in storage.items() if k.fqn == "model.0.weight")
+    shard = real_ckpt / "dcp" / info.relative_path
+    data = bytearray(shard.read_bytes())
+    data[info.offset : info.offset + info.length] = _system_pickle(flag).ljust(info.length, b"\0")
+    shard.write_bytes(bytes(data))
+    _rehash(real_ckpt, f"dcp/{info.relative_path}")
+    with pytest.raises(UserError) as before_spawning:
+        checkpoint.check_loadable(real_ckpt)  # the launching process finds it too
+    with pytest.raises(UserError) as err:
+        checkpoint.load(real_ckpt, _engine(tmp_path))
+    assert (
+        str(before_spawning.value)
+        == str(err.value)
+        == (
+            f"checkpoint {real_ckpt / 'dcp'}: {info.relative_path} does not load (UnpicklingError): the shard is damaged "
+            "or not as DCP writes it (nothing in it was run)"
+        )
+    )
+    assert not flag.exists()
+
+
+def test_what_the_ranks_would_refuse_is_found_before_spawning(real_ckpt):
+    """Finding 20: these failed only in the ranks, after the run directory was written."""
+    cases = [
+        (lambda d: _edit_meta(d, lambda m: m.update(step="4")), "meta.json has no step number"),
+        (lambda d: _edit_meta(d, lambda m: m["scheduler"].update(lr_lambdas=["x"])), "'scheduler' is not the state"),
+        (lambda d: _edit_meta(d, lambda m: m["scheduler"].update(last_epoch="1")), "'scheduler' is not the state"),
+        (lambda d: _edit_meta(d, lambda m: m.pop("scheduler")), "'scheduler' is not the state"),
+        (
+            lambda d: (
+                (d / "python_rng_rank0.json").write_text("[3, [1, 2, 3], null]"),
+                _rehash(d, "python_rng_rank0.json"),
+            ),
+            "rank 0's RNG state is not one qlaunch wrote (ValueError)",
+        ),
+        (
+            lambda d: ((d / "python_rng_rank0.json").write_text("[[[[" * 10000), _rehash(d, "python_rng_rank0.json")),
+            "rank 0's RNG state is not one qlaunch wrote",
+        ),
+    ]
+    meta, py = (real_ckpt / "meta.json").read_bytes(), (real_ckpt / "python_rng_rank0.json").read_bytes()
+    for tamper, why in cases:
+        tamper(real_ckpt)
+        with pytest.raises(UserError, match=re.escape(why)):
+            checkpoint.check_loadable(real_ckpt)
+        (real_ckpt / "meta.json").write_bytes(meta)
+        (real_ckpt / "python_rng_rank0.json").write_bytes(py)
+    checkpoint.check_loadable(real_ckpt)
+    import shutil
+
+    shutil.rmtree(real_ckpt / "dcp")
+    _edit_meta(
+        real_ckpt, lambda m: [m[k].pop(n) for k in ("files", "sha256") for n in list(m[k]) if n.startswith("dcp/")]
+    )
+    assert checkpoint.is_complete(real_ckpt) == (
+        False,
+        "neither dcp/ nor deepspeed/ is there (the weights and optimizer state are missing)",
+    )
+
+
+@slow
+def test_tampered_checkpoints_are_one_line_before_spawning_or_in_the_ranks(tmp_path, recipe_path, uninterrupted):
+    """Findings 17 and 20 through the CLI, checksums rewritten as a tamperer would: what can be checked
+    before spawning is (no run directory); what only a rank can find (a shard's tensor bytes replaced by
+    a pickle) is one line, exit 2, and nothing in it runs."""
+    from launcher import safe_dcp
+
+    flag = tmp_path / "PWNED"
+    run = _copy_run(uninterrupted, tmp_path / "copy")
+    step4, step8 = run / "checkpoints" / "step_00000004", run / "checkpoints" / "step_00000008"
+    out = tmp_path / "out"
+    (step4 / "python_rng_rank1.json").write_text("[3, [1, 2, 3], null]")
+    _rehash(step4, "python_rng_rank1.json")
+    r = run_cli("run", str(recipe_path), "--set", f'log.runs_dir="{out}"', "--resume", str(step4))
+    assert_one_line_error(r, [f"checkpoint {step4}: rank 1's RNG state is not one qlaunch wrote (ValueError)"], out)
+    _edit_meta(step8, lambda m: m.pop("fingerprint"))
+    r = run_cli(
+        "run", str(recipe_path), "--set", f'log.runs_dir="{out}"', "--set", "lora.rank=4", "--resume", str(step8)
+    )
+    assert_one_line_error(r, [f"--resume {step8}: meta.json has no recipe fingerprint object"], out)
+    # The ranks prefer the run's own newest checkpoint (an elastic restart) over the checked --resume target.
+    _edit_meta(step8, lambda m: m.update(fingerprint=json.loads((step4 / "meta.json").read_text())["fingerprint"]))
+    (step4 / "python_rng_rank1.json").write_bytes(
+        (uninterrupted / "checkpoints" / step4.name / "python_rng_rank1.json").read_bytes()
+    )
+    _rehash(step4, "python_rng_rank1.json")
+    storage = safe_dcp.read_metadata(step8 / "dcp").storage_data
+    info = next(v for k, v in storage.items() if k.fqn.startswith("model.") and v.relative_path == "__0_0.distcp")
+    shard = step8 / "dcp" / info.relative_path
+    data = bytearray(shard.read_bytes())
+    data[info.offset : info.offset + info.length] = _system_pickle(flag).ljust(info.length, b"\0")
+    shard.write_bytes(bytes(data))
+    _rehash(step8, "dcp/__0_0.distcp")
+    r = run_cli("run", str(recipe_path), "--run-dir", str(run), "--resume", str(step4), "--set", "train.max_steps=9",
+                cwd=tmp_path)  # fmt: skip
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stdout + r.stderr
+    assert lines == [f"qlaunch: error: checkpoint {step8 / 'dcp'}: __0_0.distcp does not load (UnpicklingError): "
+                     "the shard is damaged or not as DCP writes it (nothing in it was run)"], r.stderr  # fmt: skip
+    assert not flag.exists()
