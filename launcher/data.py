@@ -43,13 +43,14 @@ import numpy as np
 import torch
 
 from launcher.errors import UserError
+from launcher.sources import open_regular, read_regular
 
 if TYPE_CHECKING:  # annotations only: packing and sampling import without pydantic (GPU hosts, tools)
     from launcher.recipe import DataConfig, Recipe
 
 IGNORE = -100
 # Bump when rendering, tokenization or the cached layout changes, so old caches stop matching.
-CACHE_VERSION = 1
+CACHE_VERSION = 2
 # Rows per source that `check` reads in the launching process (enough to catch a systematic mistake).
 CHECK_ROWS = 2000
 # Rows rendered and tokenized per batched tokenizer call.
@@ -60,6 +61,8 @@ WAIT_TIMEOUT_S = 4 * 3600.0
 STALE_LOCK_S = 300.0
 # The validation carve uses its own fixed seed so the validation set does not change with train.seed.
 VAL_SEED = 1_234_567
+# A JSON array data file is parsed whole; bigger data belongs in JSON lines, which are streamed.
+_MAX_JSON_ARRAY_BYTES = 2_000_000_000
 
 FILE_KINDS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv", ".arrow": "arrow"}
 ROLES = ("system", "user", "assistant", "tool")
@@ -340,6 +343,9 @@ def _datasets():
     import datasets
 
     datasets.disable_progress_bars()
+    # Its loaders log "Failed to read file ... with error ..." (echoing the file's bytes) before raising; the
+    # exception is turned into qlaunch's one line (_load_error), so the log line is only noise on stderr.
+    datasets.logging.set_verbosity(datasets.logging.CRITICAL)
     return datasets
 
 
@@ -390,14 +396,17 @@ def _json_msg(err: json.JSONDecodeError) -> str:
 _JSON_TOO_DEEP = "JSON nested too deeply (arrays or objects about 1000 levels deep); a record needs a few levels"
 
 
-def _json_rows(path: Path, limit: int | None = None) -> tuple[list[dict], list[int], bool]:
-    """Parse a JSON / JSON-lines file ourselves: exact line numbers for syntax errors and non-objects.
+def _json_records(path: Path) -> Iterator[tuple[int | None, dict]]:
+    """Every record of a JSON / JSON-lines file, parsed by qlaunch itself one at a time: (line, record).
 
-    Returns (rows, line numbers, complete) with at most `limit` rows; complete = the whole file was read.
+    The line is None for a JSON array file (one document: it is parsed whole). Any syntax error, non-object,
+    non-UTF-8 text or nesting too deep to parse is one line naming the file and line. This is the only reader
+    of JSON data: pyarrow's JSON reader crashes the process on a record nested a few hundred thousand levels
+    deep, and its pandas fallback re-types columns and loses the line of a late bad row.
     """
     if _is_json_array(path):
         try:
-            data = json.loads(path.read_text(encoding="utf-8"))
+            data = json.loads(read_regular(path, "JSON data file", limit=_MAX_JSON_ARRAY_BYTES).decode("utf-8"))
         except json.JSONDecodeError as err:
             raise UserError(f"{path}:{err.lineno}: malformed JSON ({_json_msg(err)})") from None
         except RecursionError:
@@ -407,16 +416,13 @@ def _json_rows(path: Path, limit: int | None = None) -> tuple[list[dict], list[i
         for k, rec in enumerate(data):
             if not isinstance(rec, dict):
                 raise UserError(f"{path} record {k + 1}: expected a JSON object, got {_kind(rec)}")
-        rows = data if limit is None else data[:limit]
-        return rows, [], limit is None or len(data) <= limit
-    rows: list[dict] = []
-    lines: list[int] = []
-    with open(path, "rb") as f:
+        yield from ((None, rec) for rec in data)
+        return
+    fd = open_regular(path, "JSON-lines data file")
+    with open(fd, "rb") as f:
         for n, raw in enumerate(f, 1):
             if not raw.strip():
                 continue
-            if limit is not None and len(rows) >= limit:
-                return rows, lines, False
             try:
                 rec = json.loads(raw.rstrip(b"\r\n"))
             except json.JSONDecodeError as err:
@@ -427,9 +433,28 @@ def _json_rows(path: Path, limit: int | None = None) -> tuple[list[dict], list[i
                 raise UserError(f"{path}:{n}: not UTF-8 text ({err.reason})") from None
             if not isinstance(rec, dict):
                 raise UserError(f"{path}:{n}: expected one JSON object per line, got {_kind(rec)}")
-            rows.append(rec)
+            yield n, rec
+
+
+def _json_rows(path: Path, limit: int | None = None) -> tuple[list[dict], list[int], bool]:
+    """Up to `limit` records of a JSON / JSON-lines file: (rows, line numbers, complete = read to its end)."""
+    rows: list[dict] = []
+    lines: list[int] = []
+    for n, rec in _json_records(path):
+        if limit is not None and len(rows) >= limit:
+            return rows, lines, False
+        rows.append(rec)
+        if n is not None:
             lines.append(n)
     return rows, lines, True
+
+
+def _json_source_rows(path: Path, lines: list[int]) -> Iterator[tuple[int, dict]]:
+    """(row index, record) of a JSON data file, streamed; appends each record's line to `lines` (for _Where)."""
+    for i, (n, rec) in enumerate(_json_records(path)):
+        if n is not None:
+            lines.append(n)
+        yield i, rec
 
 
 def _csv_is_empty(path: Path) -> bool:
@@ -437,17 +462,57 @@ def _csv_is_empty(path: Path) -> bool:
         return sum(1 for line in f if line.strip()) <= 1  # nothing, or a header only
 
 
+def _chain(err: BaseException) -> Iterator[BaseException]:
+    seen: set[int] = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        yield err
+        err = err.__cause__ or err.__context__
+
+
+_CSV_COLUMNS = re.compile(r"Expected (\d+) columns?, got (\d+)")  # pyarrow
+_CSV_FIELDS = re.compile(r"Expected (\d+) fields in line (\d+), saw (\d+)")  # pandas
+_ROW = re.compile(r"\b(?:row|line) (\d+)\b", re.IGNORECASE)
+
+
+def _cause(err: BaseException) -> str:
+    """What a datasets/pyarrow/pandas failure says, without the bytes of the file its message may quote.
+
+    Invalid UTF-8 is "not UTF-8 text" (their messages quote the byte); a ragged CSV row is its column
+    counts (pyarrow quotes the row); anything else is the exception's type and its message up to the first
+    colon or quote, where these libraries start quoting data.
+    """
+    chain = list(_chain(err))
+    if any(isinstance(e, UnicodeDecodeError) or "decode byte" in str(e) or "UTF-8" in str(e) for e in chain):
+        return "not UTF-8 text"
+    cause = chain[1] if len(chain) > 1 and err.__cause__ is not None else chain[0]
+    text = " ".join(str(cause).split())
+    if m := _CSV_FIELDS.search(text):
+        return f"line {m.group(2)} has {m.group(3)} fields, the header has {m.group(1)} columns"
+    if m := _CSV_COLUMNS.search(text):
+        return f"a row has {m.group(2)} fields, the header has {m.group(1)} columns"
+    head = re.split(r"[:'\"`]", text, maxsplit=1)[0].strip()[:200]
+    return f"{type(cause).__name__}" + (f": {head}" if head else "")
+
+
+def _parquet_rows(path: Path) -> int | None:
+    """The row count a parquet file's footer states; None if it has no readable footer."""
+    import pyarrow.parquet as pq
+
+    try:
+        return pq.ParquetFile(path).metadata.num_rows
+    except Exception:  # noqa: BLE001 - a corrupt file: the loader's error says so
+        return None
+
+
 def _load_error(src: Source, err: Exception) -> UserError:
     """Turn a datasets/pyarrow loading failure into one line that says where and what."""
     p = Path(src.path)
-    if src.kind == "json":
-        rows, _, _ = _json_rows(p)  # raises the precise syntax error if there is one
-        if not rows:
-            return UserError(f"{src.path}: the dataset is empty (no records)")
     if src.kind == "csv" and _csv_is_empty(p):
         return UserError(f"{src.path}: the dataset is empty (no rows)")
-    cause = err.__cause__ or err
-    what = " ".join(f"{type(cause).__name__}: {cause}".split())[:300]
+    if src.kind == "parquet" and _parquet_rows(p) == 0:
+        return UserError(f"{src.path}: the dataset is empty (no rows)")
+    what = _cause(err)
     if src.kind == "hub":
         return UserError(
             f"{src.path}: could not load hub dataset split {src.split!r} ({src.key}; no local file of that "
@@ -495,9 +560,19 @@ def load_source(src: Source):
     return ds
 
 
-def _dataset_rows(ds) -> Iterator[tuple[int, dict]]:
+def _dataset_rows(ds, src: Source) -> Iterator[tuple[int, dict]]:
+    """(row index, row) of a loaded dataset. Its values are decoded lazily, batch by batch: a failure there
+    (bytes that are not UTF-8, a corrupt page) is one line naming the source and the rows it was reading."""
     i = 0
-    for batch in ds.iter(batch_size=CHUNK_ROWS):
+    batches = ds.iter(batch_size=CHUNK_ROWS)
+    while True:
+        try:
+            batch = next(batches)
+        except StopIteration:
+            return
+        except Exception as err:  # noqa: BLE001 - a value the loader cannot decode is the user's data
+            rows = f"rows {i + 1}-{i + CHUNK_ROWS}" if src.kind != "hub" else f"split {src.split!r} rows {i + 1}-"
+            raise UserError(f"{src.path} {rows}: could not read the data ({src.key}): {_cause(err)}") from None
         cols = list(batch)
         n = len(batch[cols[0]]) if cols else 0
         for j in range(n):
@@ -819,10 +894,19 @@ def _no_samples(src: Source, cfg: DataConfig, stats: _Stats) -> UserError:
 
 def tokenize_source(src: Source, renderer: Renderer) -> tuple[Docs, _Stats]:
     """All documents of one source; raises UserError for any bad row, naming its file and line/row."""
-    ds = load_source(src)
-    renderer.check_columns(ds.column_names, src)
     stats = _Stats()
-    docs = encode_rows(renderer, _dataset_rows(ds), _Where(src), src.kind == "csv", stats)
+    if src.kind == "json":
+        lines: list[int] = []
+        first = _json_rows(Path(src.path), CHECK_ROWS)[0]
+        if not first:
+            raise UserError(f"{src.path}: the dataset is empty (no records)")
+        renderer.check_columns(sorted({c for r in first for c in r if r.get(c) is not None} | set(first[0])), src)
+        rows = _json_source_rows(Path(src.path), lines)
+        docs = encode_rows(renderer, rows, _Where(src, lines), False, stats)
+    else:
+        ds = load_source(src)
+        renderer.check_columns(ds.column_names, src)
+        docs = encode_rows(renderer, _dataset_rows(ds, src), _Where(src), src.kind == "csv", stats)
     if not len(docs):
         raise _no_samples(src, renderer.cfg, stats)
     return docs, stats

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -687,3 +689,105 @@ def test_docs_take_and_concat_round_trip():
     assert len(d) == 2 and d.lengths.tolist() == [2, 1]
     both = Docs.concat([d.take([1]), d.take([0, 0])])
     assert [both.doc(k)[0].tolist() for k in range(3)] == [[3], [1, 2], [1, 2]]
+
+
+# ------------------------------------------------------------------ hostile data files
+
+
+GOOD = [{"instruction": "Say hi.", "output": "hi"}] * 2500  # past the rows check() reads
+
+
+@pytest.mark.parametrize(
+    "late,expected",
+    [
+        (b'{"instruction": "\xff SECRET", "output": "o"}', ":2501: not UTF-8 text (invalid start byte)"),
+        (b"[1, 2]", ":2501: expected one JSON object per line, got a list"),
+        (
+            b'{"instruction": "i", "output": 5}',
+            ":2501: column 'output' must be a string, got a number (data.output_column)",
+        ),
+        (
+            b'{"instruction": {"a": 1}, "output": "o"}',
+            ":2501: column 'instruction' must be a string, got an object (data.instruction_column)",
+        ),
+    ],
+)
+def test_a_late_bad_jsonl_row_is_found_by_qlaunchs_reader_with_its_line(tmp_path, tok, capfd, late, expected):
+    # datasets decodes lazily (a UnicodeDecodeError traceback), logs the file's bytes, and its pandas fallback
+    # re-types columns (a late number blamed on line 1): every JSON row is read by qlaunch itself.
+    path = tmp_path / "t.jsonl"
+    path.write_bytes(b"".join(json.dumps(r).encode() + b"\n" for r in GOOD) + late + b"\n")
+    r = recipe({"datasets": [{"path": str(path)}], "format": "alpaca", "seq_len": 128})
+    with pytest.raises(UserError) as err:
+        data.prepare(r, tmp_path / "cache")
+    assert str(err.value) == f"{path}{expected}"
+    assert "SECRET" not in capfd.readouterr().err
+    assert not (tmp_path / "cache").exists()
+
+
+def test_a_huge_token_id_in_a_late_row_is_named_with_its_line(tmp_path, tok):
+    path = jsonl(tmp_path / "ids.jsonl", [{"input_ids": [5, 6, 7, 8]}] * 2500 + [{"input_ids": [5, 2**63]}])
+    with pytest.raises(UserError, match=rf"^{path}:2501: column 'input_ids' has token id {2**63}, outside"):
+        build_data(recipe({"datasets": [{"path": str(path)}], "format": "tokenized"}), tok, 0, 1)
+
+
+def test_a_record_nested_200000_levels_deep_is_one_line_not_a_crash(tmp_path):
+    # pyarrow's JSON reader segfaulted the launcher on this row (no message, the cache lock left behind).
+    path = tmp_path / "deep.jsonl"
+    deep = b'{"instruction": ' + b"[" * 200_000 + b"]" * 200_000 + b', "output": "o"}\n'
+    path.write_bytes(b"".join(json.dumps(r).encode() + b"\n" for r in GOOD) + deep)
+    script = (
+        "import sys; from pathlib import Path; from launcher import data; from launcher.errors import UserError\n"
+        "from launcher.recipe import validate\n"
+        f"r = validate({{'name': 't', 'model': {{'path': {str(TINY_MODEL)!r}}}, 'data': {{'datasets': "
+        f"[{{'path': {str(path)!r}}}], 'format': 'alpaca'}}, 'train': {{'max_steps': 1, 'global_batch': 4, 'micro_batch': 1}}}})\n"
+        "try:\n    data.prepare(r, Path(sys.argv[1]))\nexcept UserError as e:\n    print(e); sys.exit(2)\n"
+    )
+    env = {**os.environ, "HF_DATASETS_CACHE": str(tmp_path / "hf")}
+    out = subprocess.run(
+        [sys.executable, "-c", script, str(tmp_path / "cache")], capture_output=True, text=True, env=env, timeout=300
+    )
+    assert out.returncode == 2, (out.returncode, out.stderr[-2000:])
+    assert out.stdout.strip().startswith(f"{path}:2501: JSON nested too deeply")
+    assert not (tmp_path / "cache").exists()
+
+
+def _ragged_csv(p: Path) -> None:
+    p.write_text("instruction,output\n" + "i,o\n" * 50 + "SECRET1,SECRET2,SECRET3\n")
+
+
+def _latin1_csv(p: Path) -> None:
+    p.write_bytes(b"instruction,output\n" + b"i,o\n" * 50 + b"\xff SECRET,o\n")
+
+
+def _corrupt_parquet(p: Path) -> None:
+    p.write_bytes(b"PAR1" + bytes(range(256)) * 20 + b"SECRET")
+
+
+def _empty_parquet(p: Path) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"instruction": pa.array([], "string"), "output": pa.array([], "string")}), p)
+
+
+@pytest.mark.parametrize(
+    "name,write,expected",
+    [
+        ("r.csv", _ragged_csv, "line 52 has 3 fields, the header has 2 columns"),
+        ("u.csv", _latin1_csv, "not UTF-8 text"),
+        ("c.parquet", _corrupt_parquet, "could not read this parquet file"),
+        ("e.parquet", _empty_parquet, "the dataset is empty"),
+    ],
+)
+def test_loader_failures_are_one_line_that_echoes_no_bytes(tmp_path, tok, capfd, name, write, expected):
+    path = tmp_path / name
+    write(path)
+    r = recipe({"datasets": [{"path": str(path)}], "format": "alpaca"})
+    with pytest.raises(UserError) as err:
+        data.prepare(r, tmp_path / "cache")
+    msg = str(err.value)
+    assert msg.startswith(f"{path}") and expected in msg, msg
+    assert "SECRET" not in msg and "0xff" not in msg and "\n" not in msg
+    # datasets logs "Failed to read file ... with error ..." (quoting the file) before it raises.
+    assert capfd.readouterr().err == ""
