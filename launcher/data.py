@@ -332,6 +332,8 @@ def fingerprint(recipe: Recipe, tokenizer) -> str:
         "seed": recipe.train.seed,
         "sources": [_identity(s) for s in train] + ([_identity(val)] if val else []),
         "tokenizer": tokenizer_fingerprint(tokenizer),
+        # A cache built for a model with more embeddings must not let a smaller model skip the id check.
+        "model_vocab": model_vocab_size(recipe),
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:32]
 
@@ -645,12 +647,15 @@ Segments = list[tuple[str, bool]]  # (text, trainable)
 class Renderer:
     """Validates one row of the configured format and renders it into trainable / prompt segments."""
 
-    def __init__(self, cfg: DataConfig, tokenizer):
+    def __init__(self, cfg: DataConfig, tokenizer, model_vocab: int | None = None):
         self.cfg = cfg
         self.tok = tokenizer
         self.eos = tokenizer.eos_token_id
         self.bos = _leading_special_ids(tokenizer) if cfg.format in ("text", "alpaca") else []
         self.vocab = len(tokenizer)
+        # Rows of the model's embedding: an id at or past it is an IndexError on every rank, whatever the
+        # tokenizer's length (a tokenizer with added tokens the model was never resized for).
+        self.model_vocab = model_vocab
         self.template = cfg.chat_template or getattr(tokenizer, "chat_template", None) or DEFAULT_CHAT_TEMPLATE
 
     def required_columns(self) -> list[tuple[str, str]]:
@@ -694,7 +699,14 @@ class Renderer:
         if not isinstance(v, (list, tuple)) or not all(isinstance(x, int) and not isinstance(x, bool) for x in v):
             raise UserError(f"{where}: column '{col}' must be a list of integer token ids, got {_kind(v)} ({key})")
         for x in v:
-            if not (0 <= x < self.vocab) and not (allow_ignore and x == IGNORE):
+            if allow_ignore and x == IGNORE:
+                continue
+            if self.model_vocab is not None and x >= self.model_vocab:
+                raise UserError(
+                    f"{where}: column '{col}' has token id {x}, outside the model's vocabulary "
+                    f"0..{self.model_vocab - 1} (config.json vocab_size = {self.model_vocab}) ({key})"
+                )
+            if not (0 <= x < self.vocab):
                 raise UserError(
                     f"{where}: column '{col}' has token id {x}, outside the tokenizer's 0..{self.vocab - 1} ({key})"
                 )
@@ -791,6 +803,18 @@ class Renderer:
         segs.append((full[pos:], False))
         return [s for s in segs if s[0]]
 
+    def check_ids(self, ids: list[int], where: object) -> None:
+        """Ids the tokenizer produced must have a row in the model's embedding."""
+        if self.model_vocab is None or not ids:
+            return
+        top = max(ids)
+        if top >= self.model_vocab:
+            raise UserError(
+                f"{where}: the tokenizer gives token id {top}, but the model has embeddings for ids "
+                f"0..{self.model_vocab - 1} only (config.json vocab_size = {self.model_vocab}): the tokenizer "
+                "has tokens the model has no embedding for; use the model's own tokenizer (model.tokenizer)"
+            )
+
     def tokenize(self, rendered: list[Segments | tuple[list[int], list[int]]]) -> list[tuple[list[int], list[int]]]:
         """Token ids and labels per rendered row; all text segments of the batch go through one call."""
         texts = [t for r in rendered if isinstance(r, list) for t, _ in r]
@@ -861,6 +885,7 @@ def encode_rows(
     def flush() -> None:
         rendered = [renderer.render(row, _At(where, i), lenient) for i, row in chunk]
         for (i, _), (ids, labels) in zip(chunk, renderer.tokenize(rendered), strict=True):
+            renderer.check_ids(ids, _At(where, i))
             doc = _finish(ids, labels, renderer.cfg, _At(where, i), stats)
             if doc is not None:
                 docs.append(doc)
@@ -939,6 +964,16 @@ def mixture(sizes: list[int], weights: list[float], seed: int) -> list[np.ndarra
     return out
 
 
+def model_vocab_size(recipe: Recipe) -> int | None:
+    """Rows of the model's input embedding (config.json vocab_size), if its config states them."""
+    from launcher.loading import load_config, resolve_model_dir
+
+    config = load_config(recipe, resolve_model_dir(recipe))
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    value = getattr(text, "vocab_size", None)
+    return value if type(value) is int and value > 0 else None
+
+
 def _pad_id(tokenizer) -> int:
     for t in (tokenizer.pad_token_id, tokenizer.eos_token_id):
         if t is not None:
@@ -960,7 +995,8 @@ def build_payload(recipe: Recipe, tokenizer) -> dict:
     """Everything build_data returns, computed from scratch (what the cache stores)."""
     cfg = recipe.data
     t0 = time.time()
-    renderer = Renderer(cfg, tokenizer)
+    vocab = model_vocab_size(recipe)
+    renderer = Renderer(cfg, tokenizer, vocab)
     train_srcs, val_src = _sources(cfg)
     per = []
     stats = _Stats()
@@ -981,6 +1017,11 @@ def build_payload(recipe: Recipe, tokenizer) -> dict:
     # Shuffle before packing so equal-length documents of different sources share rows.
     mixed = mixed.take(np.random.default_rng([recipe.train.seed, 2]).permutation(len(mixed)))
     pad = _pad_id(tokenizer)
+    if vocab is not None and pad >= vocab:
+        raise UserError(
+            f"{recipe.model.tokenizer or recipe.model.path}: the tokenizer's padding id {pad} (its pad or EOS "
+            f"token) has no embedding in the model (config.json vocab_size = {vocab}); use the model's own tokenizer"
+        )
     train = pack(mixed, cfg.seq_len, pad, cfg.packing)
     out_stats = {
         "rows_read": stats.rows,
@@ -1203,7 +1244,13 @@ def prepare(recipe: Recipe, cache_dir: Path) -> None:
     tokenizer = _check_tokenizer(recipe)
     created = [d for d in (cache_dir, *cache_dir.parents) if not d.exists()]
     try:
-        build_data(recipe, tokenizer, 0, 1, cache_dir)
+        train, _ = build_data(recipe, tokenizer, 0, 1, cache_dir)
+        if len(train) < recipe.train.global_batch:  # StepSampler's rule, found here instead of on every rank
+            raise UserError(
+                f"data.datasets: the training data packs into {len(train)} rows of data.seq_len = "
+                f"{recipe.data.seq_len} tokens, fewer than train.global_batch = {recipe.train.global_batch}; "
+                "add data or lower train.global_batch"
+            )
     except BaseException:
         for d in created:  # innermost first; only what this call created, and only if still empty
             try:
@@ -1232,7 +1279,7 @@ def check(recipe: Recipe, rows: int = CHECK_ROWS) -> None:
         if not got:
             raise UserError(f"{src.path}: the dataset is empty (no rows)")
         if renderer is None:
-            renderer = Renderer(cfg, _check_tokenizer(recipe))
+            renderer = Renderer(cfg, _check_tokenizer(recipe), model_vocab_size(recipe))
         columns = {c for r in got for c in r if r.get(c) is not None}
         renderer.check_columns(sorted(columns | set(got[0])), src)
         stats = _Stats()

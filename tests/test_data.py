@@ -791,3 +791,62 @@ def test_loader_failures_are_one_line_that_echoes_no_bytes(tmp_path, tok, capfd,
     assert "SECRET" not in msg and "0xff" not in msg and "\n" not in msg
     # datasets logs "Failed to read file ... with error ..." (quoting the file) before it raises.
     assert capfd.readouterr().err == ""
+
+
+# ------------------------------------------------------------------ the model's vocabulary, the global batch
+
+
+@pytest.fixture
+def zap_tokenizer(tmp_path) -> Path:
+    """The tiny tokenizer plus one added token, <|zap|> = id 512: one past the model's 512 embeddings."""
+    from transformers import AutoTokenizer
+
+    t = AutoTokenizer.from_pretrained(str(TINY_MODEL))
+    t.add_tokens(["<|zap|>"])
+    out = tmp_path / "zap-tokenizer"
+    t.save_pretrained(out)
+    assert len(t) == 513 and t.convert_tokens_to_ids("<|zap|>") == 512
+    return out
+
+
+def test_text_that_tokenizes_past_the_models_embeddings_is_refused_with_its_line(tmp_path, zap_tokenizer):
+    path = jsonl(
+        tmp_path / "z.jsonl", [{"instruction": "Say hi.", "output": "hi"}, {"instruction": "x <|zap|>", "output": "o"}]
+    )
+    r = recipe({"datasets": [{"path": str(path)}], "format": "alpaca"})
+    r = r.model_copy(update={"model": r.model.model_copy(update={"tokenizer": str(zap_tokenizer)})})
+    with pytest.raises(UserError) as err:
+        data.prepare(r, tmp_path / "cache")
+    assert str(err.value).startswith(
+        f"{path}:2: the tokenizer gives token id 512, but the model has embeddings for ids 0..511 only "
+        "(config.json vocab_size = 512): the tokenizer has tokens the model has no embedding for"
+    )
+    with pytest.raises(UserError, match=rf"^{path}:2: the tokenizer gives token id 512"):
+        check(r)
+
+
+def test_a_tokenized_id_the_tokenizer_knows_but_the_model_does_not_is_refused(tmp_path, zap_tokenizer):
+    path = jsonl(tmp_path / "ids.jsonl", [{"input_ids": [5, 6, 7, 8]}, {"input_ids": [5, 6, 7, 512, 8, 9]}])
+    r = recipe({"datasets": [{"path": str(path)}], "format": "tokenized"})
+    r = r.model_copy(update={"model": r.model.model_copy(update={"tokenizer": str(zap_tokenizer)})})
+    with pytest.raises(UserError) as err:
+        build_data(r, data.build_tokenizer(r, TINY_MODEL), 0, 1)
+    assert str(err.value) == (
+        f"{path}:2: column 'input_ids' has token id 512, outside the model's vocabulary 0..511 "
+        "(config.json vocab_size = 512) (data.input_ids_column)"
+    )
+
+
+def test_prepare_refuses_fewer_packed_rows_than_the_global_batch(tmp_path):
+    path = jsonl(tmp_path / "three.jsonl", [{"instruction": f"Say {w}.", "output": w} for w in ("a", "b", "c")])
+    r = recipe({"datasets": [{"path": str(path)}], "format": "alpaca", "packing": False}, global_batch=8)
+    with pytest.raises(UserError) as err:
+        data.prepare(r, tmp_path / "cache")
+    assert str(err.value) == (
+        "data.datasets: the training data packs into 3 rows of data.seq_len = 64 tokens, fewer than "
+        "train.global_batch = 8; add data or lower train.global_batch"
+    )
+    data.prepare(
+        recipe({"datasets": [{"path": str(path)}], "format": "alpaca", "packing": False}, global_batch=2),
+        tmp_path / "cache",
+    )
