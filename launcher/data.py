@@ -43,7 +43,7 @@ import numpy as np
 import torch
 
 from launcher.errors import UserError
-from launcher.sources import open_regular, read_regular
+from launcher.sources import open_regular, read_regular, shown
 
 if TYPE_CHECKING:  # annotations only: packing and sampling import without pydantic (GPU hosts, tools)
     from launcher.recipe import DataConfig, Recipe
@@ -216,14 +216,63 @@ def _best_fit(lengths: np.ndarray, capacity: int) -> list[list[int]]:
 # ------------------------------------------------------------------ tokenizer
 
 
+# The files transformers reads from a tokenizer directory. It skips one it cannot read, or a tokenizer_config.json
+# that is a directory, and loads a tokenizer without its special tokens: a run that trains on the wrong ids.
+TOKENIZER_FILES = (
+    "tokenizer_config.json",
+    "tokenizer.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "chat_template.jinja",
+    "chat_template.json",
+    "vocab.json",
+    "vocab.txt",
+    "merges.txt",
+    "tokenizer.model",
+    "spiece.model",
+)
+
+
+def check_tokenizer_dir(directory: Path, trust_remote_code: bool) -> None:
+    """Every tokenizer file present is a regular file; tokenizer_config.json is a JSON object whose
+    tokenizer_class, if it names one, is a class transformers has (or the directory's own remote code)."""
+    from launcher.sources import read_json_object
+
+    for name in TOKENIZER_FILES:
+        if os.path.lexists(directory / name):
+            os.close(open_regular(directory / name, "tokenizer file"))
+    config_path = directory / "tokenizer_config.json"
+    if not os.path.lexists(config_path):
+        return
+    config = read_json_object(config_path, "tokenizer config")
+    cls = config.get("tokenizer_class")
+    if cls is None or (trust_remote_code and config.get("auto_map")):
+        return
+    from transformers.models.auto.tokenization_auto import tokenizer_class_from_name
+
+    if not isinstance(cls, str) or tokenizer_class_from_name(cls) is None:
+        what = shown(cls) if isinstance(cls, str) else _kind(cls)
+        raise UserError(
+            f"{config_path}: tokenizer_class {what} is not a tokenizer class transformers knows "
+            "(e.g. PreTrainedTokenizerFast, LlamaTokenizer)"
+        )
+
+
 def build_tokenizer(recipe: Recipe, model_dir: Path):
     from transformers import AutoTokenizer
 
     path = recipe.model.tokenizer or str(model_dir)
-    if not Path(path).expanduser().is_absolute() and not _HUB_ID.fullmatch(path):
+    local = Path(path).expanduser()
+    if not local.is_absolute() and not _HUB_ID.fullmatch(path):
         # Local tokenizer paths are absolute by now (see loading.resolve_model_dir): never the current directory.
         raise UserError(f"model.tokenizer = {path!r}: no such directory (and not a hub id of the form org/name)")
-    return AutoTokenizer.from_pretrained(path, trust_remote_code=recipe.model.trust_remote_code)
+    if local.is_absolute() and local.is_dir():
+        check_tokenizer_dir(local, recipe.model.trust_remote_code)
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=recipe.model.trust_remote_code)
+    # Its "Token indices sequence length is longer than ..." warning (once per tokenizer: twice per launch)
+    # is about model_max_length; qlaunch applies data.overlong against data.seq_len and says so itself.
+    getattr(tokenizer, "deprecation_warnings", {})["sequence-length-is-longer-than-the-specified-maximum"] = True
+    return tokenizer
 
 
 def tokenizer_fingerprint(tokenizer) -> str:
@@ -755,8 +804,8 @@ class Renderer:
                 raise UserError(f"{where}: message {k} must be an object with role and content, got {_kind(m)}")
             role, content = m.get("role"), m.get("content")
             if role not in ROLES:
-                shown = repr(role) if isinstance(role, str) else _kind(role)
-                raise UserError(f"{where}: message {k} has unknown role {shown} (expected one of {', '.join(ROLES)})")
+                what = shown(role) if isinstance(role, str) else _kind(role)
+                raise UserError(f"{where}: message {k} has unknown role {what} (expected one of {', '.join(ROLES)})")
             if not isinstance(content, str):
                 raise UserError(f"{where}: message {k} ({role}) content must be a string, got {_kind(content)}")
         return list(v)

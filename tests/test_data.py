@@ -850,3 +850,72 @@ def test_prepare_refuses_fewer_packed_rows_than_the_global_batch(tmp_path):
         recipe({"datasets": [{"path": str(path)}], "format": "alpaca", "packing": False}, global_batch=2),
         tmp_path / "cache",
     )
+
+
+# ------------------------------------------------------------------ tokenizer files
+
+
+def _tokenizer_copy(tmp_path: Path) -> Path:
+    out = tmp_path / "tok"
+    out.mkdir()
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (out / name).write_bytes((TINY_MODEL / name).read_bytes())
+    return out
+
+
+def _fifo(p: Path) -> None:
+    p.unlink()
+    os.mkfifo(p)
+
+
+def _directory(p: Path) -> None:
+    p.unlink()
+    p.mkdir()
+
+
+def _unknown_class(p: Path) -> None:
+    p.write_text(json.dumps({**json.loads(p.read_text()), "tokenizer_class": "NoSuchTokenizerFast"}))
+
+
+@pytest.mark.parametrize(
+    "name,spoil,expected",
+    [
+        ("tokenizer_config.json", _fifo, "the tokenizer file is a FIFO; it must be a regular file"),
+        ("tokenizer_config.json", _directory, "the tokenizer file is a directory; it must be a regular file"),
+        ("tokenizer.json", _fifo, "the tokenizer file is a FIFO; it must be a regular file"),
+        ("tokenizer_config.json", lambda p: p.write_text("[1]"), "the tokenizer config must be a JSON object"),
+        ("tokenizer_config.json", _unknown_class, "tokenizer_class 'NoSuchTokenizerFast' is not a tokenizer class"),
+    ],
+)
+def test_a_broken_tokenizer_file_is_one_line_naming_it(tmp_path, name, spoil, expected):
+    # transformers skipped these silently: the run trained without the tokenizer's special tokens.
+    tok_dir = _tokenizer_copy(tmp_path)
+    spoil(tok_dir / name)
+    path = jsonl(tmp_path / "a.jsonl", [{"instruction": "Say hi.", "output": "hi"}] * 8)
+    r = recipe({"datasets": [{"path": str(path)}], "format": "alpaca"})
+    r = r.model_copy(update={"model": r.model.model_copy(update={"tokenizer": str(tok_dir)})})
+    with pytest.raises(UserError) as err:
+        data.prepare(r, tmp_path / "cache")
+    assert str(err.value).startswith(f"{tok_dir / name}: {expected}"), str(err.value)
+
+
+def test_the_tokenizers_sequence_length_warning_is_not_printed(tmp_path):
+    # transformers warns about model_max_length once per tokenizer: check and prepare each printed it.
+    import logging
+
+    tok_dir = _tokenizer_copy(tmp_path)
+    cfg = tok_dir / "tokenizer_config.json"
+    cfg.write_text(json.dumps({**json.loads(cfg.read_text()), "model_max_length": 8}))
+    path = jsonl(tmp_path / "a.jsonl", [{"instruction": "Say hi. " * 20, "output": "hi"}] * 8)
+    r = recipe({"datasets": [{"path": str(path)}], "format": "alpaca", "seq_len": 512}, global_batch=1)
+    r = r.model_copy(update={"model": r.model.model_copy(update={"tokenizer": str(tok_dir)})})
+    seen: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: seen.append(record.getMessage())
+    logging.getLogger("transformers").addHandler(handler)
+    try:
+        check(r)
+        data.prepare(r, tmp_path / "cache")
+    finally:
+        logging.getLogger("transformers").removeHandler(handler)
+    assert not [m for m in seen if "Token indices" in m]
