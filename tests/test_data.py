@@ -919,3 +919,86 @@ def test_the_tokenizers_sequence_length_warning_is_not_printed(tmp_path):
     finally:
         logging.getLogger("transformers").removeHandler(handler)
     assert not [m for m in seen if "Token indices" in m]
+
+
+# ------------------------------------------------------------------ a local dataset reads only its own directory
+
+
+ROWS8 = [{"text": f"row {i}"} for i in range(8)]
+
+
+def _saved(tmp_path: Path) -> tuple[Path, Path]:
+    import datasets
+
+    d = tmp_path / "saved"
+    datasets.Dataset.from_list(ROWS8).save_to_disk(d)
+    (arrow,) = d.glob("*.arrow")
+    return d, arrow
+
+
+def _state_names_outside(tmp_path: Path) -> Path:
+    d, arrow = _saved(tmp_path)
+    (tmp_path / "outside").mkdir()
+    arrow.rename(tmp_path / "outside" / arrow.name)
+    state = json.loads((d / "state.json").read_text())
+    state["_data_files"][0]["filename"] = f"../outside/{arrow.name}"
+    (d / "state.json").write_text(json.dumps(state))
+    return d
+
+
+def _arrow_links_outside(tmp_path: Path) -> Path:
+    d, arrow = _saved(tmp_path)
+    arrow.rename(tmp_path / "elsewhere.arrow")
+    arrow.symlink_to(tmp_path / "elsewhere.arrow")
+    return d
+
+
+def _split_outside(tmp_path: Path) -> Path:
+    import datasets
+
+    d = tmp_path / "dd"
+    datasets.DatasetDict({"train": datasets.Dataset.from_list(ROWS8)}).save_to_disk(d)
+    (d / "train").rename(tmp_path / "train")
+    (d / "dataset_dict.json").write_text(json.dumps({"splits": ["../train"]}))
+    return d
+
+
+def _readme_names_outside(tmp_path: Path) -> Path:
+    (tmp_path / "secret").mkdir()
+    jsonl(tmp_path / "secret" / "a.jsonl", ROWS8)
+    d = tmp_path / "repo"
+    d.mkdir()
+    jsonl(d / "d.jsonl", ROWS8)
+    configs = "configs:\n- config_name: default\n  data_files:\n  - split: train\n    path: ../secret/*.jsonl\n"
+    (d / "README.md").write_text(f"---\n{configs}---\n")
+    return d
+
+
+def _repo_file_links_outside(tmp_path: Path) -> Path:
+    (tmp_path / "secret").mkdir()
+    jsonl(tmp_path / "secret" / "a.jsonl", ROWS8)
+    d = tmp_path / "repo"
+    d.mkdir()
+    (d / "d.jsonl").symlink_to(tmp_path / "secret" / "a.jsonl")
+    return d
+
+
+@pytest.mark.parametrize(
+    "make,expected",
+    [
+        (_state_names_outside, "saved/state.json: _data_files names '../outside/data-"),
+        (_arrow_links_outside, "saved: file "),
+        (_split_outside, "dd/dataset_dict.json: 'splits' must be a non-empty list of folder names"),
+        (_readme_names_outside, "repo: data file "),
+        (_repo_file_links_outside, "repo: data file "),
+    ],
+)
+def test_a_local_dataset_reads_no_file_outside_its_directory(tmp_path, make, expected):
+    d = make(tmp_path)
+    r = recipe({"datasets": [{"path": str(d)}]}, global_batch=1)
+    for fn in (lambda: check(r), lambda: data.prepare(r, tmp_path / "cache")):
+        with pytest.raises(UserError) as err:
+            fn()
+        assert str(err.value).startswith(f"{tmp_path}/{expected}"), str(err.value)
+        assert "outside" in str(err.value) or "folder names" in str(err.value)
+    assert not (tmp_path / "cache").exists()
