@@ -30,11 +30,13 @@ import json
 import math
 import os
 import re
+import signal
 import socket
 import stat
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -53,6 +55,9 @@ IGNORE = -100
 CACHE_VERSION = 2
 # Rows per source that `check` reads in the launching process (enough to catch a systematic mistake).
 CHECK_ROWS = 2000
+# Wall-clock limit of one chat-template rendering: real templates take milliseconds; a Jinja loop bomb
+# (range(100000) nested twice) would otherwise render for hours before a rank is even spawned.
+RENDER_LIMIT_S = 5.0
 # Rows rendered and tokenized per batched tokenizer call.
 CHUNK_ROWS = 1024
 # Waiting ranks give up after this long, or after the builder's lock file stopped being refreshed for
@@ -780,6 +785,35 @@ class _Stats:
 Segments = list[tuple[str, bool]]  # (text, trainable)
 
 
+class _RenderTimeout(Exception):
+    pass
+
+
+@contextmanager
+def _time_limit(seconds: float) -> Iterator[None]:
+    """Raise _RenderTimeout inside the body after `seconds` of wall-clock time (SIGALRM: main thread only;
+    elsewhere, e.g. a test's worker thread, no limit). The previous handler and timer are restored."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def expire(signum, frame):
+        raise _RenderTimeout
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    outer, _ = signal.setitimer(signal.ITIMER_REAL, seconds)
+    started = time.monotonic()
+    try:
+        yield
+    finally:
+        try:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+        finally:  # even if the alarm fired just now, the previous handler comes back
+            signal.signal(signal.SIGALRM, previous)
+        if outer:  # someone else's timer was running: give it back what is left of it
+            signal.setitimer(signal.ITIMER_REAL, max(outer - (time.monotonic() - started), 1e-3))
+
+
 class Renderer:
     """Validates one row of the configured format and renders it into trainable / prompt segments."""
 
@@ -898,12 +932,18 @@ class Renderer:
         return list(v)
 
     def _apply(self, messages: list[dict], generation: bool, where: object) -> str:
+        which = "data.chat_template" if self.cfg.chat_template else "the tokenizer's chat_template"
         try:
-            out = self.tok.apply_chat_template(
-                messages, tokenize=False, add_generation_prompt=generation, chat_template=self.template
-            )
+            with _time_limit(RENDER_LIMIT_S):
+                out = self.tok.apply_chat_template(
+                    messages, tokenize=False, add_generation_prompt=generation, chat_template=self.template
+                )
+        except _RenderTimeout:
+            raise UserError(
+                f"{where}: the chat template ({which}) did not finish rendering one conversation within "
+                f"{RENDER_LIMIT_S:g} s (a template renders in milliseconds; does it loop?)"
+            ) from None
         except Exception as err:  # noqa: BLE001 - jinja errors, raise_exception() in templates
-            which = "data.chat_template" if self.cfg.chat_template else "the tokenizer's chat_template"
             raise UserError(
                 f"{where}: the chat template ({which}) failed: {' '.join(str(err).split())[:300]}"
             ) from None

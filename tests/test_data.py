@@ -1002,3 +1002,38 @@ def test_a_local_dataset_reads_no_file_outside_its_directory(tmp_path, make, exp
         assert str(err.value).startswith(f"{tmp_path}/{expected}"), str(err.value)
         assert "outside" in str(err.value) or "folder names" in str(err.value)
     assert not (tmp_path / "cache").exists()
+
+
+# ------------------------------------------------------------------ a chat template that never ends
+
+BOMB = "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}x"
+
+
+@pytest.mark.parametrize("where", ["recipe", "tokenizer"])
+def test_a_chat_template_loop_bomb_ends_with_one_line_naming_the_template(tmp_path, monkeypatch, where):
+    import signal
+
+    monkeypatch.setattr(data, "RENDER_LIMIT_S", 1.0, raising=False)
+    chat = {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}
+    path = jsonl(tmp_path / "c.jsonl", [chat] * 4)
+    settings = {"datasets": [{"path": str(path)}], "format": "chat"}
+    if where == "recipe":
+        r = recipe({**settings, "chat_template": BOMB})
+        which = "data.chat_template"
+    else:
+        tok_dir = _tokenizer_copy(tmp_path)
+        cfg = tok_dir / "tokenizer_config.json"
+        cfg.write_text(json.dumps({**json.loads(cfg.read_text()), "chat_template": BOMB}))
+        r = recipe(settings)
+        r = r.model_copy(update={"model": r.model.model_copy(update={"tokenizer": str(tok_dir)})})
+        which = "the tokenizer's chat_template"
+    before = signal.getsignal(signal.SIGALRM)
+    t0 = time.monotonic()
+    with pytest.raises(UserError) as err:
+        check(r)
+    assert time.monotonic() - t0 < 30
+    assert str(err.value) == (
+        f"{path}:1: the chat template ({which}) did not finish rendering one conversation within 1 s "
+        "(a template renders in milliseconds; does it loop?)"
+    )
+    assert signal.getsignal(signal.SIGALRM) is before and signal.getitimer(signal.ITIMER_REAL) == (0.0, 0.0)
