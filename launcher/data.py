@@ -866,8 +866,16 @@ class Renderer:
             raise UserError(f"{where}: column '{col}' is missing or null ({key})")
         if isinstance(v, np.ndarray):
             v = v.tolist()
-        if not isinstance(v, (list, tuple)) or not all(isinstance(x, int) and not isinstance(x, bool) for x in v):
+        if not isinstance(v, (list, tuple)):
             raise UserError(f"{where}: column '{col}' must be a list of integer token ids, got {_kind(v)} ({key})")
+        for k, x in enumerate(v, 1):
+            if not isinstance(x, int) or isinstance(x, bool):
+                what = (
+                    "a boolean" if isinstance(x, bool) else "a fractional number" if isinstance(x, float) else _kind(x)
+                )
+                raise UserError(
+                    f"{where}: column '{col}' must be a list of integer token ids; element {k} is {what} ({key})"
+                )
         for x in v:
             if allow_ignore and x == IGNORE:
                 continue

@@ -1037,3 +1037,13 @@ def test_a_chat_template_loop_bomb_ends_with_one_line_naming_the_template(tmp_pa
         "(a template renders in milliseconds; does it loop?)"
     )
     assert signal.getsignal(signal.SIGALRM) is before and signal.getitimer(signal.ITIMER_REAL) == (0.0, 0.0)
+
+
+@pytest.mark.parametrize("bad,what", [(1.5, "a fractional number"), (True, "a boolean"), ("7", "a string")])
+def test_a_token_id_that_is_not_an_integer_is_named(tmp_path, tok, bad, what):
+    path = jsonl(tmp_path / "ids.jsonl", [{"input_ids": [5, 6, 7]}, {"input_ids": [5, bad, 7]}])
+    with pytest.raises(UserError) as err:
+        build_data(recipe({"datasets": [{"path": str(path)}], "format": "tokenized"}), tok, 0, 1)
+    assert str(err.value) == (
+        f"{path}:2: column 'input_ids' must be a list of integer token ids; element 2 is {what} (data.input_ids_column)"
+    )
