@@ -531,12 +531,13 @@ _CSV_FIELDS = re.compile(r"Expected (\d+) fields in line (\d+), saw (\d+)")  # p
 _ROW = re.compile(r"\b(?:row|line) (\d+)\b", re.IGNORECASE)
 
 
-def _cause(err: BaseException) -> str:
+def _cause(err: BaseException, verbatim: bool = False) -> str:
     """What a datasets/pyarrow/pandas failure says, without the bytes of the file its message may quote.
 
     Invalid UTF-8 is "not UTF-8 text" (their messages quote the byte); a ragged CSV row is its column
     counts (pyarrow quotes the row); anything else is the exception's type and its message up to the first
-    colon or quote, where these libraries start quoting data.
+    colon or quote, where these libraries start quoting data (`verbatim`: the whole message, for the hub,
+    whose messages are about names and the network, not a local file's bytes).
     """
     chain = list(_chain(err))
     if any(isinstance(e, UnicodeDecodeError) or "decode byte" in str(e) or "UTF-8" in str(e) for e in chain):
@@ -547,7 +548,7 @@ def _cause(err: BaseException) -> str:
         return f"line {m.group(2)} has {m.group(3)} fields, the header has {m.group(1)} columns"
     if m := _CSV_COLUMNS.search(text):
         return f"a row has {m.group(2)} fields, the header has {m.group(1)} columns"
-    head = re.split(r"[:'\"`]", text, maxsplit=1)[0].strip()[:200]
+    head = text[:300] if verbatim else re.split(r"[:'\"`]", text, maxsplit=1)[0].strip()[:200]
     return f"{type(cause).__name__}" + (f": {head}" if head else "")
 
 
@@ -568,7 +569,7 @@ def _load_error(src: Source, err: Exception) -> UserError:
         return UserError(f"{src.path}: the dataset is empty (no rows)")
     if src.kind == "parquet" and _parquet_rows(p) == 0:
         return UserError(f"{src.path}: the dataset is empty (no rows)")
-    what = _cause(err)
+    what = _cause(err, verbatim=src.kind == "hub")
     if src.kind == "hub":
         return UserError(
             f"{src.path}: could not load hub dataset split {src.split!r} ({src.key}; no local file of that "
@@ -713,7 +714,7 @@ def _dataset_rows(ds, src: Source) -> Iterator[tuple[int, dict]]:
         except StopIteration:
             return
         except Exception as err:  # noqa: BLE001 - a value the loader cannot decode is the user's data
-            rows = f"rows {i + 1}-{i + CHUNK_ROWS}" if src.kind != "hub" else f"split {src.split!r} rows {i + 1}-"
+            rows = f"rows {i + 1}-{i + CHUNK_ROWS}" if src.kind != "hub" else f"(split {src.split!r}) rows {i + 1}-"
             raise UserError(f"{src.path} {rows}: could not read the data ({src.key}): {_cause(err)}") from None
         cols = list(batch)
         n = len(batch[cols[0]]) if cols else 0
