@@ -406,11 +406,8 @@ def _datasets():
 
 
 class _Where:
-    """Row index (0-based) of a source -> 'file:LINE' for JSON lines, 'file row N' otherwise.
-
-    Line numbers of a JSON-lines file are only worked out when an error needs one (a scan of the file).
-    datasets skips blank lines, so row k is the k-th non-blank line.
-    """
+    """Row index (0-based) of a source -> 'file:LINE' for JSON lines, 'file record N' for a JSON array,
+    'file row N' otherwise. `lines`: the line of each JSON-lines record, as qlaunch's reader found them."""
 
     def __init__(self, src: Source, lines: list[int] | None = None):
         self.src = src
@@ -418,8 +415,6 @@ class _Where:
 
     def __call__(self, i: int) -> str:
         if self.src.kind == "json":
-            if self._lines is None:
-                self._lines = _json_line_numbers(Path(self.src.path))
             if self._lines and i < len(self._lines):
                 return f"{self.src.path}:{self._lines[i]}"
             return f"{self.src.path} record {i + 1}"
@@ -435,13 +430,6 @@ def _is_json_array(path: Path) -> bool:
             if s:
                 return s[:1] == b"["
     return False
-
-
-def _json_line_numbers(path: Path) -> list[int]:
-    if _is_json_array(path):
-        return []
-    with open(path, encoding="utf-8", errors="replace") as f:
-        return [n for n, line in enumerate(f, 1) if line.strip()]
 
 
 def _json_msg(err: json.JSONDecodeError) -> str:
