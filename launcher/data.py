@@ -30,11 +30,13 @@ import json
 import math
 import os
 import re
+import signal
 import socket
 import stat
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -43,15 +45,19 @@ import numpy as np
 import torch
 
 from launcher.errors import UserError
+from launcher.sources import open_regular, read_regular, shown
 
 if TYPE_CHECKING:  # annotations only: packing and sampling import without pydantic (GPU hosts, tools)
     from launcher.recipe import DataConfig, Recipe
 
 IGNORE = -100
 # Bump when rendering, tokenization or the cached layout changes, so old caches stop matching.
-CACHE_VERSION = 1
+CACHE_VERSION = 2
 # Rows per source that `check` reads in the launching process (enough to catch a systematic mistake).
 CHECK_ROWS = 2000
+# Wall-clock limit of one chat-template rendering: real templates take milliseconds; a Jinja loop bomb
+# (range(100000) nested twice) would otherwise render for hours before a rank is even spawned.
+RENDER_LIMIT_S = 5.0
 # Rows rendered and tokenized per batched tokenizer call.
 CHUNK_ROWS = 1024
 # Waiting ranks give up after this long, or after the builder's lock file stopped being refreshed for
@@ -60,6 +66,8 @@ WAIT_TIMEOUT_S = 4 * 3600.0
 STALE_LOCK_S = 300.0
 # The validation carve uses its own fixed seed so the validation set does not change with train.seed.
 VAL_SEED = 1_234_567
+# A JSON array data file is parsed whole; bigger data belongs in JSON lines, which are streamed.
+_MAX_JSON_ARRAY_BYTES = 2_000_000_000
 
 FILE_KINDS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv", ".arrow": "arrow"}
 ROLES = ("system", "user", "assistant", "tool")
@@ -213,14 +221,63 @@ def _best_fit(lengths: np.ndarray, capacity: int) -> list[list[int]]:
 # ------------------------------------------------------------------ tokenizer
 
 
+# The files transformers reads from a tokenizer directory. It skips one it cannot read, or a tokenizer_config.json
+# that is a directory, and loads a tokenizer without its special tokens: a run that trains on the wrong ids.
+TOKENIZER_FILES = (
+    "tokenizer_config.json",
+    "tokenizer.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "chat_template.jinja",
+    "chat_template.json",
+    "vocab.json",
+    "vocab.txt",
+    "merges.txt",
+    "tokenizer.model",
+    "spiece.model",
+)
+
+
+def check_tokenizer_dir(directory: Path, trust_remote_code: bool) -> None:
+    """Every tokenizer file present is a regular file; tokenizer_config.json is a JSON object whose
+    tokenizer_class, if it names one, is a class transformers has (or the directory's own remote code)."""
+    from launcher.sources import read_json_object
+
+    for name in TOKENIZER_FILES:
+        if os.path.lexists(directory / name):
+            os.close(open_regular(directory / name, "tokenizer file"))
+    config_path = directory / "tokenizer_config.json"
+    if not os.path.lexists(config_path):
+        return
+    config = read_json_object(config_path, "tokenizer config")
+    cls = config.get("tokenizer_class")
+    if cls is None or (trust_remote_code and config.get("auto_map")):
+        return
+    from transformers.models.auto.tokenization_auto import tokenizer_class_from_name
+
+    if not isinstance(cls, str) or tokenizer_class_from_name(cls) is None:
+        what = shown(cls) if isinstance(cls, str) else _kind(cls)
+        raise UserError(
+            f"{config_path}: tokenizer_class {what} is not a tokenizer class transformers knows "
+            "(e.g. PreTrainedTokenizerFast, LlamaTokenizer)"
+        )
+
+
 def build_tokenizer(recipe: Recipe, model_dir: Path):
     from transformers import AutoTokenizer
 
     path = recipe.model.tokenizer or str(model_dir)
-    if not Path(path).expanduser().is_absolute() and not _HUB_ID.fullmatch(path):
+    local = Path(path).expanduser()
+    if not local.is_absolute() and not _HUB_ID.fullmatch(path):
         # Local tokenizer paths are absolute by now (see loading.resolve_model_dir): never the current directory.
         raise UserError(f"model.tokenizer = {path!r}: no such directory (and not a hub id of the form org/name)")
-    return AutoTokenizer.from_pretrained(path, trust_remote_code=recipe.model.trust_remote_code)
+    if local.is_absolute() and local.is_dir():
+        check_tokenizer_dir(local, recipe.model.trust_remote_code)
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=recipe.model.trust_remote_code)
+    # Its "Token indices sequence length is longer than ..." warning (once per tokenizer: twice per launch)
+    # is about model_max_length; qlaunch applies data.overlong against data.seq_len and says so itself.
+    getattr(tokenizer, "deprecation_warnings", {})["sequence-length-is-longer-than-the-specified-maximum"] = True
+    return tokenizer
 
 
 def tokenizer_fingerprint(tokenizer) -> str:
@@ -329,6 +386,8 @@ def fingerprint(recipe: Recipe, tokenizer) -> str:
         "seed": recipe.train.seed,
         "sources": [_identity(s) for s in train] + ([_identity(val)] if val else []),
         "tokenizer": tokenizer_fingerprint(tokenizer),
+        # A cache built for a model with more embeddings must not let a smaller model skip the id check.
+        "model_vocab": model_vocab_size(recipe),
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:32]
 
@@ -340,15 +399,15 @@ def _datasets():
     import datasets
 
     datasets.disable_progress_bars()
+    # Its loaders log "Failed to read file ... with error ..." (echoing the file's bytes) before raising; the
+    # exception is turned into qlaunch's one line (_load_error), so the log line is only noise on stderr.
+    datasets.logging.set_verbosity(datasets.logging.CRITICAL)
     return datasets
 
 
 class _Where:
-    """Row index (0-based) of a source -> 'file:LINE' for JSON lines, 'file row N' otherwise.
-
-    Line numbers of a JSON-lines file are only worked out when an error needs one (a scan of the file).
-    datasets skips blank lines, so row k is the k-th non-blank line.
-    """
+    """Row index (0-based) of a source -> 'file:LINE' for JSON lines, 'file record N' for a JSON array,
+    'file row N' otherwise. `lines`: the line of each JSON-lines record, as qlaunch's reader found them."""
 
     def __init__(self, src: Source, lines: list[int] | None = None):
         self.src = src
@@ -356,8 +415,6 @@ class _Where:
 
     def __call__(self, i: int) -> str:
         if self.src.kind == "json":
-            if self._lines is None:
-                self._lines = _json_line_numbers(Path(self.src.path))
             if self._lines and i < len(self._lines):
                 return f"{self.src.path}:{self._lines[i]}"
             return f"{self.src.path} record {i + 1}"
@@ -375,13 +432,6 @@ def _is_json_array(path: Path) -> bool:
     return False
 
 
-def _json_line_numbers(path: Path) -> list[int]:
-    if _is_json_array(path):
-        return []
-    with open(path, encoding="utf-8", errors="replace") as f:
-        return [n for n, line in enumerate(f, 1) if line.strip()]
-
-
 def _json_msg(err: json.JSONDecodeError) -> str:
     return f"{err.msg.removesuffix(' at')} at column {err.colno}"
 
@@ -390,14 +440,17 @@ def _json_msg(err: json.JSONDecodeError) -> str:
 _JSON_TOO_DEEP = "JSON nested too deeply (arrays or objects about 1000 levels deep); a record needs a few levels"
 
 
-def _json_rows(path: Path, limit: int | None = None) -> tuple[list[dict], list[int], bool]:
-    """Parse a JSON / JSON-lines file ourselves: exact line numbers for syntax errors and non-objects.
+def _json_records(path: Path) -> Iterator[tuple[int | None, dict]]:
+    """Every record of a JSON / JSON-lines file, parsed by qlaunch itself one at a time: (line, record).
 
-    Returns (rows, line numbers, complete) with at most `limit` rows; complete = the whole file was read.
+    The line is None for a JSON array file (one document: it is parsed whole). Any syntax error, non-object,
+    non-UTF-8 text or nesting too deep to parse is one line naming the file and line. This is the only reader
+    of JSON data: pyarrow's JSON reader crashes the process on a record nested a few hundred thousand levels
+    deep, and its pandas fallback re-types columns and loses the line of a late bad row.
     """
     if _is_json_array(path):
         try:
-            data = json.loads(path.read_text(encoding="utf-8"))
+            data = json.loads(read_regular(path, "JSON data file", limit=_MAX_JSON_ARRAY_BYTES).decode("utf-8"))
         except json.JSONDecodeError as err:
             raise UserError(f"{path}:{err.lineno}: malformed JSON ({_json_msg(err)})") from None
         except RecursionError:
@@ -407,16 +460,13 @@ def _json_rows(path: Path, limit: int | None = None) -> tuple[list[dict], list[i
         for k, rec in enumerate(data):
             if not isinstance(rec, dict):
                 raise UserError(f"{path} record {k + 1}: expected a JSON object, got {_kind(rec)}")
-        rows = data if limit is None else data[:limit]
-        return rows, [], limit is None or len(data) <= limit
-    rows: list[dict] = []
-    lines: list[int] = []
-    with open(path, "rb") as f:
+        yield from ((None, rec) for rec in data)
+        return
+    fd = open_regular(path, "JSON-lines data file")
+    with open(fd, "rb") as f:
         for n, raw in enumerate(f, 1):
             if not raw.strip():
                 continue
-            if limit is not None and len(rows) >= limit:
-                return rows, lines, False
             try:
                 rec = json.loads(raw.rstrip(b"\r\n"))
             except json.JSONDecodeError as err:
@@ -427,9 +477,28 @@ def _json_rows(path: Path, limit: int | None = None) -> tuple[list[dict], list[i
                 raise UserError(f"{path}:{n}: not UTF-8 text ({err.reason})") from None
             if not isinstance(rec, dict):
                 raise UserError(f"{path}:{n}: expected one JSON object per line, got {_kind(rec)}")
-            rows.append(rec)
+            yield n, rec
+
+
+def _json_rows(path: Path, limit: int | None = None) -> tuple[list[dict], list[int], bool]:
+    """Up to `limit` records of a JSON / JSON-lines file: (rows, line numbers, complete = read to its end)."""
+    rows: list[dict] = []
+    lines: list[int] = []
+    for n, rec in _json_records(path):
+        if limit is not None and len(rows) >= limit:
+            return rows, lines, False
+        rows.append(rec)
+        if n is not None:
             lines.append(n)
     return rows, lines, True
+
+
+def _json_source_rows(path: Path, lines: list[int]) -> Iterator[tuple[int, dict]]:
+    """(row index, record) of a JSON data file, streamed; appends each record's line to `lines` (for _Where)."""
+    for i, (n, rec) in enumerate(_json_records(path)):
+        if n is not None:
+            lines.append(n)
+        yield i, rec
 
 
 def _csv_is_empty(path: Path) -> bool:
@@ -437,17 +506,58 @@ def _csv_is_empty(path: Path) -> bool:
         return sum(1 for line in f if line.strip()) <= 1  # nothing, or a header only
 
 
+def _chain(err: BaseException) -> Iterator[BaseException]:
+    seen: set[int] = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        yield err
+        err = err.__cause__ or err.__context__
+
+
+_CSV_COLUMNS = re.compile(r"Expected (\d+) columns?, got (\d+)")  # pyarrow
+_CSV_FIELDS = re.compile(r"Expected (\d+) fields in line (\d+), saw (\d+)")  # pandas
+_ROW = re.compile(r"\b(?:row|line) (\d+)\b", re.IGNORECASE)
+
+
+def _cause(err: BaseException, verbatim: bool = False) -> str:
+    """What a datasets/pyarrow/pandas failure says, without the bytes of the file its message may quote.
+
+    Invalid UTF-8 is "not UTF-8 text" (their messages quote the byte); a ragged CSV row is its column
+    counts (pyarrow quotes the row); anything else is the exception's type and its message up to the first
+    colon or quote, where these libraries start quoting data (`verbatim`: the whole message, for the hub,
+    whose messages are about names and the network, not a local file's bytes).
+    """
+    chain = list(_chain(err))
+    if any(isinstance(e, UnicodeDecodeError) or "decode byte" in str(e) or "UTF-8" in str(e) for e in chain):
+        return "not UTF-8 text"
+    cause = chain[1] if len(chain) > 1 and err.__cause__ is not None else chain[0]
+    text = " ".join(str(cause).split())
+    if m := _CSV_FIELDS.search(text):
+        return f"line {m.group(2)} has {m.group(3)} fields, the header has {m.group(1)} columns"
+    if m := _CSV_COLUMNS.search(text):
+        return f"a row has {m.group(2)} fields, the header has {m.group(1)} columns"
+    head = text[:300] if verbatim else re.split(r"[:'\"`]", text, maxsplit=1)[0].strip()[:200]
+    return f"{type(cause).__name__}" + (f": {head}" if head else "")
+
+
+def _parquet_rows(path: Path) -> int | None:
+    """The row count a parquet file's footer states; None if it has no readable footer."""
+    import pyarrow.parquet as pq
+
+    try:
+        return pq.ParquetFile(path).metadata.num_rows
+    except Exception:  # noqa: BLE001 - a corrupt file: the loader's error says so
+        return None
+
+
 def _load_error(src: Source, err: Exception) -> UserError:
     """Turn a datasets/pyarrow loading failure into one line that says where and what."""
     p = Path(src.path)
-    if src.kind == "json":
-        rows, _, _ = _json_rows(p)  # raises the precise syntax error if there is one
-        if not rows:
-            return UserError(f"{src.path}: the dataset is empty (no records)")
     if src.kind == "csv" and _csv_is_empty(p):
         return UserError(f"{src.path}: the dataset is empty (no rows)")
-    cause = err.__cause__ or err
-    what = " ".join(f"{type(cause).__name__}: {cause}".split())[:300]
+    if src.kind == "parquet" and _parquet_rows(p) == 0:
+        return UserError(f"{src.path}: the dataset is empty (no rows)")
+    what = _cause(err, verbatim=src.kind == "hub")
     if src.kind == "hub":
         return UserError(
             f"{src.path}: could not load hub dataset split {src.split!r} ({src.key}; no local file of that "
@@ -476,9 +586,95 @@ def _open_arrow(src: Source, ds_lib):
     return _pick_split(ds_lib.load_from_disk(src.path), src)
 
 
+# ------------------------------------------------------------------ a local dataset reads only its own files
+
+
+def _plain_name(name: object) -> bool:
+    return isinstance(name, str) and name not in ("", ".", "..") and not any(c in name for c in "/\\\0")
+
+
+def _inside(root: Path, path: Path, src: Source, what: str) -> None:
+    """PATH, with every symlink followed, is ROOT or below it; else one line naming the escaping file."""
+    real = Path(os.path.realpath(path))
+    if real != root and root not in real.parents:
+        raise UserError(
+            f"{src.path}: {what} {shown(str(path))} lies outside the dataset directory ({src.key}); a local "
+            "dataset may only read files inside its own directory"
+        )
+
+
+def _saved_files(src: Source) -> list[Path]:
+    """The files load_from_disk reads, checked: split folders named by dataset_dict.json and data files named
+    by each state.json's _data_files are plain names, inside the directory, regular files."""
+    from launcher.sources import read_json_object
+
+    d = Path(src.path)
+    root = Path(os.path.realpath(d))
+    folders = [d]
+    if os.path.lexists(d / "dataset_dict.json"):
+        splits = read_json_object(d / "dataset_dict.json", "saved dataset's split list").get("splits")
+        if not isinstance(splits, list) or not splits or not all(_plain_name(x) for x in splits):
+            raise UserError(
+                f"{d / 'dataset_dict.json'}: 'splits' must be a non-empty list of folder names inside {d} ({src.key})"
+            )
+        folders = [d / x for x in splits]
+    files = []
+    for folder in folders:
+        _inside(root, folder, src, "split folder")
+        state_path = folder / "state.json"
+        state = read_json_object(state_path, "saved dataset state")
+        entries = state.get("_data_files")
+        if not isinstance(entries, list) or not entries:
+            raise UserError(f"{state_path}: '_data_files' must be a non-empty list of the split's Arrow files")
+        for entry in entries:
+            name = entry.get("filename") if isinstance(entry, dict) else None
+            if not _plain_name(name):
+                what = shown(name) if isinstance(name, str) else _kind(name)
+                raise UserError(
+                    f"{state_path}: _data_files names {what}; a saved dataset's files are plain file names "
+                    f"inside its folder ({src.key})"
+                )
+            files.append(folder / name)
+        for extra in ("state.json", "dataset_info.json"):
+            if os.path.lexists(folder / extra):
+                files.append(folder / extra)
+    for f in files:
+        _inside(root, f, src, "file")
+        os.close(open_regular(f, "saved dataset file"))
+    return files
+
+
+def _repo_files(src: Source, ds_lib) -> list[Path]:
+    """The data files datasets would load from a directory of data files (its README.md `configs` may name
+    any path), checked: inside the directory, regular files, and JSON ones read through qlaunch's reader."""
+    try:
+        config = ds_lib.load_dataset_builder(src.path).config
+    except Exception as err:  # noqa: BLE001
+        raise _load_error(src, err) from None
+    data_files = getattr(config, "data_files", None) or {}
+    root = Path(os.path.realpath(src.path))
+    files = [Path(str(f).removeprefix("file://")) for split in data_files.values() for f in split]
+    for f in files:
+        _inside(root, f, src, "data file")
+        os.close(open_regular(f, "data file"))
+    for f in files:
+        if f.suffix.lower() in (".json", ".jsonl"):
+            for _ in _json_records(f):  # pyarrow's JSON reader must not see a file qlaunch has not read
+                pass
+    return files
+
+
+def _check_local(src: Source, ds_lib) -> None:
+    if src.kind == "saved":
+        _saved_files(src)
+    elif src.kind == "repo":
+        _repo_files(src, ds_lib)
+
+
 def load_source(src: Source):
     """The whole source as a datasets.Dataset (memory-mapped Arrow)."""
     ds_lib = _datasets()
+    _check_local(src, ds_lib)
     try:
         if src.kind in ("arrow", "saved"):
             ds = _open_arrow(src, ds_lib)
@@ -495,9 +691,19 @@ def load_source(src: Source):
     return ds
 
 
-def _dataset_rows(ds) -> Iterator[tuple[int, dict]]:
+def _dataset_rows(ds, src: Source) -> Iterator[tuple[int, dict]]:
+    """(row index, row) of a loaded dataset. Its values are decoded lazily, batch by batch: a failure there
+    (bytes that are not UTF-8, a corrupt page) is one line naming the source and the rows it was reading."""
     i = 0
-    for batch in ds.iter(batch_size=CHUNK_ROWS):
+    batches = ds.iter(batch_size=CHUNK_ROWS)
+    while True:
+        try:
+            batch = next(batches)
+        except StopIteration:
+            return
+        except Exception as err:  # noqa: BLE001 - a value the loader cannot decode is the user's data
+            rows = f"rows {i + 1}-{i + CHUNK_ROWS}" if src.kind != "hub" else f"(split {src.split!r}) rows {i + 1}-"
+            raise UserError(f"{src.path} {rows}: could not read the data ({src.key}): {_cause(err)}") from None
         cols = list(batch)
         n = len(batch[cols[0]]) if cols else 0
         for j in range(n):
@@ -513,6 +719,7 @@ def _peek(src: Source, limit: int) -> tuple[list[dict], _Where, bool] | None:
         rows, lines, complete = _json_rows(Path(src.path), limit)
         return rows, _Where(src, lines), complete
     ds_lib = _datasets()
+    _check_local(src, ds_lib)
     try:
         if src.kind in ("arrow", "saved"):
             ds = _open_arrow(src, ds_lib)
@@ -567,15 +774,47 @@ class _Stats:
 Segments = list[tuple[str, bool]]  # (text, trainable)
 
 
+class _RenderTimeout(Exception):
+    pass
+
+
+@contextmanager
+def _time_limit(seconds: float) -> Iterator[None]:
+    """Raise _RenderTimeout inside the body after `seconds` of wall-clock time (SIGALRM: main thread only;
+    elsewhere, e.g. a test's worker thread, no limit). The previous handler and timer are restored."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def expire(signum, frame):
+        raise _RenderTimeout
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    outer, _ = signal.setitimer(signal.ITIMER_REAL, seconds)
+    started = time.monotonic()
+    try:
+        yield
+    finally:
+        try:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+        finally:  # even if the alarm fired just now, the previous handler comes back
+            signal.signal(signal.SIGALRM, previous)
+        if outer:  # someone else's timer was running: give it back what is left of it
+            signal.setitimer(signal.ITIMER_REAL, max(outer - (time.monotonic() - started), 1e-3))
+
+
 class Renderer:
     """Validates one row of the configured format and renders it into trainable / prompt segments."""
 
-    def __init__(self, cfg: DataConfig, tokenizer):
+    def __init__(self, cfg: DataConfig, tokenizer, model_vocab: int | None = None):
         self.cfg = cfg
         self.tok = tokenizer
         self.eos = tokenizer.eos_token_id
         self.bos = _leading_special_ids(tokenizer) if cfg.format in ("text", "alpaca") else []
         self.vocab = len(tokenizer)
+        # Rows of the model's embedding: an id at or past it is an IndexError on every rank, whatever the
+        # tokenizer's length (a tokenizer with added tokens the model was never resized for).
+        self.model_vocab = model_vocab
         self.template = cfg.chat_template or getattr(tokenizer, "chat_template", None) or DEFAULT_CHAT_TEMPLATE
 
     def required_columns(self) -> list[tuple[str, str]]:
@@ -616,10 +855,25 @@ class Renderer:
             raise UserError(f"{where}: column '{col}' is missing or null ({key})")
         if isinstance(v, np.ndarray):
             v = v.tolist()
-        if not isinstance(v, (list, tuple)) or not all(isinstance(x, int) and not isinstance(x, bool) for x in v):
+        if not isinstance(v, (list, tuple)):
             raise UserError(f"{where}: column '{col}' must be a list of integer token ids, got {_kind(v)} ({key})")
+        for k, x in enumerate(v, 1):
+            if not isinstance(x, int) or isinstance(x, bool):
+                what = (
+                    "a boolean" if isinstance(x, bool) else "a fractional number" if isinstance(x, float) else _kind(x)
+                )
+                raise UserError(
+                    f"{where}: column '{col}' must be a list of integer token ids; element {k} is {what} ({key})"
+                )
         for x in v:
-            if not (0 <= x < self.vocab) and not (allow_ignore and x == IGNORE):
+            if allow_ignore and x == IGNORE:
+                continue
+            if self.model_vocab is not None and x >= self.model_vocab:
+                raise UserError(
+                    f"{where}: column '{col}' has token id {x}, outside the model's vocabulary "
+                    f"0..{self.model_vocab - 1} (config.json vocab_size = {self.model_vocab}) ({key})"
+                )
+            if not (0 <= x < self.vocab):
                 raise UserError(
                     f"{where}: column '{col}' has token id {x}, outside the tokenizer's 0..{self.vocab - 1} ({key})"
                 )
@@ -668,19 +922,25 @@ class Renderer:
                 raise UserError(f"{where}: message {k} must be an object with role and content, got {_kind(m)}")
             role, content = m.get("role"), m.get("content")
             if role not in ROLES:
-                shown = repr(role) if isinstance(role, str) else _kind(role)
-                raise UserError(f"{where}: message {k} has unknown role {shown} (expected one of {', '.join(ROLES)})")
+                what = shown(role) if isinstance(role, str) else _kind(role)
+                raise UserError(f"{where}: message {k} has unknown role {what} (expected one of {', '.join(ROLES)})")
             if not isinstance(content, str):
                 raise UserError(f"{where}: message {k} ({role}) content must be a string, got {_kind(content)}")
         return list(v)
 
     def _apply(self, messages: list[dict], generation: bool, where: object) -> str:
+        which = "data.chat_template" if self.cfg.chat_template else "the tokenizer's chat_template"
         try:
-            out = self.tok.apply_chat_template(
-                messages, tokenize=False, add_generation_prompt=generation, chat_template=self.template
-            )
+            with _time_limit(RENDER_LIMIT_S):
+                out = self.tok.apply_chat_template(
+                    messages, tokenize=False, add_generation_prompt=generation, chat_template=self.template
+                )
+        except _RenderTimeout:
+            raise UserError(
+                f"{where}: the chat template ({which}) did not finish rendering one conversation within "
+                f"{RENDER_LIMIT_S:g} s (a template renders in milliseconds; does it loop?)"
+            ) from None
         except Exception as err:  # noqa: BLE001 - jinja errors, raise_exception() in templates
-            which = "data.chat_template" if self.cfg.chat_template else "the tokenizer's chat_template"
             raise UserError(
                 f"{where}: the chat template ({which}) failed: {' '.join(str(err).split())[:300]}"
             ) from None
@@ -715,6 +975,18 @@ class Renderer:
             pos = len(end)
         segs.append((full[pos:], False))
         return [s for s in segs if s[0]]
+
+    def check_ids(self, ids: list[int], where: object) -> None:
+        """Ids the tokenizer produced must have a row in the model's embedding."""
+        if self.model_vocab is None or not ids:
+            return
+        top = max(ids)
+        if top >= self.model_vocab:
+            raise UserError(
+                f"{where}: the tokenizer gives token id {top}, but the model has embeddings for ids "
+                f"0..{self.model_vocab - 1} only (config.json vocab_size = {self.model_vocab}): the tokenizer "
+                "has tokens the model has no embedding for; use the model's own tokenizer (model.tokenizer)"
+            )
 
     def tokenize(self, rendered: list[Segments | tuple[list[int], list[int]]]) -> list[tuple[list[int], list[int]]]:
         """Token ids and labels per rendered row; all text segments of the batch go through one call."""
@@ -786,6 +1058,7 @@ def encode_rows(
     def flush() -> None:
         rendered = [renderer.render(row, _At(where, i), lenient) for i, row in chunk]
         for (i, _), (ids, labels) in zip(chunk, renderer.tokenize(rendered), strict=True):
+            renderer.check_ids(ids, _At(where, i))
             doc = _finish(ids, labels, renderer.cfg, _At(where, i), stats)
             if doc is not None:
                 docs.append(doc)
@@ -819,10 +1092,19 @@ def _no_samples(src: Source, cfg: DataConfig, stats: _Stats) -> UserError:
 
 def tokenize_source(src: Source, renderer: Renderer) -> tuple[Docs, _Stats]:
     """All documents of one source; raises UserError for any bad row, naming its file and line/row."""
-    ds = load_source(src)
-    renderer.check_columns(ds.column_names, src)
     stats = _Stats()
-    docs = encode_rows(renderer, _dataset_rows(ds), _Where(src), src.kind == "csv", stats)
+    if src.kind == "json":
+        lines: list[int] = []
+        first = _json_rows(Path(src.path), CHECK_ROWS)[0]
+        if not first:
+            raise UserError(f"{src.path}: the dataset is empty (no records)")
+        renderer.check_columns(sorted({c for r in first for c in r if r.get(c) is not None} | set(first[0])), src)
+        rows = _json_source_rows(Path(src.path), lines)
+        docs = encode_rows(renderer, rows, _Where(src, lines), False, stats)
+    else:
+        ds = load_source(src)
+        renderer.check_columns(ds.column_names, src)
+        docs = encode_rows(renderer, _dataset_rows(ds, src), _Where(src), src.kind == "csv", stats)
     if not len(docs):
         raise _no_samples(src, renderer.cfg, stats)
     return docs, stats
@@ -855,6 +1137,16 @@ def mixture(sizes: list[int], weights: list[float], seed: int) -> list[np.ndarra
     return out
 
 
+def model_vocab_size(recipe: Recipe) -> int | None:
+    """Rows of the model's input embedding (config.json vocab_size), if its config states them."""
+    from launcher.loading import load_config, resolve_model_dir
+
+    config = load_config(recipe, resolve_model_dir(recipe))
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    value = getattr(text, "vocab_size", None)
+    return value if type(value) is int and value > 0 else None
+
+
 def _pad_id(tokenizer) -> int:
     for t in (tokenizer.pad_token_id, tokenizer.eos_token_id):
         if t is not None:
@@ -876,7 +1168,8 @@ def build_payload(recipe: Recipe, tokenizer) -> dict:
     """Everything build_data returns, computed from scratch (what the cache stores)."""
     cfg = recipe.data
     t0 = time.time()
-    renderer = Renderer(cfg, tokenizer)
+    vocab = model_vocab_size(recipe)
+    renderer = Renderer(cfg, tokenizer, vocab)
     train_srcs, val_src = _sources(cfg)
     per = []
     stats = _Stats()
@@ -897,6 +1190,11 @@ def build_payload(recipe: Recipe, tokenizer) -> dict:
     # Shuffle before packing so equal-length documents of different sources share rows.
     mixed = mixed.take(np.random.default_rng([recipe.train.seed, 2]).permutation(len(mixed)))
     pad = _pad_id(tokenizer)
+    if vocab is not None and pad >= vocab:
+        raise UserError(
+            f"{recipe.model.tokenizer or recipe.model.path}: the tokenizer's padding id {pad} (its pad or EOS "
+            f"token) has no embedding in the model (config.json vocab_size = {vocab}); use the model's own tokenizer"
+        )
     train = pack(mixed, cfg.seq_len, pad, cfg.packing)
     out_stats = {
         "rows_read": stats.rows,
@@ -1139,7 +1437,13 @@ def prepare(recipe: Recipe, cache_dir: Path) -> None:
     tokenizer = _check_tokenizer(recipe)
     created = [d for d in (cache_dir, *cache_dir.parents) if not d.exists()]
     try:
-        build_data(recipe, tokenizer, 0, 1, cache_dir)
+        train, _ = build_data(recipe, tokenizer, 0, 1, cache_dir)
+        if len(train) < recipe.train.global_batch:  # StepSampler's rule, found here instead of on every rank
+            raise UserError(
+                f"data.datasets: the training data packs into {len(train)} rows of data.seq_len = "
+                f"{recipe.data.seq_len} tokens, fewer than train.global_batch = {recipe.train.global_batch}; "
+                "add data or lower train.global_batch"
+            )
     except BaseException:
         for d in created:  # innermost first; only what this call created, and only if still empty
             try:
@@ -1168,7 +1472,7 @@ def check(recipe: Recipe, rows: int = CHECK_ROWS) -> None:
         if not got:
             raise UserError(f"{src.path}: the dataset is empty (no rows)")
         if renderer is None:
-            renderer = Renderer(cfg, _check_tokenizer(recipe))
+            renderer = Renderer(cfg, _check_tokenizer(recipe), model_vocab_size(recipe))
         columns = {c for r in got for c in r if r.get(c) is not None}
         renderer.check_columns(sorted(columns | set(got[0])), src)
         stats = _Stats()

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -703,3 +705,361 @@ def test_docs_take_and_concat_round_trip():
     assert len(d) == 2 and d.lengths.tolist() == [2, 1]
     both = Docs.concat([d.take([1]), d.take([0, 0])])
     assert [both.doc(k)[0].tolist() for k in range(3)] == [[3], [1, 2], [1, 2]]
+
+
+# ------------------------------------------------------------------ hostile data files
+
+
+GOOD = [{"instruction": "Say hi.", "output": "hi"}] * 2500  # past the rows check() reads
+
+
+@pytest.mark.parametrize(
+    "late,expected",
+    [
+        (b'{"instruction": "\xff SECRET", "output": "o"}', ":2501: not UTF-8 text (invalid start byte)"),
+        (b"[1, 2]", ":2501: expected one JSON object per line, got a list"),
+        (
+            b'{"instruction": "i", "output": 5}',
+            ":2501: column 'output' must be a string, got a number (data.output_column)",
+        ),
+        (
+            b'{"instruction": {"a": 1}, "output": "o"}',
+            ":2501: column 'instruction' must be a string, got an object (data.instruction_column)",
+        ),
+    ],
+)
+def test_a_late_bad_jsonl_row_is_found_by_qlaunchs_reader_with_its_line(tmp_path, tok, capfd, late, expected):
+    # datasets decodes lazily (a UnicodeDecodeError traceback), logs the file's bytes, and its pandas fallback
+    # re-types columns (a late number blamed on line 1): every JSON row is read by qlaunch itself.
+    path = tmp_path / "t.jsonl"
+    path.write_bytes(b"".join(json.dumps(r).encode() + b"\n" for r in GOOD) + late + b"\n")
+    r = recipe({"datasets": [{"path": str(path)}], "format": "alpaca", "seq_len": 128})
+    with pytest.raises(UserError) as err:
+        data.prepare(r, tmp_path / "cache")
+    assert str(err.value) == f"{path}{expected}"
+    assert "SECRET" not in capfd.readouterr().err
+    assert not (tmp_path / "cache").exists()
+
+
+def test_a_huge_token_id_in_a_late_row_is_named_with_its_line(tmp_path, tok):
+    path = jsonl(tmp_path / "ids.jsonl", [{"input_ids": [5, 6, 7, 8]}] * 2500 + [{"input_ids": [5, 2**63]}])
+    with pytest.raises(UserError, match=rf"^{path}:2501: column 'input_ids' has token id {2**63}, outside"):
+        build_data(recipe({"datasets": [{"path": str(path)}], "format": "tokenized"}), tok, 0, 1)
+
+
+def test_a_record_nested_200000_levels_deep_is_one_line_not_a_crash(tmp_path):
+    # pyarrow's JSON reader segfaulted the launcher on this row (no message, the cache lock left behind).
+    path = tmp_path / "deep.jsonl"
+    deep = b'{"instruction": ' + b"[" * 200_000 + b"]" * 200_000 + b', "output": "o"}\n'
+    path.write_bytes(b"".join(json.dumps(r).encode() + b"\n" for r in GOOD) + deep)
+    script = (
+        "import sys; from pathlib import Path; from launcher import data; from launcher.errors import UserError\n"
+        "from launcher.recipe import validate\n"
+        f"r = validate({{'name': 't', 'model': {{'path': {str(TINY_MODEL)!r}}}, 'data': {{'datasets': "
+        f"[{{'path': {str(path)!r}}}], 'format': 'alpaca'}}, 'train': {{'max_steps': 1, 'global_batch': 4, 'micro_batch': 1}}}})\n"
+        "try:\n    data.prepare(r, Path(sys.argv[1]))\nexcept UserError as e:\n    print(e); sys.exit(2)\n"
+    )
+    env = {**os.environ, "HF_DATASETS_CACHE": str(tmp_path / "hf")}
+    out = subprocess.run(
+        [sys.executable, "-c", script, str(tmp_path / "cache")], capture_output=True, text=True, env=env, timeout=300
+    )
+    assert out.returncode == 2, (out.returncode, out.stderr[-2000:])
+    assert out.stdout.strip().startswith(f"{path}:2501: JSON nested too deeply")
+    assert not (tmp_path / "cache").exists()
+
+
+def _ragged_csv(p: Path) -> None:
+    p.write_text("instruction,output\n" + "i,o\n" * 50 + "SECRET1,SECRET2,SECRET3\n")
+
+
+def _latin1_csv(p: Path) -> None:
+    p.write_bytes(b"instruction,output\n" + b"i,o\n" * 50 + b"\xff SECRET,o\n")
+
+
+def _corrupt_parquet(p: Path) -> None:
+    p.write_bytes(b"PAR1" + bytes(range(256)) * 20 + b"SECRET")
+
+
+def _empty_parquet(p: Path) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"instruction": pa.array([], "string"), "output": pa.array([], "string")}), p)
+
+
+@pytest.mark.parametrize(
+    "name,write,expected",
+    [
+        ("r.csv", _ragged_csv, "line 52 has 3 fields, the header has 2 columns"),
+        ("u.csv", _latin1_csv, "not UTF-8 text"),
+        ("c.parquet", _corrupt_parquet, "could not read this parquet file"),
+        ("e.parquet", _empty_parquet, "the dataset is empty"),
+    ],
+)
+def test_loader_failures_are_one_line_that_echoes_no_bytes(tmp_path, tok, capfd, name, write, expected):
+    path = tmp_path / name
+    write(path)
+    r = recipe({"datasets": [{"path": str(path)}], "format": "alpaca"})
+    with pytest.raises(UserError) as err:
+        data.prepare(r, tmp_path / "cache")
+    msg = str(err.value)
+    assert msg.startswith(f"{path}") and expected in msg, msg
+    assert "SECRET" not in msg and "0xff" not in msg and "\n" not in msg
+    # datasets logs "Failed to read file ... with error ..." (quoting the file) before it raises.
+    assert capfd.readouterr().err == ""
+
+
+# ------------------------------------------------------------------ the model's vocabulary, the global batch
+
+
+@pytest.fixture
+def zap_tokenizer(tmp_path) -> Path:
+    """The tiny tokenizer plus one added token, <|zap|> = id 512: one past the model's 512 embeddings."""
+    from transformers import AutoTokenizer
+
+    t = AutoTokenizer.from_pretrained(str(TINY_MODEL))
+    t.add_tokens(["<|zap|>"])
+    out = tmp_path / "zap-tokenizer"
+    t.save_pretrained(out)
+    assert len(t) == 513 and t.convert_tokens_to_ids("<|zap|>") == 512
+    return out
+
+
+def test_text_that_tokenizes_past_the_models_embeddings_is_refused_with_its_line(tmp_path, zap_tokenizer):
+    path = jsonl(
+        tmp_path / "z.jsonl", [{"instruction": "Say hi.", "output": "hi"}, {"instruction": "x <|zap|>", "output": "o"}]
+    )
+    r = recipe({"datasets": [{"path": str(path)}], "format": "alpaca"})
+    r = r.model_copy(update={"model": r.model.model_copy(update={"tokenizer": str(zap_tokenizer)})})
+    with pytest.raises(UserError) as err:
+        data.prepare(r, tmp_path / "cache")
+    assert str(err.value).startswith(
+        f"{path}:2: the tokenizer gives token id 512, but the model has embeddings for ids 0..511 only "
+        "(config.json vocab_size = 512): the tokenizer has tokens the model has no embedding for"
+    )
+    with pytest.raises(UserError, match=rf"^{path}:2: the tokenizer gives token id 512"):
+        check(r)
+
+
+def test_a_tokenized_id_the_tokenizer_knows_but_the_model_does_not_is_refused(tmp_path, zap_tokenizer):
+    path = jsonl(tmp_path / "ids.jsonl", [{"input_ids": [5, 6, 7, 8]}, {"input_ids": [5, 6, 7, 512, 8, 9]}])
+    r = recipe({"datasets": [{"path": str(path)}], "format": "tokenized"})
+    r = r.model_copy(update={"model": r.model.model_copy(update={"tokenizer": str(zap_tokenizer)})})
+    with pytest.raises(UserError) as err:
+        build_data(r, data.build_tokenizer(r, TINY_MODEL), 0, 1)
+    assert str(err.value) == (
+        f"{path}:2: column 'input_ids' has token id 512, outside the model's vocabulary 0..511 "
+        "(config.json vocab_size = 512) (data.input_ids_column)"
+    )
+
+
+def test_prepare_refuses_fewer_packed_rows_than_the_global_batch(tmp_path):
+    path = jsonl(tmp_path / "three.jsonl", [{"instruction": f"Say {w}.", "output": w} for w in ("a", "b", "c")])
+    r = recipe({"datasets": [{"path": str(path)}], "format": "alpaca", "packing": False}, global_batch=8)
+    with pytest.raises(UserError) as err:
+        data.prepare(r, tmp_path / "cache")
+    assert str(err.value) == (
+        "data.datasets: the training data packs into 3 rows of data.seq_len = 64 tokens, fewer than "
+        "train.global_batch = 8; add data or lower train.global_batch"
+    )
+    data.prepare(
+        recipe({"datasets": [{"path": str(path)}], "format": "alpaca", "packing": False}, global_batch=2),
+        tmp_path / "cache",
+    )
+
+
+# ------------------------------------------------------------------ tokenizer files
+
+
+def _tokenizer_copy(tmp_path: Path) -> Path:
+    out = tmp_path / "tok"
+    out.mkdir()
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (out / name).write_bytes((TINY_MODEL / name).read_bytes())
+    return out
+
+
+def _fifo(p: Path) -> None:
+    p.unlink()
+    os.mkfifo(p)
+
+
+def _directory(p: Path) -> None:
+    p.unlink()
+    p.mkdir()
+
+
+def _unknown_class(p: Path) -> None:
+    p.write_text(json.dumps({**json.loads(p.read_text()), "tokenizer_class": "NoSuchTokenizerFast"}))
+
+
+@pytest.mark.parametrize(
+    "name,spoil,expected",
+    [
+        ("tokenizer_config.json", _fifo, "the tokenizer file is a FIFO; it must be a regular file"),
+        ("tokenizer_config.json", _directory, "the tokenizer file is a directory; it must be a regular file"),
+        ("tokenizer.json", _fifo, "the tokenizer file is a FIFO; it must be a regular file"),
+        ("tokenizer_config.json", lambda p: p.write_text("[1]"), "the tokenizer config must be a JSON object"),
+        ("tokenizer_config.json", _unknown_class, "tokenizer_class 'NoSuchTokenizerFast' is not a tokenizer class"),
+    ],
+)
+def test_a_broken_tokenizer_file_is_one_line_naming_it(tmp_path, name, spoil, expected):
+    # transformers skipped these silently: the run trained without the tokenizer's special tokens.
+    tok_dir = _tokenizer_copy(tmp_path)
+    spoil(tok_dir / name)
+    path = jsonl(tmp_path / "a.jsonl", [{"instruction": "Say hi.", "output": "hi"}] * 8)
+    r = recipe({"datasets": [{"path": str(path)}], "format": "alpaca"})
+    r = r.model_copy(update={"model": r.model.model_copy(update={"tokenizer": str(tok_dir)})})
+    with pytest.raises(UserError) as err:
+        data.prepare(r, tmp_path / "cache")
+    assert str(err.value).startswith(f"{tok_dir / name}: {expected}"), str(err.value)
+
+
+def test_the_tokenizers_sequence_length_warning_is_not_printed(tmp_path):
+    # transformers warns about model_max_length once per tokenizer: check and prepare each printed it.
+    import logging
+
+    tok_dir = _tokenizer_copy(tmp_path)
+    cfg = tok_dir / "tokenizer_config.json"
+    cfg.write_text(json.dumps({**json.loads(cfg.read_text()), "model_max_length": 8}))
+    path = jsonl(tmp_path / "a.jsonl", [{"instruction": "Say hi. " * 20, "output": "hi"}] * 8)
+    r = recipe({"datasets": [{"path": str(path)}], "format": "alpaca", "seq_len": 512}, global_batch=1)
+    r = r.model_copy(update={"model": r.model.model_copy(update={"tokenizer": str(tok_dir)})})
+    seen: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: seen.append(record.getMessage())
+    logging.getLogger("transformers").addHandler(handler)
+    try:
+        check(r)
+        data.prepare(r, tmp_path / "cache")
+    finally:
+        logging.getLogger("transformers").removeHandler(handler)
+    assert not [m for m in seen if "Token indices" in m]
+
+
+# ------------------------------------------------------------------ a local dataset reads only its own directory
+
+
+ROWS8 = [{"text": f"row {i}"} for i in range(8)]
+
+
+def _saved(tmp_path: Path) -> tuple[Path, Path]:
+    import datasets
+
+    d = tmp_path / "saved"
+    datasets.Dataset.from_list(ROWS8).save_to_disk(d)
+    (arrow,) = d.glob("*.arrow")
+    return d, arrow
+
+
+def _state_names_outside(tmp_path: Path) -> Path:
+    d, arrow = _saved(tmp_path)
+    (tmp_path / "outside").mkdir()
+    arrow.rename(tmp_path / "outside" / arrow.name)
+    state = json.loads((d / "state.json").read_text())
+    state["_data_files"][0]["filename"] = f"../outside/{arrow.name}"
+    (d / "state.json").write_text(json.dumps(state))
+    return d
+
+
+def _arrow_links_outside(tmp_path: Path) -> Path:
+    d, arrow = _saved(tmp_path)
+    arrow.rename(tmp_path / "elsewhere.arrow")
+    arrow.symlink_to(tmp_path / "elsewhere.arrow")
+    return d
+
+
+def _split_outside(tmp_path: Path) -> Path:
+    import datasets
+
+    d = tmp_path / "dd"
+    datasets.DatasetDict({"train": datasets.Dataset.from_list(ROWS8)}).save_to_disk(d)
+    (d / "train").rename(tmp_path / "train")
+    (d / "dataset_dict.json").write_text(json.dumps({"splits": ["../train"]}))
+    return d
+
+
+def _readme_names_outside(tmp_path: Path) -> Path:
+    (tmp_path / "secret").mkdir()
+    jsonl(tmp_path / "secret" / "a.jsonl", ROWS8)
+    d = tmp_path / "repo"
+    d.mkdir()
+    jsonl(d / "d.jsonl", ROWS8)
+    configs = "configs:\n- config_name: default\n  data_files:\n  - split: train\n    path: ../secret/*.jsonl\n"
+    (d / "README.md").write_text(f"---\n{configs}---\n")
+    return d
+
+
+def _repo_file_links_outside(tmp_path: Path) -> Path:
+    (tmp_path / "secret").mkdir()
+    jsonl(tmp_path / "secret" / "a.jsonl", ROWS8)
+    d = tmp_path / "repo"
+    d.mkdir()
+    (d / "d.jsonl").symlink_to(tmp_path / "secret" / "a.jsonl")
+    return d
+
+
+@pytest.mark.parametrize(
+    "make,expected",
+    [
+        (_state_names_outside, "saved/state.json: _data_files names '../outside/data-"),
+        (_arrow_links_outside, "saved: file "),
+        (_split_outside, "dd/dataset_dict.json: 'splits' must be a non-empty list of folder names"),
+        (_readme_names_outside, "repo: data file "),
+        (_repo_file_links_outside, "repo: data file "),
+    ],
+)
+def test_a_local_dataset_reads_no_file_outside_its_directory(tmp_path, make, expected):
+    d = make(tmp_path)
+    r = recipe({"datasets": [{"path": str(d)}]}, global_batch=1)
+    for fn in (lambda: check(r), lambda: data.prepare(r, tmp_path / "cache")):
+        with pytest.raises(UserError) as err:
+            fn()
+        assert str(err.value).startswith(f"{tmp_path}/{expected}"), str(err.value)
+        assert "outside" in str(err.value) or "folder names" in str(err.value)
+    assert not (tmp_path / "cache").exists()
+
+
+# ------------------------------------------------------------------ a chat template that never ends
+
+BOMB = "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}x"
+
+
+@pytest.mark.parametrize("where", ["recipe", "tokenizer"])
+def test_a_chat_template_loop_bomb_ends_with_one_line_naming_the_template(tmp_path, monkeypatch, where):
+    import signal
+
+    monkeypatch.setattr(data, "RENDER_LIMIT_S", 1.0, raising=False)
+    chat = {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}
+    path = jsonl(tmp_path / "c.jsonl", [chat] * 4)
+    settings = {"datasets": [{"path": str(path)}], "format": "chat"}
+    if where == "recipe":
+        r = recipe({**settings, "chat_template": BOMB})
+        which = "data.chat_template"
+    else:
+        tok_dir = _tokenizer_copy(tmp_path)
+        cfg = tok_dir / "tokenizer_config.json"
+        cfg.write_text(json.dumps({**json.loads(cfg.read_text()), "chat_template": BOMB}))
+        r = recipe(settings)
+        r = r.model_copy(update={"model": r.model.model_copy(update={"tokenizer": str(tok_dir)})})
+        which = "the tokenizer's chat_template"
+    before = signal.getsignal(signal.SIGALRM)
+    t0 = time.monotonic()
+    with pytest.raises(UserError) as err:
+        check(r)
+    assert time.monotonic() - t0 < 30
+    assert str(err.value) == (
+        f"{path}:1: the chat template ({which}) did not finish rendering one conversation within 1 s "
+        "(a template renders in milliseconds; does it loop?)"
+    )
+    assert signal.getsignal(signal.SIGALRM) is before and signal.getitimer(signal.ITIMER_REAL) == (0.0, 0.0)
+
+
+@pytest.mark.parametrize("bad,what", [(1.5, "a fractional number"), (True, "a boolean"), ("7", "a string")])
+def test_a_token_id_that_is_not_an_integer_is_named(tmp_path, tok, bad, what):
+    path = jsonl(tmp_path / "ids.jsonl", [{"input_ids": [5, 6, 7]}, {"input_ids": [5, bad, 7]}])
+    with pytest.raises(UserError) as err:
+        build_data(recipe({"datasets": [{"path": str(path)}], "format": "tokenized"}), tok, 0, 1)
+    assert str(err.value) == (
+        f"{path}:2: column 'input_ids' must be a list of integer token ids; element 2 is {what} (data.input_ids_column)"
+    )

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import BASE_RECIPE, TINY_DATA, run_cli
+from tests.conftest import BASE_RECIPE, TINY_DATA, assert_one_line_error, run_cli
 
 CHAT_OK = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]
 
@@ -108,3 +108,31 @@ def test_bad_data_exits_2_with_one_line_and_writes_nothing(results, case):
     # Every row is read before a run directory exists (the launcher tokenizes the whole data), and a bad
     # row leaves nothing behind: no run directory, no cache entry, no error marker.
     assert not runs.exists() or not any(runs.iterdir()), "a bad data file must not create a run directory"
+
+
+@pytest.mark.parametrize(
+    "write,extra,expect",
+    [
+        # datasets logged "Failed to read file ... with error ..." (quoting the row) before qlaunch's line.
+        (
+            lambda p: p.write_text("instruction,output\n" + "i,o\n" * 2500 + "SECRET1,SECRET2,SECRET3\n"),
+            [],
+            ["data.csv", "line 2502 has 3 fields, the header has 2 columns"],
+        ),
+        # Fewer packed rows than the global batch was found by every rank, after the run directory existed.
+        (
+            lambda p: p.write_text("instruction,output\nSay a.,a\nSay b.,b\nSay c.,c\n"),
+            ["--set", "data.packing=false", "--set", "train.global_batch=8"],
+            ["data.datasets: the training data packs into 3 rows", "fewer than train.global_batch = 8"],
+        ),
+    ],
+)
+def test_data_problems_found_before_spawning_are_exactly_one_stderr_line(tmp_path, write, extra, expect):
+    write(tmp_path / "data.csv")
+    (tmp_path / "recipe.toml").write_text(
+        BASE_RECIPE.replace(str(TINY_DATA / "train.jsonl"), str(tmp_path / "data.csv"))
+    )
+    runs = tmp_path / "runs"
+    r = run_cli("run", str(tmp_path / "recipe.toml"), "--set", f"log.runs_dir='{runs / 'r'}'", *extra, timeout=300)
+    assert_one_line_error(r, expect, runs / "r" / "t")
+    assert "SECRET" not in r.stderr + r.stdout
