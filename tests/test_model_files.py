@@ -444,6 +444,15 @@ CONFIGS = {
     "kv heads that do not divide": ({"num_key_value_heads": 3}, "num_key_value_heads must be a positive integer"),
     "no kv heads": ({"num_key_value_heads": 0}, "num_key_value_heads must be a positive integer"),
     "bad max positions": ({"max_position_embeddings": -5}, "max_position_embeddings must be a positive integer"),
+    "100,000 layers": (
+        {"num_hidden_layers": 100_000},
+        "num_hidden_layers is larger than any real model's (at most 1,024)",
+    ),
+    "huge hidden size": ({"hidden_size": 1 << 21}, "hidden_size is larger than any real model's (at most 1,048,576)"),
+    "huge intermediate size": ({"intermediate_size": 1 << 30}, "intermediate_size is larger than any real model's"),
+    "huge vocabulary": ({"vocab_size": 1 << 25}, "vocab_size is larger than any real model's (at most 16,777,216)"),
+    "huge head_dim": ({"head_dim": 1 << 17}, "head_dim is larger than any real model's"),
+    "huge max positions": ({"max_position_embeddings": 1 << 40}, "max_position_embeddings is larger than any real"),
     "unknown activation": ({"hidden_act": "nope"}, "transformers cannot build LlamaForCausalLM from this config"),
     "unknown rope type": (
         {"rope_parameters": {"rope_type": "bogus", "rope_theta": 1.0}},
@@ -615,3 +624,42 @@ def test_a_relative_hub_id_is_never_looked_up_in_the_current_directory(tmp_path,
     rec = rec.model_copy(update={"model": rec.model.model_copy(update={"tokenizer": "./someorg/somemodel"})})
     with pytest.raises(UserError, match=r"model.tokenizer = './someorg/somemodel': no such directory"):
         build_tokenizer(rec, TINY_MODEL)
+
+
+# The sizes of real models (from their config.json), which the upper bounds must leave alone.
+REAL_CONFIG_SIZES = {
+    "Llama-3.1-405B": dict(
+        vocab_size=128256, hidden_size=16384, intermediate_size=53248, num_hidden_layers=126,
+        num_attention_heads=128, num_key_value_heads=8, max_position_embeddings=131072,
+    ),
+    "gemma-3-27b (text)": dict(
+        vocab_size=262208, hidden_size=5376, intermediate_size=21504, num_hidden_layers=62,
+        num_attention_heads=32, num_key_value_heads=16, head_dim=128, max_position_embeddings=131072,
+    ),
+    "Llama-4-Scout (text)": dict(
+        vocab_size=202048, hidden_size=5120, intermediate_size=8192, num_hidden_layers=48,
+        num_attention_heads=40, num_key_value_heads=8, head_dim=128, max_position_embeddings=10485760,
+    ),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("name", sorted(REAL_CONFIG_SIZES))
+def test_real_model_sizes_pass_the_size_check(name):
+    from launcher.loading import config_size_problem
+
+    assert config_size_problem(REAL_CONFIG_SIZES[name]) is None
+
+
+@pytest.mark.parametrize(
+    "key,value",
+    [("num_hidden_layers", 100_000), ("num_hidden_layers", 1025), ("hidden_size", 1 << 21), ("vocab_size", 1 << 25),
+     ("intermediate_size", 1 << 30), ("num_attention_heads", 8192), ("max_position_embeddings", 1 << 40)],
+)  # fmt: skip
+def test_sizes_no_real_model_has_are_refused_naming_the_key(key, value):
+    """A config.json with 100,000 layers used to hang preflight while it built the meta skeleton."""
+    from launcher.loading import config_size_problem
+
+    sizes = {**REAL_CONFIG_SIZES["Llama-3.1-405B"], key: value}
+    problem = config_size_problem(sizes)
+    assert problem is not None and problem.startswith(f"{key} is larger than any real model's"), problem
+    assert str(value) not in problem
