@@ -10,6 +10,7 @@ import json
 import math
 import os
 import statistics
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -302,7 +303,9 @@ def report(
             "cut short; other lines were not written by qlaunch)"
         )
     rows = summarize(events, run)
-    plots = plot(series(events), run.path / PLOTS_DIR)
+    with warnings.catch_warnings():  # a tampered value (lr = 1e308) overflows numpy's axis arithmetic: harmless
+        warnings.simplefilter("ignore")
+        plots = plot(series(events), run.path / PLOTS_DIR)
     return run, rows, plots
 
 
