@@ -663,3 +663,89 @@ def test_sizes_no_real_model_has_are_refused_naming_the_key(key, value):
     problem = config_size_problem(sizes)
     assert problem is not None and problem.startswith(f"{key} is larger than any real model's"), problem
     assert str(value) not in problem
+
+
+# ---------------------------------------------------------------- quantize: what it reads and copies
+
+
+def _quantize(src: Path, out: Path, quant_type: str = "nf4", blocksize: int = 64) -> tuple[Path, list[str]]:
+    from launcher.quantize import quantize_checkpoint
+
+    warnings: list[str] = []
+    return quantize_checkpoint(str(src), str(out), quant_type, blocksize, ["lm_head"], warn=warnings.append), warnings
+
+
+def test_quantize_copies_only_model_files_inside_the_model_directory(tmp_path):
+    """`notes.txt -> ../id_secret` was copied into OUT (shutil.copy2 follows links): a private file in a
+    checkpoint the user may share. Links inside the directory are fine; the rest is left out, with a warning."""
+    d = _model_copy(tmp_path)
+    (tmp_path / "id_secret").write_text("PRIVATE KEY")
+    (d / "notes.txt").symlink_to("../id_secret")
+    (d / "README.md").write_text("# tiny\n")
+    (d / "chat_template.jinja").symlink_to("tokenizer_config.json")  # a link inside: copied as a file
+    (d / "id_rsa").write_text("PRIVATE KEY")  # no kind of file a model directory holds
+    (d / "old.json").symlink_to("gone.json")  # dangling
+    os.mkfifo(d / "pipe.txt")  # copying it would block forever
+    (d / "original").mkdir()  # e.g. a hub snapshot's original/ weights: not part of the checkpoint
+    (d / ".gitattributes").write_text("*.safetensors filter=lfs\n")
+    out, warnings = _quantize(d, tmp_path / "out")
+    copied = sorted(p.name for p in out.iterdir())
+    assert copied == sorted([*(p.name for p in TINY_MODEL.iterdir() if p.suffix != ".safetensors"),
+                             "README.md", "chat_template.jinja", "model.safetensors", "qlaunch_quant.json"])  # fmt: skip
+    assert not (out / "chat_template.jinja").is_symlink()
+    assert (out / "chat_template.jinja").read_bytes() == (d / "tokenizer_config.json").read_bytes()
+    assert warnings == [
+        f"warning: not copied into {out}: 'id_rsa' (not a kind of file a model directory holds), 'notes.txt' (a "
+        "link to a file outside the model directory), 'old.json' (a dangling link), 'pipe.txt' (not a regular file)"
+    ]
+    assert not any(b"PRIVATE" in p.read_bytes() for p in out.iterdir())
+
+
+def test_quantize_follows_a_hub_snapshots_links_into_its_blobs(tmp_path):
+    repo = tmp_path / "hub" / "models--org--tiny"
+    snap, blobs = repo / "snapshots" / "abc123", repo / "blobs"
+    snap.mkdir(parents=True)
+    blobs.mkdir()
+    for f in TINY_MODEL.iterdir():  # as huggingface_hub lays a snapshot out: links to ../../blobs/<hash>
+        shutil.copy(f, blobs / f"h-{f.name}")
+        (snap / f.name).symlink_to(f"../../blobs/h-{f.name}")
+    out, warnings = _quantize(snap, tmp_path / "out")
+    assert warnings == []
+    assert (out / "tokenizer.json").read_bytes() == (TINY_MODEL / "tokenizer.json").read_bytes()
+
+
+def test_quantize_refuses_a_config_json_linked_from_outside(tmp_path):
+    d = _model_copy(tmp_path)
+    (tmp_path / "elsewhere.json").write_text((d / "config.json").read_text())
+    (d / "config.json").unlink()
+    (d / "config.json").symlink_to("../elsewhere.json")
+    with pytest.raises(UserError) as err:
+        _quantize(d, tmp_path / "out")
+    assert str(err.value) == (
+        f"{d / 'config.json'}: a link to a file outside the model directory; the quantized checkpoint needs it"
+    )
+    assert not (tmp_path / "out").exists() and not (tmp_path / "out.tmp").exists()
+
+
+@pytest.mark.parametrize(
+    "quant_type,blocksize,expect",
+    [
+        ("fp8", 64, "--type 'fp8': input should be 'nf4' or 'fp4'"),
+        ("nf4", 7, "--blocksize 7: input should be 32, 64, 128 or 256"),
+    ],
+)
+def test_quantize_flag_errors_name_the_flag(tmp_path, quant_type, blocksize, expect):
+    """They said `qlaunch quantize: Input should be ...` without naming the flag."""
+    with pytest.raises(UserError) as err:
+        _quantize(TINY_MODEL, tmp_path / "out", quant_type, blocksize)
+    assert str(err.value) == expect
+
+
+def test_quantize_of_a_file_says_it_is_a_file(tmp_path):
+    """`quantize /etc/hostname` said `not a model directory (no such directory)`."""
+    (tmp_path / "hostname").write_text("box\n")
+    with pytest.raises(UserError) as err:
+        _quantize(tmp_path / "hostname", tmp_path / "out")
+    assert "not a model directory (a file, not a directory; one holds config.json and *.safetensors)" in str(err.value)
+    with pytest.raises(UserError, match=r"not a model directory \(no such directory;"):
+        _quantize(tmp_path / "nope", tmp_path / "out")
