@@ -466,8 +466,10 @@ def _shared_run_path(rec, where, run_dir_opt: str | None, multinode: bool) -> Pa
     """The run directory all nodes share (RUNS_DIR/NAME/ID, or --run-dir); None: a fresh timestamped one."""
     if run_dir_opt:
         path = Path(run_dir_opt).resolve()
-        if path.exists() and not path.is_dir():  # found now, before the data is prepared
-            raise UserError(f"--run-dir {run_dir_opt}: exists and is not a directory")
+        existing = next(p for p in (path, *path.parents) if p.exists())
+        if not existing.is_dir():  # found now, before the data is prepared
+            where = "exists" if existing == path else f"lies under {existing}, which exists"
+            raise UserError(f"--run-dir {run_dir_opt}: {where} and is not a directory")
         return path
     if not multinode:
         return None

@@ -732,3 +732,40 @@ def test_multi_node_master_port_leaves_room_for_the_node_watch(recipe_file, over
 def test_multi_node_flags_checked_before_anything_is_written(tmp_path, args, expect):
     """`--node-rank 3` alone ran as a single node and exited 0; the ports gave tracebacks after the run dir."""
     check_error(tmp_path, BASE_RECIPE, *args, "--set", "train.global_batch=8", expect=[expect])
+
+
+# ---------------------------------------------------------------- where the run goes
+
+
+def test_empty_resume_is_one_line():
+    """`--resume ''` printed `--resume : ...`."""
+    from launcher.cli import _recipe_to_run
+
+    for value in ("", "  "):
+        with pytest.raises(UserError, match=r"^--resume '': empty; give auto, a run directory or a checkpoint"):
+            _recipe_to_run("recipe.toml", value)
+
+
+def test_run_dir_under_a_file_is_refused_before_the_data_is_prepared(tmp_path):
+    from types import SimpleNamespace
+
+    from launcher.cli import _open_shared_run_dir, _shared_run_path
+
+    (tmp_path / "f").write_text("x")
+    for given, want in ((tmp_path / "f", "exists and is not a directory"),
+                        (tmp_path / "f" / "a" / "run", f"lies under {tmp_path / 'f'}, which exists and is not a")):  # fmt: skip
+        with pytest.raises(UserError) as err:
+            _shared_run_path(None, SimpleNamespace(), str(given), False)
+        assert str(err.value).startswith(f"--run-dir {given}: {want}"), str(err.value)
+    assert _shared_run_path(None, SimpleNamespace(), str(tmp_path / "new" / "run"), False) == tmp_path / "new" / "run"
+    # found only when the directory is made (a parent swapped for a file meanwhile): still one line
+    with pytest.raises(UserError, match=r"f/run/logs: cannot create the run directory \(Not a directory\); --run-dir"):
+        _open_shared_run_dir(tmp_path / "f" / "run", 1, 0, None, False)
+
+
+def test_config_output_under_a_file_is_one_line(tmp_path):
+    (tmp_path / "recipe.toml").write_text(BASE_RECIPE)
+    (tmp_path / "f").write_text("x")
+    r = run_cli("config", str(tmp_path / "recipe.toml"), "-o", str(tmp_path / "f" / "out"), cwd=tmp_path)
+    assert_one_line_error(r, [f"-o {tmp_path / 'f' / 'out'}: cannot write the configs into ", "(Not a directory)"],
+                          tmp_path / "runs")  # fmt: skip
