@@ -749,3 +749,18 @@ def test_quantize_of_a_file_says_it_is_a_file(tmp_path):
     assert "not a model directory (a file, not a directory; one holds config.json and *.safetensors)" in str(err.value)
     with pytest.raises(UserError, match=r"not a model directory \(no such directory;"):
         _quantize(tmp_path / "nope", tmp_path / "out")
+
+
+def test_cli_quantize_prints_only_its_own_lines(tmp_path):
+    """bitsandbytes' kernels line and transformers' notes came with every quantize; the left-out file is
+    named in one warning line."""
+    d = _model_copy(tmp_path)
+    (tmp_path / "id_secret").write_text("PRIVATE KEY")
+    (d / "notes.txt").symlink_to("../id_secret")
+    out = tmp_path / "out"
+    r = run_cli("quantize", str(d), "-o", str(out), cwd=tmp_path, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stderr.splitlines() == [
+        f"warning: not copied into {out}: 'notes.txt' (a link to a file outside the model directory)"
+    ]
+    assert r.stdout == f"wrote {out}\n" and not (out / "notes.txt").exists()
