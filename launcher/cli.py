@@ -92,16 +92,19 @@ def _root(
     """qlaunch: validate a recipe, plan the run, write its configs, spawn one process per GPU, train."""
 
 
-def _overrides(set_: list[str] | None, gpus: int | None, nnodes: str | None) -> list[str]:
-    """The --set items, then the recipe keys the flags stand for (an error in one names the flag)."""
+def _overrides(
+    set_: list[str] | None, gpus: int | None, nnodes: str | None, flags: tuple[str, str] = ("--gpus", "--nnodes")
+) -> list[str]:
+    """The --set items, then the recipe keys the flags stand for (an error in one names the flag: FLAGS are
+    the command's names for launch.gpus and launch.nnodes)."""
     from launcher.plan import parse_nnodes
     from launcher.recipe import FlagOverride
 
     out = list(set_ or [])
     if gpus is not None:
-        out.append(FlagOverride(f"launch.gpus={gpus}", f"--gpus {gpus}"))
+        out.append(FlagOverride(f"launch.gpus={gpus}", f"{flags[0]} {gpus}"))
     if nnodes is not None:  # MIN of MIN:MAX goes to the Cluster
-        out.append(FlagOverride(f"launch.nnodes={parse_nnodes(nnodes)[1]}", f"--nnodes {nnodes}"))
+        out.append(FlagOverride(f"launch.nnodes={parse_nnodes(nnodes)[1]}", f"{flags[1]} {nnodes}"))
     return out
 
 
@@ -559,7 +562,7 @@ def slurm(
     from launcher.recipe import load_recipe
     from launcher.slurm import SbatchOptions, render_sbatch
 
-    rec = load_recipe(recipe, _overrides(set_, gpus_per_node, str(nodes)))
+    rec = load_recipe(recipe, _overrides(set_, gpus_per_node, str(nodes), ("--gpus-per-node", "--nodes")))
     make_plan(rec, Cluster(cuda_devices=gpus_per_node if request_gpus else 0))  # batch split etc.: now, not queued
     runs = Path(rec.log.runs_dir) / rec.name
     path = Path(out) if out else runs / f"{rec.name}.sbatch"

@@ -695,6 +695,12 @@ def test_flag_values_are_named_by_their_flag_not_as_set(recipe_file):
     with pytest.raises(UserError) as err:
         load_recipe(recipe_file(), _overrides(["train.lr=1e-4"], 5000, None))
     assert str(err.value).startswith("--gpus 5000: launch.gpus = 5000: input should be less than"), str(err.value)
+    with pytest.raises(UserError) as err:  # `qlaunch slurm` calls them --gpus-per-node and --nodes
+        load_recipe(recipe_file(), _overrides(["launch.master_port=65535"], 2, "2", ("--gpus-per-node", "--nodes")))
+    assert str(err.value).startswith("--set 'launch.master_port=65535': launch.master_port"), str(err.value)
+    with pytest.raises(UserError) as err:
+        load_recipe(recipe_file(), _overrides(None, 2, "100000", ("--gpus-per-node", "--nodes")))
+    assert str(err.value).startswith("--nodes 100000: launch.nnodes = 100000: input should be less"), str(err.value)
 
 
 @pytest.mark.parametrize(
