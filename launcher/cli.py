@@ -64,10 +64,13 @@ def _quiet_libraries() -> Iterator[None]:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            from transformers.utils import logging as hf_logging
-
-            bars = hf_logging.is_progress_bar_enabled()
-            hf_logging.disable_progress_bar()
+            try:
+                from transformers.utils import logging as hf_logging
+            except Exception:  # noqa: BLE001 - doctor runs where transformers is missing or broken: it reports that
+                hf_logging = None
+            bars = hf_logging is not None and hf_logging.is_progress_bar_enabled()
+            if bars:
+                hf_logging.disable_progress_bar()
             try:
                 yield
             finally:

@@ -93,3 +93,19 @@ def test_doctor_prints_no_third_party_lines(tmp_path):
     """bitsandbytes' `Failed to load CPU gemm_4bit_forward ... kernels` line came before the table."""
     r = run_cli("doctor", "--runs-dir", str(tmp_path / "runs"))
     assert r.stderr == "" and "kernels" not in r.stdout, r.stderr
+
+
+def test_quieting_the_libraries_needs_no_transformers(monkeypatch, capsys):
+    """doctor must report a missing or broken transformers, not fail importing it to quiet its logger."""
+    import logging
+    import sys
+    import warnings
+
+    from launcher.cli import _quiet_libraries
+
+    monkeypatch.setitem(sys.modules, "transformers.utils", None)  # importing it now raises ImportError
+    with _quiet_libraries():
+        logging.getLogger("some.library").warning("a notice")
+        warnings.warn("a FutureWarning", FutureWarning, stacklevel=1)
+    assert capsys.readouterr().err == ""
+    assert logging.root.manager.disable == logging.NOTSET

@@ -191,6 +191,10 @@ def _corrupt_adapter(case: str, shapes: dict[str, torch.Size]) -> dict[str, torc
         t = adapter[a].clone()
         t[0, 0] = float("inf")
         return {**adapter, a: t}
+    if case == "float8 with NaN":
+        t = adapter[a].clone()
+        t[0, 0] = float("nan")
+        return {**adapter, a: t.to(torch.float8_e4m3fn)}
     if case == "a tensor missing":
         return {n: t for n, t in adapter.items() if n != a}
     if case == "an extra tensor":
@@ -205,6 +209,7 @@ CORRUPT_ADAPTERS = {
     "transposed shapes": "has shape [",
     "all NaN": "holds NaN or infinite values (a diverged or corrupted adapter); nothing was merged",
     "one inf": "holds NaN or infinite values",
+    "float8 with NaN": "holds NaN or infinite values",
     "a tensor missing": "adapter has no tensor for ",
     "an extra tensor": "adapter tensor 'base_model.model.lm_head.lora_A.weight' is no LoRA parameter",
     "integer dtype": "has dtype int32, not a float dtype",
