@@ -12,6 +12,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from launcher.errors import UserError
+from launcher.limits import MAX_NODES
 
 # ------------------------------------------------------------------ host lists
 
@@ -49,6 +50,8 @@ def _expand_ranges(body: str, whole: str) -> list[str]:
         lo, hi = m.group(1), m.group(2) or m.group(1)
         if int(hi) < int(lo):
             raise UserError(f"bad SLURM node list {whole!r}: range {part!r} runs backwards")
+        if len(out) + int(hi) - int(lo) + 1 > MAX_NODES:  # n[1-99999999] would take minutes and gigabytes
+            raise UserError(f"bad SLURM node list {whole[:80]!r}: names more than {MAX_NODES} hosts")
         width = len(lo) if lo.startswith("0") else 0
         out += [str(i).zfill(width) for i in range(int(lo), int(hi) + 1)]
     return out
@@ -65,7 +68,10 @@ def _expand_one(item: str, whole: str) -> list[str]:
             break
         j = rest.find("]", i)
         prefix, body, rest = rest[:i], rest[i + 1 : j], rest[j + 1 :]
-        hosts = [h + prefix + n for h in hosts for n in _expand_ranges(body, whole)]
+        numbers = _expand_ranges(body, whole)
+        if len(hosts) * len(numbers) > MAX_NODES:
+            raise UserError(f"bad SLURM node list {whole[:80]!r}: names more than {MAX_NODES} hosts")
+        hosts = [h + prefix + n for h in hosts for n in numbers]
     return hosts
 
 
@@ -79,6 +85,8 @@ def expand_nodelist(text: str) -> list[str]:
         if not item:
             raise UserError(f"bad SLURM node list {text!r}: empty entry")
         hosts += _expand_one(item, text)
+        if len(hosts) > MAX_NODES:
+            raise UserError(f"bad SLURM node list {text[:80]!r}: names more than {MAX_NODES} hosts")
     return hosts
 
 

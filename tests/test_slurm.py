@@ -310,3 +310,11 @@ def test_run_with_a_slurm_variable_that_is_no_number_is_one_line(tmp_path, recip
     env.update(SLURM_JOB_ID="7", SLURM_JOB_NODELIST="n1", SLURM_JOB_NUM_NODES="abc")
     r = run_cli("run", str(recipe_file()), cwd=tmp_path, env=env)
     assert_one_line_error(r, ["SLURM_JOB_NUM_NODES = 'abc': not a node count"], tmp_path / "runs")
+
+
+@pytest.mark.parametrize("text", ["n[1-99999999]", "r[1-1000]n[1-1000]", ",".join(["a[1-60000]", "b[1-60000]"])])
+def test_expand_nodelist_refuses_more_hosts_than_a_run_can_have(text):
+    """`n[1-99999999]` in SLURM_JOB_NODELIST took minutes and gigabytes to expand."""
+    with pytest.raises(UserError, match=r"names more than 65536 hosts"):
+        expand_nodelist(text)
+    assert len(expand_nodelist("n[1-65536]")) == 65536
