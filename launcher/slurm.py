@@ -112,7 +112,7 @@ def job_port(job_id: str, base: int = 15000) -> int:
     """A rendezvous port per job, so jobs sharing a node don't collide. Even, so port+1 (the node watch)
     is free too; kept below 32768, where Linux starts handing out ephemeral ports."""
     digits = re.sub(r"\D", "", job_id) or "0"
-    return base + 2 * (int(digits) % 8000)
+    return base + 2 * (int(digits[-18:]) % 8000)  # the last digits: int() refuses 4300 and more
 
 
 def _first_set(env: Mapping[str, str], *names: str) -> tuple[str, str] | tuple[None, None]:
@@ -148,6 +148,8 @@ def from_env(env: Mapping[str, str]) -> SlurmNode | None:
     list_var, nodelist = _first_set(env, *step, "SLURM_JOB_NODELIST", "SLURM_NODELIST")
     if not list_var or not nodelist:
         return None  # an allocation without a node list is not one we can launch across
+    # The job id names the run directory (RUNS_DIR/NAME/<job id>) and picks the port: SLURM's are integers.
+    _integer("SLURM_JOB_ID" if env.get("SLURM_JOB_ID") else "SLURM_JOBID", job_id, "a job id")
     try:
         nodes = tuple(expand_nodelist(nodelist))
     except UserError as err:

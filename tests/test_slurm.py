@@ -287,6 +287,8 @@ def test_run_in_a_multi_node_batch_script_without_srun_is_a_user_error(recipe_fi
         ({"SLURMD_NODENAME": "elsewhere", "SLURM_NODEID": "x"}, "SLURM_NODEID = 'x': not a node id"),
         ({"SLURMD_NODENAME": "elsewhere", "SLURM_NODEID": "", "SLURM_PROCID": "1e3"}, "SLURM_PROCID = '1e3': not a"),
         ({"SLURM_STEP_NODELIST": "gpu[01-"}, "SLURM_STEP_NODELIST: "),
+        ({"SLURM_JOB_ID": "../../x"}, "SLURM_JOB_ID = '../../x': not a job id"),  # it names the run directory
+        ({"SLURM_JOB_ID": "7" * 5000}, "SLURM_JOB_ID = '" + "7" * 37 + "...': not a job id"),
     ],
 )
 def test_from_env_values_slurm_does_not_write_are_one_line_naming_the_variable(changes, expect):
