@@ -224,9 +224,13 @@ def merge_run(run_dir: Path, out: Path, dtype: str = "bfloat16") -> Path:
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     model.config.dtype = dtype
-    model.save_pretrained(str(tmp), safe_serialization=True)
-    build_tokenizer(recipe, built.model_dir).save_pretrained(str(tmp))
-    if out.exists():
-        out.rmdir()
-    os.replace(tmp, out)
+    try:
+        model.save_pretrained(str(tmp), safe_serialization=True)
+        build_tokenizer(recipe, built.model_dir).save_pretrained(str(tmp))
+        if out.exists():
+            out.rmdir()
+        os.replace(tmp, out)
+    except OSError as err:  # a parent that is a file or refuses new directories, a full disk
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise UserError(f"{out}: cannot write the merged model ({err.strerror or type(err).__name__})") from None
     return out

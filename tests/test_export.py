@@ -267,3 +267,14 @@ def test_merge_command_prints_only_its_own_lines(tmp_path, lora_shapes):
     run = _hand_made_run(tmp_path / "bad", _corrupt_adapter("transposed shapes", lora_shapes))
     r = run_cli("merge", str(run), "-o", str(tmp_path / "out"))
     assert_one_line_error(r, ["adapter_model.safetensors: adapter tensor", "has shape ["], tmp_path / "out")
+
+
+def test_merge_into_a_place_that_cannot_hold_it_is_one_line(tmp_path, lora_shapes):
+    """`merge RUN -o /proc/m` said `/proc/m.tmp: No such file or directory`."""
+    from launcher.errors import UserError
+    from launcher.export import merge_run
+
+    run = _hand_made_run(tmp_path, _adapter(lora_shapes))
+    (tmp_path / "f").write_text("x")
+    with pytest.raises(UserError, match=r"f/out: cannot write the merged model \(Not a directory\)$"):
+        merge_run(run, tmp_path / "f" / "out", "float32")
