@@ -68,7 +68,7 @@ def _toml_integer(value: Any) -> Any:
     # (a string) for an integer, so a typo such as `rank = 1e3` silently became rank 1000.
     _not_a_bool(value)
     if isinstance(value, float):
-        hint = f" (write {int(value)})" if value.is_integer() else ""
+        hint = f" (write {int(value)})" if value.is_integer() and abs(value) < 1e18 else ""  # no 300-digit hint
         raise PydanticCustomError("int_from_float", "input should be an integer, not a float{hint}", {"hint": hint})
     if isinstance(value, str) and _is_numeral(value):
         raise PydanticCustomError(

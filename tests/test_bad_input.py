@@ -611,6 +611,7 @@ def test_deeply_nested_json_array_file(tmp_path):
     [
         ("lora.rank=1e3", "lora.rank = 1000.0: input should be an integer, not a float (write 1000)"),
         ("lora.rank=8.5", "lora.rank = 8.5: input should be an integer, not a float"),
+        ("lora.rank=1e300", "lora.rank = 1e+300: input should be an integer, not a float\n"),  # no 301-digit hint
         ("launch.gpus=2.0", "launch.gpus = 2.0: input should be an integer, not a float (write 2)"),
         ('lora.rank="8"', "lora.rank = '8': input should be an integer, not a string (write it without quotes)"),
         ('train.lr="1e-3"', "train.lr = '1e-3': input should be a number, not a string (write it without quotes)"),
@@ -638,7 +639,7 @@ def test_numbers_and_booleans_are_strict(recipe_file, override, expect):
     Python's datetime.date(1979, 5, 27); an empty path stood for the recipe's own directory."""
     with pytest.raises(UserError) as err:
         load_recipe(recipe_file(), [override])
-    assert str(err.value).startswith(f"--set {override!r}: {expect}"), str(err.value)
+    assert (str(err.value) + "\n").startswith(f"--set {override!r}: {expect}"), str(err.value)
 
 
 def test_strict_numbers_in_the_file_name_their_line(recipe_file):
