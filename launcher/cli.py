@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import json
+import logging
 import os
 import re
 import shutil
 import signal
 import sys
+import warnings
+from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 from typing import Annotated
@@ -50,6 +54,33 @@ NnodesOpt = Annotated[
 ]
 
 
+@contextlib.contextmanager
+def _quiet_libraries() -> Iterator[None]:
+    """For commands that do their work in this process (merge, quantize, doctor): only qlaunch's own lines.
+
+    bitsandbytes logs a kernel notice on import, transformers FutureWarnings, deprecation notes and a
+    progress bar, DeepSpeed its accelerator choice; none is about the user's input. Errors still show."""
+    previous = logging.root.manager.disable
+    logging.disable(logging.WARNING)  # every logger, also those a library configures while it is imported
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            try:
+                from transformers.utils import logging as hf_logging
+            except Exception:  # noqa: BLE001 - doctor runs where transformers is missing or broken: it reports that
+                hf_logging = None
+            bars = hf_logging is not None and hf_logging.is_progress_bar_enabled()
+            if bars:
+                hf_logging.disable_progress_bar()
+            try:
+                yield
+            finally:
+                if bars:
+                    hf_logging.enable_progress_bar()
+    finally:
+        logging.disable(previous)
+
+
 def _version(value: bool) -> None:
     if value:
         print(f"qlaunch {__version__}")
@@ -65,15 +96,29 @@ def _root(
     """qlaunch: validate a recipe, plan the run, write its configs, spawn one process per GPU, train."""
 
 
-def _overrides(set_: list[str] | None, gpus: int | None, nnodes: str | None) -> list[str]:
+def _overrides(
+    set_: list[str] | None, gpus: int | None, nnodes: str | None, flags: tuple[str, str] = ("--gpus", "--nnodes")
+) -> list[str]:
+    """The --set items, then the recipe keys the flags stand for (an error in one names the flag: FLAGS are
+    the command's names for launch.gpus and launch.nnodes)."""
     from launcher.plan import parse_nnodes
+    from launcher.recipe import FlagOverride
 
     out = list(set_ or [])
     if gpus is not None:
-        out.append(f"launch.gpus={gpus}")
-    if nnodes is not None:
-        out.append(f"launch.nnodes={parse_nnodes(nnodes)[1]}")  # MIN of MIN:MAX goes to the Cluster
+        out.append(FlagOverride(f"launch.gpus={gpus}", f"{flags[0]} {gpus}"))
+    if nnodes is not None:  # MIN of MIN:MAX goes to the Cluster
+        out.append(FlagOverride(f"launch.nnodes={parse_nnodes(nnodes)[1]}", f"{flags[1]} {nnodes}"))
     return out
+
+
+def _check_node_rank(node_rank: int, nnodes: int) -> None:
+    """--node-rank N names one of the run's nodes: --nnodes (or launch.nnodes, or SLURM) must count more than N."""
+    if node_rank >= nnodes:
+        raise UserError(
+            f"--node-rank {node_rank}: the run has {nnodes} node(s) (--nnodes / launch.nnodes), whose ranks run "
+            f"0..{nnodes - 1}; give --nnodes N with N > {node_rank} on every node"
+        )
 
 
 def _cluster(node_rank: int = 0, master_addr: str = "127.0.0.1", rdzv_endpoint=None, rdzv_id=None, min_nodes=None):
@@ -186,8 +231,11 @@ def run(
     # --- end multinode
     overrides = _overrides(set_, gpus, nnodes)
     if master_port is not None:
-        overrides.append(f"launch.master_port={master_port}")
+        from launcher.recipe import FlagOverride
+
+        overrides.append(FlagOverride(f"launch.master_port={master_port}", f"--master-port {master_port}"))
     rec = _absolute_runs_dir(load_recipe(recipe, overrides))
+    _check_node_rank(node_rank, rec.launch.nnodes)
     cluster = _cluster(node_rank, master_addr, rdzv_endpoint, where.rdzv_id, where.min_nodes)
     auto = _has_auto(rec)
     plan = make_plan(rec, cluster, model=_model_shape(rec, required=auto) if auto or not dry_run else None)
@@ -355,6 +403,8 @@ def _recipe_to_run(recipe: str | None, resume: str | None) -> str:
     """The recipe file `qlaunch run` reads: the one given, or with --resume RUN_DIR|CHECKPOINT_DIR and no
     recipe, the run's own resolved recipe.toml (every default and --set of the first run filled in), so that
     the printed resume command reproduces the run."""
+    if resume is not None and not resume.strip():
+        raise UserError("--resume '': empty; give auto, a run directory or a checkpoint directory")
     if recipe is not None:
         return recipe
     if resume is None or resume == "auto":
@@ -399,6 +449,15 @@ def _placement(nnodes, node_rank, master_addr, master_port, rdzv_endpoint, rdzv_
         raise UserError("--rdzv-endpoint assigns node ranks itself; drop --node-rank/--master-addr")
     if rdzv_endpoint and not re.fullmatch(r"\[?[\w.:-]+\]?:\d+", rdzv_endpoint):
         raise UserError(f"--rdzv-endpoint {rdzv_endpoint!r}: expected HOST:PORT")
+    if rdzv_endpoint:
+        from launcher.recipe import MAX_MULTINODE_MASTER_PORT
+
+        port = int(rdzv_endpoint.rpartition(":")[2])
+        if not 1 <= port <= MAX_MULTINODE_MASTER_PORT:
+            raise UserError(
+                f"--rdzv-endpoint {rdzv_endpoint}: port {port} is out of range; use 1..{MAX_MULTINODE_MASTER_PORT} "
+                "(the node watch listens on port + 1)"
+            )
     banner = ""
     sl = None
     explicit_id = rdzv_id
@@ -443,7 +502,12 @@ def _placement(nnodes, node_rank, master_addr, master_port, rdzv_endpoint, rdzv_
 def _shared_run_path(rec, where, run_dir_opt: str | None, multinode: bool) -> Path | None:
     """The run directory all nodes share (RUNS_DIR/NAME/ID, or --run-dir); None: a fresh timestamped one."""
     if run_dir_opt:
-        return Path(run_dir_opt).resolve()
+        path = Path(run_dir_opt).resolve()
+        existing = next(p for p in (path, *path.parents) if p.exists())
+        if not existing.is_dir():  # found now, before the data is prepared
+            where = "exists" if existing == path else f"lies under {existing}, which exists"
+            raise UserError(f"--run-dir {run_dir_opt}: {where} and is not a directory")
+        return path
     if not multinode:
         return None
     run_id = where.run_id or f"{where.master_addr}-{rec.launch.master_port}"
@@ -459,16 +523,22 @@ def _open_shared_run_dir(path: Path, nnodes: int, node_rank: int, rdzv_endpoint,
 
     from launcher.rundir import shared_run_dir
 
-    if rdzv_endpoint:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            path.mkdir()
-            writer = True
-        except FileExistsError:
-            writer = False
-        return shared_run_dir(path, f"{socket.gethostname()}-{os.getpid()}", writer, resuming), writer
-    node = f"node{node_rank}" if nnodes > 1 else None
-    return shared_run_dir(path, node, node_rank == 0, resuming), node_rank == 0
+    try:
+        if rdzv_endpoint:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                path.mkdir()
+                writer = True
+            except FileExistsError:
+                writer = False
+            return shared_run_dir(path, f"{socket.gethostname()}-{os.getpid()}", writer, resuming), writer
+        node = f"node{node_rank}" if nnodes > 1 else None
+        return shared_run_dir(path, node, node_rank == 0, resuming), node_rank == 0
+    except OSError as err:  # e.g. a parent that refuses new directories (/proc), or a file where one goes
+        raise UserError(
+            f"{err.filename or path}: cannot create the run directory ({err.strerror or type(err).__name__}); "
+            "--run-dir or log.runs_dir chooses where it goes"
+        ) from None
 
 
 def _node_blame(watch, rc: int) -> str | None:
@@ -526,7 +596,7 @@ def slurm(
     from launcher.recipe import load_recipe
     from launcher.slurm import SbatchOptions, render_sbatch
 
-    rec = load_recipe(recipe, _overrides(set_, gpus_per_node, str(nodes)))
+    rec = load_recipe(recipe, _overrides(set_, gpus_per_node, str(nodes), ("--gpus-per-node", "--nodes")))
     make_plan(rec, Cluster(cuda_devices=gpus_per_node if request_gpus else 0))  # batch split etc.: now, not queued
     runs = Path(rec.log.runs_dir) / rec.name
     path = Path(out) if out else runs / f"{rec.name}.sbatch"
@@ -680,6 +750,7 @@ def config(
     from launcher.rundir import PLAN_FILE, RunDir, write_files
 
     rec = load_recipe(recipe, _overrides(set_, gpus, nnodes))
+    _check_node_rank(node_rank, rec.launch.nnodes)
     cluster = _cluster(node_rank, master_addr)
     plan = make_plan(rec, cluster, model=_model_shape(rec, required=_has_auto(rec)))
     rec = resolve_recipe(rec, plan)
@@ -687,9 +758,14 @@ def config(
     path = Path(out).resolve()
     if path.exists() and not path.is_dir():
         raise UserError(f"-o {out}: exists and is not a directory")
-    (path / "logs").mkdir(parents=True, exist_ok=True)
     configs = render_files(rec, plan, path, layer_cls, node_rank, master_addr)
-    write_files(RunDir(path), rec, {PLAN_FILE: json.dumps(plan.to_dict(), indent=2) + "\n", **configs})
+    try:
+        (path / "logs").mkdir(parents=True, exist_ok=True)
+        write_files(RunDir(path), rec, {PLAN_FILE: json.dumps(plan.to_dict(), indent=2) + "\n", **configs})
+    except OSError as err:
+        raise UserError(
+            f"-o {out}: cannot write the configs into {err.filename or path} ({err.strerror or type(err).__name__})"
+        ) from None
     for name in sorted(configs):
         print(f"wrote {path / name}")
     print(f"start it with: accelerate launch --config_file {path / ACCELERATE_CONFIG_FILE} -m launcher.worker {path}")
@@ -727,7 +803,10 @@ def quantize(
     """Write a pre-quantized 4-bit checkpoint: ranks then read only their own byte ranges."""
     from launcher.quantize import quantize_checkpoint
 
-    path = quantize_checkpoint(model, out, quant_type, blocksize, skip or ["lm_head"])
+    with _quiet_libraries():
+        path = quantize_checkpoint(
+            model, out, quant_type, blocksize, skip or ["lm_head"], warn=lambda line: print(line, file=sys.stderr)
+        )
     print(f"wrote {path}")
 
 
@@ -746,7 +825,8 @@ def doctor(
 
     from launcher import doctor as doc
 
-    checks = doc.run_checks(runs_dir, require_gpu)
+    with _quiet_libraries():
+        checks = doc.run_checks(runs_dir, require_gpu)
     console = Console(highlight=False)
     console.print(doc.render(checks))
     console.print(doc.verdict(checks))
@@ -762,7 +842,7 @@ def report(
 
     from launcher import report as rep
 
-    run, rows, plots = rep.report(run_dir)
+    run, rows, plots = rep.report(run_dir, warn=lambda line: print(line, file=sys.stderr))
     Console(highlight=False).print(rep.render(run, rows, plots))
 
 
@@ -777,7 +857,9 @@ def merge(
         raise UserError(f"--dtype {dtype}: use bfloat16, float16 or float32")
     from launcher.export import merge_run
 
-    print(f"wrote {merge_run(Path(run_dir), Path(out), dtype)}")
+    with _quiet_libraries():
+        path = merge_run(Path(run_dir), Path(out), dtype)
+    print(f"wrote {path}")
 
 
 def _exception_classes(name: str) -> tuple[type[BaseException], ...]:

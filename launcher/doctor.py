@@ -104,6 +104,7 @@ class Facts:
     env: dict[str, str] = field(default_factory=dict)
     disk_path: str = ""
     disk_free: int | None = None
+    runs_dir_problem: str | None = None  # why no run directory can be created at disk_path
 
 
 # ------------------------------------------------------------------------------------------ versions
@@ -215,7 +216,9 @@ def judge_machine(f: Facts, require_gpu: bool = False) -> list[Check]:
         out.append(Check("system", "open files", "ok" if ok else "warn", detail))
     if f.host_memory:
         out.append(Check("system", "host memory", "info", f"{f.host_memory / GiB:.1f} GiB, {f.cpus or '?'} CPUs"))
-    if f.disk_free is not None:
+    if f.runs_dir_problem:  # its free space says nothing: no run can start there
+        out.append(Check("system", "runs dir", "fail", f.runs_dir_problem))
+    elif f.disk_free is not None:
         status = "ok" if f.disk_free >= DISK_WARN else ("warn" if f.disk_free >= DISK_FAIL else "fail")
         out.append(Check("system", "free disk", status, f"{f.disk_free / GiB:.1f} GiB free at {f.disk_path}"))
 
@@ -288,7 +291,18 @@ def gather(runs_dir: str | Path = "runs") -> Facts:
         p = p.parent
     f.disk_path = str(Path(runs_dir))
     f.disk_free = shutil.disk_usage(p).free
+    f.runs_dir_problem = runs_dir_problem(Path(runs_dir), p)
     return f
+
+
+def runs_dir_problem(runs_dir: Path, existing: Path) -> str | None:
+    """Why run directories cannot be created under RUNS_DIR, whose nearest existing part is EXISTING."""
+    if not existing.is_dir():
+        what = "is" if existing == runs_dir.resolve() else f"lies under {existing}, which is"
+        return f"{runs_dir} {what} not a directory: runs cannot be created there (--runs-dir, log.runs_dir)"
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return f"{existing} is not writable: runs cannot be created under it (--runs-dir, log.runs_dir)"
+    return None
 
 
 def run_checks(runs_dir: str | Path = "runs", require_gpu: bool = False) -> list[Check]:

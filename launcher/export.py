@@ -9,6 +9,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+ADAPTER_FILE = "adapter_model.safetensors"
+
 
 def lora_state_dict(peft_model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """Full (unsharded) LoRA tensors under PEFT's saved key names. Collective: every rank must call it."""
@@ -53,7 +55,7 @@ def save_adapter(peft_model: torch.nn.Module, out_dir: Path, rank: int) -> Path:
     tmp = out_dir.with_name(out_dir.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    save_file(state, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
+    save_file(state, str(tmp / ADAPTER_FILE), metadata={"format": "pt"})
     peft_model.peft_config["default"].save_pretrained(str(tmp))
     if out_dir.exists():
         shutil.rmtree(out_dir)
@@ -64,24 +66,70 @@ def save_adapter(peft_model: torch.nn.Module, out_dir: Path, rank: int) -> Path:
 # ---------------------------------------------------------------- merge (single process, CPU is fine)
 
 
-def load_adapter_into(peft_model: torch.nn.Module, adapter_dir: Path) -> None:
-    """Copy a saved PEFT adapter into the LoRA parameters of a freshly built (unsharded) model."""
+def read_adapter(adapter_dir: Path) -> dict[str, torch.Tensor]:
+    """The tensors of a saved adapter, once its file passed the safetensors rules (sources.read_header: a
+    regular file, the whole header validated, then the library's own check); one line naming it otherwise."""
     from safetensors.torch import load_file
 
-    saved = load_file(str(adapter_dir / "adapter_model.safetensors"))
+    from launcher.sources import read_header
+
+    path = adapter_dir / ADAPTER_FILE
+    read_header(path)
+    return load_file(str(path))
+
+
+def adapter_problem(saved: dict[str, torch.Tensor], params: dict[str, torch.Tensor]) -> str | None:
+    """Why SAVED cannot be the adapter of a model whose LoRA parameters are PARAMS (None: it can): the same
+    tensor names, each a float tensor of its parameter's shape, every value finite."""
+    from launcher.sources import shown
+
+    missing = sorted(set(params) - set(saved))
+    if missing:
+        return f"adapter has no tensor for {missing[0]} (was it trained with another recipe?)"
+    extra = sorted(set(saved) - set(params))
+    if extra:
+        return (
+            f"adapter tensor {shown(extra[0])} is no LoRA parameter of the recipe's model (another recipe's adapter?)"
+        )
+    for name, p in params.items():
+        t = saved[name]
+        if not t.is_floating_point():
+            return f"adapter tensor {name} has dtype {str(t.dtype).removeprefix('torch.')}, not a float dtype"
+        if t.shape != p.shape:
+            return (
+                f"adapter tensor {name} has shape {list(t.shape)}, but the recipe's model needs {list(p.shape)} "
+                "(another model or LoRA rank?)"
+            )
+        if not bool(torch.isfinite(t.float()).all()):  # float: isfinite has no float8_e4m3fn kernel
+            return f"adapter tensor {name} holds NaN or infinite values (a diverged or corrupted adapter)"
+    return None
+
+
+def load_adapter_into(peft_model: torch.nn.Module, adapter_dir: Path) -> None:
+    """Copy a saved PEFT adapter into the LoRA parameters of a freshly built (unsharded) model, once it is
+    known to fit them exactly (adapter_problem)."""
+    saved = read_adapter(adapter_dir)
     params = {
         n.replace(".default.", ".").replace(".default", ""): p
         for n, p in peft_model.named_parameters()
         if p.requires_grad
     }
-    missing = sorted(set(params) - set(saved))
-    if missing:
+    problem = adapter_problem(saved, params)
+    if problem:
         from launcher.errors import UserError
 
-        raise UserError(f"{adapter_dir}: adapter has no tensor for {missing[0]} (was it trained with another recipe?)")
+        raise UserError(f"{adapter_dir / ADAPTER_FILE}: {problem}; nothing was merged")
     with torch.no_grad():
         for k, p in params.items():
             p.copy_(saved[k].to(p.dtype))
+
+
+def first_non_finite(model: torch.nn.Module) -> str | None:
+    """The name of the first parameter or buffer holding a NaN or infinite value (None: all finite)."""
+    for name, t in model.state_dict().items():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            return name
+    return None
 
 
 def dequantize(layer: torch.nn.Module) -> torch.Tensor:
@@ -146,8 +194,10 @@ def merge_run(run_dir: Path, out: Path, dtype: str = "bfloat16") -> Path:
     run = RunDir(Path(run_dir))
     if not run.recipe.is_file():
         raise UserError(f"{run_dir}: not a run directory (no recipe.toml)")
-    if not (run.adapter / "adapter_model.safetensors").is_file():
+    if not os.path.lexists(run.adapter / ADAPTER_FILE):
         raise UserError(f"{run_dir}: the run has no exported adapter (adapter/adapter_model.safetensors)")
+    if out.exists() and not out.is_dir():
+        raise UserError(f"{out}: exists and is not a directory")
     if out.exists() and any(out.iterdir()):
         raise UserError(f"{out}: exists and is not empty")
     recipe = run.load_recipe()
@@ -161,15 +211,26 @@ def merge_run(run_dir: Path, out: Path, dtype: str = "bfloat16") -> Path:
             "model": recipe.model.model_copy(update={"dtype": "float32"}),
         }
     )
+    read_adapter(run.adapter)  # a corrupt file is found before the model is built
     built = build_model(recipe, torch.device("cpu"), None)
     load_adapter_into(built.peft_model, run.adapter)
     model = merge_into_dense(built.peft_model, DTYPES[dtype])
+    bad = first_non_finite(model)
+    if bad is not None:  # the adapter is finite: the base weights are not, or the sum overflows the dtype
+        raise UserError(
+            f"{out}: not written: the merged weight {bad} holds NaN or infinite values in {dtype} (non-finite "
+            f"weights in the base model {recipe.model.path}, or values beyond {dtype}'s range)"
+        )
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    model.config.torch_dtype = dtype
-    model.save_pretrained(str(tmp), safe_serialization=True)
-    build_tokenizer(recipe, built.model_dir).save_pretrained(str(tmp))
-    if out.exists():
-        out.rmdir()
-    os.replace(tmp, out)
+    model.config.dtype = dtype
+    try:
+        model.save_pretrained(str(tmp), safe_serialization=True)
+        build_tokenizer(recipe, built.model_dir).save_pretrained(str(tmp))
+        if out.exists():
+            out.rmdir()
+        os.replace(tmp, out)
+    except OSError as err:  # a parent that is a file or refuses new directories, a full disk
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise UserError(f"{out}: cannot write the merged model ({err.strerror or type(err).__name__})") from None
     return out

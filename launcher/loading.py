@@ -62,6 +62,19 @@ SUPPORTED_MODEL_TYPES = tuple(MODEL_TYPES.values())
 # Sizes the skeleton is built from: transformers accepts 0 or negative values for some and builds a
 # model without layers, or fails deep inside torch with a negative dimension.
 POSITIVE_SIZES = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
+# Upper bounds no real model reaches (Llama-3.1-405B: 126 layers, hidden 16384, intermediate 53248, 128 heads;
+# Gemma 3: a 262,208-token vocabulary; Llama 4 Scout: 10M positions), so that a crafted config.json cannot make
+# preflight build a skeleton of 100,000 layers (it hangs) or the planner count absurd bytes.
+MAX_SIZES = {
+    "vocab_size": 1 << 24,
+    "hidden_size": 1 << 20,
+    "intermediate_size": 1 << 20,
+    "num_hidden_layers": 1024,
+    "num_attention_heads": 4096,
+    "num_key_value_heads": 4096,
+    "head_dim": 1 << 16,
+    "max_position_embeddings": 1 << 28,
+}
 
 
 # ------------------------------------------------------------------ config & skeleton
@@ -193,6 +206,10 @@ def config_size_problem(config) -> str | None:
         value = get(key)
         if value is not None and (type(value) is not int or value <= 0):
             return f"{key} must be a positive integer"
+    for key, limit in MAX_SIZES.items():
+        value = get(key)
+        if type(value) is int and value > limit:  # the value itself is not shown: it comes from the file
+            return f"{key} is larger than any real model's (at most {limit:,})"
     return None
 
 

@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import stat
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -24,22 +26,91 @@ from launcher.sources import (
     QUANT_FORMAT,
     QUANT_META,
     SafetensorsSource,
+    open_regular,
     read_json_object,
     read_quant_meta,
+    shown,
 )
 
+# The files besides the weights that a model directory holds (configs, tokenizer, templates, docs, code).
+# Nothing else is copied into OUT: not a key or an archive that happens to lie there, nor a directory.
+EXTRA_SUFFIXES = frozenset((".json", ".txt", ".model", ".tiktoken", ".jinja", ".md", ".py", ".vocab"))
+EXTRA_NAMES = frozenset(("LICENSE", "NOTICE", "COPYING"))
+# The flags of `qlaunch quantize` behind the QuantConfig fields it sets.
+FLAGS = {"type": "--type", "blocksize": "--blocksize"}
 
-def quantize_checkpoint(model_dir: str, out: str, quant_type: str, blocksize: int, skip: list[str]) -> Path:
+
+def copy_root(model_dir: Path) -> Path:
+    """Where the files of a model directory may really lie: the directory itself, or for a hub snapshot
+    (.../models--ORG--NAME/snapshots/REV/, whose files are links to ../../blobs/) its repository's cache folder."""
+    real = model_dir.resolve()
+    if real.parent.name == "snapshots" and real.parent.parent.name.startswith("models--"):
+        return real.parent.parent
+    return real
+
+
+def extra_file_problem(path: Path, root: Path) -> str | None:
+    """Why PATH, an entry of the model directory besides its weights, is not copied into OUT (None: it is).
+
+    A link is followed only to a file inside ROOT: a link to a private file elsewhere would otherwise be
+    copied into a checkpoint the user may share."""
+    if path.suffix.lower() not in EXTRA_SUFFIXES and path.name not in EXTRA_NAMES:
+        return "not a kind of file a model directory holds"
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return "a dangling link"
+    if not stat.S_ISREG(mode):
+        return "not a regular file"
+    if not path.resolve().is_relative_to(root):
+        return "a link to a file outside the model directory"
+    return None
+
+
+def _extras(src_dir: Path) -> tuple[list[Path], dict[str, str]]:
+    """(the files to copy into OUT, {name: why} for each one left out)."""
+    root = copy_root(src_dir)
+    copy: list[Path] = []
+    skipped: dict[str, str] = {}
+    for extra in sorted(src_dir.iterdir()):
+        if extra.name.endswith(".safetensors") or extra.name == INDEX_FILE:
+            continue
+        if extra.is_dir() and not extra.is_symlink():
+            continue  # e.g. original/ of a hub snapshot: not part of the transformers checkpoint
+        problem = extra_file_problem(extra, root)
+        if problem is None:
+            copy.append(extra)
+        elif not extra.name.startswith("."):  # .gitattributes and the like: nothing anyone misses
+            skipped[extra.name] = problem
+    return copy, skipped
+
+
+def _copy_regular(src: Path, dst: Path) -> None:
+    fd = open_regular(src, "model file")  # regular, and no FIFO swapped in since it was checked
+    with os.fdopen(fd, "rb") as fin, open(dst, "wb") as fout:
+        shutil.copyfileobj(fin, fout)
+
+
+def quantize_checkpoint(
+    model_dir: str,
+    out: str,
+    quant_type: str,
+    blocksize: int,
+    skip: list[str],
+    warn: Callable[[str], None] | None = None,
+) -> Path:
     src_dir, out_dir = Path(model_dir), Path(out)
     src, q = _checked_inputs(src_dir, out_dir, quant_type, blocksize)
+    extras, skipped = _extras(src_dir)
+    if "config.json" in skipped:
+        raise UserError(f"{src_dir / 'config.json'}: {skipped['config.json']}; the quantized checkpoint needs it")
     tmp = out_dir.with_name(out_dir.name + ".tmp")
     try:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
         meta = _write_tensors(src, tmp, q, skip)
-        for extra in src_dir.iterdir():
-            if extra.is_file() and not extra.name.endswith(".safetensors") and extra.name != INDEX_FILE:
-                shutil.copy2(extra, tmp / extra.name)
+        for extra in extras:
+            _copy_regular(extra, tmp / extra.name)
         (tmp / QUANT_META).write_text(json.dumps(meta, indent=1) + "\n")
         if out_dir.exists():
             out_dir.rmdir()
@@ -50,13 +121,17 @@ def quantize_checkpoint(model_dir: str, out: str, quant_type: str, blocksize: in
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)  # never leave a half-written checkpoint beside OUT
         raise
+    if skipped and warn is not None:
+        listed = ", ".join(f"{shown(name)} ({why})" for name, why in skipped.items())
+        warn(f"warning: not copied into {out_dir}: {listed}")
     return out_dir
 
 
 def _checked_inputs(src_dir: Path, out_dir: Path, quant_type: str, blocksize: int):
     """(source, quant config) once everything about the input and OUT is known good; nothing written yet."""
     if not src_dir.is_dir():
-        raise UserError(f"{src_dir}: not a model directory (no such directory)")
+        what = "no such directory" if not src_dir.exists() else "a file, not a directory"
+        raise UserError(f"{src_dir}: not a model directory ({what}; one holds config.json and *.safetensors)")
     if not os.path.lexists(src_dir / "config.json"):
         raise UserError(f"{src_dir}: not a model directory (no config.json)")
     read_json_object(src_dir / "config.json", "model config")  # copied into OUT: it must be a real JSON file
@@ -68,8 +143,13 @@ def _checked_inputs(src_dir: Path, out_dir: Path, quant_type: str, blocksize: in
         raise UserError(f"{out_dir}: exists and is not empty")
     try:
         q = QuantConfig(type=quant_type, blocksize=blocksize)
-    except Exception as err:  # pydantic's message names the field
-        raise UserError(f"qlaunch quantize: {err.errors()[0]['msg']}") from None  # type: ignore[attr-defined]
+    except Exception as err:  # pydantic's message names the field, which a flag sets
+        e = err.errors()[0]  # type: ignore[attr-defined]
+        flag = FLAGS.get(str(e["loc"][0]), "qlaunch quantize") if e["loc"] else "qlaunch quantize"
+        value = {"--type": shown(quant_type), "--blocksize": str(blocksize)}.get(flag)
+        msg = str(e["msg"])
+        where = f"{flag} {value}" if value else flag
+        raise UserError(f"{where}: {msg[:1].lower() + msg[1:]}") from None
     src = SafetensorsSource(src_dir)  # every header validated
     for name in src.where:
         src.dtype(name)  # every tensor is read as values: an int or unknown dtype is refused before writing

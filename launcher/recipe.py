@@ -6,6 +6,7 @@ descriptions are the documentation: `qlaunch explain KEY` prints them.
 
 from __future__ import annotations
 
+import datetime
 import difflib
 import json
 import os
@@ -17,7 +18,16 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_core import PydanticCustomError
 
 from launcher.errors import RecipeError
@@ -44,12 +54,62 @@ def _not_a_bool(value: Any) -> Any:
     return value
 
 
-Int = Annotated[int, BeforeValidator(_not_a_bool)]
-Float = Annotated[float, BeforeValidator(_not_a_bool)]
+# A decimal number as someone would type it in quotes by mistake ("8", "1e-3"); not "nan" or "inf", which are
+# words that happen to parse.
+_NUMERAL = re.compile(r"\s*[+-]?(\d[\d_]*\.?\d*|\.\d+)([eE][+-]?\d+)?\s*")
+
+
+def _is_numeral(text: str) -> bool:
+    return _NUMERAL.fullmatch(text) is not None
+
+
+def _toml_integer(value: Any) -> Any:
+    # TOML has integers and floats of their own; pydantic's lax mode would also take 1e3 (a float) and "8"
+    # (a string) for an integer, so a typo such as `rank = 1e3` silently became rank 1000.
+    _not_a_bool(value)
+    if isinstance(value, float):
+        hint = f" (write {int(value)})" if value.is_integer() and abs(value) < 1e18 else ""  # no 300-digit hint
+        raise PydanticCustomError("int_from_float", "input should be an integer, not a float{hint}", {"hint": hint})
+    if isinstance(value, str) and _is_numeral(value):
+        raise PydanticCustomError(
+            "number_in_quotes", "input should be an integer, not a string (write it without quotes)"
+        )
+    return value  # other strings: pydantic's own 'unable to parse' message
+
+
+def _toml_number(value: Any) -> Any:
+    _not_a_bool(value)
+    if isinstance(value, str) and _is_numeral(value):
+        raise PydanticCustomError(
+            "number_in_quotes", "input should be a number, not a string (write it without quotes)"
+        )
+    return value
+
+
+def _toml_bool(value: Any) -> Any:
+    # pydantic's lax mode reads 1, "yes" or "on" as true: `trust_remote_code = 1` must not switch code on.
+    if not isinstance(value, bool):
+        raise PydanticCustomError("bool_type", "input should be true or false")
+    return value
+
+
+def _not_blank(text: str) -> str:
+    # '' would resolve to the recipe's own directory (or the current one) and be reported as a model there.
+    if not text.strip():
+        raise PydanticCustomError("empty_path", "input should be a path, not an empty string")
+    return text
+
+
+Int = Annotated[int, BeforeValidator(_toml_integer)]
+Float = Annotated[float, BeforeValidator(_toml_number)]
+Bool = Annotated[bool, BeforeValidator(_toml_bool)]
+PathText = Annotated[str, AfterValidator(_not_blank)]
 # Adam's moment decay rates: 1 would never forget, and a rate outside [0, 1) diverges.
 Beta = Annotated[Float, Field(ge=0.0, lt=1.0)]
 # Run names become a directory under log.runs_dir: one plain path component, never '.', '..' or hidden.
 RUN_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}")
+# A multi-node run's node watch listens on master_port + 1 (spawn.WATCH_PORT_OFFSET), which must be a port too.
+MAX_MULTINODE_MASTER_PORT = 65534
 
 
 def is_jinja_template(text: str) -> bool:
@@ -58,8 +118,13 @@ def is_jinja_template(text: str) -> bool:
 
 
 def _short(value: Any, limit: int = 80) -> str:
-    """repr of a recipe value (booleans as TOML writes them), cut to fit a one-line message."""
-    shown = ("true" if value else "false") if isinstance(value, bool) else repr(value)
+    """repr of a recipe value (booleans, dates and times as TOML writes them), cut to fit a one-line message."""
+    if isinstance(value, bool):
+        shown = "true" if value else "false"
+    elif isinstance(value, datetime.date | datetime.time):
+        shown = value.isoformat()  # `lr = 1979-05-27` is a TOML date; datetime.date(1979, 5, 27) is Python's
+    else:
+        shown = repr(value)
     return shown if len(shown) <= limit else shown[: limit - 3] + "..."
 
 
@@ -70,7 +135,7 @@ class _Section(BaseModel):
 
 
 class ModelConfig(_Section):
-    path: str = Field(
+    path: PathText = Field(
         description="Local Hugging Face model directory (config.json + *.safetensors), a directory written "
         "by `qlaunch quantize`, or a hub id (resolved through the huggingface_hub cache)."
     )
@@ -85,22 +150,24 @@ class ModelConfig(_Section):
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = Field(
         "sdpa", description="Attention kernel passed to transformers."
     )
-    trust_remote_code: bool = Field(
+    trust_remote_code: Bool = Field(
         False, description="Allow model code from the checkpoint's repository to run (off by default)."
     )
-    tokenizer: str | None = Field(None, description="Tokenizer path or hub id; defaults to `model.path`.")
+    tokenizer: PathText | None = Field(None, description="Tokenizer path or hub id; defaults to `model.path`.")
 
 
 class QuantConfig(_Section):
-    bits: Literal[4, 8, "none"] = Field(
+    bits: Annotated[Literal[4, 8, "none"], BeforeValidator(_toml_integer)] = Field(
         4,
         description="4 = bitsandbytes NF4/FP4 (QLoRA); 8 = LLM.int8 (bitsandbytes Linear8bitLt, outlier threshold "
         "6.0; replicated weights only: parallel.backend 'none' or DeepSpeed stage 2); 'none' = plain LoRA on the "
         "dtype weights.",
     )
     type: Literal["nf4", "fp4"] = Field("nf4", description="4-bit data type.")
-    double_quant: bool = Field(True, description="Quantize the per-block scales again (saves ~0.4 bit/param).")
-    blocksize: Literal[32, 64, 128, 256] = Field(64, description="Elements per quantization block.")
+    double_quant: Bool = Field(True, description="Quantize the per-block scales again (saves ~0.4 bit/param).")
+    blocksize: Annotated[Literal[32, 64, 128, 256], BeforeValidator(_toml_integer)] = Field(
+        64, description="Elements per quantization block."
+    )
     compute_dtype: DType = Field(
         "bfloat16", description="Dtype in which the 4-bit weights are dequantized and matmuls run."
     )
@@ -120,14 +187,14 @@ class LoraConfig(_Section):
         "all-linear",
         description="'all-linear' (every linear layer of the decoder, not lm_head) or a list of module name suffixes.",
     )
-    use_dora: bool = Field(False, description="Weight-decomposed LoRA (DoRA).")
+    use_dora: Bool = Field(False, description="Weight-decomposed LoRA (DoRA).")
     init_seed: Int = Field(
         0, ge=0, lt=SEED_LIMIT, description="Seed of the LoRA A initialisation (identical on all ranks)."
     )
 
 
 class DatasetSpec(_Section):
-    path: str = Field(
+    path: PathText = Field(
         description="A .jsonl/.json/.parquet/.csv/.arrow file, a directory written by Dataset.save_to_disk, a "
         "directory of data files, or a hub dataset name (org/name)."
     )
@@ -166,13 +233,13 @@ class DataConfig(_Section):
         description="Jinja chat template text for `chat` records (with {{ ... }} / {% ... %}), overriding the "
         "tokenizer's own.",
     )
-    train_on_prompt: bool = Field(
+    train_on_prompt: Bool = Field(
         False,
         description="Also train on prompt tokens (alpaca: the instruction part; chat: every message, not only "
         "the assistant's). Off: the loss covers responses only.",
     )
     seq_len: Int = Field(2048, ge=8, le=MAX_SEQ_LEN, description="Tokens per sample (packed or padded).")
-    packing: bool = Field(
+    packing: Bool = Field(
         True,
         description="Pack several documents into each seq_len row (position ids restart per document and no "
         "token attends across a document boundary); off: one document per row, padded.",
@@ -189,7 +256,7 @@ class DataConfig(_Section):
         description="Fraction of each training dataset carved off (fixed seed) as validation data, when "
         "val_path is not set.",
     )
-    val_path: str | None = Field(
+    val_path: PathText | None = Field(
         None, description="Separate validation data (any form `datasets[].path` accepts); overrides val_fraction."
     )
     val_split: str = Field(
@@ -224,8 +291,8 @@ class TrainConfig(_Section):
     weight_decay: Float = Field(0.0, ge=0.0, description="AdamW weight decay on LoRA weights.")
     betas: tuple[Beta, Beta] = Field((0.9, 0.999), description="AdamW betas, each in [0, 1).")
     grad_clip: Float | None = Field(1.0, gt=0, description="Clip the global gradient norm to this (None = off).")
-    gradient_checkpointing: bool | Literal["auto"] = Field(True, description="Recompute decoder layers in backward.")
-    compile: bool | Literal["auto"] = Field(
+    gradient_checkpointing: Bool | Literal["auto"] = Field(True, description="Recompute decoder layers in backward.")
+    compile: Bool | Literal["auto"] = Field(
         "auto",
         description="torch.compile each decoder layer: fuses the norms, rotary, activation and LoRA "
         "arithmetic into fewer kernels and cuts per-layer host work (the 4-bit matmuls stay bitsandbytes'). "
@@ -246,7 +313,7 @@ class TrainConfig(_Section):
 
 
 class FSDPConfig(_Section):
-    reshard_after_forward: bool | Literal["auto"] = Field(
+    reshard_after_forward: Bool | Literal["auto"] = Field(
         "auto",
         description="Free each gathered decoder layer after its forward and gather it again for backward (less "
         "memory; two all-gathers per layer and micro-step). false keeps every layer gathered from its forward "
@@ -254,20 +321,20 @@ class FSDPConfig(_Section):
         "them when that fits the card and its speed model prefers it (measured on 4 H100s, 8B, batch 2: "
         "+11% tok/s/GPU; bench/RESULTS.md), else frees them; always frees with cpu_offload.",
     )
-    cpu_offload: bool = Field(
+    cpu_offload: Bool = Field(
         False, description="Keep sharded parameters and optimizer state in host memory (GPU runs only)."
     )
-    hybrid: bool = Field(False, description="Shard within a node, replicate across nodes (HSDP).")
+    hybrid: Bool = Field(False, description="Shard within a node, replicate across nodes (HSDP).")
 
 
 class DeepSpeedConfig(_Section):
-    stage: Literal[2, 3] = Field(
+    stage: Annotated[Literal[2, 3], BeforeValidator(_toml_integer)] = Field(
         3,
         description="ZeRO stage: 2 partitions optimizer state and gradients (every rank holds the whole frozen "
         "4-bit model); 3 also partitions the parameters, 4-bit weights included.",
     )
-    offload_optimizer: bool = Field(False, description="Keep optimizer state in host memory.")
-    offload_params: bool = Field(False, description="Keep parameters in host memory (stage 3 only).")
+    offload_optimizer: Bool = Field(False, description="Keep optimizer state in host memory.")
+    offload_params: Bool = Field(False, description="Keep parameters in host memory (stage 3 only).")
     persistence_threshold: Int = Field(
         100_000,
         ge=0,
@@ -290,7 +357,7 @@ class CheckpointConfig(_Section):
         0, ge=0, le=MAX_STEPS, description="Save a sharded checkpoint every N steps (0 = only at the end)."
     )
     keep_last: Int = Field(2, ge=1, description="Complete checkpoints to keep.")
-    save_final_adapter: bool = Field(True, description="Export the PEFT adapter at the end of training.")
+    save_final_adapter: Bool = Field(True, description="Export the PEFT adapter at the end of training.")
 
 
 class LaunchConfig(_Section):
@@ -320,9 +387,9 @@ class LaunchConfig(_Section):
 
 class LogConfig(_Section):
     every_steps: Int = Field(1, ge=1, le=MAX_STEPS, description="Write a metrics line every N steps.")
-    runs_dir: str = Field("runs", description="Where run directories are created.")
-    tensorboard: bool = Field(False, description="Also write TensorBoard event files (needs tensorboard).")
-    wandb: bool = Field(False, description="Also log to Weights & Biases (offline works without network).")
+    runs_dir: PathText = Field("runs", description="Where run directories are created.")
+    tensorboard: Bool = Field(False, description="Also write TensorBoard event files (needs tensorboard).")
+    wandb: Bool = Field(False, description="Also log to Weights & Biases (offline works without network).")
     profile_steps: tuple[Int, Int] | None = Field(
         None,
         description="Run the torch profiler over steps [first, last] (1-based, inclusive) and write "
@@ -388,6 +455,11 @@ class Recipe(_Section):
                 + " (LLM.int8 weights carry row scales that break when split); use quant.bits = 4, "
                 "or parallel.backend = 'deepspeed' with parallel.deepspeed.stage = 2"
             )
+        if self.launch.nnodes > 1 and self.launch.master_port > MAX_MULTINODE_MASTER_PORT:
+            raise ValueError(
+                f"launch.master_port = {self.launch.master_port}: a multi-node run's node watch listens on "
+                f"master_port + 1, so the port must be 1..{MAX_MULTINODE_MASTER_PORT}"
+            )
         if p.deepspeed.offload_params and p.deepspeed.stage != 3 and p.backend == "deepspeed":
             raise ValueError("parallel.deepspeed.offload_params needs parallel.deepspeed.stage = 3")
         if self.log.memory_steps is not None and self.train.compile is True:
@@ -417,24 +489,35 @@ def _all_keys(model: type[BaseModel], prefix: str = "") -> dict[str, Any]:
 SCHEMA_KEYS = _all_keys(Recipe)
 
 
-def _section_of(key: str) -> type[BaseModel] | None:
+def _is_section(ann: Any) -> bool:
+    return isinstance(ann, type) and issubclass(ann, BaseModel)
+
+
+def _section_of(key: str, through_lists: bool = False) -> type[BaseModel] | None:
+    """The section model at a dotted key; with through_lists also the item model of a list of sections
+    (data.datasets -> DatasetSpec)."""
     model: type[BaseModel] = Recipe
     for part in key.split(".") if key else []:
         info = model.model_fields.get(part)
-        if info is None or not (isinstance(info.annotation, type) and issubclass(info.annotation, BaseModel)):
+        if info is None:
             return None
-        model = info.annotation
+        found = [a for a in (info.annotation, *(get_args(info.annotation) if through_lists else ())) if _is_section(a)]
+        if not found:
+            return None
+        model = found[0]
     return model
 
 
-def suggest(key: str) -> str:
-    """' (did you mean X?)' for an unknown dotted key, using its siblings first."""
+def suggest(key: str, shown_parent: str | None = None) -> str:
+    """' (did you mean X?)' for an unknown dotted key, using its siblings first. shown_parent: the parent
+    as the message shows it (data.datasets[0]), when the key lies inside a list."""
     parent, _, leaf = key.rpartition(".")
-    section = _section_of(parent)
+    section = _section_of(parent, through_lists=True)
     if section is not None:
         close = difflib.get_close_matches(leaf, list(section.model_fields), n=1, cutoff=0.5)
         if close:
-            return f" (did you mean {(parent + '.') if parent else ''}{close[0]}?)"
+            prefix = parent if shown_parent is None else shown_parent
+            return f" (did you mean {(prefix + '.') if prefix else ''}{close[0]}?)"
     close = difflib.get_close_matches(key, list(SCHEMA_KEYS), n=1, cutoff=0.6)
     return f" (did you mean {close[0]}?)" if close else ""
 
@@ -510,6 +593,22 @@ def _shown_key(loc: tuple[Any, ...]) -> str:
     return out
 
 
+class FlagOverride(str):
+    """An override that a command-line flag stands for (`--gpus 4` is launch.gpus=4): messages name the flag."""
+
+    flag: str
+
+    def __new__(cls, item: str, flag: str) -> FlagOverride:
+        self = super().__new__(cls, item)
+        self.flag = flag
+        return self
+
+
+def _override_label(item: str) -> str:
+    """How a message names an override: the flag it came from, else the --set item."""
+    return getattr(item, "flag", None) or f"--set {_short(str(item))}"
+
+
 def _override_for(loc: tuple[Any, ...], overrides: Sequence[str]) -> str | None:
     """The --set item that put the value at `loc` there (it set that key or a table above it); the last wins."""
     parts = [str(p) for p in loc if not isinstance(p, int)]
@@ -528,14 +627,16 @@ def _format_validation(err: ValidationError, source: str, text: str | None, over
     where = source
     item = _override_for(loc, overrides)
     if item is not None:
-        where = f"--set {_short(item)}"  # the value came from the command line, not from the file
+        where = _override_label(item)  # the value came from the command line, not from the file
     elif text is not None:
-        line = _key_line(text, loc)
+        # A key inside a list of tables (data.datasets[0].x, often an inline table) is found by its list's line.
+        first_index = next((i for i, p in enumerate(loc) if isinstance(p, int)), len(loc))
+        line = _key_line(text, loc) or (_key_line(text, loc[:first_index]) if first_index < len(loc) else None)
         if line:
             where = f"{source}:{line}"
     typ = e["type"]
     if typ == "extra_forbidden":
-        return f"{where}: unknown key '{key}'{suggest(key)}"
+        return f"{where}: unknown key '{_shown_key(loc)}'{suggest(key, _shown_key(loc[:-1]))}"
     if typ == "missing" and loc and isinstance(loc[-1], int):  # a tuple such as train.betas given too few items
         return f"{where}: {_shown_key(loc)} is missing: {_shown_key(loc[:-1])} needs more items"
     if typ == "missing":
@@ -568,7 +669,7 @@ def _too_deep(value: Any, limit: int) -> bool:
 
 def parse_override(item: str) -> tuple[list[str], Any]:
     """'train.lr=2e-4' -> (['train', 'lr'], 0.0002). Values are TOML literals; bare words are strings."""
-    label = f"--set {_short(item)}"
+    label = _override_label(item)
     if "=" not in item:
         raise RecipeError(f"{label}: expected KEY=VALUE, e.g. --set train.lr=2e-4")
     key, raw = (s.strip() for s in item.split("=", 1))

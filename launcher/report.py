@@ -6,16 +6,113 @@ run dir on a laptop as well as on the training host.
 
 from __future__ import annotations
 
+import json
+import math
+import os
 import statistics
+import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from launcher.errors import UserError
-from launcher.live import fmt_duration, read_jsonl
+from launcher.live import fmt_duration
 from launcher.rundir import METRICS_FILE, RunDir
+from launcher.sources import open_regular
 
 PLOTS_DIR = "plots"
+
+# What `qlaunch report` reads of each event, and what it must be. metrics.jsonl may come from a crashed run
+# (its last line cut short) or a tampered copy: an event that breaks these rules is skipped and counted,
+# never a traceback. Loss and lr may be NaN or infinite (a diverged run logs them); times may not.
+INT, NUMBER, TEXT, NUMBERS = "an integer", "a number", "a string", "a list of numbers"
+COMMON_FIELDS: dict[str, tuple[str, bool]] = {
+    "event": (TEXT, True),
+    "time": (NUMBER, True),
+    "total_steps": (INT, False),
+}
+EVENT_FIELDS: dict[str, dict[str, tuple[str, bool]]] = {
+    "step": {
+        "step": (INT, True),
+        "loss": (NUMBER, True),
+        "lr": (NUMBER, True),
+        "tokens_per_s": (NUMBER, False),
+        "tokens_per_s_per_gpu": (NUMBER, False),
+        "gpu_reserved_gb": (NUMBER, False),
+        "host_rss_gb": (NUMBER, False),
+        "rank_gpu_reserved_gb": (NUMBERS, False),
+        "rank_host_rss_gb": (NUMBERS, False),
+    },
+    "eval": {"step": (INT, True), "eval_loss": (NUMBER, True)},
+    "loading": {"phase": (TEXT, False)},
+    "loaded": {"seconds": (NUMBER, False), "bytes_read": (NUMBER, False)},
+    "start": {"first_step_after_s": (NUMBER, False)},
+    "checkpoint": {"path": (TEXT, True)},
+    "adapter": {"path": (TEXT, True)},
+}
+_MAX_INT = 2**63  # beyond any step or byte count; also what a float can take without overflowing
+_MAX_TIME = 1e12  # seconds since 1970: ~31,700 years; keeps differences of times finite
+
+
+def _fits(value: Any, kind: str) -> bool:
+    if isinstance(value, bool):
+        return False
+    if kind == INT:
+        return isinstance(value, int) and abs(value) < _MAX_INT
+    if kind == NUMBER:
+        return isinstance(value, float) or (isinstance(value, int) and abs(value) < _MAX_INT)
+    if kind == NUMBERS:
+        return isinstance(value, list) and all(_fits(v, NUMBER) for v in value)
+    return isinstance(value, str)
+
+
+def event_problem(event: Any) -> str | None:
+    """Why a parsed metrics line is not an event this report can use (None: it is)."""
+    if not isinstance(event, dict):
+        return "not a JSON object"
+    rules = {**COMMON_FIELDS, **EVENT_FIELDS.get(event.get("event"), {})}  # type: ignore[arg-type]
+    for key, (kind, required) in rules.items():
+        if key not in event:
+            if required:
+                return f"no {key}"
+        elif not _fits(event[key], kind):
+            return f"{key} is not {kind}"
+    t = event["time"]
+    if not (math.isfinite(t) and abs(t) < _MAX_TIME):
+        return "time is not a finite time"
+    return None
+
+
+def parse_events(text: str) -> tuple[list[dict], int]:
+    """(the usable events of a metrics.jsonl text, in order; how many non-blank lines were skipped)."""
+    events, skipped = [], 0
+    for line in text.splitlines():
+        if not line.strip():
+            continue
+        try:
+            event = json.loads(line)
+        except (ValueError, RecursionError):  # torn, not JSON, a number of 5000 digits, nested too deeply
+            skipped += 1
+            continue
+        if event_problem(event) is None:
+            events.append(event)
+        else:
+            skipped += 1
+    return events, skipped
+
+
+def read_events(path: Path) -> tuple[list[dict], int]:
+    """parse_events of a metrics file (a regular file: a FIFO in its place must not block the report)."""
+    fd = open_regular(path, "metrics file")
+    try:
+        with os.fdopen(fd, "rb", closefd=False) as f:
+            raw = f.read()
+    except OSError as err:
+        raise UserError(f"{path}: cannot read the metrics file ({err.strerror})") from None
+    finally:
+        os.close(fd)
+    return parse_events(raw.decode("utf-8", errors="replace"))  # a bad byte spoils its own line only
 
 
 def find_run(path: str | Path) -> RunDir:
@@ -191,13 +288,24 @@ def plot(s: Series, out_dir: Path) -> list[Path]:
     return written
 
 
-def report(path: str | Path) -> tuple[RunDir, list[tuple[str, str]], list[Path]]:
+def report(
+    path: str | Path, warn: Callable[[str], None] | None = None
+) -> tuple[RunDir, list[tuple[str, str]], list[Path]]:
+    """The run, its summary rows and the plots written; `warn` gets one line if malformed lines were skipped."""
     run = find_run(path)
-    events = read_jsonl(run.metrics)
+    events, skipped = read_events(run.metrics)
     if not events:
-        raise UserError(f"{run.metrics}: no metrics recorded yet")
+        detail = f" ({skipped} malformed line(s), none an event qlaunch writes)" if skipped else ""
+        raise UserError(f"{run.metrics}: no metrics recorded yet{detail}")
+    if skipped and warn is not None:
+        warn(
+            f"warning: {run.metrics}: skipped {skipped} malformed line(s) (a killed run's last line is often "
+            "cut short; other lines were not written by qlaunch)"
+        )
     rows = summarize(events, run)
-    plots = plot(series(events), run.path / PLOTS_DIR)
+    with warnings.catch_warnings():  # a tampered value (lr = 1e308) overflows numpy's axis arithmetic: harmless
+        warnings.simplefilter("ignore")
+        plots = plot(series(events), run.path / PLOTS_DIR)
     return run, rows, plots
 
 

@@ -12,6 +12,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from launcher.errors import UserError
+from launcher.limits import MAX_NODES
 
 # ------------------------------------------------------------------ host lists
 
@@ -49,6 +50,8 @@ def _expand_ranges(body: str, whole: str) -> list[str]:
         lo, hi = m.group(1), m.group(2) or m.group(1)
         if int(hi) < int(lo):
             raise UserError(f"bad SLURM node list {whole!r}: range {part!r} runs backwards")
+        if len(out) + int(hi) - int(lo) + 1 > MAX_NODES:  # n[1-99999999] would take minutes and gigabytes
+            raise UserError(f"bad SLURM node list {whole[:80]!r}: names more than {MAX_NODES} hosts")
         width = len(lo) if lo.startswith("0") else 0
         out += [str(i).zfill(width) for i in range(int(lo), int(hi) + 1)]
     return out
@@ -65,7 +68,10 @@ def _expand_one(item: str, whole: str) -> list[str]:
             break
         j = rest.find("]", i)
         prefix, body, rest = rest[:i], rest[i + 1 : j], rest[j + 1 :]
-        hosts = [h + prefix + n for h in hosts for n in _expand_ranges(body, whole)]
+        numbers = _expand_ranges(body, whole)
+        if len(hosts) * len(numbers) > MAX_NODES:
+            raise UserError(f"bad SLURM node list {whole[:80]!r}: names more than {MAX_NODES} hosts")
+        hosts = [h + prefix + n for h in hosts for n in numbers]
     return hosts
 
 
@@ -79,6 +85,8 @@ def expand_nodelist(text: str) -> list[str]:
         if not item:
             raise UserError(f"bad SLURM node list {text!r}: empty entry")
         hosts += _expand_one(item, text)
+        if len(hosts) > MAX_NODES:
+            raise UserError(f"bad SLURM node list {text[:80]!r}: names more than {MAX_NODES} hosts")
     return hosts
 
 
@@ -104,7 +112,26 @@ def job_port(job_id: str, base: int = 15000) -> int:
     """A rendezvous port per job, so jobs sharing a node don't collide. Even, so port+1 (the node watch)
     is free too; kept below 32768, where Linux starts handing out ephemeral ports."""
     digits = re.sub(r"\D", "", job_id) or "0"
-    return base + 2 * (int(digits) % 8000)
+    return base + 2 * (int(digits[-18:]) % 8000)  # the last digits: int() refuses 4300 and more
+
+
+def _first_set(env: Mapping[str, str], *names: str) -> tuple[str, str] | tuple[None, None]:
+    """(name, value) of the first of these variables that is set and not empty."""
+    for name in names:
+        if env.get(name):
+            return name, env[name]
+    return None, None
+
+
+def _integer(name: str, value: str, what: str) -> int:
+    """A count or id SLURM writes as plain decimal digits; anything else is one line naming the variable."""
+    if not re.fullmatch(r"[0-9]{1,18}", value):
+        shown = value if len(value) <= 40 else value[:37] + "..."
+        raise UserError(
+            f"{name} = {shown!r}: not {what} (SLURM writes a non-negative integer there); fix or unset it, or "
+            "run with --no-slurm"
+        )
+    return int(value)
 
 
 def from_env(env: Mapping[str, str]) -> SlurmNode | None:
@@ -117,22 +144,28 @@ def from_env(env: Mapping[str, str]) -> SlurmNode | None:
     if not job_id:
         return None
     in_step = "SLURM_STEP_ID" in env or "SLURM_STEPID" in env
-    nodelist = (
-        (in_step and env.get("SLURM_STEP_NODELIST")) or env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST")
-    )
-    if not nodelist:
+    step = ("SLURM_STEP_NODELIST",) if in_step else ()
+    list_var, nodelist = _first_set(env, *step, "SLURM_JOB_NODELIST", "SLURM_NODELIST")
+    if not list_var or not nodelist:
         return None  # an allocation without a node list is not one we can launch across
-    nodes = tuple(expand_nodelist(nodelist))
-    count = (in_step and env.get("SLURM_STEP_NUM_NODES")) or env.get("SLURM_JOB_NUM_NODES") or env.get("SLURM_NNODES")
-    if count and int(count) != len(nodes):
+    # The job id names the run directory (RUNS_DIR/NAME/<job id>) and picks the port: SLURM's are integers.
+    _integer("SLURM_JOB_ID" if env.get("SLURM_JOB_ID") else "SLURM_JOBID", job_id, "a job id")
+    try:
+        nodes = tuple(expand_nodelist(nodelist))
+    except UserError as err:
+        raise UserError(f"{list_var}: {err}") from None
+    count_var, count = _first_set(
+        env, *(("SLURM_STEP_NUM_NODES",) if in_step else ()), "SLURM_JOB_NUM_NODES", "SLURM_NNODES"
+    )
+    if count_var and count and _integer(count_var, count, "a node count") != len(nodes):
         raise UserError(f"SLURM says {count} node(s) but its node list {nodelist!r} names {len(nodes)}")
     if len(nodes) > 1 and not in_step:
         raise UserError(
             f"this SLURM job has {len(nodes)} nodes but qlaunch runs outside `srun`, on one of them only; "
             "start it with `srun --ntasks-per-node=1 qlaunch run ...` (the script `qlaunch slurm` writes does)"
         )
-    tasks = (in_step and env.get("SLURM_STEP_NUM_TASKS")) or env.get("SLURM_NTASKS")
-    if in_step and tasks and int(tasks) > len(nodes):
+    tasks_var, tasks = _first_set(env, *(("SLURM_STEP_NUM_TASKS",) if in_step else ()), "SLURM_NTASKS")
+    if in_step and tasks_var and tasks and _integer(tasks_var, tasks, "a task count") > len(nodes):
         raise UserError(
             f"SLURM started {tasks} tasks on {len(nodes)} node(s); qlaunch starts its own ranks, so run one "
             "task per node: `srun --ntasks-per-node=1 qlaunch run ...`"
@@ -141,7 +174,8 @@ def from_env(env: Mapping[str, str]) -> SlurmNode | None:
     if me in nodes:
         rank = nodes.index(me)
     else:
-        rank = int(env.get("SLURM_NODEID") or env.get("SLURM_PROCID") or 0)
+        rank_var, rank_text = _first_set(env, "SLURM_NODEID", "SLURM_PROCID")
+        rank = _integer(rank_var, rank_text, "a node id") if rank_var and rank_text else 0
     if not 0 <= rank < len(nodes):
         raise UserError(f"SLURM node id {rank} is outside the step's {len(nodes)} node(s)")
     return SlurmNode(job_id, nodes, rank, nodes[0], job_port(job_id))

@@ -601,3 +601,178 @@ def test_deeply_nested_json_array_file(tmp_path):
     data.write_text('[{"instruction": "i", "output": ' + "[" * 100_000 + "]" * 100_000 + "}]")
     with pytest.raises(UserError, match=r"deep.json: JSON nested too deeply"):
         _json_rows(data)
+
+
+# ---------------------------------------------------------------- numbers and booleans are what TOML wrote
+
+
+@pytest.mark.parametrize(
+    "override,expect",
+    [
+        ("lora.rank=1e3", "lora.rank = 1000.0: input should be an integer, not a float (write 1000)"),
+        ("lora.rank=8.5", "lora.rank = 8.5: input should be an integer, not a float"),
+        ("lora.rank=1e300", "lora.rank = 1e+300: input should be an integer, not a float\n"),  # no 301-digit hint
+        ("launch.gpus=2.0", "launch.gpus = 2.0: input should be an integer, not a float (write 2)"),
+        ('lora.rank="8"', "lora.rank = '8': input should be an integer, not a string (write it without quotes)"),
+        ('train.lr="1e-3"', "train.lr = '1e-3': input should be a number, not a string (write it without quotes)"),
+        ('train.betas=["0.9", 0.99]', "train.betas[0] = '0.9': input should be a number, not a string"),
+        ('log.memory_steps=["1", "2"]', "log.memory_steps[0] = '1': input should be an integer, not a string"),
+        ("log.profile_steps=[1.0, 2]", "log.profile_steps[0] = 1.0: input should be an integer, not a float"),
+        ('train.micro_batch="8"', "train.micro_batch = '8': input should be an integer, not a string"),
+        ("quant.blocksize=64.0", "quant.blocksize = 64.0: input should be an integer, not a float (write 64)"),
+        ('quant.bits="4"', "quant.bits = '4': input should be an integer, not a string"),
+        ("parallel.deepspeed.stage=3.0", "parallel.deepspeed.stage = 3.0: input should be an integer, not a float"),
+        ("model.trust_remote_code=1", "model.trust_remote_code = 1: input should be true or false"),
+        ('lora.use_dora="yes"', "lora.use_dora = 'yes': input should be true or false"),
+        ("train.compile=1", "train.compile = 1: input should be true or false or input should be 'auto'"),
+        ("train.lr=1979-05-27", "train.lr = 1979-05-27: input should be a valid number"),
+        ("train.lr=07:32:00", "train.lr = 07:32:00: input should be a valid number"),
+        ('model.path=""', "model.path = '': input should be a path, not an empty string"),
+        ('model.tokenizer=" "', "model.tokenizer = ' ': input should be a path, not an empty string"),
+        ('data.val_path=""', "data.val_path = '': input should be a path, not an empty string"),
+        ('data.datasets=[{path = ""}]', "data.datasets[0].path = '': input should be a path, not an empty string"),
+        ('log.runs_dir=""', "log.runs_dir = '': input should be a path, not an empty string"),
+    ],
+)
+def test_numbers_and_booleans_are_strict(recipe_file, override, expect):
+    """pydantic's lax mode took 1e3 as the integer 1000, "1e-3" as a float and 1 as true; a date showed as
+    Python's datetime.date(1979, 5, 27); an empty path stood for the recipe's own directory."""
+    with pytest.raises(UserError) as err:
+        load_recipe(recipe_file(), [override])
+    assert (str(err.value) + "\n").startswith(f"--set {override!r}: {expect}"), str(err.value)
+
+
+def test_strict_numbers_in_the_file_name_their_line(recipe_file):
+    path = recipe_file(BASE_RECIPE.replace("rank = 8", "rank = 1e3"))
+    with pytest.raises(UserError) as err:
+        load_recipe(path)
+    assert str(err.value) == f"{path}:8: lora.rank = 1000.0: input should be an integer, not a float (write 1000)"
+
+
+def test_numbers_and_booleans_of_the_right_type_still_validate(recipe_file):
+    sets = [
+        "train.lr=1",
+        "lora.alpha=16",
+        "train.betas=[0, 0.5]",
+        "model.trust_remote_code=false",
+        "train.compile=true",
+    ]
+    rec = load_recipe(recipe_file(), [*sets, "quant.blocksize=128", 'train.micro_batch="auto"', "lora.dropout=0"])
+    assert (rec.train.lr, rec.train.betas, rec.quant.blocksize, rec.train.compile) == (1.0, (0.0, 0.5), 128, True)
+
+
+def _datasets_as_array_of_tables(text: str) -> str:
+    """BASE_RECIPE with its dataset as a [[data.datasets]] table (the key `wieght` misspelt) before [train]."""
+    line = next(ln for ln in text.splitlines() if ln.startswith("datasets = "))
+    path = line.split('"')[1]
+    table = f'[[data.datasets]]\nwieght = 1\npath = "{path}"\n'
+    return text.replace(line + "\n", "").replace("[train]", table + "[train]")
+
+
+@pytest.mark.parametrize("form", ["inline table", "array of tables"])
+def test_unknown_key_inside_a_dataset_names_its_index_line_and_sibling(recipe_file, form):
+    """It said `unknown key 'data.datasets.wieght' (did you mean data.datasets?)` with no line."""
+    if form == "inline table":
+        text = BASE_RECIPE.replace("datasets = [{ path", "datasets = [{ wieght = 1, path")
+    else:
+        text = _datasets_as_array_of_tables(BASE_RECIPE)
+    path = recipe_file(text)
+    line = next(i for i, ln in enumerate(text.splitlines(), 1) if "wieght" in ln)
+    with pytest.raises(UserError) as err:
+        load_recipe(path)
+    want = f"{path}:{line}: unknown key 'data.datasets[0].wieght' (did you mean data.datasets[0].weight?)"
+    assert str(err.value) == want, str(err.value)
+
+
+# ---------------------------------------------------------------- flags: named as flags, checked before anything
+
+
+def test_flag_values_are_named_by_their_flag_not_as_set(recipe_file):
+    from launcher.cli import _overrides
+
+    with pytest.raises(UserError) as err:
+        load_recipe(recipe_file(), _overrides(None, None, "100000000000000000000"))
+    assert str(err.value).startswith("--nnodes 100000000000000000000: launch.nnodes = 100000000000000000000: input")
+    with pytest.raises(UserError) as err:
+        load_recipe(recipe_file(), _overrides(["train.lr=1e-4"], 5000, None))
+    assert str(err.value).startswith("--gpus 5000: launch.gpus = 5000: input should be less than"), str(err.value)
+    with pytest.raises(UserError) as err:  # `qlaunch slurm` calls them --gpus-per-node and --nodes
+        load_recipe(recipe_file(), _overrides(["launch.master_port=65535"], 2, "2", ("--gpus-per-node", "--nodes")))
+    assert str(err.value).startswith("--set 'launch.master_port=65535': launch.master_port"), str(err.value)
+    with pytest.raises(UserError) as err:
+        load_recipe(recipe_file(), _overrides(None, 2, "100000", ("--gpus-per-node", "--nodes")))
+    assert str(err.value).startswith("--nodes 100000: launch.nnodes = 100000: input should be less"), str(err.value)
+
+
+@pytest.mark.parametrize(
+    "overrides,expect",
+    [
+        (["launch.nnodes=2", "launch.master_port=65535"], "--set 'launch.master_port=65535': launch.master_port = "),
+        (["launch.master_port=65534", "launch.nnodes=2"], None),
+        (["launch.master_port=65535"], None),  # one node: no node watch
+    ],
+)
+def test_multi_node_master_port_leaves_room_for_the_node_watch(recipe_file, overrides, expect):
+    """The node watch binds master_port + 1: 65535 gave an OverflowError traceback after the run dir was written."""
+    if expect is None:
+        port = next(int(o.split("=")[1]) for o in overrides if o.startswith("launch.master_port="))
+        assert load_recipe(recipe_file(), overrides).launch.master_port == port
+        return
+    with pytest.raises(UserError) as err:
+        load_recipe(recipe_file(), overrides)
+    assert str(err.value).startswith(expect) and "must be 1..65534" in str(err.value), str(err.value)
+
+
+@pytest.mark.parametrize(
+    "args,expect",
+    [
+        (
+            ["--rdzv-endpoint", "localhost:65535"],
+            "--rdzv-endpoint localhost:65535: port 65535 is out of range; use 1..65534",
+        ),
+        (["--rdzv-endpoint", "localhost:99999"], "--rdzv-endpoint localhost:99999: port 99999 is out of range"),
+        (["--rdzv-endpoint", "localhost:0"], "--rdzv-endpoint localhost:0: port 0 is out of range"),
+        (["--nnodes", "2", "--master-port", "65535"], "--master-port 65535: launch.master_port = 65535: a multi-node"),
+        (["--node-rank", "3"], "--node-rank 3: the run has 1 node(s)"),
+    ],
+)
+def test_multi_node_flags_checked_before_anything_is_written(tmp_path, args, expect):
+    """`--node-rank 3` alone ran as a single node and exited 0; the ports gave tracebacks after the run dir."""
+    check_error(tmp_path, BASE_RECIPE, *args, "--set", "train.global_batch=8", expect=[expect])
+
+
+# ---------------------------------------------------------------- where the run goes
+
+
+def test_empty_resume_is_one_line():
+    """`--resume ''` printed `--resume : ...`."""
+    from launcher.cli import _recipe_to_run
+
+    for value in ("", "  "):
+        with pytest.raises(UserError, match=r"^--resume '': empty; give auto, a run directory or a checkpoint"):
+            _recipe_to_run("recipe.toml", value)
+
+
+def test_run_dir_under_a_file_is_refused_before_the_data_is_prepared(tmp_path):
+    from types import SimpleNamespace
+
+    from launcher.cli import _open_shared_run_dir, _shared_run_path
+
+    (tmp_path / "f").write_text("x")
+    for given, want in ((tmp_path / "f", "exists and is not a directory"),
+                        (tmp_path / "f" / "a" / "run", f"lies under {tmp_path / 'f'}, which exists and is not a")):  # fmt: skip
+        with pytest.raises(UserError) as err:
+            _shared_run_path(None, SimpleNamespace(), str(given), False)
+        assert str(err.value).startswith(f"--run-dir {given}: {want}"), str(err.value)
+    assert _shared_run_path(None, SimpleNamespace(), str(tmp_path / "new" / "run"), False) == tmp_path / "new" / "run"
+    # found only when the directory is made (a parent swapped for a file meanwhile): still one line
+    with pytest.raises(UserError, match=r"f/run/logs: cannot create the run directory \(Not a directory\); --run-dir"):
+        _open_shared_run_dir(tmp_path / "f" / "run", 1, 0, None, False)
+
+
+def test_config_output_under_a_file_is_one_line(tmp_path):
+    (tmp_path / "recipe.toml").write_text(BASE_RECIPE)
+    (tmp_path / "f").write_text("x")
+    r = run_cli("config", str(tmp_path / "recipe.toml"), "-o", str(tmp_path / "f" / "out"), cwd=tmp_path)
+    assert_one_line_error(r, [f"-o {tmp_path / 'f' / 'out'}: cannot write the configs into ", "(Not a directory)"],
+                          tmp_path / "runs")  # fmt: skip

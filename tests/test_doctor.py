@@ -74,3 +74,38 @@ def test_doctor_command_on_this_machine(tmp_path):
         gpu_row = next(line for line in out.splitlines() if "no CUDA GPU visible" in line)
         assert " warn " in gpu_row
         assert r.returncode == 0, out
+
+
+def test_runs_dir_that_is_a_file_fails_instead_of_free_disk_ok(tmp_path):
+    """`doctor --runs-dir /etc/hostname` said `free disk ok ... free at /etc/hostname`."""
+    (tmp_path / "hostname").write_text("box\n")
+    for runs_dir, what in ((tmp_path / "hostname", "is"), (tmp_path / "hostname" / "runs", "lies under")):
+        facts = doctor.gather(runs_dir)
+        checks = judge_machine(facts)
+        assert status(checks, "runs dir") == "fail" and "free disk" not in [c.name for c in checks]
+        detail = next(c.detail for c in checks if c.name == "runs dir")
+        assert detail.startswith(f"{runs_dir} {what}") and "not a directory" in detail, detail
+        assert doctor.exit_code(checks) == 1
+    assert doctor.runs_dir_problem(tmp_path / "runs", tmp_path) is None
+
+
+def test_doctor_prints_no_third_party_lines(tmp_path):
+    """bitsandbytes' `Failed to load CPU gemm_4bit_forward ... kernels` line came before the table."""
+    r = run_cli("doctor", "--runs-dir", str(tmp_path / "runs"))
+    assert r.stderr == "" and "kernels" not in r.stdout, r.stderr
+
+
+def test_quieting_the_libraries_needs_no_transformers(monkeypatch, capsys):
+    """doctor must report a missing or broken transformers, not fail importing it to quiet its logger."""
+    import logging
+    import sys
+    import warnings
+
+    from launcher.cli import _quiet_libraries
+
+    monkeypatch.setitem(sys.modules, "transformers.utils", None)  # importing it now raises ImportError
+    with _quiet_libraries():
+        logging.getLogger("some.library").warning("a notice")
+        warnings.warn("a FutureWarning", FutureWarning, stacklevel=1)
+    assert capsys.readouterr().err == ""
+    assert logging.root.manager.disable == logging.NOTSET

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
 
 from tests.conftest import BASE_RECIPE, TINY_MODEL, run_cli
-
-pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
@@ -54,6 +53,7 @@ def _reference_logits(run: Path, compute: str = "bfloat16") -> torch.Tensor:
         return built.causal_lm(input_ids=_inputs()).logits.float()
 
 
+@pytest.mark.slow  # the `trained` fixture is a 2-rank run
 def test_adapter_is_nonzero_and_peft_format(trained):
     import json
 
@@ -66,6 +66,7 @@ def test_adapter_is_nonzero_and_peft_format(trained):
     assert all(k.startswith("base_model.model.model.layers.") for k in sd)
 
 
+@pytest.mark.slow  # the `trained` fixture is a 2-rank run
 def test_peft_from_pretrained_gives_the_trained_logits(trained):
     """transformers' own 4-bit loading + PeftModel.from_pretrained(base, adapter) == qlaunch's model.
 
@@ -97,6 +98,7 @@ def test_peft_from_pretrained_gives_the_trained_logits(trained):
     assert rel(got, ref) < 1e-4, rel(got, ref)
 
 
+@pytest.mark.slow  # the `trained` fixture is a 2-rank run
 def test_merged_model_loads_with_from_pretrained_and_matches(trained, tmp_path):
     """`qlaunch merge` writes dequantized base + scale * B @ A with its tokenizer. In float32 it is the
     trained function exactly (||diff|| / ||ref|| < 1e-5 against the fp32-compute 4-bit model); the
@@ -125,3 +127,154 @@ def test_merged_model_loads_with_from_pretrained_and_matches(trained, tmp_path):
 def test_merge_refuses_a_run_without_adapter(tmp_path):
     r = run_cli("merge", str(tmp_path), "-o", str(tmp_path / "o"))
     assert r.returncode == 2 and "not a run directory" in r.stderr
+
+
+# ---------------------------------------------------------------- merge refuses an adapter that does not fit
+# These build the run directory by hand (the recipe and an adapter of the recipe's LoRA shapes), so they need
+# no training run.
+
+
+def _lora_shapes(recipe_path: Path) -> dict[str, torch.Size]:
+    """The adapter's tensor names and shapes for this recipe, as merge builds its model."""
+    from launcher.loading import build_model
+    from launcher.recipe import load_recipe
+
+    recipe = load_recipe(recipe_path)
+    recipe = recipe.model_copy(update={"parallel": recipe.parallel.model_copy(update={"backend": "none"})})
+    built = build_model(recipe, torch.device("cpu"), None)
+    return {
+        n.replace(".default.", ".").replace(".default", ""): p.shape
+        for n, p in built.peft_model.named_parameters()
+        if p.requires_grad
+    }
+
+
+@pytest.fixture(scope="module")
+def lora_shapes(tmp_path_factory) -> dict[str, torch.Size]:
+    recipe = tmp_path_factory.mktemp("shapes") / "recipe.toml"
+    recipe.write_text(BASE_RECIPE)
+    return _lora_shapes(recipe)
+
+
+def _hand_made_run(tmp_path: Path, tensors: dict[str, torch.Tensor] | bytes, model: Path = TINY_MODEL) -> Path:
+    from safetensors.torch import save_file
+
+    run = tmp_path / "run"
+    (run / "adapter").mkdir(parents=True)
+    (run / "recipe.toml").write_text(BASE_RECIPE.replace(str(TINY_MODEL), str(model)))
+    f = run / "adapter" / "adapter_model.safetensors"
+    if isinstance(tensors, bytes):
+        f.write_bytes(tensors)
+    else:
+        save_file(tensors, str(f), metadata={"format": "pt"})
+    return run
+
+
+def _adapter(shapes: dict[str, torch.Size], scale: float = 0.01) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    return {n: torch.randn(s, generator=g) * scale for n, s in shapes.items()}
+
+
+def _first_a(shapes: dict[str, torch.Size]) -> str:
+    return next(n for n in sorted(shapes) if "lora_A" in n)
+
+
+def _corrupt_adapter(case: str, shapes: dict[str, torch.Size]) -> dict[str, torch.Tensor] | bytes:
+    adapter, a = _adapter(shapes), _first_a(shapes)
+    if case == "random bytes":
+        return bytes(range(256)) * 64
+    if case == "transposed shapes":
+        return {**adapter, a: adapter[a].T.contiguous()}
+    if case == "all NaN":
+        return {n: torch.full_like(t, float("nan")) for n, t in adapter.items()}
+    if case == "one inf":
+        t = adapter[a].clone()
+        t[0, 0] = float("inf")
+        return {**adapter, a: t}
+    if case == "float8 with NaN":
+        t = adapter[a].clone()
+        t[0, 0] = float("nan")
+        return {**adapter, a: t.to(torch.float8_e4m3fn)}
+    if case == "a tensor missing":
+        return {n: t for n, t in adapter.items() if n != a}
+    if case == "an extra tensor":
+        return {**adapter, "base_model.model.lm_head.lora_A.weight": torch.zeros(8, 64)}
+    if case == "integer dtype":
+        return {**adapter, a: torch.zeros(adapter[a].shape, dtype=torch.int32)}
+    raise AssertionError(case)
+
+
+CORRUPT_ADAPTERS = {
+    "random bytes": "corrupt safetensors file",
+    "transposed shapes": "has shape [",
+    "all NaN": "holds NaN or infinite values (a diverged or corrupted adapter); nothing was merged",
+    "one inf": "holds NaN or infinite values",
+    "float8 with NaN": "holds NaN or infinite values",
+    "a tensor missing": "adapter has no tensor for ",
+    "an extra tensor": "adapter tensor 'base_model.model.lm_head.lora_A.weight' is no LoRA parameter",
+    "integer dtype": "has dtype int32, not a float dtype",
+}
+
+
+@pytest.mark.parametrize("case", sorted(CORRUPT_ADAPTERS))
+def test_merge_refuses_an_adapter_that_does_not_fit_and_writes_nothing(tmp_path, lora_shapes, case):
+    """Random bytes gave a SafetensorError traceback, transposed shapes a RuntimeError, and an all-NaN
+    adapter was merged (exit 0)."""
+    from launcher.errors import UserError
+    from launcher.export import merge_run
+
+    run = _hand_made_run(tmp_path, _corrupt_adapter(case, lora_shapes))
+    with pytest.raises(UserError) as err:
+        merge_run(run, tmp_path / "out", "float32")
+    msg = str(err.value)
+    assert msg.startswith(f"{run / 'adapter' / 'adapter_model.safetensors'}: ") and "\n" not in msg, msg
+    assert CORRUPT_ADAPTERS[case] in msg, msg
+    if case == "transposed shapes":
+        a = _first_a(lora_shapes)
+        assert f"adapter tensor {a} has shape {list(lora_shapes[a])[::-1]}, but the recipe's model needs" in msg
+    assert not (tmp_path / "out").exists() and not (tmp_path / "out.tmp").exists()
+
+
+def test_merge_refuses_a_non_finite_base_model(tmp_path, lora_shapes):
+    """An all-NaN model with a good adapter merged into NaN weights, exit 0."""
+    from safetensors.torch import load_file, save_file
+
+    from launcher.errors import UserError
+    from launcher.export import merge_run
+
+    model = tmp_path / "model"
+    shutil.copytree(TINY_MODEL, model)
+    weights = load_file(str(model / "model.safetensors"))
+    weights["model.norm.weight"] = torch.full_like(weights["model.norm.weight"], float("nan"))
+    save_file(weights, str(model / "model.safetensors"), metadata={"format": "pt"})
+    run = _hand_made_run(tmp_path, _adapter(lora_shapes), model)
+    with pytest.raises(UserError, match=r"out: not written: the merged weight model.norm.weight holds NaN or inf"):
+        merge_run(run, tmp_path / "out", "float32")
+    assert not (tmp_path / "out").exists() and not (tmp_path / "out.tmp").exists()
+
+
+def test_merge_command_prints_only_its_own_lines(tmp_path, lora_shapes):
+    """bitsandbytes' `Failed to load CPU gemm_4bit_forward ... kernels` line, transformers' FutureWarnings,
+    DeepSpeed's accelerator line and a progress bar came with every merge, and before its error line."""
+    from tests.conftest import assert_one_line_error
+
+    (tmp_path / "good").mkdir()
+    run = _hand_made_run(tmp_path / "good", _adapter(lora_shapes))
+    r = run_cli("merge", str(run), "-o", str(tmp_path / "merged"), "--dtype", "float32")
+    assert r.returncode == 0 and r.stderr == "", r.stderr
+    assert r.stdout == f"wrote {tmp_path / 'merged'}\n"
+    (tmp_path / "bad").mkdir()
+    run = _hand_made_run(tmp_path / "bad", _corrupt_adapter("transposed shapes", lora_shapes))
+    r = run_cli("merge", str(run), "-o", str(tmp_path / "out"))
+    assert_one_line_error(r, ["adapter_model.safetensors: adapter tensor", "has shape ["], tmp_path / "out")
+
+
+def test_merge_into_a_place_that_cannot_hold_it_is_one_line(tmp_path, lora_shapes):
+    """`merge RUN -o /proc/m` said `/proc/m.tmp: No such file or directory`."""
+    from launcher.errors import UserError
+    from launcher.export import merge_run
+
+    run = _hand_made_run(tmp_path, _adapter(lora_shapes))
+    (tmp_path / "f").write_text("x")
+    with pytest.raises(UserError, match=r"f/out: cannot write the merged model \(Not a directory\)$"):
+        merge_run(run, tmp_path / "f" / "out", "float32")

@@ -444,6 +444,15 @@ CONFIGS = {
     "kv heads that do not divide": ({"num_key_value_heads": 3}, "num_key_value_heads must be a positive integer"),
     "no kv heads": ({"num_key_value_heads": 0}, "num_key_value_heads must be a positive integer"),
     "bad max positions": ({"max_position_embeddings": -5}, "max_position_embeddings must be a positive integer"),
+    "100,000 layers": (
+        {"num_hidden_layers": 100_000},
+        "num_hidden_layers is larger than any real model's (at most 1,024)",
+    ),
+    "huge hidden size": ({"hidden_size": 1 << 21}, "hidden_size is larger than any real model's (at most 1,048,576)"),
+    "huge intermediate size": ({"intermediate_size": 1 << 30}, "intermediate_size is larger than any real model's"),
+    "huge vocabulary": ({"vocab_size": 1 << 25}, "vocab_size is larger than any real model's (at most 16,777,216)"),
+    "huge head_dim": ({"head_dim": 1 << 17}, "head_dim is larger than any real model's"),
+    "huge max positions": ({"max_position_embeddings": 1 << 40}, "max_position_embeddings is larger than any real"),
     "unknown activation": ({"hidden_act": "nope"}, "transformers cannot build LlamaForCausalLM from this config"),
     "unknown rope type": (
         {"rope_parameters": {"rope_type": "bogus", "rope_theta": 1.0}},
@@ -615,3 +624,143 @@ def test_a_relative_hub_id_is_never_looked_up_in_the_current_directory(tmp_path,
     rec = rec.model_copy(update={"model": rec.model.model_copy(update={"tokenizer": "./someorg/somemodel"})})
     with pytest.raises(UserError, match=r"model.tokenizer = './someorg/somemodel': no such directory"):
         build_tokenizer(rec, TINY_MODEL)
+
+
+# The sizes of real models (from their config.json), which the upper bounds must leave alone.
+REAL_CONFIG_SIZES = {
+    "Llama-3.1-405B": dict(
+        vocab_size=128256, hidden_size=16384, intermediate_size=53248, num_hidden_layers=126,
+        num_attention_heads=128, num_key_value_heads=8, max_position_embeddings=131072,
+    ),
+    "gemma-3-27b (text)": dict(
+        vocab_size=262208, hidden_size=5376, intermediate_size=21504, num_hidden_layers=62,
+        num_attention_heads=32, num_key_value_heads=16, head_dim=128, max_position_embeddings=131072,
+    ),
+    "Llama-4-Scout (text)": dict(
+        vocab_size=202048, hidden_size=5120, intermediate_size=8192, num_hidden_layers=48,
+        num_attention_heads=40, num_key_value_heads=8, head_dim=128, max_position_embeddings=10485760,
+    ),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("name", sorted(REAL_CONFIG_SIZES))
+def test_real_model_sizes_pass_the_size_check(name):
+    from launcher.loading import config_size_problem
+
+    assert config_size_problem(REAL_CONFIG_SIZES[name]) is None
+
+
+@pytest.mark.parametrize(
+    "key,value",
+    [("num_hidden_layers", 100_000), ("num_hidden_layers", 1025), ("hidden_size", 1 << 21), ("vocab_size", 1 << 25),
+     ("intermediate_size", 1 << 30), ("num_attention_heads", 8192), ("max_position_embeddings", 1 << 40)],
+)  # fmt: skip
+def test_sizes_no_real_model_has_are_refused_naming_the_key(key, value):
+    """A config.json with 100,000 layers used to hang preflight while it built the meta skeleton."""
+    from launcher.loading import config_size_problem
+
+    sizes = {**REAL_CONFIG_SIZES["Llama-3.1-405B"], key: value}
+    problem = config_size_problem(sizes)
+    assert problem is not None and problem.startswith(f"{key} is larger than any real model's"), problem
+    assert str(value) not in problem
+
+
+# ---------------------------------------------------------------- quantize: what it reads and copies
+
+
+def _quantize(src: Path, out: Path, quant_type: str = "nf4", blocksize: int = 64) -> tuple[Path, list[str]]:
+    from launcher.quantize import quantize_checkpoint
+
+    warnings: list[str] = []
+    return quantize_checkpoint(str(src), str(out), quant_type, blocksize, ["lm_head"], warn=warnings.append), warnings
+
+
+def test_quantize_copies_only_model_files_inside_the_model_directory(tmp_path):
+    """`notes.txt -> ../id_secret` was copied into OUT (shutil.copy2 follows links): a private file in a
+    checkpoint the user may share. Links inside the directory are fine; the rest is left out, with a warning."""
+    d = _model_copy(tmp_path)
+    (tmp_path / "id_secret").write_text("PRIVATE KEY")
+    (d / "notes.txt").symlink_to("../id_secret")
+    (d / "README.md").write_text("# tiny\n")
+    (d / "chat_template.jinja").symlink_to("tokenizer_config.json")  # a link inside: copied as a file
+    (d / "id_rsa").write_text("PRIVATE KEY")  # no kind of file a model directory holds
+    (d / "old.json").symlink_to("gone.json")  # dangling
+    os.mkfifo(d / "pipe.txt")  # copying it would block forever
+    (d / "original").mkdir()  # e.g. a hub snapshot's original/ weights: not part of the checkpoint
+    (d / ".gitattributes").write_text("*.safetensors filter=lfs\n")
+    out, warnings = _quantize(d, tmp_path / "out")
+    copied = sorted(p.name for p in out.iterdir())
+    assert copied == sorted([*(p.name for p in TINY_MODEL.iterdir() if p.suffix != ".safetensors"),
+                             "README.md", "chat_template.jinja", "model.safetensors", "qlaunch_quant.json"])  # fmt: skip
+    assert not (out / "chat_template.jinja").is_symlink()
+    assert (out / "chat_template.jinja").read_bytes() == (d / "tokenizer_config.json").read_bytes()
+    assert warnings == [
+        f"warning: not copied into {out}: 'id_rsa' (not a kind of file a model directory holds), 'notes.txt' (a "
+        "link to a file outside the model directory), 'old.json' (a dangling link), 'pipe.txt' (not a regular file)"
+    ]
+    assert not any(b"PRIVATE" in p.read_bytes() for p in out.iterdir())
+
+
+def test_quantize_follows_a_hub_snapshots_links_into_its_blobs(tmp_path):
+    repo = tmp_path / "hub" / "models--org--tiny"
+    snap, blobs = repo / "snapshots" / "abc123", repo / "blobs"
+    snap.mkdir(parents=True)
+    blobs.mkdir()
+    for f in TINY_MODEL.iterdir():  # as huggingface_hub lays a snapshot out: links to ../../blobs/<hash>
+        shutil.copy(f, blobs / f"h-{f.name}")
+        (snap / f.name).symlink_to(f"../../blobs/h-{f.name}")
+    out, warnings = _quantize(snap, tmp_path / "out")
+    assert warnings == []
+    assert (out / "tokenizer.json").read_bytes() == (TINY_MODEL / "tokenizer.json").read_bytes()
+
+
+def test_quantize_refuses_a_config_json_linked_from_outside(tmp_path):
+    d = _model_copy(tmp_path)
+    (tmp_path / "elsewhere.json").write_text((d / "config.json").read_text())
+    (d / "config.json").unlink()
+    (d / "config.json").symlink_to("../elsewhere.json")
+    with pytest.raises(UserError) as err:
+        _quantize(d, tmp_path / "out")
+    assert str(err.value) == (
+        f"{d / 'config.json'}: a link to a file outside the model directory; the quantized checkpoint needs it"
+    )
+    assert not (tmp_path / "out").exists() and not (tmp_path / "out.tmp").exists()
+
+
+@pytest.mark.parametrize(
+    "quant_type,blocksize,expect",
+    [
+        ("fp8", 64, "--type 'fp8': input should be 'nf4' or 'fp4'"),
+        ("nf4", 7, "--blocksize 7: input should be 32, 64, 128 or 256"),
+    ],
+)
+def test_quantize_flag_errors_name_the_flag(tmp_path, quant_type, blocksize, expect):
+    """They said `qlaunch quantize: Input should be ...` without naming the flag."""
+    with pytest.raises(UserError) as err:
+        _quantize(TINY_MODEL, tmp_path / "out", quant_type, blocksize)
+    assert str(err.value) == expect
+
+
+def test_quantize_of_a_file_says_it_is_a_file(tmp_path):
+    """`quantize /etc/hostname` said `not a model directory (no such directory)`."""
+    (tmp_path / "hostname").write_text("box\n")
+    with pytest.raises(UserError) as err:
+        _quantize(tmp_path / "hostname", tmp_path / "out")
+    assert "not a model directory (a file, not a directory; one holds config.json and *.safetensors)" in str(err.value)
+    with pytest.raises(UserError, match=r"not a model directory \(no such directory;"):
+        _quantize(tmp_path / "nope", tmp_path / "out")
+
+
+def test_cli_quantize_prints_only_its_own_lines(tmp_path):
+    """bitsandbytes' kernels line and transformers' notes came with every quantize; the left-out file is
+    named in one warning line."""
+    d = _model_copy(tmp_path)
+    (tmp_path / "id_secret").write_text("PRIVATE KEY")
+    (d / "notes.txt").symlink_to("../id_secret")
+    out = tmp_path / "out"
+    r = run_cli("quantize", str(d), "-o", str(out), cwd=tmp_path, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stderr.splitlines() == [
+        f"warning: not copied into {out}: 'notes.txt' (a link to a file outside the model directory)"
+    ]
+    assert r.stdout == f"wrote {out}\n" and not (out / "notes.txt").exists()

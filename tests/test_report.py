@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from launcher import report, sinks
+from launcher.errors import UserError
 from launcher.rundir import RunDir
 from tests.conftest import run_cli
 
@@ -120,3 +121,86 @@ def test_tensorboard_event_files_hold_the_run(tmp_path):
     assert [e.step for e in loss] == list(range(1, 31))
     assert loss[-1].value == pytest.approx(5.8526, abs=1e-4)
     assert [e.step for e in acc.Scalars("eval/loss")] == [10, 20, 30]
+
+
+def _step_line(run: RunDir) -> dict:
+    import json
+
+    return next(e for e in map(json.loads, run.metrics.read_text().splitlines()) if e["event"] == "step")
+
+
+def _corrupt(run: RunDir, case: str) -> None:
+    """Put one malformed line, as a crashed run or a tamperer leaves it, among the recorded run's lines."""
+    import json
+
+    step = _step_line(run)
+    no = {k: v for k, v in step.items() if k not in ("loss", "time")}
+    bad = {
+        "step without loss": json.dumps({k: v for k, v in step.items() if k != "loss"}),
+        "step a string": json.dumps({**step, "step": "one"}),
+        "a JSON array": json.dumps([1, 2, 3]),
+        "a JSON number": "5",
+        "no time": json.dumps({**no, "loss": 1.0}),
+        "loss null": json.dumps({**step, "loss": None}),
+        "rss not a list": json.dumps({**step, "rank_host_rss_gb": 5}),
+        "loaded without time": json.dumps({"event": "loaded", "seconds": 1.0}),
+        "time true": json.dumps({**step, "time": True}),
+        "step a float": json.dumps({**step, "step": 2.5}),
+        "torn line": '{"event": "step", "ti',
+        "not UTF-8": b'{"event": "step", "x": "\xff"}'.decode("latin-1"),
+        "nested deeply": "[" * 100_000,
+        "a huge number": '{"event": "step", "time": 1' + "0" * 5000 + "}",
+    }[case]
+    lines = run.metrics.read_bytes().split(b"\n")
+    run.metrics.write_bytes(b"\n".join([*lines[:15], bad.encode("latin-1"), *lines[15:]]))
+
+
+MALFORMED = [
+    "step without loss", "step a string", "a JSON array", "a JSON number", "no time", "loss null", "rss not a list",
+    "loaded without time", "time true", "step a float", "torn line", "not UTF-8", "nested deeply", "a huge number",
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("case", MALFORMED)
+def test_a_malformed_metrics_line_is_skipped_with_one_warning(run, case):
+    """Each used to be a traceback (KeyError, ValueError, AttributeError, TypeError) from `qlaunch report`."""
+    _, want, _ = report.report(run.path)
+    _corrupt(run, case)
+    warnings: list[str] = []
+    _, rows, plots = report.report(run.path, warn=warnings.append)
+    assert rows == want and len(plots) == 4
+    assert warnings == [
+        f"warning: {run.metrics}: skipped 1 malformed line(s) (a killed run's last line is often cut short; other "
+        "lines were not written by qlaunch)"
+    ]
+
+
+def test_metrics_with_no_usable_event_is_one_line(run):
+    run.metrics.write_text('[1]\n{"event": "step"}\n')
+    with pytest.raises(UserError, match=r"metrics.jsonl: no metrics recorded yet \(2 malformed line\(s\)"):
+        report.report(run.path)
+
+
+def test_metrics_file_that_is_a_fifo_does_not_block(run):
+    import os
+
+    run.metrics.unlink()
+    os.mkfifo(run.metrics)
+    with pytest.raises(UserError, match="no metrics.jsonl here"):  # found as no regular file, never opened
+        report.report(run.path)
+
+
+def test_report_command_on_a_tampered_metrics_file_prints_one_warning(run):
+    for case in ("step a string", "a JSON array", "loss null"):
+        _corrupt(run, case)
+    import json
+
+    lines = run.metrics.read_text().splitlines()
+    at = next(i for i, ln in enumerate(lines) if ln.startswith('{"event": "step"'))
+    lines[at] = json.dumps({**json.loads(lines[at]), "lr": 1e308})  # valid but absurd: numpy overflows plotting it
+    run.metrics.write_text("\n".join(lines) + "\n")
+    r = run_cli("report", str(run.path))
+    assert r.returncode == 0, r.stderr
+    assert r.stderr.splitlines() == [f"warning: {run.metrics}: skipped 3 malformed line(s) (a killed run's last line "
+                                     "is often cut short; other lines were not written by qlaunch)"]  # fmt: skip
+    assert "final loss" in r.stdout

@@ -274,3 +274,49 @@ def test_run_in_a_multi_node_batch_script_without_srun_is_a_user_error(recipe_fi
         del env[k]
     r = run_cli("run", str(recipe_file()), "--dry-run", env=env)
     assert r.returncode == 2 and "srun" in r.stderr and "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize(
+    "changes,expect",
+    [
+        ({"SLURM_STEP_NUM_NODES": "abc"}, "SLURM_STEP_NUM_NODES = 'abc': not a node count"),
+        ({"SLURM_STEP_NUM_NODES": "-4"}, "SLURM_STEP_NUM_NODES = '-4': not a node count"),
+        ({"SLURM_STEP_NUM_NODES": "4.0"}, "SLURM_STEP_NUM_NODES = '4.0': not a node count"),
+        ({"SLURM_STEP_NUM_NODES": "9" * 5000}, "SLURM_STEP_NUM_NODES = '9999999999999999999999999999999999999...'"),
+        ({"SLURM_STEP_NUM_TASKS": "four"}, "SLURM_STEP_NUM_TASKS = 'four': not a task count"),
+        ({"SLURMD_NODENAME": "elsewhere", "SLURM_NODEID": "x"}, "SLURM_NODEID = 'x': not a node id"),
+        ({"SLURMD_NODENAME": "elsewhere", "SLURM_NODEID": "", "SLURM_PROCID": "1e3"}, "SLURM_PROCID = '1e3': not a"),
+        ({"SLURM_STEP_NODELIST": "gpu[01-"}, "SLURM_STEP_NODELIST: "),
+        ({"SLURM_JOB_ID": "../../x"}, "SLURM_JOB_ID = '../../x': not a job id"),  # it names the run directory
+        ({"SLURM_JOB_ID": "7" * 5000}, "SLURM_JOB_ID = '" + "7" * 37 + "...': not a job id"),
+    ],
+)
+def test_from_env_values_slurm_does_not_write_are_one_line_naming_the_variable(changes, expect):
+    """`SLURM_JOB_NUM_NODES=abc` and `SLURM_NODEID=x` gave `ValueError: invalid literal for int()` tracebacks."""
+    with pytest.raises(UserError) as err:
+        from_env({**STEP, **changes})
+    assert str(err.value).startswith(expect) and "\n" not in str(err.value), str(err.value)
+
+
+def test_from_env_job_variables_outside_a_step_are_checked_too():
+    env = {"SLURM_JOB_ID": "7", "SLURM_JOB_NODELIST": "n1", "SLURM_JOB_NUM_NODES": "abc"}
+    with pytest.raises(UserError, match=r"^SLURM_JOB_NUM_NODES = 'abc': not a node count .*--no-slurm"):
+        from_env(env)
+    assert from_env({**env, "SLURM_JOB_NUM_NODES": "1"}).nnodes == 1
+
+
+def test_run_with_a_slurm_variable_that_is_no_number_is_one_line(tmp_path, recipe_file):
+    from tests.conftest import assert_one_line_error
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM")}
+    env.update(SLURM_JOB_ID="7", SLURM_JOB_NODELIST="n1", SLURM_JOB_NUM_NODES="abc")
+    r = run_cli("run", str(recipe_file()), cwd=tmp_path, env=env)
+    assert_one_line_error(r, ["SLURM_JOB_NUM_NODES = 'abc': not a node count"], tmp_path / "runs")
+
+
+@pytest.mark.parametrize("text", ["n[1-99999999]", "r[1-1000]n[1-1000]", ",".join(["a[1-60000]", "b[1-60000]"])])
+def test_expand_nodelist_refuses_more_hosts_than_a_run_can_have(text):
+    """`n[1-99999999]` in SLURM_JOB_NODELIST took minutes and gigabytes to expand."""
+    with pytest.raises(UserError, match=r"names more than 65536 hosts"):
+        expand_nodelist(text)
+    assert len(expand_nodelist("n[1-65536]")) == 65536
