@@ -478,9 +478,6 @@ def _placement(nnodes, node_rank, master_addr, master_port, rdzv_endpoint, rdzv_
             f", head node {master_addr}:{master_port}" if int(nnodes) > 1 else ""
         )
     node_rank = node_rank or 0
-    n = parse_nnodes(nnodes)[1] if nnodes else None
-    if n is not None and node_rank >= n:
-        raise UserError(f"--node-rank {node_rank} with --nnodes {n}: node ranks run 0..{n - 1}")
     if rdzv_endpoint and not rdzv_id:
         # Every node must name the same rendezvous; a SLURM job id is the natural shared name.
         rdzv_id = os.environ.get("SLURM_JOB_ID") or "qlaunch"
