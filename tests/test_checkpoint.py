@@ -351,7 +351,7 @@ def test_every_key_changes_the_math_except_the_documented_harmless_ones(tmp_path
             checkpoint.check_compatible(ck, _recipe(tmp_path, override))
         assert f"({detail}" in str(info.value), (override, str(info.value))
     allowed = ["train.max_steps=100", "train.micro_batch=1", "train.gradient_checkpointing=false", "train.eval_every=5",
-               'train.compile="off"', "checkpoint.every_steps=3", "launch.gpus=1", "log.every_steps=7", 'name="other"',
+               "train.compile=false", "checkpoint.every_steps=3", "launch.gpus=1", "log.every_steps=7", 'name="other"',
                "parallel.fsdp.cpu_offload=true", "parallel.deepspeed.offload_optimizer=true"]  # fmt: skip
     for override in allowed:
         checkpoint.check_compatible(ck, _recipe(tmp_path, override))
