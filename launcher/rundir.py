@@ -12,7 +12,8 @@ from pathlib import Path
 from typing import Any
 
 from launcher.errors import UserError
-from launcher.recipe import Recipe, dump_toml, load_recipe
+from launcher.plan.recipe import Recipe
+from launcher.plan.recipe_file import dump_toml, load_recipe
 
 RECIPE_FILE = "recipe.toml"
 LAUNCH_FILE = "launch.json"
