@@ -18,11 +18,11 @@ def failure_summary(run: RunDir, tail: int = 12) -> str:
     "first" is decided by cause, not only by time: a rank's own error beats a peer-lost error, and a
     rank killed by a signal (SIGKILL, SIGSEGV...) beats the survivors torchrun stopped afterwards.
     """
-    launcher_log = run.logs / "launcher.log"
+    launcher_log = run.launcher_log
     text = launcher_log.read_text(errors="replace") if launcher_log.exists() else ""
     exits, root = _torchrun_failures(text)
     errors: dict[int, dict] = {}
-    for f in run.logs.glob("rank*.error.json"):
+    for f in run.rank_error_files():
         try:
             e = json.loads(f.read_text())
             errors[int(e["rank"])] = e
@@ -154,7 +154,7 @@ def oom_advice(run: RunDir, log_text: str) -> list[str]:
 def rank_error_of(run: RunDir) -> dict | None:
     """The error record of a rank that stopped on bad input or because training diverged (kind 'user' or
     'diverged': every rank stops with the same message), if that is how the run ended."""
-    for f in sorted(run.logs.glob("rank*.error.json")):
+    for f in run.rank_error_files():
         try:
             e = json.loads(f.read_text())
         except (OSError, json.JSONDecodeError):
@@ -177,7 +177,7 @@ def disk_full(run: RunDir) -> str | None:
     except OSError:
         return None
     said = False
-    for log in [run.logs / "launcher.log", *run.logs.glob("rank*.log")]:
+    for log in [run.launcher_log, *run.rank_logs().values()]:
         try:
             with open(log, "rb") as fh:
                 fh.seek(max(0, log.stat().st_size - 65536))
@@ -206,7 +206,7 @@ def is_peer_failure(message: str) -> bool:
 def first_rank_error(run: RunDir) -> dict | None:
     """The earliest rank*.error.json of this node's ranks ({rank, time, message, ...}), if any."""
     first = None
-    for f in run.logs.glob("rank*.error.json"):
+    for f in run.rank_error_files():
         try:
             e = json.loads(f.read_text())
         except (OSError, json.JSONDecodeError):

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import subprocess
 import threading
 import time
@@ -63,12 +62,7 @@ def node_blame(peers: list[dict], local_error: str | None) -> str | None:
 
 def local_ranks(run: RunDir) -> list[int]:
     """Global ranks that ran on this node: each rank writes logs/rank<N>.log from its first line."""
-    out = []
-    for f in run.logs.glob("rank*.log"):
-        m = re.fullmatch(r"rank(\d+)\.log", f.name)
-        if m:
-            out.append(int(m.group(1)))
-    return sorted(out)
+    return sorted(run.rank_logs())
 
 
 class NodeWatch:
@@ -380,7 +374,7 @@ def start_node_watch(run: RunDir, recipe: Recipe, cluster: Cluster, node_timeout
     # With elastic restarts or a node range, torchrun carries on without a lost node (or waits for it to
     # come back): then the watch only reports, it never stops this node's ranks.
     elastic = cluster.min_nodes is not None or recipe.launch.max_restarts > 0
-    log_path = run.logs / "nodes.log"
+    log_path = run.nodes_log
 
     def log(msg: str) -> None:
         with open(log_path, "a") as fh:

@@ -43,7 +43,7 @@ def spawn(run: RunDir, spec: dict, follow) -> int:
     # An empty entry (PYTHONPATH=":x", "x:") means the current directory: dropped, as safe-path mode intends.
     kept = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
     env["PYTHONPATH"] = os.pathsep.join([root, *kept])
-    with open(run.logs / "launcher.log", "ab") as log:
+    with open(run.launcher_log, "ab") as log:
         # The stop handlers come first: a signal arriving while torchrun starts is a stop request the ranks
         # see at their first step boundary, never a qlaunch killed with its child half-started.
         stopper = Stopper(run)

@@ -37,6 +37,7 @@ import torch
 
 from launcher.errors import UserError
 from launcher.plan.recipe import Recipe, recipe_to_dict
+from launcher.rundir import CHECKPOINTS_DIR
 
 COMPLETE = "COMPLETE"
 
@@ -330,7 +331,7 @@ def find_resume_target(arg: str, runs_dir: Path, name: str, warn=print) -> Path 
     if arg == "auto":
         # Newest by the time it was saved, not by directory name: run directories are named by timestamp
         # or, for multi-node runs, by job id, and the two do not sort together.
-        found = [d for ck in (runs_dir / name).glob("*/checkpoints") for d in list_checkpoints(ck)]
+        found = [d for ck in (runs_dir / name).glob(f"*/{CHECKPOINTS_DIR}") for d in list_checkpoints(ck)]
         if not found:
             return None
         newest_first = sorted(found, key=_saved_at, reverse=True)
@@ -352,13 +353,13 @@ def find_resume_target(arg: str, runs_dir: Path, name: str, warn=print) -> Path 
         if not ok:
             raise UserError(f"--resume {arg}: not a usable checkpoint ({why})")
         return p.resolve()
-    if (p / "checkpoints").is_dir():
-        if (p / "checkpoints").is_symlink():
+    if (p / CHECKPOINTS_DIR).is_dir():
+        if (p / CHECKPOINTS_DIR).is_symlink():
             raise UserError(
-                f"--resume {arg}: {p / 'checkpoints'} is a link; a run's checkpoints are read only where it wrote "
+                f"--resume {arg}: {p / CHECKPOINTS_DIR} is a link; a run's checkpoints are read only where it wrote "
                 "them (resume from the checkpoint directory itself)"
             )
-        d, skipped = first_usable(list(reversed(list_checkpoints(p / "checkpoints"))), warn)
+        d, skipped = first_usable(list(reversed(list_checkpoints(p / CHECKPOINTS_DIR))), warn)
         if d is None:
             detail = _listing(skipped) if skipped else "it saved none; set checkpoint.every_steps"
             raise UserError(f"--resume {arg}: the run has no complete checkpoint ({detail})")

@@ -175,8 +175,8 @@ def _train(run: RunDir, d, recipe, plan: dict, metrics, t_spawn: float) -> None:
     stop = StopRequest(run.stop_file)
     metrics("start", total_steps=total_steps, world=d.world, first_step_after_s=time.time() - t_spawn)
 
-    profiler = StepProfiler(recipe.log.profile_steps, run.path / "profile", d.rank, device)
-    memory = MemoryRecorder(recipe.log.memory_steps, run.path / "profile", d.rank, device)
+    profiler = StepProfiler(recipe.log.profile_steps, run.profile, d.rank, device)
+    memory = MemoryRecorder(recipe.log.memory_steps, run.profile, d.rank, device)
     tokens_seen = 0
     t_last = time.perf_counter()
     data_s = 0.0  # host time spent waiting for batches since the last metrics line (the data-loader cost)

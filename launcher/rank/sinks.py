@@ -12,6 +12,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
 
+from launcher.rundir import TENSORBOARD_DIR
+
 # metrics field -> scalar tag (TensorBoard) / key (W&B); one namespace per kind of number.
 STEP_SCALARS = {
     "loss": "train/loss",
@@ -114,7 +116,7 @@ def open_sinks(recipe, run_dir: Path, warn: Callable[[str], None]) -> list[Sink]
 
     if recipe.log.tensorboard:
         try:
-            out.append(TensorBoardSink(run_dir / "tensorboard"))
+            out.append(TensorBoardSink(run_dir / TENSORBOARD_DIR))
         except ImportError:
             warn("log.tensorboard = true but the tensorboard package is not installed; no event files are written")
     if recipe.log.wandb:

@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _write_error(run: RunDir, rank: int, message: str, kind: str) -> None:
     try:
-        (run.logs / f"rank{rank}.error.json").write_text(
+        run.rank_error_file(rank).write_text(
             json.dumps({"rank": rank, "time": time.time(), "kind": kind, "message": message})
         )
     except OSError:

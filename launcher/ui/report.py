@@ -21,8 +21,6 @@ from launcher.rundir import METRICS_FILE, RunDir
 from launcher.safe_files import open_regular
 from launcher.ui.live import fmt_duration
 
-PLOTS_DIR = "plots"
-
 # What `qlaunch report` reads of each event, and what it must be. metrics.jsonl may come from a crashed run
 # (its last line cut short) or a tampered copy: an event that breaks these rules is skipped and counted,
 # never a traceback. Loss and lr may be NaN or infinite (a diverged run logs them); times may not.
@@ -182,7 +180,7 @@ def summarize(events: list[dict], run: RunDir) -> list[tuple[str, str]]:
         status = f"stopped on request at step {by['preempted'][-1].get('step')} (resumable)"
     else:
         # rglob: a multi-node run keeps each node's logs in logs/<node>/.
-        errors = sorted(run.logs.rglob("rank*.error.json")) if run.logs.is_dir() else []
+        errors = run.rank_error_files(every_node=True)
         status = "failed (see logs/)" if errors else "incomplete (running, or killed)"
     rows.append(("status", status))
     rows.append(("steps", f"{s.steps[-1] if s.steps else 0} of {total if total is not None else '?'}"))
@@ -309,7 +307,7 @@ def report(
     rows = summarize(events, run)
     with warnings.catch_warnings():  # a tampered value (lr = 1e308) overflows numpy's axis arithmetic: harmless
         warnings.simplefilter("ignore")
-        plots = plot(series(events), run.path / PLOTS_DIR)
+        plots = plot(series(events), run.plots)
     return run, rows, plots
 
 
