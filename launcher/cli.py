@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import importlib
-import json
 import os
 import re
 import shutil
@@ -385,7 +384,7 @@ def config(
     from launcher.plan.model_info import decoder_layer_class
     from launcher.plan.plan import make_plan, resolve_recipe
     from launcher.plan.recipe_file import load_recipe
-    from launcher.rundir import PLAN_FILE, RunDir, write_files
+    from launcher.rundir import PLAN_FILE, RunDir, RunPlan, write_files
 
     rec = load_recipe(recipe, _overrides(set_, gpus, nnodes))
     _check_node_rank(node_rank, rec.launch.nnodes)
@@ -399,7 +398,7 @@ def config(
     configs = render_files(rec, plan, path, layer_cls, node_rank, master_addr)
     try:
         (path / "logs").mkdir(parents=True, exist_ok=True)
-        write_files(RunDir(path), rec, {PLAN_FILE: json.dumps(plan.to_dict(), indent=2) + "\n", **configs})
+        write_files(RunDir(path), rec, {PLAN_FILE: RunPlan(plan).to_json(), **configs})
     except OSError as err:
         raise UserError(
             f"-o {out}: cannot write the configs into {err.filename or path} ({err.strerror or type(err).__name__})"

@@ -13,8 +13,10 @@ from pathlib import Path
 from typing import Any
 
 from launcher.errors import UserError
+from launcher.plan.plan import Plan
 from launcher.plan.recipe import Recipe
 from launcher.plan.recipe_file import dump_toml, load_recipe
+from launcher.safe_files import json_kind, read_json_object
 
 RECIPE_FILE = "recipe.toml"
 LAUNCH_FILE = "launch.json"
@@ -37,6 +39,33 @@ PLOTS_DIR = "plots"  # `qlaunch report --plots` output
 # layer below this one): deepspeed_config.json, accelerate_config.yaml.
 
 _RANK_LOG_NAME = re.compile(r"rank(\d+)\.log")
+
+
+@dataclass(frozen=True)
+class RunPlan:
+    """plan.json: the Plan, and what the launcher settled for this run at its start besides planning."""
+
+    plan: Plan
+    resume_from: Path | None = None  # the checkpoint --resume chose; the ranks load it at start
+    data_cache: Path | None = None  # the tokenized-data cache folder; None = the runs folder's .data-cache
+
+    def to_json(self) -> str:
+        extras = {"resume_from": self.resume_from, "data_cache": self.data_cache}
+        text = {key: str(path) if path else None for key, path in extras.items()}
+        return json.dumps({**self.plan.to_dict(), **text}, indent=2) + "\n"
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], where: str) -> RunPlan:
+        """The inverse of to_json's object. A plan.json without the extras (`qlaunch config` writes none,
+        an older run may lack one) loads with them None."""
+        extras: dict[str, Path | None] = {}
+        for key in ("resume_from", "data_cache"):
+            value = data.get(key)
+            if value is not None and not isinstance(value, str):
+                raise UserError(f"{where}: {key!r} must be a string or null, not {json_kind(value)}")
+            extras[key] = Path(value) if value else None
+        plan = Plan.from_dict({k: v for k, v in data.items() if k not in extras}, where)
+        return cls(plan, **extras)
 
 
 @dataclass(frozen=True)
@@ -131,8 +160,9 @@ class RunDir:
     def load_recipe(self) -> Recipe:
         return load_recipe(self.recipe)
 
-    def load_plan(self) -> dict[str, Any]:
-        return json.loads((self.path / PLAN_FILE).read_text())
+    def load_plan(self) -> RunPlan:
+        path = self.path / PLAN_FILE
+        return RunPlan.from_dict(read_json_object(path, "plan"), str(path))
 
 
 def new_run_dir(recipe: Recipe, root: str | Path | None = None) -> RunDir:

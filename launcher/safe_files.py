@@ -73,8 +73,14 @@ def read_regular(path: Path, what: str, limit: int = MAX_JSON_BYTES) -> bytes:
         os.close(fd)
 
 
-def _json_kind(value: object) -> str:
-    kinds = ((list, "an array"), (str, "a string"), (bool, "a boolean"), ((int, float), "a number"))
+def json_kind(value: object) -> str:
+    kinds = (
+        (dict, "an object"),
+        (list, "an array"),
+        (str, "a string"),
+        (bool, "a boolean"),
+        ((int, float), "a number"),
+    )
     return next((k for t, k in kinds if isinstance(value, t)), "null")
 
 
@@ -95,5 +101,5 @@ def read_json_object(path: Path, what: str) -> dict:
     except RecursionError:
         raise UserError(f"{path}: the {what} is nested too deeply to parse (no real {what} is)") from None
     if not isinstance(value, dict):
-        raise UserError(f"{path}: the {what} must be a JSON object, not {_json_kind(value)}")
+        raise UserError(f"{path}: the {what} must be a JSON object, not {json_kind(value)}")
     return value

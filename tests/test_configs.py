@@ -363,11 +363,11 @@ def test_worker_takes_settings_from_the_json_not_the_recipe(tmp_path):
 
     rec = recipe(*DS3, "launch.gpus=2")
     run_dir = write_configs(tmp_path, rec, gpus=0)
-    assert zero3_materializer(run_dir, {"dist_backend": "gloo"}) is not None
+    assert zero3_materializer(run_dir, "gloo") is not None
     edited = read_config(run_dir)
     edited["zero_optimization"]["stage"] = 2
     (run_dir / DEEPSPEED_CONFIG_FILE).write_text(render_json(edited))
-    assert zero3_materializer(run_dir, {"dist_backend": "gloo"}) is None
+    assert zero3_materializer(run_dir, "gloo") is None
 
 
 def test_render_yaml_is_accelerate_shaped():

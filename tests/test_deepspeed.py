@@ -339,11 +339,11 @@ MEMORY_PROBE = textwrap.dedent(
         pds.load_units = spy
         device = torch.device("cpu")
         full = build_model(rec, device)  # the unsharded path (backend none, ZeRO-2)
-        part = build_model(rec, device, materializer=pds.zero3_materializer(run, plan.to_dict()))
+        part = build_model(rec, device, materializer=pds.zero3_materializer(run, plan.dist_backend))
         bad = [n for n, p in part.loss_model.named_parameters()
                if p.data.numel() != 0 or p.ds_tensor.numel() != math.ceil(p.ds_numel / world)]
         mine = {**pds.partitioned_bytes(part.loss_model), "bad": bad}
-        engine = pds.DeepSpeedEngine(part, rec, plan.to_dict(), 1, device, run)
+        engine = pds.DeepSpeedEngine(part, rec, plan, 1, device, run)
         # ZeRO-3 hooks (ds_id) on the decoder layers themselves, none on a module inside one.
         layers = list(part.causal_lm.model.layers)
         mine["hooked_layers"] = sum(hasattr(m, "ds_id") for m in layers)

@@ -115,24 +115,24 @@ def oom_advice(run: RunDir, log_text: str) -> list[str]:
         from launcher.plan.model_info import resolve_model_dir
 
         recipe = run.load_recipe()
-        plan = run.load_plan()
+        plan = run.load_plan().plan
         config = json.loads((resolve_model_dir(recipe) / "config.json").read_text())
         shape = memory.ModelShape.from_config(config.get("text_config", config))
         m = _GPU_TOTAL.search(log_text)
         if m:
             gpu_mem = int(float(m.group(1)) * memory.GiB)
-        elif plan.get("memory"):
-            gpu_mem = int(plan["memory"]["gpu_memory_gib"] * memory.GiB)
+        elif plan.memory:
+            gpu_mem = int(plan.memory["gpu_memory_gib"] * memory.GiB)
         else:
             gpu_mem = memory.DEFAULT_GPU_MEMORY
         est = memory.estimate(
             recipe,
             shape,
-            plan["world_size"],
-            plan["micro_batch"],
-            plan.get("gradient_checkpointing", recipe.train.gradient_checkpointing is not False),
+            plan.world_size,
+            plan.micro_batch,
+            plan.gradient_checkpointing,
             gpu_mem,
-            plan.get("nproc_per_node"),
+            plan.nproc_per_node,
         )
         # It did not fit, whatever the estimate says: ask for suggestions as if it were at the limit.
         tips = memory.suggestions(recipe, shape, est, force=True)

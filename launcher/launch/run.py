@@ -50,20 +50,15 @@ def _start(run_dir, writer, fresh, rec, plan, cluster, layer_cls, node_rank, mas
     """Write the run directory's files and spawn; (torchrun's exit status, the node to blame or None)."""
     from launcher.launch.spawn import launch_spec, spawn
     from launcher.plan.configs import render_files
-    from launcher.rundir import PLAN_FILE, write_files
+    from launcher.rundir import PLAN_FILE, RunPlan, write_files
     from launcher.ui import live
 
     spec = launch_spec(rec, plan, cluster, str(run_dir.path), run_dir.node)
     if writer:
         # One writer per run directory: the other nodes' configs would differ only in their node rank.
         configs = render_files(rec, plan, run_dir.path, layer_cls, node_rank, master_addr)
-        plan_dict = {
-            **plan.to_dict(),
-            "resume_from": str(resume_from) if resume_from else None,
-            "data_cache": str(cache),
-        }
         try:
-            write_files(run_dir, rec, {PLAN_FILE: json.dumps(plan_dict, indent=2) + "\n", **configs})
+            write_files(run_dir, rec, {PLAN_FILE: RunPlan(plan, resume_from, cache).to_json(), **configs})
         except OSError as err:
             if fresh:  # nothing half-written: a run directory without its files is no run
                 shutil.rmtree(run_dir.path, ignore_errors=True)

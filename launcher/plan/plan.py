@@ -6,11 +6,13 @@ Nothing here touches processes, files or devices: `qlaunch plan` and `--dry-run`
 from __future__ import annotations
 
 import sys
-from dataclasses import asdict, dataclass, field
-from typing import TYPE_CHECKING, Any
+import types
+from dataclasses import MISSING, asdict, dataclass, field, fields
+from typing import TYPE_CHECKING, Any, Union, get_args, get_origin, get_type_hints
 
 from launcher.errors import UserError
 from launcher.plan.recipe import Recipe
+from launcher.safe_files import json_kind
 
 if TYPE_CHECKING:
     from launcher.plan.memory import ModelShape
@@ -59,6 +61,56 @@ class Plan:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], where: str) -> Plan:
+        """The Plan of a to_dict() read back (plan.json). Unknown keys and wrong types are refused in one
+        line naming `where`; a key with a default may be missing, so an older run directory still loads."""
+        hints = get_type_hints(cls)
+        unknown = sorted(set(data) - set(hints))
+        if unknown:
+            raise UserError(f"{where}: unknown key(s) " + ", ".join(map(repr, unknown)))
+        required = [f.name for f in fields(cls) if f.default is MISSING and f.default_factory is MISSING]
+        missing = [name for name in required if name not in data]
+        if missing:
+            raise UserError(f"{where}: missing key(s) " + ", ".join(map(repr, missing)))
+        for key, value in data.items():
+            if not _fits(value, hints[key]):
+                raise UserError(f"{where}: {key!r} must be {_type_name(hints[key])}, not {json_kind(value)}")
+        return cls(**data)
+
+
+def _fits(value: Any, hint: Any) -> bool:
+    """Does a value parsed from JSON have the type of a Plan field (the few kinds Plan's fields use)?"""
+    origin, args = get_origin(hint), get_args(hint)
+    if hint is Any:
+        return True
+    if origin in (Union, types.UnionType):
+        return any(_fits(value, a) for a in args)
+    if hint is type(None):
+        return value is None
+    if hint is int:  # JSON true/false parse as bool, a subclass of int: not a count
+        return isinstance(value, int) and not isinstance(value, bool)
+    if origin is list:
+        return isinstance(value, list) and all(_fits(v, args[0]) for v in value)
+    if origin is dict:
+        return isinstance(value, dict) and all(_fits(k, args[0]) and _fits(v, args[1]) for k, v in value.items())
+    return isinstance(value, hint)
+
+
+_JSON_TYPES = {int: "an integer", str: "a string", bool: "true or false", type(None): "null", dict: "an object"}
+
+
+def _type_name(hint: Any) -> str:
+    """A field's type in JSON's words: 'an integer', 'an array of strings', 'an object or null'."""
+    origin, args = get_origin(hint), get_args(hint)
+    if origin in (Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in args)
+    if origin is list:
+        return f"an array of {_type_name(args[0]).split(' ', 1)[1]}s"
+    if origin is dict and args[1] is not Any:
+        return f"an object of {_type_name(args[1]).split(' ', 1)[1]}s"
+    return _JSON_TYPES[origin or hint]
 
 
 def gpu_memory_cap(recipe: Recipe) -> int:

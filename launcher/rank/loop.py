@@ -16,10 +16,11 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from launcher.data.cache import build_data
+from launcher.data.cache import DATA_CACHE_DIR, build_data
 from launcher.data.sampler import StepBatches, StepSampler
 from launcher.data.tokenizer import build_tokenizer
 from launcher.errors import TrainingDiverged
+from launcher.plan.plan import Plan
 from launcher.rank.build import build_model
 from launcher.rank.checkpoint import load, save
 from launcher.rank.checkpoint_dir import newest_complete
@@ -28,7 +29,7 @@ from launcher.rank.loss import IGNORE
 from launcher.rank.parallel import make_engine
 from launcher.rank.profiling import MemoryRecorder, StepProfiler
 from launcher.rank.sinks import gather_per_rank, open_sinks
-from launcher.rundir import RunDir
+from launcher.rundir import RunDir, RunPlan
 
 
 class StopRequest:
@@ -67,34 +68,34 @@ def attempt_store(timeout: timedelta):
     return dist.PrefixStore(f"qlaunch/attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", base)
 
 
-def init_process_group(plan: dict, d) -> tuple[torch.device, object]:
+def init_process_group(plan: Plan, d) -> tuple[torch.device, object]:
     """Process group + device + the device mesh for FSDP (None for unsharded runs): 1-D, or 2-D
     (replicate across nodes, shard within a node) for hybrid sharding."""
-    if plan["device"] == "cuda":
+    if plan.device == "cuda":
         torch.cuda.set_device(d.local_rank)
         device = torch.device("cuda", d.local_rank)
-        cap = plan.get("gpu_memory_cap_bytes")
+        cap = plan.gpu_memory_cap_bytes
         if cap:  # launch.gpu_memory_gb: the allocator refuses (out of memory) beyond the cap
             total = torch.cuda.get_device_properties(device).total_memory
             torch.cuda.set_per_process_memory_fraction(min(1.0, cap / total), device)
     else:
         device = torch.device("cpu")
     mesh = None
-    if plan["backend"] != "none":
+    if plan.backend != "none":
         kw = {"device_id": device} if device.type == "cuda" else {}
-        timeout = timedelta(seconds=plan.get("collective_timeout_s", 1800))
+        timeout = timedelta(seconds=plan.collective_timeout_s)
         store = attempt_store(timeout)
         if store is not None:
             kw.update(store=store, rank=d.rank, world_size=d.world)
-        dist.init_process_group(plan["dist_backend"], timeout=timeout, **kw)
-    if plan["backend"] == "fsdp":
+        dist.init_process_group(plan.dist_backend, timeout=timeout, **kw)
+    if plan.backend == "fsdp":
         from torch.distributed.device_mesh import init_device_mesh
 
         # --- multinode: hybrid sharding. torchrun numbers ranks node by node, so row n of an
         # (nodes, ranks-per-node) mesh is node n. The node count comes from the actual world size:
         # an elastic run (--nnodes MIN:MAX) may have started with fewer nodes than planned.
-        if plan.get("hybrid_shard") and d.world > plan["nproc_per_node"]:
-            per_node = plan["nproc_per_node"]
+        if plan.hybrid_shard and d.world > plan.nproc_per_node:
+            per_node = plan.nproc_per_node
             shape = (d.world // per_node, per_node)
             mesh = init_device_mesh(device.type, shape, mesh_dim_names=("replicate", "shard"))
             print(f"[rank {d.rank}] hybrid sharding: replicate x{shape[0]} (nodes), shard x{shape[1]}", flush=True)
@@ -116,17 +117,18 @@ def run_training(run: RunDir, d) -> None:
 
     t_spawn = float(os.environ.get("QLAUNCH_SPAWN_TIME", time.time()))
     recipe = run.load_recipe()
-    plan = run.load_plan()
+    run_plan = run.load_plan()
     metrics = Metrics(run.metrics, enabled=d.rank == 0)
     try:  # a failing rank ends with os._exit (worker.leave): its sinks must be flushed here
         if d.rank == 0:
             metrics.sinks = open_sinks(recipe, run.path, warn=lambda msg: metrics("warning", message=msg))
-        _train(run, d, recipe, plan, metrics, t_spawn)
+        _train(run, d, recipe, run_plan, metrics, t_spawn)
     finally:
         metrics.close()
 
 
-def _train(run: RunDir, d, recipe, plan: dict, metrics, t_spawn: float) -> None:
+def _train(run: RunDir, d, recipe, run_plan: RunPlan, metrics, t_spawn: float) -> None:
+    plan = run_plan.plan
     device, mesh = init_process_group(plan, d)
     seed_everything(recipe.train.seed)
     metrics("loading", phase="model", rank=d.rank)
@@ -136,10 +138,10 @@ def _train(run: RunDir, d, recipe, plan: dict, metrics, t_spawn: float) -> None:
         metrics("loading", phase="model", tensor=name, **extra)
 
     materializer = None
-    if plan["backend"] == "deepspeed":  # ZeRO-3 partitions while loading (None for stage 2)
+    if plan.backend == "deepspeed":  # ZeRO-3 partitions while loading (None for stage 2)
         from launcher.rank.parallel.deepspeed import zero3_materializer
 
-        materializer = zero3_materializer(run.path, plan)
+        materializer = zero3_materializer(run.path, plan.dist_backend)
     built = build_model(recipe, device, mesh, progress=progress, materializer=materializer)
     metrics("loaded", seconds=built.stats.seconds, bytes_read=built.stats.bytes_read, **peak_memory_gb(device))
     print(
@@ -151,12 +153,10 @@ def _train(run: RunDir, d, recipe, plan: dict, metrics, t_spawn: float) -> None:
     metrics("loading", phase="data")
     # Tokenized data is cached per content fingerprint beside the runs, so later runs reuse it; `qlaunch run`
     # has built it already (every row checked before spawning), so normally this only maps the file.
-    cache = Path(plan.get("data_cache") or run.path.parent.parent / ".data-cache")
+    cache = run_plan.data_cache or run.path.parent.parent / DATA_CACHE_DIR
     attempt = f"{run.path}#{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}"
     train_data, val_data = build_data(recipe, tokenizer, d.rank, d.world, cache, attempt=attempt)
-    sampler = StepSampler(
-        len(train_data), plan["global_batch"], plan["micro_batch"], d.world, d.rank, recipe.train.seed
-    )
+    sampler = StepSampler(len(train_data), plan.global_batch, plan.micro_batch, d.world, d.rank, recipe.train.seed)
     total_steps = recipe.train.max_steps or max(1, math.ceil(recipe.train.epochs * sampler.steps_per_epoch))
 
     engine = make_engine(built, recipe, plan, total_steps, device, run_dir=run.path)
@@ -165,8 +165,8 @@ def _train(run: RunDir, d, recipe, plan: dict, metrics, t_spawn: float) -> None:
     # Resume: this run's own newest complete checkpoint (an elastic restart) wins over --resume's target.
     start_step = 0
     ckpt = newest_complete(run.checkpoints)
-    if ckpt is None and plan.get("resume_from"):
-        ckpt = Path(plan["resume_from"])
+    if ckpt is None:
+        ckpt = run_plan.resume_from
     if ckpt is not None:
         meta = load(ckpt, engine)
         start_step = meta["step"]
@@ -207,10 +207,10 @@ def _train(run: RunDir, d, recipe, plan: dict, metrics, t_spawn: float) -> None:
             # Every rank has the same all-reduced loss and global norm: all stop here, before anything of
             # this step (checkpoint, eval, adapter) is written.
             metrics("diverged", step=step + 1, loss=str(loss), grad_norm=str(grad_norm))
-            raise diverged(step + 1, loss, grad_norm, run, plan)
+            raise diverged(step + 1, loss, grad_norm, run, run_plan.resume_from)
         profiler.end(step + 1)
         memory.end(step + 1)
-        tokens = plan["global_batch"] * recipe.data.seq_len
+        tokens = plan.global_batch * recipe.data.seq_len
         tokens_seen += tokens
         if step % recipe.log.every_steps == 0 or step == total_steps - 1:
             if device.type == "cuda":
@@ -238,7 +238,7 @@ def _train(run: RunDir, d, recipe, plan: dict, metrics, t_spawn: float) -> None:
             print(f"[rank {d.rank}] step {step + 1}/{total_steps} loss {loss:.4f}", flush=True)
             data_s = 0.0
         if val_data is not None and t.eval_every and ((step + 1) % t.eval_every == 0 or step == total_steps - 1):
-            metrics("eval", step=step + 1, eval_loss=evaluate(model, val_data, plan["micro_batch"], d, device))
+            metrics("eval", step=step + 1, eval_loss=evaluate(model, val_data, plan.micro_batch, d, device))
 
         every = recipe.checkpoint.every_steps
         if preempted or (every and (step + 1) % every == 0 and step + 1 < total_steps):
@@ -260,11 +260,11 @@ def _train(run: RunDir, d, recipe, plan: dict, metrics, t_spawn: float) -> None:
     metrics("done", steps=total_steps, **peak_memory_gb(device))
 
 
-def diverged(step: int, loss: float, grad_norm: float, run: RunDir, plan: dict) -> TrainingDiverged:
+def diverged(step: int, loss: float, grad_norm: float, run: RunDir, resume_from: Path | None) -> TrainingDiverged:
     what = f"the loss is {loss}" if not math.isfinite(loss) else f"the gradient norm is {grad_norm}"
     last = newest_complete(run.checkpoints, warn=lambda _msg: None)
-    if last is None and plan.get("resume_from"):
-        last = Path(plan["resume_from"])
+    if last is None:
+        last = resume_from
     kept = f"the last good checkpoint is {last}" if last else "no checkpoint was saved before it"
     return TrainingDiverged(
         f"training diverged at step {step}: {what}; nothing of this step was saved and no adapter was "

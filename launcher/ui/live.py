@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
+from launcher.errors import UserError
 from launcher.rundir import RunDir
 
 MiB = 2**20
@@ -440,13 +441,10 @@ class _LiveView:
 def _state_for(run: RunDir) -> RunState:
     st = RunState()
     try:
-        plan = run.load_plan()
-        mem = plan.get("memory") or {}
-        st.layers = mem.get("layers") or None
-        st.title = (
-            f"{run.path.parent.name}/{run.path.name}  {plan['backend']} x {plan['world_size']} ({plan['device']})"
-        )
-    except (OSError, ValueError, KeyError):
+        plan = run.load_plan().plan
+        st.layers = (plan.memory or {}).get("layers") or None
+        st.title = f"{run.path.parent.name}/{run.path.name}  {plan.backend} x {plan.world_size} ({plan.device})"
+    except (OSError, UserError):
         st.title = run.path.name
     return st
 

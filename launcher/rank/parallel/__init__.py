@@ -12,18 +12,23 @@ and checkpoints (launcher/rank/checkpoint.py seals the directory; the engine wri
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
 from launcher.rank.parallel.torch_engine import TorchEngine
 
+if TYPE_CHECKING:
+    from launcher.plan.plan import Plan
 
-def make_engine(built, recipe, plan: dict, total_steps: int, device: torch.device, run_dir=None):
-    if plan["backend"] == "deepspeed":
+
+def make_engine(built, recipe, plan: Plan, total_steps: int, device: torch.device, run_dir=None):
+    if plan.backend == "deepspeed":
         from launcher.rank.parallel.deepspeed import DeepSpeedEngine
 
         # DeepSpeed reads the run directory's deepspeed_config.json (the file `qlaunch run` wrote).
         return DeepSpeedEngine(built, recipe, plan, total_steps, device, run_dir)
     import torch.distributed as dist
 
-    world = dist.get_world_size() if plan["backend"] == "fsdp" and dist.is_initialized() else 1
+    world = dist.get_world_size() if plan.backend == "fsdp" and dist.is_initialized() else 1
     return TorchEngine(built.loss_model, recipe, total_steps, device.type, grad_average_over=world)

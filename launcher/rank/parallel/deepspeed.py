@@ -40,6 +40,7 @@ from torch import nn
 
 from launcher.errors import UserError
 from launcher.plan.configs import DEEPSPEED_CONFIG_FILE
+from launcher.plan.plan import Plan
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -76,9 +77,9 @@ def read_config(run_dir: str | Path) -> dict[str, Any]:
     return json.loads(path.read_text())
 
 
-def init_comm(plan: dict) -> None:
+def init_comm(dist_backend: str) -> None:
     """deepspeed.comm on top of the process group the session already created (idempotent)."""
-    _deepspeed().init_distributed(dist_backend=plan["dist_backend"], dist_init_required=False)
+    _deepspeed().init_distributed(dist_backend=dist_backend, dist_init_required=False)
 
 
 def param_dtype(config: dict[str, Any]) -> torch.dtype | None:
@@ -89,14 +90,14 @@ def param_dtype(config: dict[str, Any]) -> torch.dtype | None:
     return None
 
 
-def zero3_materializer(run_dir: str | Path, plan: dict) -> Callable | None:
+def zero3_materializer(run_dir: str | Path, dist_backend: str) -> Callable | None:
     """A replacement for launcher.rank.model.fill.materialize that streams units into ZeRO-3 partitions; None unless stage 3."""
     config = read_config(run_dir)
     if config["zero_optimization"]["stage"] != 3:
         return None
 
     def materializer(root, module_names, quant_layers, source, recipe, device, prequant, progress=None):
-        init_comm(plan)
+        init_comm(dist_backend)
         return materialize_partitioned(
             root, module_names, quant_layers, source, recipe, device, prequant, config, progress
         )
@@ -240,12 +241,12 @@ def zero3_whole_layers(causal_lm: nn.Module) -> None:
 class DeepSpeedEngine:
     """deepspeed.initialize on the LoRA model with RUN/deepspeed_config.json; see the module docstring."""
 
-    def __init__(self, built, recipe, plan: dict, total_steps: int, device: torch.device, run_dir: str | Path):
+    def __init__(self, built, recipe, plan: Plan, total_steps: int, device: torch.device, run_dir: str | Path):
         from launcher.rank.optim import lr_lambda
 
         deepspeed = _deepspeed()
         config = read_config(run_dir)
-        init_comm(plan)
+        init_comm(plan.dist_backend)
         loss_model = built.loss_model
         if config["zero_optimization"]["stage"] == 3:
             # CausalLMLoss reads lm_head.weight outside lm_head's own forward: have the root gather it.
