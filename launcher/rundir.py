@@ -4,14 +4,13 @@ with everything needed to rerun or inspect a run."""
 from __future__ import annotations
 
 import json
-import os
 import re
-import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from launcher.atomic import atomic_write
 from launcher.errors import UserError
 from launcher.plan.plan import Plan
 from launcher.plan.recipe import Recipe
@@ -221,10 +220,3 @@ def write_files(run: RunDir, recipe: Recipe, files: dict[str, str]) -> None:
     atomic_write(run.recipe, dump_toml(recipe))
     for name, text in files.items():
         atomic_write(run.path / name, text)
-
-
-def atomic_write(path: Path, text: str) -> None:
-    # A name of its own per writer: nodes sharing a run directory may write side by side.
-    tmp = path.with_name(f"{path.name}.{socket.gethostname()}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)

@@ -11,10 +11,11 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import torch
 
+from launcher.atomic import atomic_write_with
 from launcher.errors import UserError
 
 if TYPE_CHECKING:  # annotations only: packing and sampling import without pydantic (GPU hosts, tools)
@@ -28,18 +29,6 @@ from launcher.data.tokenizer import recipe_tokenizer
 WAIT_TIMEOUT_S = 4 * 3600.0
 
 STALE_LOCK_S = 300.0
-
-
-def _atomic_write_bytes(path: Path, write: Callable[[Any], None]) -> None:
-    tmp = path.with_name(f".{path.name}.{socket.gethostname()}.{os.getpid()}.{threading.get_ident()}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def _load_payload(path: Path) -> dict:
@@ -164,9 +153,9 @@ def shared_build(
                         kind = "user" if isinstance(err, UserError) else "crash"
                         msg = str(err) if kind == "user" else f"{type(err).__name__}: {err}"
                         body = json.dumps({"kind": kind, "message": " ".join(msg.split()), "rank": rank}).encode()
-                        _atomic_write_bytes(marker, lambda f, b=body: f.write(b))
+                        atomic_write_with(marker, lambda f, b=body: f.write(b))
                         raise
-                    _atomic_write_bytes(final, lambda f, p=payload: torch.save(p, f))
+                    atomic_write_with(final, lambda f, p=payload: torch.save(p, f))
                 for old in cache_dir.glob(f"{key}.*.error"):  # failed attempts' markers: not needed any more
                     old.unlink(missing_ok=True)
                 return _load_payload(final)

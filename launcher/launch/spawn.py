@@ -11,11 +11,12 @@ import threading
 import time
 from pathlib import Path
 
+from launcher.atomic import atomic_write
 from launcher.errors import EXIT_ABORTED
 from launcher.plan.plan import WATCH_PORT_OFFSET, Cluster, Plan, python_cmd, torchrun_argv
 from launcher.plan.recipe import Recipe
 from launcher.procs import death_signal_setter, kill_tree, terminate
-from launcher.rundir import RunDir, atomic_write
+from launcher.rundir import RunDir
 
 STOP_GRACE_S = 90.0
 

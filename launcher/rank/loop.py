@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 
 from launcher.data.cache import DATA_CACHE_DIR, build_data
+from launcher.data.pack import IGNORE
 from launcher.data.sampler import StepBatches, StepSampler
 from launcher.data.tokenizer import build_tokenizer
 from launcher.errors import TrainingDiverged
@@ -25,7 +26,6 @@ from launcher.rank.build import build_model
 from launcher.rank.checkpoint import load, save
 from launcher.rank.checkpoint_dir import newest_complete
 from launcher.rank.export import save_adapter
-from launcher.rank.loss import IGNORE
 from launcher.rank.parallel import make_engine
 from launcher.rank.profiling import MemoryRecorder, StepProfiler
 from launcher.rank.sinks import gather_per_rank, open_sinks

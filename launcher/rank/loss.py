@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-IGNORE = -100
+from launcher.data.pack import IGNORE  # the label packing gives tokens without a loss
 
 
 class CausalLMLoss(nn.Module):
