@@ -336,15 +336,9 @@ CHECKS = (unplaced_modules, upward_imports, narrow_imports, heavy_imports, impor
 # --- the real package --------------------------------------------------------------------------------------
 
 
-# cli.py still reaches data.cache, rank.checkpoint_dir, rank.parallel.deepspeed, rank.model.quantize and rundir
-# itself; issue 18 moves those steps into launch/ (launch.run prepare(), launch/quantize.py). strict: once the
-# move lands this xfail turns into a failure, and the marker is to be deleted, not the rule.
-PENDING = {narrow_imports: "issue 18: cli.py's steps below launch/ are moving into launch.run prepare()"}
-
-
 @pytest.mark.parametrize(
     "check",
-    [pytest.param(c, marks=pytest.mark.xfail(strict=True, reason=PENDING[c])) if c in PENDING else c for c in CHECKS],
+    CHECKS,
     ids=lambda c: c.__name__,
 )
 def test_launcher_keeps_its_layout(check):
