@@ -1,35 +1,18 @@
-"""`qlaunch`: arguments and help only; the work is done by the modules it calls."""
+"""`qlaunch`: arguments, help and one-line errors; the work is done by launch/ (and plan/, ui/) modules."""
 
 from __future__ import annotations
 
 import importlib
-import os
 import re
-import shutil
 import sys
-from dataclasses import replace
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
 from launcher import __version__
-from launcher.data.cache import DATA_CACHE_DIR
 from launcher.errors import EXIT_ABORTED, StoppedBeforeStart, UserError
-from launcher.launch.placement import _check_node_rank, _cluster, _open_shared_run_dir, _placement, _shared_run_path
-from launcher.launch.run import (
-    _absolute_runs_dir,
-    _end_of_run,
-    _has_auto,
-    _print_plan,
-    _quiet_libraries,
-    _recipe_to_run,
-    _start,
-    _stop_means_stop_before_start,
-    _warn_memory,
-)
 from launcher.plan.limits import MAX_GPU_MEMORY_GB, MAX_GPUS_PER_NODE, MAX_NODES
-from launcher.plan.model_info import _model_shape
 
 PROG = "qlaunch"
 
@@ -77,22 +60,6 @@ def _root(
     ] = False,
 ) -> None:
     """qlaunch: validate a recipe, plan the run, write its configs, spawn one process per GPU, train."""
-
-
-def _overrides(
-    set_: list[str] | None, gpus: int | None, nnodes: str | None, flags: tuple[str, str] = ("--gpus", "--nnodes")
-) -> list[str]:
-    """The --set items, then the recipe keys the flags stand for (an error in one names the flag: FLAGS are
-    the command's names for launch.gpus and launch.nnodes)."""
-    from launcher.plan.plan import parse_nnodes
-    from launcher.plan.recipe_file import FlagOverride
-
-    out = list(set_ or [])
-    if gpus is not None:
-        out.append(FlagOverride(f"launch.gpus={gpus}", f"{flags[0]} {gpus}"))
-    if nnodes is not None:  # MIN of MIN:MAX goes to the Cluster
-        out.append(FlagOverride(f"launch.nnodes={parse_nnodes(nnodes)[1]}", f"{flags[1]} {nnodes}"))
-    return out
 
 
 @app.command()
@@ -171,88 +138,27 @@ def run(
     Exit status: 0 done; 2 bad input; 3 diverged (a NaN/inf loss or gradient norm stopped the run); 75
     preempted (SIGTERM/SIGUSR1/Ctrl-C: a checkpoint was saved, continue with --resume RUN_DIR); 130 a second
     Ctrl-C killed the ranks; otherwise the failing workers' status."""
-    from launcher.plan.plan import make_plan, resolve_recipe
-    from launcher.plan.recipe_file import load_recipe
+    from launcher.launch.run import RunRequest
+    from launcher.launch.run import run as run_recipe
 
-    _stop_means_stop_before_start()
-    recipe = _recipe_to_run(recipe, resume)
-
-    # --- multinode: this node's place, from the flags or else from a SLURM allocation
-    where = _placement(nnodes, node_rank, master_addr, master_port, rdzv_endpoint, rdzv_id, no_slurm)
-    nnodes, node_rank, master_addr, master_port = where.nnodes, where.node_rank, where.master_addr, where.master_port
-    # --- end multinode
-    overrides = _overrides(set_, gpus, nnodes)
-    if master_port is not None:
-        from launcher.plan.recipe_file import FlagOverride
-
-        overrides.append(FlagOverride(f"launch.master_port={master_port}", f"--master-port {master_port}"))
-    rec = _absolute_runs_dir(load_recipe(recipe, overrides))
-    _check_node_rank(node_rank, rec.launch.nnodes)
-    cluster = _cluster(node_rank, master_addr, rdzv_endpoint, where.rdzv_id, where.min_nodes)
-    auto = _has_auto(rec)
-    plan = make_plan(rec, cluster, model=_model_shape(rec, required=auto) if auto or not dry_run else None)
-    rec = resolve_recipe(rec, plan)
-    _warn_memory(plan)
-    if plan.device == "cpu" and rec.parallel.backend == "fsdp" and rec.parallel.fsdp.cpu_offload and not dry_run:
-        # FSDP2 pins offloaded shards in page-locked memory, which needs a GPU; on CPU they already are in host memory.
-        raise UserError(
-            "parallel.fsdp.cpu_offload = true needs CUDA GPUs (no GPU on this machine); set it to false here, "
-            "the CPU ranks keep everything in host memory anyway"
-        )
-    if rec.parallel.backend == "fsdp" and rec.parallel.fsdp.hybrid and plan.nnodes == 1:
-        print("warning: parallel.fsdp.hybrid has no effect on one node (it replicates across nodes)", file=sys.stderr)
-    if where.banner:
-        print(where.banner)
-    from launcher.launch.spawn import launch_spec
-
-    shared = _shared_run_path(rec, where, run_dir_opt, plan.nnodes > 1 or bool(rdzv_endpoint))
-    if dry_run:
-        placeholder = str(shared or Path(rec.log.runs_dir) / rec.name / "<timestamp>")
-        spec = launch_spec(rec, plan, cluster, placeholder)
-        _print_plan(rec, plan)
-        env = " ".join(f"{k}={v}" for k, v in spec["env"].items())
-        print("command: " + (env + " " if env else "") + " ".join(spec["argv"]))
-        return
-    from launcher.launch import preflight
-
-    preflight.check(rec)
-    resume_from = None
-    if resume is not None:
-        from launcher.rank.checkpoint_dir import check_compatible, check_loadable, find_resume_target
-
-        resume_from = find_resume_target(resume, Path(rec.log.runs_dir), rec.name)
-        if resume_from is None:
-            print(f"--resume auto: no complete checkpoint of {rec.name} yet; starting from step 0")
-        else:
-            check_compatible(resume_from, rec)
-            check_loadable(resume_from)  # the DCP metadata the ranks will unpickle, checked here first
-    if rec.parallel.backend == "deepspeed":
-        from launcher.rank.parallel.deepspeed import require_deepspeed
-
-        require_deepspeed()  # here, not minutes later on every rank
-    from launcher.data.cache import prepare
-    from launcher.plan.model_info import decoder_layer_class
-    from launcher.rundir import new_run_dir
-
-    layer_cls = decoder_layer_class(rec)
-    # Every row of every dataset, tokenized here into the shared cache: a bad row anywhere is one line
-    # before a run directory exists, and the ranks only map the finished file.
-    cache = Path(rec.log.runs_dir) / DATA_CACHE_DIR
-    prepare(rec, cache)
-    if shared is None:
-        run_dir, writer, fresh = new_run_dir(rec), True, True
-    else:
-        run_dir, writer = _open_shared_run_dir(shared, plan.nnodes, node_rank, rdzv_endpoint, resume is not None)
-        fresh = False
-    try:
-        rc, blame = _start(run_dir, writer, fresh, rec, plan, cluster, layer_cls, node_rank, master_addr,
-                           resume_from, cache, rdzv_endpoint, node_timeout)  # fmt: skip
-    except (StoppedBeforeStart, KeyboardInterrupt):
-        # Nothing was started (spawn takes signals over before torchrun starts): nothing half-written stays.
-        if fresh:
-            shutil.rmtree(run_dir.path, ignore_errors=True)
-        raise
-    _end_of_run(run_dir, rc, blame, plan.nnodes > 1)
+    run_recipe(
+        RunRequest(
+            recipe,
+            gpus,
+            nnodes,
+            node_rank,
+            master_addr,
+            master_port,
+            rdzv_endpoint,
+            rdzv_id,
+            run_dir_opt,
+            node_timeout,
+            no_slurm,
+            tuple(set_ or ()),
+            dry_run,
+            resume,
+        )  # fmt: skip
+    )
 
 
 @app.command()
@@ -287,37 +193,22 @@ def slurm(
     """Write an sbatch script that runs RECIPE on N nodes (one `qlaunch run` per node, requeued on preemption)."""
     import shlex
 
-    from launcher.launch.slurm import SbatchOptions, render_sbatch
-    from launcher.plan.plan import Cluster, make_plan
-    from launcher.plan.recipe_file import load_recipe
+    from launcher.launch.prepare import flag_overrides, write_sbatch_file
 
-    rec = load_recipe(recipe, _overrides(set_, gpus_per_node, str(nodes), ("--gpus-per-node", "--nodes")))
-    make_plan(rec, Cluster(cuda_devices=gpus_per_node if request_gpus else 0))  # batch split etc.: now, not queued
-    runs = Path(rec.log.runs_dir) / rec.name
-    path = Path(out) if out else runs / f"{rec.name}.sbatch"
-    text = render_sbatch(
-        SbatchOptions(
-            recipe=recipe,
-            nodes=nodes,
-            gpus_per_node=gpus_per_node,
-            job_name=job_name or rec.name,
-            workdir=os.getcwd(),
-            qlaunch=(sys.executable, "-m", "launcher.cli"),
-            output=str(runs / "slurm-%j.out"),
-            partition=partition,
-            time=time_limit,
-            account=account,
-            request_gpus=request_gpus,
-            cpus_per_node=cpus_per_node,
-            signal_seconds=signal_seconds,
-            overrides=tuple(set_ or ()),
-            version=__version__,
-        )
+    overrides = flag_overrides(set_, gpus_per_node, str(nodes), ("--gpus-per-node", "--nodes"))
+    options = dict(
+        nodes=nodes,
+        gpus_per_node=gpus_per_node,
+        job_name=job_name,
+        partition=partition,
+        time=time_limit,
+        account=account,
+        request_gpus=request_gpus,
+        cpus_per_node=cpus_per_node,
+        signal_seconds=signal_seconds,
+        overrides=tuple(set_ or ()),
     )
-    runs.mkdir(parents=True, exist_ok=True)  # sbatch does not create the --output directory
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text)
-    path.chmod(0o755)
+    path = write_sbatch_file(recipe, overrides, options, out)
     print(f"wrote {path}")
     print(f"submit with: sbatch {shlex.quote(str(path))}")
 
@@ -339,30 +230,9 @@ def plan(
     ] = None,
 ) -> None:
     """Show the run's plan: world size, batch split, backend settings and the per-GPU memory estimate."""
-    from launcher.plan.plan import make_plan, planned_gpu_memory, resolve_recipe
-    from launcher.plan.recipe_file import load_recipe
+    from launcher.launch.prepare import flag_overrides, show_plan
 
-    rec = load_recipe(recipe, _overrides(set_, gpus, nnodes))
-    cluster = _cluster()
-    if gpu_mem_gb is not None:
-        cluster = replace(cluster, gpu_memory_bytes=int(gpu_mem_gb * 2**30))
-    shape = _model_shape(rec, required=_has_auto(rec))
-    p = make_plan(rec, cluster, model=shape)
-    _print_plan(rec, p)
-    if shape is None:
-        print("memory estimate: unavailable (the model's config.json could not be read)")
-        return
-    from rich.console import Console
-
-    from launcher.plan import memory
-
-    gpu_mem = planned_gpu_memory(rec, cluster)  # the card, or launch.gpu_memory_gb when smaller
-    rec = resolve_recipe(rec, p)  # the planner's choices, as the run would use them
-    est = memory.estimate(rec, shape, p.world_size, p.micro_batch, p.gradient_checkpointing, gpu_mem, p.nproc_per_node)
-    tips = memory.suggestions(rec, shape, est)
-    Console(highlight=False).print(memory.render(est, tips, p.backend))
-    if not cluster.gpu_memory_bytes:
-        print(f"(no GPU here: planned for a {gpu_mem / 2**30:.0f} GiB GPU; --gpu-mem-gb sets another size)")
+    show_plan(recipe, flag_overrides(set_, gpus, nnodes), gpu_mem_gb)
 
 
 @app.command()
@@ -380,34 +250,9 @@ def config(
     OUT also gets the resolved recipe.toml and plan.json, so it is a run directory that
     `accelerate launch --config_file OUT/accelerate_config.yaml -m launcher.rank.worker OUT` can start.
     """
-    from launcher.plan.configs import ACCELERATE_CONFIG_FILE, render_files
-    from launcher.plan.model_info import decoder_layer_class
-    from launcher.plan.plan import make_plan, resolve_recipe
-    from launcher.plan.recipe_file import load_recipe
-    from launcher.rundir import PLAN_FILE, RunDir, RunPlan, write_files
+    from launcher.launch.prepare import flag_overrides, write_config_dir
 
-    rec = load_recipe(recipe, _overrides(set_, gpus, nnodes))
-    _check_node_rank(node_rank, rec.launch.nnodes)
-    cluster = _cluster(node_rank, master_addr)
-    plan = make_plan(rec, cluster, model=_model_shape(rec, required=_has_auto(rec)))
-    rec = resolve_recipe(rec, plan)
-    layer_cls = decoder_layer_class(rec)
-    path = Path(out).resolve()
-    if path.exists() and not path.is_dir():
-        raise UserError(f"-o {out}: exists and is not a directory")
-    configs = render_files(rec, plan, path, layer_cls, node_rank, master_addr)
-    try:
-        (path / "logs").mkdir(parents=True, exist_ok=True)
-        write_files(RunDir(path), rec, {PLAN_FILE: RunPlan(plan).to_json(), **configs})
-    except OSError as err:
-        raise UserError(
-            f"-o {out}: cannot write the configs into {err.filename or path} ({err.strerror or type(err).__name__})"
-        ) from None
-    for name in sorted(configs):
-        print(f"wrote {path / name}")
-    print(
-        f"start it with: accelerate launch --config_file {path / ACCELERATE_CONFIG_FILE} -m launcher.rank.worker {path}"
-    )
+    write_config_dir(recipe, flag_overrides(set_, gpus, nnodes), out, node_rank, master_addr)
 
 
 @app.command()
@@ -440,9 +285,10 @@ def quantize(
     skip: Annotated[list[str] | None, typer.Option("--skip", help="Linear layers kept unquantized.")] = None,
 ) -> None:
     """Write a pre-quantized 4-bit checkpoint: ranks then read only their own byte ranges."""
-    from launcher.rank.model.quantize import quantize_checkpoint
+    from launcher.launch.quantize import quantize_checkpoint
+    from launcher.launch.quiet import quiet_libraries
 
-    with _quiet_libraries():
+    with quiet_libraries():
         path = quantize_checkpoint(
             model, out, quant_type, blocksize, skip or ["lm_head"], warn=lambda line: print(line, file=sys.stderr)
         )
@@ -463,8 +309,9 @@ def doctor(
     from rich.console import Console
 
     from launcher.launch import doctor as doc
+    from launcher.launch.quiet import quiet_libraries
 
-    with _quiet_libraries():
+    with quiet_libraries():
         checks = doc.run_checks(runs_dir, require_gpu)
     console = Console(highlight=False)
     console.print(doc.render(checks))
@@ -495,8 +342,9 @@ def merge(
     if dtype not in ("bfloat16", "float16", "float32"):
         raise UserError(f"--dtype {dtype}: use bfloat16, float16 or float32")
     from launcher.launch.merge import merge_run
+    from launcher.launch.quiet import quiet_libraries
 
-    with _quiet_libraries():
+    with quiet_libraries():
         path = merge_run(Path(run_dir), Path(out), dtype)
     print(f"wrote {path}")
 

@@ -192,7 +192,7 @@ def _os_cause(err: OSError) -> str:
 
 
 def shared_run_dir(path: Path, node: str, writer: bool, resuming: bool) -> RunDir:
-    """The one run directory of a multi-node run, named the same on every node (see cli._placement).
+    """The one run directory of a multi-node run, named the same on every node (see launch/placement.py).
 
     The writer (node 0) refuses a directory that already holds a run unless it is resuming it (a SLURM
     requeue comes back with the same job id and --resume auto): the name is deterministic, so a second,

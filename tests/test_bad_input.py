@@ -689,7 +689,7 @@ def test_unknown_key_inside_a_dataset_names_its_index_line_and_sibling(recipe_fi
 
 
 def test_flag_values_are_named_by_their_flag_not_as_set(recipe_file):
-    from launcher.cli import _overrides
+    from launcher.launch.prepare import flag_overrides as _overrides
 
     with pytest.raises(UserError) as err:
         load_recipe(recipe_file(), _overrides(None, None, "100000000000000000000"))
@@ -747,28 +747,28 @@ def test_multi_node_flags_checked_before_anything_is_written(tmp_path, args, exp
 
 def test_empty_resume_is_one_line():
     """`--resume ''` printed `--resume : ...`."""
-    from launcher.launch.run import _recipe_to_run
+    from launcher.launch.run import recipe_to_run
 
     for value in ("", "  "):
         with pytest.raises(UserError, match=r"^--resume '': empty; give auto, a run directory or a checkpoint"):
-            _recipe_to_run("recipe.toml", value)
+            recipe_to_run("recipe.toml", value)
 
 
 def test_run_dir_under_a_file_is_refused_before_the_data_is_prepared(tmp_path):
     from types import SimpleNamespace
 
-    from launcher.launch.placement import _open_shared_run_dir, _shared_run_path
+    from launcher.launch.placement import open_shared_run_dir, shared_run_path
 
     (tmp_path / "f").write_text("x")
     for given, want in ((tmp_path / "f", "exists and is not a directory"),
                         (tmp_path / "f" / "a" / "run", f"lies under {tmp_path / 'f'}, which exists and is not a")):  # fmt: skip
         with pytest.raises(UserError) as err:
-            _shared_run_path(None, SimpleNamespace(), str(given), False)
+            shared_run_path(None, SimpleNamespace(), str(given), False)
         assert str(err.value).startswith(f"--run-dir {given}: {want}"), str(err.value)
-    assert _shared_run_path(None, SimpleNamespace(), str(tmp_path / "new" / "run"), False) == tmp_path / "new" / "run"
+    assert shared_run_path(None, SimpleNamespace(), str(tmp_path / "new" / "run"), False) == tmp_path / "new" / "run"
     # found only when the directory is made (a parent swapped for a file meanwhile): still one line
     with pytest.raises(UserError, match=r"f/run/logs: cannot create the run directory \(Not a directory\); --run-dir"):
-        _open_shared_run_dir(tmp_path / "f" / "run", 1, 0, None, False)
+        open_shared_run_dir(tmp_path / "f" / "run", 1, 0, None, False)
 
 
 def test_config_output_under_a_file_is_one_line(tmp_path):

@@ -377,7 +377,7 @@ def test_quant_record_that_is_a_fifo(tmp_path):
 
 @pytest.fixture(scope="module")
 def prequant(tmp_path_factory) -> Path:
-    from launcher.rank.model.quantize import quantize_checkpoint
+    from launcher.launch.quantize import quantize_checkpoint
 
     out = tmp_path_factory.mktemp("pq") / "tiny-nf4"
     return quantize_checkpoint(str(TINY_MODEL), str(out), "nf4", 64, ["lm_head"])
@@ -669,7 +669,7 @@ def test_sizes_no_real_model_has_are_refused_naming_the_key(key, value):
 
 
 def _quantize(src: Path, out: Path, quant_type: str = "nf4", blocksize: int = 64) -> tuple[Path, list[str]]:
-    from launcher.rank.model.quantize import quantize_checkpoint
+    from launcher.launch.quantize import quantize_checkpoint
 
     warnings: list[str] = []
     return quantize_checkpoint(str(src), str(out), quant_type, blocksize, ["lm_head"], warn=warnings.append), warnings

@@ -112,12 +112,13 @@ def oom_advice(run: RunDir, log_text: str) -> list[str]:
     lines = ["  out of GPU memory."]
     try:
         from launcher.plan import memory
-        from launcher.plan.model_info import resolve_model_dir
+        from launcher.plan.model_info import model_shape
 
         recipe = run.load_recipe()
         plan = run.load_plan().plan
-        config = json.loads((resolve_model_dir(recipe) / "config.json").read_text())
-        shape = memory.ModelShape.from_config(config.get("text_config", config))
+        shape = model_shape(recipe, required=False)  # read and checked as the planner read it
+        if shape is None:
+            raise ValueError("the model's config.json could not be read")
         m = _GPU_TOTAL.search(log_text)
         if m:
             gpu_mem = int(float(m.group(1)) * memory.GiB)

@@ -10,7 +10,7 @@ from pathlib import Path
 from launcher.errors import UserError
 
 
-def _check_node_rank(node_rank: int, nnodes: int) -> None:
+def check_node_rank(node_rank: int, nnodes: int) -> None:
     """--node-rank N names one of the run's nodes: --nnodes (or launch.nnodes, or SLURM) must count more than N."""
     if node_rank >= nnodes:
         raise UserError(
@@ -19,7 +19,7 @@ def _check_node_rank(node_rank: int, nnodes: int) -> None:
         )
 
 
-def _cluster(node_rank: int = 0, master_addr: str = "127.0.0.1", rdzv_endpoint=None, rdzv_id=None, min_nodes=None):
+def local_cluster(node_rank: int = 0, master_addr: str = "127.0.0.1", rdzv_endpoint=None, rdzv_id=None, min_nodes=None):
     from launcher.plan.plan import Cluster
 
     try:
@@ -41,7 +41,7 @@ def _cluster(node_rank: int = 0, master_addr: str = "127.0.0.1", rdzv_endpoint=N
     )
 
 
-def _placement(nnodes, node_rank, master_addr, master_port, rdzv_endpoint, rdzv_id, no_slurm):
+def node_placement(nnodes, node_rank, master_addr, master_port, rdzv_endpoint, rdzv_id, no_slurm):
     """This node's launch geometry: explicit flags win; inside a SLURM allocation the rest comes from
     its environment (node count, node rank, head node, a per-job port); otherwise one node."""
     import os
@@ -102,7 +102,7 @@ def _placement(nnodes, node_rank, master_addr, master_port, rdzv_endpoint, rdzv_
     )
 
 
-def _shared_run_path(rec, where, run_dir_opt: str | None, multinode: bool) -> Path | None:
+def shared_run_path(rec, where, run_dir_opt: str | None, multinode: bool) -> Path | None:
     """The run directory all nodes share (RUNS_DIR/NAME/ID, or --run-dir); None: a fresh timestamped one."""
     if run_dir_opt:
         path = Path(run_dir_opt).resolve()
@@ -117,7 +117,7 @@ def _shared_run_path(rec, where, run_dir_opt: str | None, multinode: bool) -> Pa
     return (Path(rec.log.runs_dir) / rec.name / re.sub(r"[^\w.-]", "_", str(run_id))).resolve()
 
 
-def _open_shared_run_dir(path: Path, nnodes: int, node_rank: int, rdzv_endpoint, resuming: bool):
+def open_shared_run_dir(path: Path, nnodes: int, node_rank: int, rdzv_endpoint, resuming: bool):
     """(RunDir, writes the shared files?). Static ranks: node 0 writes. Elastic: no node rank is known
     before the rendezvous, so the node that creates the directory writes, and each node is named by
     host and process."""

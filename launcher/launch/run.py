@@ -3,46 +3,17 @@ the exit status and report at the end."""
 
 from __future__ import annotations
 
-import contextlib
 import json
-import logging
 import shutil
 import signal
 import sys
-import warnings
-from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import typer
 
 from launcher.errors import EXIT_ABORTED, EXIT_DIVERGED, EXIT_PREEMPTED, StoppedBeforeStart, UserError
-
-
-@contextlib.contextmanager
-def _quiet_libraries() -> Iterator[None]:
-    """For commands that do their work in this process (merge, quantize, doctor): only qlaunch's own lines.
-
-    bitsandbytes logs a kernel notice on import, transformers FutureWarnings, deprecation notes and a
-    progress bar, DeepSpeed its accelerator choice; none is about the user's input. Errors still show."""
-    previous = logging.root.manager.disable
-    logging.disable(logging.WARNING)  # every logger, also those a library configures while it is imported
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            try:
-                from transformers.utils import logging as hf_logging
-            except Exception:  # noqa: BLE001 - doctor runs where transformers is missing or broken: it reports that
-                hf_logging = None
-            bars = hf_logging is not None and hf_logging.is_progress_bar_enabled()
-            if bars:
-                hf_logging.disable_progress_bar()
-            try:
-                yield
-            finally:
-                if bars:
-                    hf_logging.enable_progress_bar()
-    finally:
-        logging.disable(previous)
+from launcher.launch.placement import local_cluster, node_placement, open_shared_run_dir, shared_run_path
 
 
 def _start(run_dir, writer, fresh, rec, plan, cluster, layer_cls, node_rank, master_addr, resume_from, cache,
@@ -135,7 +106,7 @@ def _end_of_run(run_dir, rc: int, blame: str | None, multinode: bool) -> None:
     raise typer.Exit(rc if 0 < rc < 256 else 1)
 
 
-def _recipe_to_run(recipe: str | None, resume: str | None) -> str:
+def recipe_to_run(recipe: str | None, resume: str | None) -> str:
     """The recipe file `qlaunch run` reads: the one given, or with --resume RUN_DIR|CHECKPOINT_DIR and no
     recipe, the run's own resolved recipe.toml (every default and --set of the first run filled in), so that
     the printed resume command reproduces the run."""
@@ -160,14 +131,6 @@ def _recipe_to_run(recipe: str | None, resume: str | None) -> str:
     return str(run / RECIPE_FILE)
 
 
-def _absolute_runs_dir(rec):
-    """log.runs_dir as an absolute path (at the edge: it is relative to where qlaunch runs), so the resolved
-    recipe in the run directory places a resumed run beside the first one from any directory."""
-    return rec.model_copy(
-        update={"log": rec.log.model_copy(update={"runs_dir": str(Path(rec.log.runs_dir).resolve())})}
-    )
-
-
 def _node_blame(watch, rc: int) -> str | None:
     """After this node's torchrun exited: report to the other nodes and, on failure, name the node to blame."""
     if watch is None:
@@ -187,28 +150,107 @@ def _node_blame(watch, rc: int) -> str | None:
     return msg
 
 
-def _has_auto(rec) -> bool:
-    return rec.train.micro_batch == "auto" or rec.train.gradient_checkpointing == "auto"
+@dataclass(frozen=True)
+class RunRequest:
+    """`qlaunch run`'s command line (see its --help for each flag)."""
+
+    recipe: str | None
+    gpus: int | None = None
+    nnodes: str | None = None
+    node_rank: int | None = None
+    master_addr: str | None = None
+    master_port: int | None = None
+    rdzv_endpoint: str | None = None
+    rdzv_id: str | None = None
+    run_dir: str | None = None
+    node_timeout: float = 60.0
+    no_slurm: bool = False
+    overrides: tuple[str, ...] = ()
+    dry_run: bool = False
+    resume: str | None = None
 
 
-def _warn_memory(plan) -> None:
-    m = plan.memory
-    if plan.device == "cuda" and m and not m["fits"]:
-        print(
-            f"warning: estimated {m['total_gib']:.1f} GiB per GPU exceeds {m['gpu_memory_gib']:.0f} GiB; "
-            "`qlaunch plan` shows the breakdown and what to change",
-            file=sys.stderr,
-        )
+def run(req: RunRequest) -> None:
+    """Validate, plan, check everything a rank would meet, tokenize the data, write the run directory, spawn
+    and follow the ranks, and end with the run's exit status (see `qlaunch run --help`)."""
+    from launcher.launch.prepare import flag_overrides, prepare, print_plan, warn_memory
+    from launcher.plan.recipe_file import FlagOverride
 
+    _stop_means_stop_before_start()
+    recipe = recipe_to_run(req.recipe, req.resume)
 
-def _print_plan(rec, plan) -> None:
-    print(f"recipe: {rec.name}  backend: {plan.backend}  device: {plan.device} ({plan.dist_backend})")
-    print(
-        f"world size: {plan.world_size} = {plan.nnodes} node(s) x {plan.nproc_per_node}  "
-        f"global batch {plan.global_batch} = micro {plan.micro_batch} x {plan.world_size} ranks x {plan.grad_accum} accum"
-        + ("" if plan.gradient_checkpointing else "  (no gradient checkpointing)")
-        + ("  (layers kept gathered)" if plan.backend == "fsdp" and not plan.reshard_after_forward else "")
+    # --- multinode: this node's place, from the flags or else from a SLURM allocation
+    where = node_placement(
+        req.nnodes, req.node_rank, req.master_addr, req.master_port, req.rdzv_endpoint, req.rdzv_id, req.no_slurm
     )
-    q = rec.quant
-    quant = {"none": "none", 8: "8-bit LLM.int8"}.get(q.bits, f"4-bit {q.type} (storage {q.storage_dtype})")
-    print(f"model: {rec.model.path} ({rec.model.init})  quant: {quant}  lora r={rec.lora.rank} alpha={rec.lora.alpha}")
+    node_rank, master_addr, master_port = where.node_rank, where.master_addr, where.master_port
+    # --- end multinode
+    overrides = flag_overrides(list(req.overrides), req.gpus, where.nnodes)
+    if master_port is not None:
+        overrides.append(FlagOverride(f"launch.master_port={master_port}", f"--master-port {master_port}"))
+    cluster = local_cluster(node_rank, master_addr, req.rdzv_endpoint, where.rdzv_id, where.min_nodes)
+    model = "if_auto" if req.dry_run else "read"
+    prepared = prepare(recipe, overrides, cluster, node_rank=node_rank, model=model, absolute_runs=True)
+    rec, plan = prepared.recipe, prepared.plan
+    warn_memory(plan)
+    if plan.device == "cpu" and rec.parallel.backend == "fsdp" and rec.parallel.fsdp.cpu_offload and not req.dry_run:
+        # FSDP2 pins offloaded shards in page-locked memory, which needs a GPU; on CPU they already are in host memory.
+        raise UserError(
+            "parallel.fsdp.cpu_offload = true needs CUDA GPUs (no GPU on this machine); set it to false here, "
+            "the CPU ranks keep everything in host memory anyway"
+        )
+    if rec.parallel.backend == "fsdp" and rec.parallel.fsdp.hybrid and plan.nnodes == 1:
+        print("warning: parallel.fsdp.hybrid has no effect on one node (it replicates across nodes)", file=sys.stderr)
+    if where.banner:
+        print(where.banner)
+    from launcher.launch.spawn import launch_spec
+
+    shared = shared_run_path(rec, where, req.run_dir, plan.nnodes > 1 or bool(req.rdzv_endpoint))
+    if req.dry_run:
+        placeholder = str(shared or Path(rec.log.runs_dir) / rec.name / "<timestamp>")
+        spec = launch_spec(rec, plan, cluster, placeholder)
+        print_plan(rec, plan)
+        env = " ".join(f"{k}={v}" for k, v in spec["env"].items())
+        print("command: " + (env + " " if env else "") + " ".join(spec["argv"]))
+        return
+    from launcher.launch import preflight
+
+    preflight.check(rec)
+    resume_from = None
+    if req.resume is not None:
+        from launcher.rank.checkpoint_dir import check_compatible, check_loadable, find_resume_target
+
+        resume_from = find_resume_target(req.resume, Path(rec.log.runs_dir), rec.name)
+        if resume_from is None:
+            print(f"--resume auto: no complete checkpoint of {rec.name} yet; starting from step 0")
+        else:
+            check_compatible(resume_from, rec)
+            check_loadable(resume_from)  # the DCP metadata the ranks will unpickle, checked here first
+    if rec.parallel.backend == "deepspeed":
+        from launcher.rank.parallel.deepspeed import require_deepspeed
+
+        require_deepspeed()  # here, not minutes later on every rank
+    from launcher.data.cache import DATA_CACHE_DIR
+    from launcher.data.cache import prepare as prepare_data
+    from launcher.plan.model_info import decoder_layer_class
+    from launcher.rundir import new_run_dir
+
+    layer_cls = decoder_layer_class(rec)
+    # Every row of every dataset, tokenized here into the shared cache: a bad row anywhere is one line
+    # before a run directory exists, and the ranks only map the finished file.
+    cache = Path(rec.log.runs_dir) / DATA_CACHE_DIR
+    prepare_data(rec, cache)
+    if shared is None:
+        run_dir, writer, fresh = new_run_dir(rec), True, True
+    else:
+        run_dir, writer = open_shared_run_dir(shared, plan.nnodes, node_rank, req.rdzv_endpoint, req.resume is not None)
+        fresh = False
+    try:
+        rc, blame = _start(run_dir, writer, fresh, rec, plan, cluster, layer_cls, node_rank, master_addr,
+                           resume_from, cache, req.rdzv_endpoint, req.node_timeout)  # fmt: skip
+    except (StoppedBeforeStart, KeyboardInterrupt):
+        # Nothing was started (spawn takes signals over before torchrun starts): nothing half-written stays.
+        if fresh:
+            shutil.rmtree(run_dir.path, ignore_errors=True)
+        raise
+    _end_of_run(run_dir, rc, blame, plan.nnodes > 1)

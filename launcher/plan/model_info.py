@@ -209,7 +209,7 @@ def max_positions(config) -> int | None:
     return value if type(value) is int and value > 0 else None
 
 
-def _model_shape(rec, required: bool):
+def model_shape(rec, required: bool):
     """The model's shape for the memory planner (config.json only, no weights); None if unavailable
     and not required (preflight then reports why with its own message)."""
     from launcher.plan.memory import ModelShape

@@ -48,7 +48,7 @@ MAX_HEADER_BYTES = 100_000_000  # the safetensors library refuses larger headers
 _U64 = 1 << 64  # offsets and dimensions are u64 in the format
 
 
-class Source(Protocol):
+class WeightSource(Protocol):
     def shape(self, name: str) -> tuple[int, ...]: ...
     def read_flat(self, name: str, start: int, end: int, device=None) -> torch.Tensor: ...
 
@@ -358,7 +358,7 @@ class RandomSource:
         return torch.bfloat16
 
     def read_flat(self, name: str, start: int, end: int, device=None) -> torch.Tensor:
-        # Generated on self.device already; `device` is accepted for the common Source interface.
+        # Generated on self.device already; `device` is accepted for the common WeightSource interface.
         if _is_norm(name):
             return torch.ones(end - start, dtype=torch.bfloat16, device=self.device)
         parts = []
