@@ -14,6 +14,8 @@ from launcher import __version__
 from launcher.errors import EXIT_ABORTED, StoppedBeforeStart, UserError
 from launcher.plan.limits import MAX_GPU_MEMORY_GB, MAX_GPUS_PER_NODE, MAX_NODES
 
+# Each command imports the launch/ module doing its work inside the function: `qlaunch --help`, `--version`
+# and usage errors then load neither pydantic nor torch.
 PROG = "qlaunch"
 
 app = typer.Typer(
