@@ -8,7 +8,8 @@ import re
 import pytest
 
 from launcher.plan import memory
-from launcher.plan.memory import GiB, ModelShape, choose, estimate, suggestions, with_fsdp
+from launcher.plan.memory import GiB, ModelShape, choose, estimate, with_fsdp
+from launcher.plan.memory_advice import suggestions
 from launcher.plan.plan import Cluster, make_plan, resolve_recipe
 from launcher.plan.recipe_file import load_recipe
 from tests.conftest import TINY_MODEL, run_cli

@@ -112,6 +112,7 @@ def oom_advice(run: RunDir, log_text: str) -> list[str]:
     lines = ["  out of GPU memory."]
     try:
         from launcher.plan import memory
+        from launcher.plan.memory_advice import suggestions
         from launcher.plan.model_info import model_shape
 
         recipe = run.load_recipe()
@@ -136,7 +137,7 @@ def oom_advice(run: RunDir, log_text: str) -> list[str]:
             plan.nproc_per_node,
         )
         # It did not fit, whatever the estimate says: ask for suggestions as if it were at the limit.
-        tips = memory.suggestions(recipe, shape, est, force=True)
+        tips = suggestions(recipe, shape, est, force=True)
         lines[0] = (
             f"  out of GPU memory: the planner estimates {est.total / memory.GiB:.1f} GiB per GPU "
             f"of {gpu_mem / memory.GiB:.3g} GiB for this plan (`qlaunch plan` shows the breakdown)."

@@ -104,6 +104,7 @@ def show_plan(recipe_file: str, overrides: list[str], gpu_mem_gb: float | None) 
     from rich.console import Console
 
     from launcher.plan import memory
+    from launcher.plan.memory_advice import render, suggestions
 
     cluster = local_cluster()
     if gpu_mem_gb is not None:
@@ -118,8 +119,8 @@ def show_plan(recipe_file: str, overrides: list[str], gpu_mem_gb: float | None) 
     est = memory.estimate(
         rec, shape, plan.world_size, plan.micro_batch, plan.gradient_checkpointing, gpu_mem, plan.nproc_per_node
     )
-    tips = memory.suggestions(rec, shape, est)
-    Console(highlight=False).print(memory.render(est, tips, plan.backend))
+    tips = suggestions(rec, shape, est)
+    Console(highlight=False).print(render(est, tips, plan.backend))
     if not cluster.gpu_memory_bytes:
         print(f"(no GPU here: planned for a {gpu_mem / 2**30:.0f} GiB GPU; --gpu-mem-gb sets another size)")
 
