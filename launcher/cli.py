@@ -1,28 +1,21 @@
-"""`qlaunch`: arguments and help only; the work is done by the modules it calls."""
+"""`qlaunch`: arguments, help and one-line errors; the work is done by launch/ (and plan/, ui/) modules."""
 
 from __future__ import annotations
 
-import contextlib
 import importlib
-import json
-import logging
-import os
 import re
-import shutil
-import signal
 import sys
-import warnings
-from collections.abc import Iterator
-from dataclasses import replace
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
 from launcher import __version__
-from launcher.errors import EXIT_ABORTED, EXIT_DIVERGED, EXIT_PREEMPTED, StoppedBeforeStart, UserError
-from launcher.limits import MAX_GPU_MEMORY_GB, MAX_GPUS_PER_NODE, MAX_NODES
+from launcher.errors import EXIT_ABORTED, StoppedBeforeStart, UserError
+from launcher.plan.limits import MAX_GPU_MEMORY_GB, MAX_GPUS_PER_NODE, MAX_NODES
 
+# Each command imports the launch/ module doing its work inside the function: `qlaunch --help`, `--version`
+# and usage errors then load neither pydantic nor torch.
 PROG = "qlaunch"
 
 app = typer.Typer(
@@ -38,12 +31,14 @@ SetOpt = Annotated[
     list[str] | None,
     typer.Option("--set", help="Override a recipe key with a TOML literal, e.g. --set train.lr=2e-4 (repeatable)."),
 ]
+
 GpusOpt = Annotated[
     int | None,
     typer.Option(
         "--gpus", min=1, max=MAX_GPUS_PER_NODE, help="Ranks per node: GPUs, or CPU processes on a machine without CUDA."
     ),
 ]
+
 NnodesOpt = Annotated[
     str | None,
     typer.Option(
@@ -52,33 +47,6 @@ NnodesOpt = Annotated[
         "Inside a SLURM allocation: the allocation's node count.",
     ),
 ]
-
-
-@contextlib.contextmanager
-def _quiet_libraries() -> Iterator[None]:
-    """For commands that do their work in this process (merge, quantize, doctor): only qlaunch's own lines.
-
-    bitsandbytes logs a kernel notice on import, transformers FutureWarnings, deprecation notes and a
-    progress bar, DeepSpeed its accelerator choice; none is about the user's input. Errors still show."""
-    previous = logging.root.manager.disable
-    logging.disable(logging.WARNING)  # every logger, also those a library configures while it is imported
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            try:
-                from transformers.utils import logging as hf_logging
-            except Exception:  # noqa: BLE001 - doctor runs where transformers is missing or broken: it reports that
-                hf_logging = None
-            bars = hf_logging is not None and hf_logging.is_progress_bar_enabled()
-            if bars:
-                hf_logging.disable_progress_bar()
-            try:
-                yield
-            finally:
-                if bars:
-                    hf_logging.enable_progress_bar()
-    finally:
-        logging.disable(previous)
 
 
 def _version(value: bool) -> None:
@@ -94,53 +62,6 @@ def _root(
     ] = False,
 ) -> None:
     """qlaunch: validate a recipe, plan the run, write its configs, spawn one process per GPU, train."""
-
-
-def _overrides(
-    set_: list[str] | None, gpus: int | None, nnodes: str | None, flags: tuple[str, str] = ("--gpus", "--nnodes")
-) -> list[str]:
-    """The --set items, then the recipe keys the flags stand for (an error in one names the flag: FLAGS are
-    the command's names for launch.gpus and launch.nnodes)."""
-    from launcher.plan import parse_nnodes
-    from launcher.recipe import FlagOverride
-
-    out = list(set_ or [])
-    if gpus is not None:
-        out.append(FlagOverride(f"launch.gpus={gpus}", f"{flags[0]} {gpus}"))
-    if nnodes is not None:  # MIN of MIN:MAX goes to the Cluster
-        out.append(FlagOverride(f"launch.nnodes={parse_nnodes(nnodes)[1]}", f"{flags[1]} {nnodes}"))
-    return out
-
-
-def _check_node_rank(node_rank: int, nnodes: int) -> None:
-    """--node-rank N names one of the run's nodes: --nnodes (or launch.nnodes, or SLURM) must count more than N."""
-    if node_rank >= nnodes:
-        raise UserError(
-            f"--node-rank {node_rank}: the run has {nnodes} node(s) (--nnodes / launch.nnodes), whose ranks run "
-            f"0..{nnodes - 1}; give --nnodes N with N > {node_rank} on every node"
-        )
-
-
-def _cluster(node_rank: int = 0, master_addr: str = "127.0.0.1", rdzv_endpoint=None, rdzv_id=None, min_nodes=None):
-    from launcher.plan import Cluster
-
-    try:
-        import torch
-
-        n = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        mem = torch.cuda.get_device_properties(0).total_memory if n else 0
-    except Exception:  # noqa: BLE001 - a broken CUDA install means "no GPUs" for planning
-        n, mem = 0, 0
-    return Cluster(
-        cuda_devices=n,
-        gpu_memory_bytes=mem,
-        node_rank=node_rank,
-        master_addr=master_addr,
-        rdzv_endpoint=rdzv_endpoint,
-        rdzv_id=rdzv_id,
-        min_nodes=min_nodes,
-        cuda_alloc_conf=os.environ.get("PYTORCH_CUDA_ALLOC_CONF"),
-    )
 
 
 @app.command()
@@ -219,341 +140,27 @@ def run(
     Exit status: 0 done; 2 bad input; 3 diverged (a NaN/inf loss or gradient norm stopped the run); 75
     preempted (SIGTERM/SIGUSR1/Ctrl-C: a checkpoint was saved, continue with --resume RUN_DIR); 130 a second
     Ctrl-C killed the ranks; otherwise the failing workers' status."""
-    from launcher.plan import make_plan, resolve_recipe
-    from launcher.recipe import load_recipe
+    from launcher.launch.run import RunRequest
+    from launcher.launch.run import run as run_recipe
 
-    _stop_means_stop_before_start()
-    recipe = _recipe_to_run(recipe, resume)
-
-    # --- multinode: this node's place, from the flags or else from a SLURM allocation
-    where = _placement(nnodes, node_rank, master_addr, master_port, rdzv_endpoint, rdzv_id, no_slurm)
-    nnodes, node_rank, master_addr, master_port = where.nnodes, where.node_rank, where.master_addr, where.master_port
-    # --- end multinode
-    overrides = _overrides(set_, gpus, nnodes)
-    if master_port is not None:
-        from launcher.recipe import FlagOverride
-
-        overrides.append(FlagOverride(f"launch.master_port={master_port}", f"--master-port {master_port}"))
-    rec = _absolute_runs_dir(load_recipe(recipe, overrides))
-    _check_node_rank(node_rank, rec.launch.nnodes)
-    cluster = _cluster(node_rank, master_addr, rdzv_endpoint, where.rdzv_id, where.min_nodes)
-    auto = _has_auto(rec)
-    plan = make_plan(rec, cluster, model=_model_shape(rec, required=auto) if auto or not dry_run else None)
-    rec = resolve_recipe(rec, plan)
-    _warn_memory(plan)
-    if plan.device == "cpu" and rec.parallel.backend == "fsdp" and rec.parallel.fsdp.cpu_offload and not dry_run:
-        # FSDP2 pins offloaded shards in page-locked memory, which needs a GPU; on CPU they already are in host memory.
-        raise UserError(
-            "parallel.fsdp.cpu_offload = true needs CUDA GPUs (no GPU on this machine); set it to false here, "
-            "the CPU ranks keep everything in host memory anyway"
-        )
-    if rec.parallel.backend == "fsdp" and rec.parallel.fsdp.hybrid and plan.nnodes == 1:
-        print("warning: parallel.fsdp.hybrid has no effect on one node (it replicates across nodes)", file=sys.stderr)
-    if where.banner:
-        print(where.banner)
-    from launcher.spawn import launch_spec
-
-    shared = _shared_run_path(rec, where, run_dir_opt, plan.nnodes > 1 or bool(rdzv_endpoint))
-    if dry_run:
-        placeholder = str(shared or Path(rec.log.runs_dir) / rec.name / "<timestamp>")
-        spec = launch_spec(rec, plan, cluster, placeholder)
-        _print_plan(rec, plan)
-        env = " ".join(f"{k}={v}" for k, v in spec["env"].items())
-        print("command: " + (env + " " if env else "") + " ".join(spec["argv"]))
-        return
-    from launcher import preflight
-
-    preflight.check(rec)
-    resume_from = None
-    if resume is not None:
-        from launcher import checkpoint
-
-        resume_from = checkpoint.find_resume_target(resume, Path(rec.log.runs_dir), rec.name)
-        if resume_from is None:
-            print(f"--resume auto: no complete checkpoint of {rec.name} yet; starting from step 0")
-        else:
-            checkpoint.check_compatible(resume_from, rec)
-            checkpoint.check_loadable(resume_from)  # the DCP metadata the ranks will unpickle, checked here first
-    if rec.parallel.backend == "deepspeed":
-        from launcher.parallel.deepspeed import require_deepspeed
-
-        require_deepspeed()  # here, not minutes later on every rank
-    from launcher import data
-    from launcher.configs import decoder_layer_class
-    from launcher.rundir import new_run_dir
-
-    layer_cls = decoder_layer_class(rec)
-    # Every row of every dataset, tokenized here into the shared cache: a bad row anywhere is one line
-    # before a run directory exists, and the ranks only map the finished file.
-    cache = Path(rec.log.runs_dir) / DATA_CACHE_DIR
-    data.prepare(rec, cache)
-    if shared is None:
-        run_dir, writer, fresh = new_run_dir(rec), True, True
-    else:
-        run_dir, writer = _open_shared_run_dir(shared, plan.nnodes, node_rank, rdzv_endpoint, resume is not None)
-        fresh = False
-    try:
-        rc, blame = _start(run_dir, writer, fresh, rec, plan, cluster, layer_cls, node_rank, master_addr,
-                           resume_from, cache, rdzv_endpoint, node_timeout)  # fmt: skip
-    except (StoppedBeforeStart, KeyboardInterrupt):
-        # Nothing was started (spawn takes signals over before torchrun starts): nothing half-written stays.
-        if fresh:
-            shutil.rmtree(run_dir.path, ignore_errors=True)
-        raise
-    _end_of_run(run_dir, rc, blame, plan.nnodes > 1)
-
-
-def _start(run_dir, writer, fresh, rec, plan, cluster, layer_cls, node_rank, master_addr, resume_from, cache,
-           rdzv_endpoint, node_timeout):  # fmt: skip
-    """Write the run directory's files and spawn; (torchrun's exit status, the node to blame or None)."""
-    from launcher import live
-    from launcher.configs import render_files
-    from launcher.rundir import PLAN_FILE, write_files
-    from launcher.spawn import launch_spec, spawn
-
-    spec = launch_spec(rec, plan, cluster, str(run_dir.path), run_dir.node)
-    if writer:
-        # One writer per run directory: the other nodes' configs would differ only in their node rank.
-        configs = render_files(rec, plan, run_dir.path, layer_cls, node_rank, master_addr)
-        plan_dict = {
-            **plan.to_dict(),
-            "resume_from": str(resume_from) if resume_from else None,
-            "data_cache": str(cache),
-        }
-        try:
-            write_files(run_dir, rec, {PLAN_FILE: json.dumps(plan_dict, indent=2) + "\n", **configs})
-        except OSError as err:
-            if fresh:  # nothing half-written: a run directory without its files is no run
-                shutil.rmtree(run_dir.path, ignore_errors=True)
-            raise UserError(
-                f"{err.filename or run_dir.path}: cannot write the run directory ({err.strerror})"
-            ) from None
-    print(f"run directory: {run_dir.path}" + (f" (this node's logs: {run_dir.logs})" if run_dir.node else ""))
-
-    # --- multinode: node 0 shows the live view, the others a line; the node watch names a failed node
-    follow, watch = live.follow, None
-    if plan.nnodes > 1 or rdzv_endpoint:
-        from launcher.spawn import follow_node, start_node_watch
-
-        watch = start_node_watch(run_dir, rec, cluster, node_timeout)
-        if rdzv_endpoint or node_rank:
-            follow = follow_node(run_dir, f"node {node_rank}" if not rdzv_endpoint else "this node", live.follow)
-        follow = watch.follow(follow) if watch else follow
-    try:
-        rc = spawn(run_dir, spec, follow)
-        for sig in (signal.SIGTERM, signal.SIGUSR1):  # the run is over: nothing is left to stop
-            signal.signal(sig, signal.SIG_DFL)
-        return rc, _node_blame(watch, rc)
-    finally:
-        if watch:
-            watch.close()
-    # --- end multinode
-
-
-def _stop_means_stop_before_start() -> None:
-    """Until spawn takes them over, SIGTERM and SIGUSR1 (SLURM's warning) end qlaunch with one line and exit
-    75, cleaning up on the way (a data-cache lock, a begun run directory), instead of killing it silently."""
-
-    def stop(signum, _frame):
-        raise StoppedBeforeStart(signal.Signals(signum).name)
-
-    for sig in (signal.SIGTERM, signal.SIGUSR1):
-        signal.signal(sig, stop)
-
-
-def _end_of_run(run_dir, rc: int, blame: str | None, multinode: bool) -> None:
-    """After torchrun exited: the exit status and the one report a user needs (see `run`'s docstring)."""
-    from launcher.spawn import disk_full, failure_summary, rank_error_of
-
-    resume = f"qlaunch run --resume {run_dir.path}" + (" (on every node, with its node flags)" if multinode else "")
-    if rc == EXIT_ABORTED:
-        print("qlaunch: aborted by a second Ctrl-C; the ranks were killed", file=sys.stderr)
-        raise typer.Exit(EXIT_ABORTED)
-    if rc == 0 and run_dir.preempted_file.is_file():
-        info = json.loads(run_dir.preempted_file.read_text())
-        print(
-            f"preempted at step {info['step']}: checkpoint {info['checkpoint']}; continue with: {resume}",
-            file=sys.stderr,
-        )
-        raise typer.Exit(EXIT_PREEMPTED)
-    if rc == 0:
-        return
-    err = rank_error_of(run_dir)
-    if err is not None and err["kind"] in ("user", "diverged"):
-        # Marked, so that the directory does not read as a crashed run that --resume should continue.
-        try:
-            run_dir.failed_file.write_text(json.dumps(err) + "\n")
-        except OSError:
-            pass
-        if err["kind"] == "user":
-            raise UserError(err["message"])
-        print(f"qlaunch: error: {err['message']}", file=sys.stderr)
-        raise typer.Exit(EXIT_DIVERGED)
-    full = disk_full(run_dir)
-    if full:
-        print(f"qlaunch: error: {full}; free some space, then continue with: {resume}", file=sys.stderr)
-        raise typer.Exit(rc if 0 < rc < 256 else 1)
-    if blame:
-        print(blame, file=sys.stderr)
-    print(failure_summary(run_dir), file=sys.stderr)
-    raise typer.Exit(rc if 0 < rc < 256 else 1)
-
-
-def _recipe_to_run(recipe: str | None, resume: str | None) -> str:
-    """The recipe file `qlaunch run` reads: the one given, or with --resume RUN_DIR|CHECKPOINT_DIR and no
-    recipe, the run's own resolved recipe.toml (every default and --set of the first run filled in), so that
-    the printed resume command reproduces the run."""
-    if resume is not None and not resume.strip():
-        raise UserError("--resume '': empty; give auto, a run directory or a checkpoint directory")
-    if recipe is not None:
-        return recipe
-    if resume is None or resume == "auto":
-        raise UserError(
-            "missing argument 'RECIPE' (`qlaunch recipes` lists the bundled ones; only --resume RUN_DIR or "
-            "--resume CHECKPOINT_DIR can do without it: the run's own recipe.toml is used); see 'qlaunch run --help'"
-        )
-    from launcher import checkpoint
-    from launcher.rundir import RECIPE_FILE
-
-    p = Path(resume)
-    run = p.parent.parent if checkpoint.looks_like_checkpoint(p) else p
-    if not (run / RECIPE_FILE).is_file():
-        raise UserError(
-            f"--resume {resume}: no {RECIPE_FILE} in {run} (not a qlaunch run directory); give the RECIPE as well"
-        )
-    return str(run / RECIPE_FILE)
-
-
-def _absolute_runs_dir(rec):
-    """log.runs_dir as an absolute path (at the edge: it is relative to where qlaunch runs), so the resolved
-    recipe in the run directory places a resumed run beside the first one from any directory."""
-    return rec.model_copy(
-        update={"log": rec.log.model_copy(update={"runs_dir": str(Path(rec.log.runs_dir).resolve())})}
+    run_recipe(
+        RunRequest(
+            recipe,
+            gpus,
+            nnodes,
+            node_rank,
+            master_addr,
+            master_port,
+            rdzv_endpoint,
+            rdzv_id,
+            run_dir_opt,
+            node_timeout,
+            no_slurm,
+            tuple(set_ or ()),
+            dry_run,
+            resume,
+        )  # fmt: skip
     )
-
-
-# --- multinode
-
-
-def _placement(nnodes, node_rank, master_addr, master_port, rdzv_endpoint, rdzv_id, no_slurm):
-    """This node's launch geometry: explicit flags win; inside a SLURM allocation the rest comes from
-    its environment (node count, node rank, head node, a per-job port); otherwise one node."""
-    import os
-
-    from launcher.plan import parse_nnodes
-
-    min_nodes = parse_nnodes(nnodes)[0] if nnodes else None
-    if min_nodes is not None and not rdzv_endpoint:
-        raise UserError(f"--nnodes {nnodes}: a MIN:MAX node range needs an elastic rendezvous (--rdzv-endpoint)")
-    if rdzv_endpoint and (node_rank is not None or master_addr is not None):
-        raise UserError("--rdzv-endpoint assigns node ranks itself; drop --node-rank/--master-addr")
-    if rdzv_endpoint and not re.fullmatch(r"\[?[\w.:-]+\]?:\d+", rdzv_endpoint):
-        raise UserError(f"--rdzv-endpoint {rdzv_endpoint!r}: expected HOST:PORT")
-    if rdzv_endpoint:
-        from launcher.recipe import MAX_MULTINODE_MASTER_PORT
-
-        port = int(rdzv_endpoint.rpartition(":")[2])
-        if not 1 <= port <= MAX_MULTINODE_MASTER_PORT:
-            raise UserError(
-                f"--rdzv-endpoint {rdzv_endpoint}: port {port} is out of range; use 1..{MAX_MULTINODE_MASTER_PORT} "
-                "(the node watch listens on port + 1)"
-            )
-    banner = ""
-    sl = None
-    explicit_id = rdzv_id
-    if not no_slurm and not rdzv_endpoint:
-        from launcher import slurm
-
-        sl = slurm.from_env(os.environ)
-    if sl is not None:
-        if nnodes is None:
-            nnodes = str(sl.nnodes)
-        if node_rank is None:
-            node_rank = sl.node_rank
-        if master_addr is None:
-            master_addr = sl.master_addr
-        if master_port is None and int(nnodes) > 1:
-            master_port = sl.master_port
-        banner = f"SLURM job {sl.job_id}: node {node_rank} of {nnodes}" + (
-            f", head node {master_addr}:{master_port}" if int(nnodes) > 1 else ""
-        )
-    node_rank = node_rank or 0
-    if rdzv_endpoint and not rdzv_id:
-        # Every node must name the same rendezvous; a SLURM job id is the natural shared name.
-        rdzv_id = os.environ.get("SLURM_JOB_ID") or "qlaunch"
-    from types import SimpleNamespace
-
-    return SimpleNamespace(
-        nnodes=nnodes,
-        node_rank=node_rank,
-        master_addr=master_addr or "127.0.0.1",
-        master_port=master_port,
-        min_nodes=min_nodes,
-        rdzv_id=rdzv_id,
-        # The multi-node run directory's name: every node must compute the same one.
-        run_id=explicit_id or (sl.job_id if sl is not None else None) or (rdzv_id if rdzv_endpoint else None),
-        banner=banner,
-    )
-
-
-def _shared_run_path(rec, where, run_dir_opt: str | None, multinode: bool) -> Path | None:
-    """The run directory all nodes share (RUNS_DIR/NAME/ID, or --run-dir); None: a fresh timestamped one."""
-    if run_dir_opt:
-        path = Path(run_dir_opt).resolve()
-        existing = next(p for p in (path, *path.parents) if p.exists())
-        if not existing.is_dir():  # found now, before the data is prepared
-            where = "exists" if existing == path else f"lies under {existing}, which exists"
-            raise UserError(f"--run-dir {run_dir_opt}: {where} and is not a directory")
-        return path
-    if not multinode:
-        return None
-    run_id = where.run_id or f"{where.master_addr}-{rec.launch.master_port}"
-    return (Path(rec.log.runs_dir) / rec.name / re.sub(r"[^\w.-]", "_", str(run_id))).resolve()
-
-
-def _open_shared_run_dir(path: Path, nnodes: int, node_rank: int, rdzv_endpoint, resuming: bool):
-    """(RunDir, writes the shared files?). Static ranks: node 0 writes. Elastic: no node rank is known
-    before the rendezvous, so the node that creates the directory writes, and each node is named by
-    host and process."""
-    import os
-    import socket
-
-    from launcher.rundir import shared_run_dir
-
-    try:
-        if rdzv_endpoint:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            try:
-                path.mkdir()
-                writer = True
-            except FileExistsError:
-                writer = False
-            return shared_run_dir(path, f"{socket.gethostname()}-{os.getpid()}", writer, resuming), writer
-        node = f"node{node_rank}" if nnodes > 1 else None
-        return shared_run_dir(path, node, node_rank == 0, resuming), node_rank == 0
-    except OSError as err:  # e.g. a parent that refuses new directories (/proc), or a file where one goes
-        raise UserError(
-            f"{err.filename or path}: cannot create the run directory ({err.strerror or type(err).__name__}); "
-            "--run-dir or log.runs_dir chooses where it goes"
-        ) from None
-
-
-def _node_blame(watch, rc: int) -> str | None:
-    """After this node's torchrun exited: report to the other nodes and, on failure, name the node to blame."""
-    if watch is None:
-        return None
-    from launcher.spawn import first_rank_error, node_blame
-
-    peers = watch.finish(rc)
-    if rc == 0:
-        return None
-    local = first_rank_error(watch.run)
-    msg = node_blame(peers, (local or {}).get("message"))
-    if watch.stopped_for:
-        # They were not failing by themselves but waiting on the lost node in a collective.
-        stopped = f"qlaunch stopped this node's ranks: they were waiting on {watch.stopped_for}"
-        msg = msg.splitlines()[0] + "\n" + stopped if msg else stopped
-    return msg
 
 
 @app.command()
@@ -586,101 +193,26 @@ def slurm(
     set_: SetOpt = None,
 ) -> None:
     """Write an sbatch script that runs RECIPE on N nodes (one `qlaunch run` per node, requeued on preemption)."""
-    import os
     import shlex
 
-    from launcher.plan import Cluster, make_plan
-    from launcher.recipe import load_recipe
-    from launcher.slurm import SbatchOptions, render_sbatch
+    from launcher.launch.prepare import flag_overrides, write_sbatch_file
 
-    rec = load_recipe(recipe, _overrides(set_, gpus_per_node, str(nodes), ("--gpus-per-node", "--nodes")))
-    make_plan(rec, Cluster(cuda_devices=gpus_per_node if request_gpus else 0))  # batch split etc.: now, not queued
-    runs = Path(rec.log.runs_dir) / rec.name
-    path = Path(out) if out else runs / f"{rec.name}.sbatch"
-    text = render_sbatch(
-        SbatchOptions(
-            recipe=recipe,
-            nodes=nodes,
-            gpus_per_node=gpus_per_node,
-            job_name=job_name or rec.name,
-            workdir=os.getcwd(),
-            qlaunch=(sys.executable, "-m", "launcher.cli"),
-            output=str(runs / "slurm-%j.out"),
-            partition=partition,
-            time=time_limit,
-            account=account,
-            request_gpus=request_gpus,
-            cpus_per_node=cpus_per_node,
-            signal_seconds=signal_seconds,
-            overrides=tuple(set_ or ()),
-            version=__version__,
-        )
+    overrides = flag_overrides(set_, gpus_per_node, str(nodes), ("--gpus-per-node", "--nodes"))
+    options = dict(
+        nodes=nodes,
+        gpus_per_node=gpus_per_node,
+        job_name=job_name,
+        partition=partition,
+        time=time_limit,
+        account=account,
+        request_gpus=request_gpus,
+        cpus_per_node=cpus_per_node,
+        signal_seconds=signal_seconds,
+        overrides=tuple(set_ or ()),
     )
-    runs.mkdir(parents=True, exist_ok=True)  # sbatch does not create the --output directory
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text)
-    path.chmod(0o755)
+    path = write_sbatch_file(recipe, overrides, options, out)
     print(f"wrote {path}")
     print(f"submit with: sbatch {shlex.quote(str(path))}")
-
-
-# --- end multinode
-
-
-# Beside the run directories, shared by every run of this runs_dir (tokenized data, keyed by its inputs).
-DATA_CACHE_DIR = ".data-cache"
-
-
-def _has_auto(rec) -> bool:
-    return rec.train.micro_batch == "auto" or rec.train.gradient_checkpointing == "auto"
-
-
-def _model_shape(rec, required: bool):
-    """The model's shape for the memory planner (config.json only, no weights); None if unavailable
-    and not required (preflight then reports why with its own message)."""
-    from launcher.loading import config_size_problem, resolve_model_dir
-    from launcher.memory import ModelShape
-    from launcher.sources import read_json_object
-
-    try:
-        # Read and checked as preflight does: a FIFO must not block here, nor a zero size divide.
-        path = resolve_model_dir(rec) / "config.json"
-        config = read_json_object(path, "model config")
-        text = config.get("text_config", config)
-        problem = config_size_problem(text) if isinstance(text, dict) else "text_config must be an object"
-        if problem:
-            raise UserError(f"{path}: {problem}")
-        return ModelShape.from_config(text)
-    except (UserError, OSError, ValueError, TypeError, KeyError) as err:
-        if required:
-            msg = str(err) if isinstance(err, UserError) else f"cannot read the model config ({err})"
-            raise UserError(
-                f"train.micro_batch/gradient_checkpointing = 'auto' needs the model's shape: {msg}"
-            ) from None
-        return None
-
-
-def _warn_memory(plan) -> None:
-    m = plan.memory
-    if plan.device == "cuda" and m and not m["fits"]:
-        print(
-            f"warning: estimated {m['total_gib']:.1f} GiB per GPU exceeds {m['gpu_memory_gib']:.0f} GiB; "
-            "`qlaunch plan` shows the breakdown and what to change",
-            file=sys.stderr,
-        )
-
-
-def _print_plan(rec, plan) -> None:
-    print(f"recipe: {rec.name}  backend: {plan.backend}  device: {plan.device} ({plan.dist_backend})")
-    print(
-        f"world size: {plan.world_size} = {plan.nnodes} node(s) x {plan.nproc_per_node}  "
-        f"global batch {plan.global_batch} = micro {plan.micro_batch} x {plan.world_size} ranks x {plan.grad_accum} accum"
-        + ("" if plan.gradient_checkpointing else "  (no gradient checkpointing)")
-        + ("  (layers kept gathered)" if plan.backend == "fsdp" and not plan.reshard_after_forward else "")
-    )
-    q = rec.quant
-    quant = {"none": "none", 8: "8-bit LLM.int8"}.get(q.bits, f"4-bit {q.type} (storage {q.storage_dtype})")
-    print(f"model: {rec.model.path} ({rec.model.init})  quant: {quant}  lora r={rec.lora.rank} alpha={rec.lora.alpha}")
 
 
 @app.command()
@@ -700,30 +232,9 @@ def plan(
     ] = None,
 ) -> None:
     """Show the run's plan: world size, batch split, backend settings and the per-GPU memory estimate."""
-    from launcher.plan import make_plan, planned_gpu_memory, resolve_recipe
-    from launcher.recipe import load_recipe
+    from launcher.launch.prepare import flag_overrides, show_plan
 
-    rec = load_recipe(recipe, _overrides(set_, gpus, nnodes))
-    cluster = _cluster()
-    if gpu_mem_gb is not None:
-        cluster = replace(cluster, gpu_memory_bytes=int(gpu_mem_gb * 2**30))
-    shape = _model_shape(rec, required=_has_auto(rec))
-    p = make_plan(rec, cluster, model=shape)
-    _print_plan(rec, p)
-    if shape is None:
-        print("memory estimate: unavailable (the model's config.json could not be read)")
-        return
-    from rich.console import Console
-
-    from launcher import memory
-
-    gpu_mem = planned_gpu_memory(rec, cluster)  # the card, or launch.gpu_memory_gb when smaller
-    rec = resolve_recipe(rec, p)  # the planner's choices, as the run would use them
-    est = memory.estimate(rec, shape, p.world_size, p.micro_batch, p.gradient_checkpointing, gpu_mem, p.nproc_per_node)
-    tips = memory.suggestions(rec, shape, est)
-    Console(highlight=False).print(memory.render(est, tips, p.backend))
-    if not cluster.gpu_memory_bytes:
-        print(f"(no GPU here: planned for a {gpu_mem / 2**30:.0f} GiB GPU; --gpu-mem-gb sets another size)")
+    show_plan(recipe, flag_overrides(set_, gpus, nnodes), gpu_mem_gb)
 
 
 @app.command()
@@ -739,39 +250,17 @@ def config(
     """Write accelerate_config.yaml and deepspeed_config.json for RECIPE into OUT.
 
     OUT also gets the resolved recipe.toml and plan.json, so it is a run directory that
-    `accelerate launch --config_file OUT/accelerate_config.yaml -m launcher.worker OUT` can start.
+    `accelerate launch --config_file OUT/accelerate_config.yaml -m launcher.rank.worker OUT` can start.
     """
-    from launcher.configs import ACCELERATE_CONFIG_FILE, decoder_layer_class, render_files
-    from launcher.plan import make_plan, resolve_recipe
-    from launcher.recipe import load_recipe
-    from launcher.rundir import PLAN_FILE, RunDir, write_files
+    from launcher.launch.prepare import flag_overrides, write_config_dir
 
-    rec = load_recipe(recipe, _overrides(set_, gpus, nnodes))
-    _check_node_rank(node_rank, rec.launch.nnodes)
-    cluster = _cluster(node_rank, master_addr)
-    plan = make_plan(rec, cluster, model=_model_shape(rec, required=_has_auto(rec)))
-    rec = resolve_recipe(rec, plan)
-    layer_cls = decoder_layer_class(rec)
-    path = Path(out).resolve()
-    if path.exists() and not path.is_dir():
-        raise UserError(f"-o {out}: exists and is not a directory")
-    configs = render_files(rec, plan, path, layer_cls, node_rank, master_addr)
-    try:
-        (path / "logs").mkdir(parents=True, exist_ok=True)
-        write_files(RunDir(path), rec, {PLAN_FILE: json.dumps(plan.to_dict(), indent=2) + "\n", **configs})
-    except OSError as err:
-        raise UserError(
-            f"-o {out}: cannot write the configs into {err.filename or path} ({err.strerror or type(err).__name__})"
-        ) from None
-    for name in sorted(configs):
-        print(f"wrote {path / name}")
-    print(f"start it with: accelerate launch --config_file {path / ACCELERATE_CONFIG_FILE} -m launcher.worker {path}")
+    write_config_dir(recipe, flag_overrides(set_, gpus, nnodes), out, node_rank, master_addr)
 
 
 @app.command()
 def recipes() -> None:
     """List the bundled recipes."""
-    from launcher.recipe import bundled_recipes, read_toml
+    from launcher.plan.recipe_file import bundled_recipes, read_toml
 
     for p in bundled_recipes():
         data, _ = read_toml(p)
@@ -784,7 +273,7 @@ def explain(
     key: Annotated[str, typer.Argument(help="Dotted recipe key (e.g. lora.rank) or a section (e.g. train).")] = "",
 ) -> None:
     """Show the documentation of a recipe key or section."""
-    from launcher.recipe import explain as _explain
+    from launcher.plan.explain import explain as _explain
 
     print(_explain(key))
 
@@ -798,9 +287,10 @@ def quantize(
     skip: Annotated[list[str] | None, typer.Option("--skip", help="Linear layers kept unquantized.")] = None,
 ) -> None:
     """Write a pre-quantized 4-bit checkpoint: ranks then read only their own byte ranges."""
-    from launcher.quantize import quantize_checkpoint
+    from launcher.launch.quantize import quantize_checkpoint
+    from launcher.launch.quiet import quiet_libraries
 
-    with _quiet_libraries():
+    with quiet_libraries():
         path = quantize_checkpoint(
             model, out, quant_type, blocksize, skip or ["lm_head"], warn=lambda line: print(line, file=sys.stderr)
         )
@@ -820,9 +310,10 @@ def doctor(
     """
     from rich.console import Console
 
-    from launcher import doctor as doc
+    from launcher.launch import doctor as doc
+    from launcher.launch.quiet import quiet_libraries
 
-    with _quiet_libraries():
+    with quiet_libraries():
         checks = doc.run_checks(runs_dir, require_gpu)
     console = Console(highlight=False)
     console.print(doc.render(checks))
@@ -837,7 +328,7 @@ def report(
     """Write PNG plots of a run (RUN/plots/) and print its summary: loss, throughput, memory, time, checkpoints."""
     from rich.console import Console
 
-    from launcher import report as rep
+    from launcher.ui import report as rep
 
     run, rows, plots = rep.report(run_dir, warn=lambda line: print(line, file=sys.stderr))
     Console(highlight=False).print(rep.render(run, rows, plots))
@@ -852,9 +343,10 @@ def merge(
     """Write base (dequantized) + adapter as one Hugging Face model that from_pretrained loads."""
     if dtype not in ("bfloat16", "float16", "float32"):
         raise UserError(f"--dtype {dtype}: use bfloat16, float16 or float32")
-    from launcher.export import merge_run
+    from launcher.launch.merge import merge_run
+    from launcher.launch.quiet import quiet_libraries
 
-    with _quiet_libraries():
+    with quiet_libraries():
         path = merge_run(Path(run_dir), Path(out), dtype)
     print(f"wrote {path}")
 

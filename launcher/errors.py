@@ -17,7 +17,7 @@ class UserError(Exception):
     """A problem with the user's input (recipe, flags, files). Printed as one line; exit code 2."""
 
     exit_code = EXIT_USER
-    kind = "user"  # what a rank writes into its error record (launcher.worker)
+    kind = "user"  # what a rank writes into its error record (launcher.rank.worker)
 
     def __init__(self, message: str):
         # Keep the message on one line whatever the cause's text contained.

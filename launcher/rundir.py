@@ -4,15 +4,18 @@ with everything needed to rerun or inspect a run."""
 from __future__ import annotations
 
 import json
-import os
-import socket
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from launcher.atomic import atomic_write
 from launcher.errors import UserError
-from launcher.recipe import Recipe, dump_toml, load_recipe
+from launcher.plan.plan import Plan
+from launcher.plan.recipe import Recipe
+from launcher.plan.recipe_file import dump_toml, load_recipe
+from launcher.safe_files import json_kind, read_json_object
 
 RECIPE_FILE = "recipe.toml"
 LAUNCH_FILE = "launch.json"
@@ -21,6 +24,47 @@ METRICS_FILE = "metrics.jsonl"
 STOP_FILE = "STOP"  # the launcher creates it when it is asked to stop (SIGTERM/SIGUSR1, Ctrl-C)
 PREEMPTED_FILE = "preempted.json"  # rank 0 writes it after the preemption checkpoint
 FAILED_FILE = "failed.json"  # the launcher writes it when the ranks stopped on bad input or divergence
+LOGS_DIR = "logs"  # the launcher's and the ranks' logs (a multi-node run: logs/<node>/)
+LAUNCHER_LOG = "launcher.log"  # torchrun's output, in the logs folder
+NODES_LOG = "nodes.log"  # the node watch's notes (multi-node), in the logs folder
+RANK_LOG = "rank{rank}.log"  # each rank's own output, in the logs folder
+RANK_ERROR_FILE = "rank{rank}.error.json"  # a failed rank's error record, in the logs folder
+CHECKPOINTS_DIR = "checkpoints"
+ADAPTER_DIR = "adapter"  # the final LoRA adapter
+PROFILE_DIR = "profile"  # log.profile_steps / log.memory_steps reports
+TENSORBOARD_DIR = "tensorboard"  # log.tensorboard event files
+PLOTS_DIR = "plots"  # `qlaunch report --plots` output
+# Written by `qlaunch run` / `qlaunch config` but named where they are rendered (launcher.plan.configs, a
+# layer below this one): deepspeed_config.json, accelerate_config.yaml.
+
+_RANK_LOG_NAME = re.compile(r"rank(\d+)\.log")
+
+
+@dataclass(frozen=True)
+class RunPlan:
+    """plan.json: the Plan, and what the launcher settled for this run at its start besides planning."""
+
+    plan: Plan
+    resume_from: Path | None = None  # the checkpoint --resume chose; the ranks load it at start
+    data_cache: Path | None = None  # the tokenized-data cache folder; None = the runs folder's .data-cache
+
+    def to_json(self) -> str:
+        extras = {"resume_from": self.resume_from, "data_cache": self.data_cache}
+        text = {key: str(path) if path else None for key, path in extras.items()}
+        return json.dumps({**self.plan.to_dict(), **text}, indent=2) + "\n"
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], where: str) -> RunPlan:
+        """The inverse of to_json's object. A plan.json without the extras (`qlaunch config` writes none,
+        an older run may lack one) loads with them None."""
+        extras: dict[str, Path | None] = {}
+        for key in ("resume_from", "data_cache"):
+            value = data.get(key)
+            if value is not None and not isinstance(value, str):
+                raise UserError(f"{where}: {key!r} must be a string or null, not {json_kind(value)}")
+            extras[key] = Path(value) if value else None
+        plan = Plan.from_dict({k: v for k, v in data.items() if k not in extras}, where)
+        return cls(plan, **extras)
 
 
 @dataclass(frozen=True)
@@ -38,7 +82,7 @@ class RunDir:
 
     @property
     def logs(self) -> Path:
-        return self.path / "logs" if self.node is None else self.path / "logs" / self.node
+        return self.path / LOGS_DIR if self.node is None else self.path / LOGS_DIR / self.node
 
     @property
     def launch_file(self) -> Path:
@@ -50,11 +94,23 @@ class RunDir:
 
     @property
     def checkpoints(self) -> Path:
-        return self.path / "checkpoints"
+        return self.path / CHECKPOINTS_DIR
 
     @property
     def adapter(self) -> Path:
-        return self.path / "adapter"
+        return self.path / ADAPTER_DIR
+
+    @property
+    def profile(self) -> Path:
+        return self.path / PROFILE_DIR
+
+    @property
+    def tensorboard(self) -> Path:
+        return self.path / TENSORBOARD_DIR
+
+    @property
+    def plots(self) -> Path:
+        return self.path / PLOTS_DIR
 
     @property
     def stop_file(self) -> Path:
@@ -68,14 +124,44 @@ class RunDir:
     def failed_file(self) -> Path:
         return self.path / FAILED_FILE
 
+    @property
+    def launcher_log(self) -> Path:
+        return self.logs / LAUNCHER_LOG
+
+    @property
+    def nodes_log(self) -> Path:
+        return self.logs / NODES_LOG
+
     def rank_log(self, rank: int) -> Path:
-        return self.logs / f"rank{rank}.log"
+        return self.logs / RANK_LOG.format(rank=rank)
+
+    def rank_logs(self) -> dict[int, Path]:
+        """{global rank: its log} of the ranks that ran on this node (each writes its log from its first line)."""
+        found = ((_RANK_LOG_NAME.fullmatch(f.name), f) for f in self.logs.glob(RANK_LOG.format(rank="*")))
+        return {int(m.group(1)): f for m, f in found if m}
+
+    def rank_error_file(self, rank: int) -> Path:
+        return self.logs / RANK_ERROR_FILE.format(rank=rank)
+
+    def rank_error_files(self, every_node: bool = False) -> list[Path]:
+        """This node's ranks' error records, sorted; `every_node`: those of all nodes of a shared run
+        directory too (logs/<node>/...), as `qlaunch report` wants them."""
+        pattern = RANK_ERROR_FILE.format(rank="*")
+        if every_node:
+            root = self.path / LOGS_DIR
+            return sorted(root.rglob(pattern)) if root.is_dir() else []
+        return sorted(self.logs.glob(pattern))
+
+    def create_folders(self) -> None:
+        """The folders a run directory starts with (its own path included): the logs folder of this node."""
+        self.logs.mkdir(parents=True, exist_ok=True)
 
     def load_recipe(self) -> Recipe:
         return load_recipe(self.recipe)
 
-    def load_plan(self) -> dict[str, Any]:
-        return json.loads((self.path / PLAN_FILE).read_text())
+    def load_plan(self) -> RunPlan:
+        path = self.path / PLAN_FILE
+        return RunPlan.from_dict(read_json_object(path, "plan"), str(path))
 
 
 def new_run_dir(recipe: Recipe, root: str | Path | None = None) -> RunDir:
@@ -90,8 +176,9 @@ def new_run_dir(recipe: Recipe, root: str | Path | None = None) -> RunDir:
                 path.mkdir()
             except FileExistsError:
                 continue
-            (path / "logs").mkdir()
-            return RunDir(path.resolve())
+            run = RunDir(path.resolve())
+            run.create_folders()
+            return run
     except OSError as err:
         raise UserError(
             f"log.runs_dir = {str(base.parent)!r}: cannot create a run directory ({_os_cause(err)})"
@@ -105,7 +192,7 @@ def _os_cause(err: OSError) -> str:
 
 
 def shared_run_dir(path: Path, node: str, writer: bool, resuming: bool) -> RunDir:
-    """The one run directory of a multi-node run, named the same on every node (see cli._placement).
+    """The one run directory of a multi-node run, named the same on every node (see launch/placement.py).
 
     The writer (node 0) refuses a directory that already holds a run unless it is resuming it (a SLURM
     requeue comes back with the same job id and --resume auto): the name is deterministic, so a second,
@@ -119,8 +206,8 @@ def shared_run_dir(path: Path, node: str, writer: bool, resuming: bool) -> RunDi
             "another name (--rdzv-id ID or --run-dir DIR)"
         )
     run = RunDir(path, node)
-    run.logs.mkdir(parents=True, exist_ok=True)
-    stale = list(run.logs.glob("rank*.error.json"))
+    run.create_folders()
+    stale = run.rank_error_files()
     if writer:
         stale += [path / STOP_FILE, path / PREEMPTED_FILE, path / FAILED_FILE]
     for f in stale:
@@ -133,10 +220,3 @@ def write_files(run: RunDir, recipe: Recipe, files: dict[str, str]) -> None:
     atomic_write(run.recipe, dump_toml(recipe))
     for name, text in files.items():
         atomic_write(run.path / name, text)
-
-
-def atomic_write(path: Path, text: str) -> None:
-    # A name of its own per writer: nodes sharing a run directory may write side by side.
-    tmp = path.with_name(f"{path.name}.{socket.gethostname()}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)

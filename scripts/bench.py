@@ -167,8 +167,8 @@ def nf4_cpu_equals_cuda() -> bool:
     """The pre-quantized checkpoint is written on the CPU, the bf16 path quantizes on the GPU: same bytes?"""
     import torch
 
-    from launcher.loading import quantize_blocks
-    from launcher.recipe import QuantConfig
+    from launcher.plan.recipe import QuantConfig
+    from launcher.rank.model.quant import quantize_blocks
 
     x = (torch.randn(4096 * 1024, generator=torch.Generator().manual_seed(1)) * 0.02).to(torch.bfloat16)
     q = QuantConfig()
@@ -262,7 +262,7 @@ def qlaunch_result(run_dir: Path, warmup: int, timed_steps: int) -> dict:
 
 def planner_estimate(run_dir: Path, plan: dict):
     """The memory planner's figure for what max_memory_reserved will show, for the run as it was resolved."""
-    from launcher.memory import ModelShape, estimate
+    from launcher.plan.memory import ModelShape, estimate
     from launcher.rundir import RunDir
 
     rec = RunDir(run_dir).load_recipe()
@@ -377,7 +377,7 @@ def run_row(name: str, row: dict, a, model: Path, nf4: Path, data: Path, out: Pa
                 d / "config.log",
             )
             cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(run_dir / "accelerate_config.yaml"),
-                   "--main_process_port", str(a.port), "-m", "launcher.worker", str(run_dir)]  # fmt: skip
+                   "--main_process_port", str(a.port), "-m", "launcher.rank.worker", str(run_dir)]  # fmt: skip
             rc = rc or sh(cmd, d / "out.log", env, a.timeout)
         else:
             cmd = [sys.executable, "-m", "launcher.cli", "run", str(recipe), "--gpus", str(a.gpus),
@@ -476,7 +476,7 @@ def main() -> None:
         if r["rc"] != 0:
             print(r["tail"], flush=True)
     head = f"card {card} x{a.gpus}, date {time.strftime('%Y-%m-%d')}, bf16 matmul peak {peak:.0f} TFLOP/s, seq {SEQ}, {a.warmup} warm-up + {a.steps} timed steps"
-    from launcher.memory import ModelShape
+    from launcher.plan.memory import ModelShape
 
     params = ModelShape.from_config(json.loads((a.config / "config.json").read_text())).params()
     text = head + "\n\n" + table(results, peak, params) + "\n"

@@ -79,7 +79,7 @@ def main() -> None:
 
     rec: dict = {"step_s": [], "losses": [], "load_s": load_s}
     # The same summary as qlaunch's log.profile_steps, so the two can be read side by side.
-    from launcher.profiling import StepProfiler
+    from launcher.rank.profiling import StepProfiler
 
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
     profiler = StepProfiler(tuple(a.profile) if a.profile else None, a.out / "profile", rank, device)

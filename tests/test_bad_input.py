@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from launcher.errors import UserError
-from launcher.plan import Cluster, make_plan
-from launcher.recipe import load_recipe
+from launcher.plan.plan import Cluster, make_plan
+from launcher.plan.recipe_file import load_recipe
 from tests.conftest import BASE_RECIPE, TINY_DATA, TINY_MODEL, assert_one_line_error, run_cli
 
 
@@ -544,7 +544,7 @@ def test_hub_ids_stay_hub_ids(planted, tmp_path):
     recipe.write_text(text)
     rec = load_recipe(recipe)
     assert rec.data.datasets[0].path == "someorg/some-data"
-    from launcher.data import classify
+    from launcher.data.read import classify
 
     assert classify(rec.data.datasets[0].path, "train", "data.datasets[0].path").kind == "hub"
 
@@ -566,17 +566,18 @@ def test_bundled_recipes_resolve_from_any_directory(tmp_path, monkeypatch):
 
 
 def test_data_suffixes_agree_with_the_data_loader():
-    from launcher import data, recipe
+    from launcher.data.source import FILE_KINDS, HUB_ID_PATTERN
+    from launcher.plan.recipe_file import DATA_FILE_SUFFIXES, HUB_ID
 
-    assert set(recipe.DATA_FILE_SUFFIXES) == set(data.FILE_KINDS)
-    assert recipe.HUB_ID.pattern == data._HUB_ID.pattern
+    assert set(DATA_FILE_SUFFIXES) == set(FILE_KINDS)
+    assert HUB_ID.pattern == HUB_ID_PATTERN.pattern
 
 
 # ---------------------------------------------------------------- data files that are not data
 
 
 def test_fifo_as_a_data_file(tmp_path):
-    from launcher.data import classify
+    from launcher.data.read import classify
 
     os.mkfifo(tmp_path / "train.jsonl")
     with pytest.raises(UserError, match=r"train.jsonl: not a regular file \(a FIFO, socket or device\) \(data.d"):
@@ -595,12 +596,12 @@ def test_deeply_nested_json_row_names_file_and_line(tmp_path):
 
 
 def test_deeply_nested_json_array_file(tmp_path):
-    from launcher.data import _json_rows
+    from launcher.data.json_rows import read_json_rows
 
     data = tmp_path / "deep.json"
     data.write_text('[{"instruction": "i", "output": ' + "[" * 100_000 + "]" * 100_000 + "}]")
     with pytest.raises(UserError, match=r"deep.json: JSON nested too deeply"):
-        _json_rows(data)
+        read_json_rows(data)
 
 
 # ---------------------------------------------------------------- numbers and booleans are what TOML wrote
@@ -688,7 +689,7 @@ def test_unknown_key_inside_a_dataset_names_its_index_line_and_sibling(recipe_fi
 
 
 def test_flag_values_are_named_by_their_flag_not_as_set(recipe_file):
-    from launcher.cli import _overrides
+    from launcher.launch.prepare import flag_overrides as _overrides
 
     with pytest.raises(UserError) as err:
         load_recipe(recipe_file(), _overrides(None, None, "100000000000000000000"))
@@ -746,28 +747,28 @@ def test_multi_node_flags_checked_before_anything_is_written(tmp_path, args, exp
 
 def test_empty_resume_is_one_line():
     """`--resume ''` printed `--resume : ...`."""
-    from launcher.cli import _recipe_to_run
+    from launcher.launch.run import recipe_to_run
 
     for value in ("", "  "):
         with pytest.raises(UserError, match=r"^--resume '': empty; give auto, a run directory or a checkpoint"):
-            _recipe_to_run("recipe.toml", value)
+            recipe_to_run("recipe.toml", value)
 
 
 def test_run_dir_under_a_file_is_refused_before_the_data_is_prepared(tmp_path):
     from types import SimpleNamespace
 
-    from launcher.cli import _open_shared_run_dir, _shared_run_path
+    from launcher.launch.placement import open_shared_run_dir, shared_run_path
 
     (tmp_path / "f").write_text("x")
     for given, want in ((tmp_path / "f", "exists and is not a directory"),
                         (tmp_path / "f" / "a" / "run", f"lies under {tmp_path / 'f'}, which exists and is not a")):  # fmt: skip
         with pytest.raises(UserError) as err:
-            _shared_run_path(None, SimpleNamespace(), str(given), False)
+            shared_run_path(None, SimpleNamespace(), str(given), False)
         assert str(err.value).startswith(f"--run-dir {given}: {want}"), str(err.value)
-    assert _shared_run_path(None, SimpleNamespace(), str(tmp_path / "new" / "run"), False) == tmp_path / "new" / "run"
+    assert shared_run_path(None, SimpleNamespace(), str(tmp_path / "new" / "run"), False) == tmp_path / "new" / "run"
     # found only when the directory is made (a parent swapped for a file meanwhile): still one line
     with pytest.raises(UserError, match=r"f/run/logs: cannot create the run directory \(Not a directory\); --run-dir"):
-        _open_shared_run_dir(tmp_path / "f" / "run", 1, 0, None, False)
+        open_shared_run_dir(tmp_path / "f" / "run", 1, 0, None, False)
 
 
 def test_config_output_under_a_file_is_one_line(tmp_path):

@@ -16,8 +16,22 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from launcher import checkpoint
 from launcher.errors import UserError
+from launcher.rank.checkpoint import load, save
+from launcher.rank.checkpoint_dir import (
+    check_compatible,
+    check_loadable,
+    collect_digests,
+    file_owner,
+    file_sizes,
+    find_resume_target,
+    fingerprint,
+    harmless,
+    is_complete,
+    newest_complete,
+    sha256,
+    write_own_digests,
+)
 from tests.conftest import BASE_RECIPE, ROOT, assert_one_line_error, run_cli, sigterm_after_step
 
 slow = pytest.mark.slow  # the tests that spawn `qlaunch run`
@@ -198,10 +212,10 @@ def _fake_checkpoint(d: Path, world: int = 2, step: int = 2, saved_at: float = 1
 def reseal(d: Path, meta: dict | None = None, checksums: bool = True) -> None:
     """Record the directory's current sizes (and checksums) in meta.json, as whoever wrote it would."""
     meta = meta if meta is not None else json.loads((d / "meta.json").read_text())
-    meta = {**meta, "files": checkpoint._file_sizes(d)}
+    meta = {**meta, "files": file_sizes(d)}
     meta.pop("sha256", None)
     if checksums:
-        meta["sha256"] = checkpoint.collect_digests(d)
+        meta["sha256"] = collect_digests(d)
     (d / "meta.json").write_text(json.dumps(meta))
 
 
@@ -212,20 +226,20 @@ def flip_a_byte(p: Path) -> None:
 
 
 def test_each_rank_hashes_the_files_it_wrote_and_rank_0_the_rest(tmp_path):
-    assert [checkpoint.file_owner(n) for n in ("dcp/__3_0.distcp", "rng_rank2.pt", "python_rng_rank1.json",
+    assert [file_owner(n) for n in ("dcp/__3_0.distcp", "rng_rank2.pt", "python_rng_rank1.json",
             "deepspeed/bf16_zero_pp_rank_5_mp_rank_00_optim_states.pt", "dcp/.metadata",
             "deepspeed/mp_rank_00_model_states.pt")] == [3, 2, 1, 5, 0, 0]  # fmt: skip
     d = _fake_checkpoint(tmp_path / "step_00000002")
     (d / "meta.json").unlink()
-    checkpoint.write_own_digests(d, 1)
+    write_own_digests(d, 1)
     own = json.loads((d / ".sha256_rank1.json").read_text())
     assert sorted(own) == ["dcp/__1_0.distcp", "rng_rank1.pt"]
     # Rank 0 takes rank 1's digests as they are (it does not read those files again) and hashes the rest.
     (d / ".sha256_rank1.json").write_text(json.dumps({**own, "rng_rank1.pt": "from-rank-1"}))
-    digests = checkpoint.collect_digests(d)
+    digests = collect_digests(d)
     assert digests["rng_rank1.pt"] == "from-rank-1" and not list(d.glob(".sha256_rank*"))
-    assert digests["dcp/__0_0.distcp"] == checkpoint.sha256(d / "dcp" / "__0_0.distcp")
-    assert sorted(digests) == sorted(checkpoint._file_sizes(d))
+    assert digests["dcp/__0_0.distcp"] == sha256(d / "dcp" / "__0_0.distcp")
+    assert sorted(digests) == sorted(file_sizes(d))
 
 
 def test_same_size_corruption_is_found_by_the_checksum_and_resume_falls_back(tmp_path):
@@ -233,18 +247,18 @@ def test_same_size_corruption_is_found_by_the_checksum_and_resume_falls_back(tmp
     older = _fake_checkpoint(root / "step_00000002", step=2)
     newer = _fake_checkpoint(root / "step_00000004", step=4)
     flip_a_byte(newer / "dcp" / "__1_0.distcp")
-    ok, why = checkpoint.is_complete(newer)
+    ok, why = is_complete(newer)
     assert not ok and why.startswith("dcp/__1_0.distcp does not match the checksum"), why
-    assert checkpoint.is_complete(newer, checksums=False) == (True, "")  # prune's cheap check: sizes only
+    assert is_complete(newer, checksums=False) == (True, "")  # prune's cheap check: sizes only
     warnings: list[str] = []
-    assert checkpoint.newest_complete(root, warn=warnings.append) == older
+    assert newest_complete(root, warn=warnings.append) == older
     assert warnings == [f"warning: skipping checkpoint step_00000004: {why}"]
     # Named explicitly: one line, no fallback.
     with pytest.raises(UserError, match=r"not a usable checkpoint \(dcp/__1_0.distcp does not match the checksum"):
-        checkpoint.find_resume_target(str(newer), tmp_path, "t")
+        find_resume_target(str(newer), tmp_path, "t")
     # A checkpoint written before checksums were recorded keeps working on its sizes alone.
     reseal(newer, checksums=False)
-    assert checkpoint.is_complete(newer) == (True, "")
+    assert is_complete(newer) == (True, "")
 
 
 def test_meta_json_cannot_point_a_resume_at_other_files(tmp_path):
@@ -264,17 +278,17 @@ def test_meta_json_cannot_point_a_resume_at_other_files(tmp_path):
     }
     for name, why in cases.items():
         (d / "meta.json").write_text(json.dumps({**good, "files": {name: 6}}))
-        ok, got = checkpoint.is_complete(d)
+        ok, got = is_complete(d)
         assert not ok and why in got and "SECRET" not in got, (name, got)
         (d / "meta.json").write_text(json.dumps({**good, "sha256": {name: "0" * 64}}))
-        ok, got = checkpoint.is_complete(d)
+        ok, got = is_complete(d)
         assert not ok and (why.replace("'files' is not a map of file names", "'sha256' is not a map of file names")
                            if "map" in why else why) in got, (name, got)  # fmt: skip
     for bad in ({"world_size": 10**12}, {"world_size": "2"}, {"files": []}):
         (d / "meta.json").write_text(json.dumps({**good, **bad}))
-        assert not checkpoint.is_complete(d)[0], bad
+        assert not is_complete(d)[0], bad
     (d / "meta.json").write_text("[1, 2]")
-    assert checkpoint.is_complete(d) == (False, "meta.json is not a JSON object")
+    assert is_complete(d) == (False, "meta.json is not a JSON object")
 
 
 def test_resume_auto_warns_about_every_checkpoint_it_skips_and_fails_when_none_is_usable(tmp_path):
@@ -285,7 +299,7 @@ def test_resume_auto_warns_about_every_checkpoint_it_skips_and_fails_when_none_i
     (b6 / "COMPLETE").unlink()  # interrupted while saving
     flip_a_byte(a4 / "rng_rank0.pt")
     warnings: list[str] = []
-    assert checkpoint.find_resume_target("auto", runs, "t", warn=warnings.append) == a2.resolve()
+    assert find_resume_target("auto", runs, "t", warn=warnings.append) == a2.resolve()
     assert warnings == [
         "warning: skipping checkpoint 4242/step_00000006: no COMPLETE marker (interrupted while saving)",
         "warning: skipping checkpoint 20260101-000000/step_00000004: rng_rank0.pt does not match the checksum "
@@ -293,15 +307,15 @@ def test_resume_auto_warns_about_every_checkpoint_it_skips_and_fails_when_none_i
     ]
     (a2 / "dcp" / "__0_0.distcp").write_bytes(b"short")
     with pytest.raises(UserError) as info:
-        checkpoint.find_resume_target("auto", runs, "t", warn=lambda _m: None)
+        find_resume_target("auto", runs, "t", warn=lambda _m: None)
     msg = str(info.value)
     assert msg.startswith(f"--resume auto: 3 checkpoint(s) of t under {runs / 't'}, none usable: 4242/step_00000006 (")
     assert "20260101-000000/step_00000004 (rng_rank0.pt does not match" in msg
     assert "20260101-000000/step_00000002 (dcp/__0_0.distcp has 5 bytes, 50 were written)" in msg
     # No checkpoint at all (a job requeued before its first one): start from step 0.
-    assert checkpoint.find_resume_target("auto", tmp_path / "empty", "t") is None
+    assert find_resume_target("auto", tmp_path / "empty", "t") is None
     (runs / "t" / "999" / "checkpoints" / "step_00000002.tmp").mkdir(parents=True)
-    assert checkpoint.find_resume_target("auto", tmp_path / "empty", "t") is None
+    assert find_resume_target("auto", tmp_path / "empty", "t") is None
 
 
 def test_resume_from_a_run_with_no_usable_checkpoint_says_why_for_each(tmp_path):
@@ -309,17 +323,17 @@ def test_resume_from_a_run_with_no_usable_checkpoint_says_why_for_each(tmp_path)
     d = _fake_checkpoint(run / "checkpoints" / "step_00000002")
     flip_a_byte(d / "dcp" / ".metadata")
     with pytest.raises(UserError, match=r"the run has no complete checkpoint \(step_00000002 \(dcp/.metadata does"):
-        checkpoint.find_resume_target(str(run), tmp_path, "t", warn=lambda _m: None)
+        find_resume_target(str(run), tmp_path, "t", warn=lambda _m: None)
     (tmp_path / "fresh" / "checkpoints").mkdir(parents=True)
     with pytest.raises(UserError, match=r"no complete checkpoint \(it saved none; set checkpoint.every_steps\)"):
-        checkpoint.find_resume_target(str(tmp_path / "fresh"), tmp_path, "t")
+        find_resume_target(str(tmp_path / "fresh"), tmp_path, "t")
 
 
 # ================================================================== what a resume may change (pure)
 
 
 def _recipe(tmp_path: Path, *overrides: str):
-    from launcher.recipe import load_recipe
+    from launcher.plan.recipe_file import load_recipe
 
     p = tmp_path / "r.toml"
     p.write_text(RECIPE)
@@ -335,8 +349,8 @@ def _saved(tmp_path: Path, fingerprint: dict) -> Path:
 
 def test_every_key_changes_the_math_except_the_documented_harmless_ones(tmp_path):
     base = _recipe(tmp_path)
-    ck = _saved(tmp_path, json.loads(json.dumps(checkpoint.fingerprint(base))))  # as meta.json holds it
-    assert not any(checkpoint.harmless(k) for k in checkpoint.fingerprint(base))
+    ck = _saved(tmp_path, json.loads(json.dumps(fingerprint(base))))  # as meta.json holds it
+    assert not any(harmless(k) for k in fingerprint(base))
     refused = {
         "data.val_fraction=0.1": "data.val_fraction: 0.0 -> 0.1",
         'data.chat_template="{{ messages }}"': "data.chat_template: None -> '{{ messages }}'",
@@ -348,15 +362,15 @@ def test_every_key_changes_the_math_except_the_documented_harmless_ones(tmp_path
     }
     for override, detail in refused.items():
         with pytest.raises(UserError, match="changes the math of the run") as info:
-            checkpoint.check_compatible(ck, _recipe(tmp_path, override))
+            check_compatible(ck, _recipe(tmp_path, override))
         assert f"({detail}" in str(info.value), (override, str(info.value))
     allowed = ["train.max_steps=100", "train.micro_batch=1", "train.gradient_checkpointing=false", "train.eval_every=5",
                "train.compile=false", "checkpoint.every_steps=3", "launch.gpus=1", "log.every_steps=7", 'name="other"',
                "parallel.fsdp.cpu_offload=true", "parallel.deepspeed.offload_optimizer=true"]  # fmt: skip
     for override in allowed:
-        checkpoint.check_compatible(ck, _recipe(tmp_path, override))
+        check_compatible(ck, _recipe(tmp_path, override))
     with pytest.raises(UserError) as info:  # up to three changes named, the rest counted
-        checkpoint.check_compatible(
+        check_compatible(
             ck, _recipe(tmp_path, "lora.rank=4", "lora.alpha=4", "train.seed=3", "data.seq_len=32", "train.lr=1.0")
         )
     assert str(info.value).count(" -> ") == 3 and "; and 2 more)" in str(info.value)
@@ -370,7 +384,7 @@ OLD_MATH_KEYS = ("model.path", "model.init", "model.dtype", "quant", "lora", "da
 
 
 def test_a_checkpoint_with_the_old_fingerprint_still_resumes_when_nothing_changed(tmp_path):
-    from launcher.recipe import recipe_to_dict
+    from launcher.plan.recipe import recipe_to_dict
 
     base = _recipe(tmp_path)
     d = recipe_to_dict(base)
@@ -381,10 +395,10 @@ def test_a_checkpoint_with_the_old_fingerprint_still_resumes_when_nothing_change
             cur = cur[part]
         old[key] = cur
     ck = _saved(tmp_path, json.loads(json.dumps(old)))
-    checkpoint.check_compatible(ck, base)
-    checkpoint.check_compatible(ck, _recipe(tmp_path, "data.val_fraction=0.1"))  # not recorded then
+    check_compatible(ck, base)
+    check_compatible(ck, _recipe(tmp_path, "data.val_fraction=0.1"))  # not recorded then
     with pytest.raises(UserError, match=r"\(lora.rank: 8 -> 16\)"):
-        checkpoint.check_compatible(ck, _recipe(tmp_path, "lora.rank=16"))
+        check_compatible(ck, _recipe(tmp_path, "lora.rank=16"))
 
 
 # ================================================================== through the CLI (real checkpoints)
@@ -408,7 +422,7 @@ def test_checkpoints_record_every_files_checksum(uninterrupted):
     for ckpt in (uninterrupted / "checkpoints").iterdir():
         meta = json.loads((ckpt / "meta.json").read_text())
         assert sorted(meta["sha256"]) == sorted(meta["files"]) and not list(ckpt.glob(".sha256_rank*"))
-        assert all(checkpoint.sha256(ckpt / name) == digest for name, digest in meta["sha256"].items())
+        assert all(sha256(ckpt / name) == digest for name, digest in meta["sha256"].items())
         assert {"dcp/__0_0.distcp", "dcp/__1_0.distcp", "dcp/.metadata", "rng_rank1.pt"} <= set(meta["sha256"])
 
 
@@ -475,7 +489,7 @@ def test_crafted_metadata_through_the_cli_is_one_line_and_never_runs(tmp_path, r
 def _engine(tmp_path: Path, width: int = 4):
     from torch import nn
 
-    from launcher.parallel import TorchEngine
+    from launcher.rank.parallel.torch_engine import TorchEngine
 
     torch.manual_seed(0)
     engine = TorchEngine(nn.Sequential(nn.Linear(width, 4)), _recipe(tmp_path), total_steps=8, device_type="cpu")
@@ -491,7 +505,7 @@ def real_ckpt(tmp_path) -> Path:
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # DCP: "torch.distributed is disabled ... single process"
-        return checkpoint.save(tmp_path / "run" / "checkpoints", 2, _engine(tmp_path), _recipe(tmp_path), {}, 3)
+        return save(tmp_path / "run" / "checkpoints", 2, _engine(tmp_path), _recipe(tmp_path), {}, 3)
 
 
 class _Hang(Exception):
@@ -524,7 +538,7 @@ def _rehash(d: Path, name: str) -> None:
     """What a tamperer does after changing a file: record its new size and checksum."""
     meta = json.loads((d / "meta.json").read_text())
     meta["files"][name] = (d / name).stat().st_size
-    meta["sha256"][name] = checkpoint.sha256(d / name)
+    meta["sha256"][name] = sha256(d / name)
     (d / "meta.json").write_text(json.dumps(meta))
 
 
@@ -535,29 +549,29 @@ def _edit_meta(d: Path, edit) -> None:
 
 
 def test_a_real_checkpoint_passes_every_check_and_loads(real_ckpt, tmp_path):
-    assert checkpoint.is_complete(real_ckpt) == (True, "")
-    checkpoint.check_loadable(real_ckpt)
-    checkpoint.check_compatible(real_ckpt, _recipe(tmp_path))
-    assert checkpoint.load(real_ckpt, _engine(tmp_path))["step"] == 2
+    assert is_complete(real_ckpt) == (True, "")
+    check_loadable(real_ckpt)
+    check_compatible(real_ckpt, _recipe(tmp_path))
+    assert load(real_ckpt, _engine(tmp_path))["step"] == 2
 
 
 def test_a_meta_json_fifo_never_hangs_a_resume(real_ckpt, tmp_path):
     """Finding 3: meta.json that is a FIFO, in a checkpoint that is otherwise complete."""
     (real_ckpt / "meta.json").unlink()
     os.mkfifo(real_ckpt / "meta.json")
-    assert _no_hang(checkpoint.is_complete, real_ckpt) == (
+    assert _no_hang(is_complete, real_ckpt) == (
         False,
         "meta.json is not a regular file (a link, a directory or a device)",
     )
     run = real_ckpt.parent.parent
     for arg in (str(real_ckpt), str(run)):
         with pytest.raises(UserError, match="meta.json is not a regular file"):
-            _no_hang(checkpoint.find_resume_target, arg, tmp_path, "t", lambda _m: None)
+            _no_hang(find_resume_target, arg, tmp_path, "t", lambda _m: None)
     auto_root = tmp_path / "runs"
     (auto_root / "t").mkdir(parents=True)
     (auto_root / "t" / "20260101-000000").symlink_to(run)  # a runs_dir may be reached through links
     with pytest.raises(UserError, match=r"none usable: 20260101-000000/step_00000002 \(meta.json is not a regular"):
-        _no_hang(checkpoint.find_resume_target, "auto", auto_root, "t", lambda _m: None)
+        _no_hang(find_resume_target, "auto", auto_root, "t", lambda _m: None)
 
 
 @pytest.mark.parametrize("name", ["python_rng_rank0.json", "rng_rank0.pt"])
@@ -573,25 +587,25 @@ def test_an_unlisted_or_irregular_rank_file_is_refused_never_loaded(real_ckpt, t
         (lambda p: p.symlink_to(outside), "is not a regular file"),
     ):
         plant(real_ckpt / name)
-        ok, got = _no_hang(checkpoint.is_complete, real_ckpt)
+        ok, got = _no_hang(is_complete, real_ckpt)
         assert not ok and got == f"{name} {why} (a link, a directory or a device)", got
         with pytest.raises(UserError, match=f"{name} {why}"):
-            _no_hang(checkpoint.load, real_ckpt, _engine(tmp_path))  # the ranks check too
+            _no_hang(load, real_ckpt, _engine(tmp_path))  # the ranks check too
         (real_ckpt / name).unlink()
     # A regular file, but not listed: refused (the ranks would load it unverified).
     (real_ckpt / name).write_bytes(outside.read_bytes())
-    ok, got = checkpoint.is_complete(real_ckpt)
+    ok, got = is_complete(real_ckpt)
     assert not ok and got == f"{name} is not listed in meta.json (a file without a recorded checksum is never loaded)"
     with pytest.raises(UserError, match=f"{name} is not listed in meta.json"):
-        checkpoint.load(real_ckpt, _engine(tmp_path))
+        load(real_ckpt, _engine(tmp_path))
     # Also an extra file anywhere else in it, and a link to a directory.
     _rehash(real_ckpt, name)
-    assert checkpoint.is_complete(real_ckpt) == (True, "")
+    assert is_complete(real_ckpt) == (True, "")
     (real_ckpt / "dcp" / "__7_0.distcp").write_bytes(b"x")
-    assert checkpoint.is_complete(real_ckpt)[1].startswith("dcp/__7_0.distcp is not listed in meta.json")
+    assert is_complete(real_ckpt)[1].startswith("dcp/__7_0.distcp is not listed in meta.json")
     (real_ckpt / "dcp" / "__7_0.distcp").unlink()
     (real_ckpt / "extra").symlink_to(tmp_path)
-    assert checkpoint.is_complete(real_ckpt)[1] == "extra is a link (a checkpoint is read only where it was written)"
+    assert is_complete(real_ckpt)[1] == "extra is a link (a checkpoint is read only where it was written)"
 
 
 def test_a_checkpoint_directory_that_is_a_link_is_refused(real_ckpt, tmp_path):
@@ -600,30 +614,30 @@ def test_a_checkpoint_directory_that_is_a_link_is_refused(real_ckpt, tmp_path):
 
     elsewhere = tmp_path / "elsewhere"
     shutil.copytree(real_ckpt, elsewhere)
-    assert checkpoint.is_complete(elsewhere) == (True, "")
+    assert is_complete(elsewhere) == (True, "")
     root = real_ckpt.parent
     (root / "step_00000006").symlink_to(elsewhere)
     warnings: list[str] = []
     run = root.parent
-    assert checkpoint.find_resume_target(str(run), tmp_path, "t", warn=warnings.append) == real_ckpt.resolve()
+    assert find_resume_target(str(run), tmp_path, "t", warn=warnings.append) == real_ckpt.resolve()
     assert warnings == [
         "warning: skipping checkpoint step_00000006: the checkpoint directory is a link "
         "(a checkpoint is read only where it was written)"
     ]
-    assert checkpoint.newest_complete(root, warn=lambda _m: None) == real_ckpt  # the ranks' own choice
+    assert newest_complete(root, warn=lambda _m: None) == real_ckpt  # the ranks' own choice
     with pytest.raises(UserError, match=f"directory is a link; .* only where it lies \\(name {elsewhere} itself"):
-        checkpoint.find_resume_target(str(root / "step_00000006"), tmp_path, "t")
+        find_resume_target(str(root / "step_00000006"), tmp_path, "t")
     # A link inside it (dcp/ -> the copy's) is refused the same way.
     shutil.rmtree(real_ckpt / "dcp")
     (real_ckpt / "dcp").symlink_to(elsewhere / "dcp")
-    assert not checkpoint.is_complete(real_ckpt)[0]
+    assert not is_complete(real_ckpt)[0]
     with pytest.raises(UserError, match="the run has no complete checkpoint"):
-        checkpoint.find_resume_target(str(run), tmp_path, "t", warn=lambda _m: None)
+        find_resume_target(str(run), tmp_path, "t", warn=lambda _m: None)
     # A run whose checkpoints/ is a link to another run's.
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "checkpoints").symlink_to(elsewhere.parent / "run" / "checkpoints")
     with pytest.raises(UserError, match="checkpoints is a link; a run's checkpoints are read only where it wrote"):
-        checkpoint.find_resume_target(str(tmp_path / "other"), tmp_path, "t")
+        find_resume_target(str(tmp_path / "other"), tmp_path, "t")
 
 
 def test_a_missing_or_malformed_fingerprint_is_incompatible(real_ckpt, tmp_path):
@@ -639,9 +653,9 @@ def test_a_missing_or_malformed_fingerprint_is_incompatible(real_ckpt, tmp_path)
         (real_ckpt / "meta.json").write_text(json.dumps(fresh))
         for recipe in (_recipe(tmp_path), _recipe(tmp_path, "lora.rank=4")):
             with pytest.raises(UserError, match=re.escape(why)) as info:
-                checkpoint.check_compatible(real_ckpt, recipe)
+                check_compatible(real_ckpt, recipe)
             assert "cannot be checked against the recipe" in str(info.value)
-        checkpoint.save(real_ckpt.parent, 2, _engine(tmp_path), _recipe(tmp_path), {}, 3)  # restore
+        save(real_ckpt.parent, 2, _engine(tmp_path), _recipe(tmp_path), {}, 3)  # restore
 
 
 def _system_pickle(flag: Path) -> bytes:
@@ -656,7 +670,7 @@ def test_loading_turns_any_read_unpickle_or_shape_error_into_one_line(real_ckpt,
     good = rng.read_bytes()
     rng.write_bytes(_system_pickle(flag))
     _rehash(real_ckpt, "rng_rank0.pt")
-    for check in (checkpoint.check_loadable, lambda d: checkpoint.load(d, _engine(tmp_path))):
+    for check in (check_loadable, lambda d: load(d, _engine(tmp_path))):
         with pytest.raises(UserError, match=r"rank 0's RNG state is not one qlaunch wrote \(UnpicklingError\)"):
             check(real_ckpt)
     assert not flag.exists()
@@ -673,15 +687,15 @@ def test_loading_turns_any_read_unpickle_or_shape_error_into_one_line(real_ckpt,
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         with pytest.raises(UserError, match=r"rank 0's RNG state is not one qlaunch wrote \(UnpicklingError\)"):
-            checkpoint.check_loadable(real_ckpt)
+            check_loadable(real_ckpt)
     assert not flag.exists()
     rng.write_bytes(good)
     _rehash(real_ckpt, "rng_rank0.pt")
     # The weights into a model of another shape, and a shard whose bytes are gone: one line each.
     with pytest.raises(UserError, match=r"its weights or optimizer state do not load into this run \(\w+"):
-        checkpoint.load(real_ckpt, _engine(tmp_path, width=8))
+        load(real_ckpt, _engine(tmp_path, width=8))
     # One tensor's bytes in the shard replaced by a pickle that calls os.system (same length, checksum fixed).
-    from launcher import safe_dcp
+    from launcher.rank import safe_dcp
 
     storage = safe_dcp.read_metadata(real_ckpt / "dcp").storage_data
     info = next(v for k, v in storage.items() if k.fqn == "model.0.weight")
@@ -691,9 +705,9 @@ def test_loading_turns_any_read_unpickle_or_shape_error_into_one_line(real_ckpt,
     shard.write_bytes(bytes(data))
     _rehash(real_ckpt, f"dcp/{info.relative_path}")
     with pytest.raises(UserError) as before_spawning:
-        checkpoint.check_loadable(real_ckpt)  # the launching process finds it too
+        check_loadable(real_ckpt)  # the launching process finds it too
     with pytest.raises(UserError) as err:
-        checkpoint.load(real_ckpt, _engine(tmp_path))
+        load(real_ckpt, _engine(tmp_path))
     assert (
         str(before_spawning.value)
         == str(err.value)
@@ -728,17 +742,17 @@ def test_what_the_ranks_would_refuse_is_found_before_spawning(real_ckpt):
     for tamper, why in cases:
         tamper(real_ckpt)
         with pytest.raises(UserError, match=re.escape(why)):
-            checkpoint.check_loadable(real_ckpt)
+            check_loadable(real_ckpt)
         (real_ckpt / "meta.json").write_bytes(meta)
         (real_ckpt / "python_rng_rank0.json").write_bytes(py)
-    checkpoint.check_loadable(real_ckpt)
+    check_loadable(real_ckpt)
     import shutil
 
     shutil.rmtree(real_ckpt / "dcp")
     _edit_meta(
         real_ckpt, lambda m: [m[k].pop(n) for k in ("files", "sha256") for n in list(m[k]) if n.startswith("dcp/")]
     )
-    assert checkpoint.is_complete(real_ckpt) == (
+    assert is_complete(real_ckpt) == (
         False,
         "neither dcp/ nor deepspeed/ is there (the weights and optimizer state are missing)",
     )
@@ -749,7 +763,7 @@ def test_tampered_checkpoints_are_one_line_before_spawning_or_in_the_ranks(tmp_p
     """Findings 17 and 20 through the CLI, checksums rewritten as a tamperer would: what can be checked
     before spawning is (no run directory); what only a rank can find (a shard's tensor bytes replaced by
     a pickle) is one line, exit 2, and nothing in it runs."""
-    from launcher import safe_dcp
+    from launcher.rank import safe_dcp
 
     flag = tmp_path / "PWNED"
     run = _copy_run(uninterrupted, tmp_path / "copy")

@@ -21,18 +21,19 @@ from unittest import mock
 import pytest
 import yaml
 
-from launcher.configs import (
+from launcher.plan.configs import (
     ACCELERATE_CONFIG_FILE,
     DEEPSPEED_CONFIG_FILE,
     accelerate_config,
-    decoder_layer_class,
     deepspeed_config,
     render_files,
     render_json,
     render_yaml,
 )
-from launcher.plan import Cluster, make_plan
-from launcher.recipe import Recipe, apply_overrides, validate
+from launcher.plan.model_info import decoder_layer_class
+from launcher.plan.plan import Cluster, make_plan
+from launcher.plan.recipe import Recipe
+from launcher.plan.recipe_file import apply_overrides, validate
 from tests.conftest import BASE_RECIPE, ROOT, run_cli
 
 GOLDEN = Path(__file__).resolve().parent / "golden"
@@ -137,12 +138,14 @@ def test_layer_class_comes_from_the_model():
 
 
 def accelerate_launch_env(yaml_path: Path, run_dir: Path) -> tuple[object, dict[str, str]]:
-    """What `accelerate launch --config_file YAML -m launcher.worker RUN` computes: its args and the environment
+    """What `accelerate launch --config_file YAML -m launcher.rank.worker RUN` computes: its args and the environment
     it hands the processes (from which accelerate's plugins read their settings)."""
     from accelerate.commands.launch import _validate_launch_command, launch_command_parser
     from accelerate.utils.launch import prepare_deepspeed_cmd_env, prepare_multi_gpu_env
 
-    args = launch_command_parser().parse_args(["--config_file", str(yaml_path), "-m", "launcher.worker", str(run_dir)])
+    args = launch_command_parser().parse_args(
+        ["--config_file", str(yaml_path), "-m", "launcher.rank.worker", str(run_dir)]
+    )
     args, defaults, mp_from_config = _validate_launch_command(args)
     if args.use_deepspeed:
         fields = list(defaults.deepspeed_config) + (["mixed_precision"] if mp_from_config else [])
@@ -356,15 +359,15 @@ def test_config_command_writes_a_launchable_run_dir(tmp_path, recipe_file):
 
 def test_worker_takes_settings_from_the_json_not_the_recipe(tmp_path):
     """One source of truth: the DeepSpeed worker acts on RUN/deepspeed_config.json as written."""
-    from launcher.parallel.deepspeed import read_config, zero3_materializer
+    from launcher.rank.parallel.deepspeed import read_config, zero3_materializer
 
     rec = recipe(*DS3, "launch.gpus=2")
     run_dir = write_configs(tmp_path, rec, gpus=0)
-    assert zero3_materializer(run_dir, {"dist_backend": "gloo"}) is not None
+    assert zero3_materializer(run_dir, "gloo") is not None
     edited = read_config(run_dir)
     edited["zero_optimization"]["stage"] = 2
     (run_dir / DEEPSPEED_CONFIG_FILE).write_text(render_json(edited))
-    assert zero3_materializer(run_dir, {"dist_backend": "gloo"}) is None
+    assert zero3_materializer(run_dir, "gloo") is None
 
 
 def test_render_yaml_is_accelerate_shaped():

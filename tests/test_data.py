@@ -15,10 +15,16 @@ import numpy as np
 import pytest
 import torch
 
-from launcher import data
-from launcher.data import IGNORE, Docs, StepSampler, build_data, check, shared_build
+from launcher.data.cache import build_data, prepare, shared_build
+from launcher.data.check import check
+from launcher.data.pack import IGNORE, Docs, Packed, _best_fit
+from launcher.data.read import classify
+from launcher.data.sampler import StepBatches, StepSampler
+from launcher.data.tokenize import build_payload, fingerprint
+from launcher.data.tokenizer import build_tokenizer
 from launcher.errors import UserError
-from launcher.recipe import Recipe, validate
+from launcher.plan.recipe import Recipe
+from launcher.plan.recipe_file import validate
 from tests.conftest import TINY_DATA, TINY_MODEL
 
 PAD = 2  # the tiny tokenizer's pad id; test documents never end with it
@@ -272,7 +278,7 @@ def test_hub_names_are_passed_to_datasets(tmp_path, tok, monkeypatch):
 
     # The hub itself is unreachable here; what matters is that an org/name reaches load_dataset unchanged.
     monkeypatch.setattr(datasets, "load_dataset", fake_load)
-    assert data.classify("someorg/some-data", "train", "k").kind == "hub"
+    assert classify("someorg/some-data", "train", "k").kind == "hub"
     train, _ = build_data(recipe({"datasets": [{"path": "someorg/some-data", "split": "sft"}]}), tok, 0, 1)
     assert seen["args"] == ("someorg/some-data", "sft") and len(train) > 0
     check(recipe({"datasets": [{"path": "someorg/some-data"}]}))  # named only: nothing to read offline
@@ -282,7 +288,7 @@ def test_hub_names_are_passed_to_datasets(tmp_path, tok, monkeypatch):
 
 
 def test_best_fit_fills_rows():
-    rows = data._best_fit(np.array([5, 3, 5, 2, 3, 2]), 10)
+    rows = _best_fit(np.array([5, 3, 5, 2, 3, 2]), 10)
     assert sorted(sorted(r) for r in rows) == [[0, 2], [1, 3, 4, 5]]
 
 
@@ -307,7 +313,7 @@ def test_packed_loss_equals_unpacked_loss(tmp_path, tok, attn, train_on_prompt):
     """No attention across packed documents: transformers derives the block mask from position_ids."""
     from transformers import AutoModelForCausalLM
 
-    from launcher.train import CausalLMLoss
+    from launcher.rank.loss import CausalLMLoss
 
     lines = (TINY_DATA / "train.jsonl").read_text().splitlines()[:24]
     path = tmp_path / "a.jsonl"
@@ -415,15 +421,15 @@ def test_weights_mix_deterministically(tmp_path, tok):
 def test_fingerprint_tracks_files_settings_and_tokenizer(tmp_path, tok):
     path = jsonl(tmp_path / "t.jsonl", ROWS)
     r = recipe({"datasets": [{"path": str(path)}]})
-    key = data.fingerprint(r, tok)
-    assert data.fingerprint(r, tok) == key
-    assert data.fingerprint(recipe({"datasets": [{"path": str(path)}], "seq_len": 65}), tok) != key
+    key = fingerprint(r, tok)
+    assert fingerprint(r, tok) == key
+    assert fingerprint(recipe({"datasets": [{"path": str(path)}], "seq_len": 65}), tok) != key
     other = tok.__class__.from_pretrained(str(TINY_MODEL))
     other.chat_template = "{{ messages }}"
-    assert data.fingerprint(r, other) != key
+    assert fingerprint(r, other) != key
     st = path.stat()
     os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
-    assert data.fingerprint(r, tok) != key
+    assert fingerprint(r, tok) != key
 
 
 def test_ranks_share_one_tokenization(tmp_path, tok, monkeypatch):
@@ -431,14 +437,14 @@ def test_ranks_share_one_tokenization(tmp_path, tok, monkeypatch):
     r = recipe({"datasets": [{"path": str(path)}], "seq_len": 32})
     cache = tmp_path / "cache"
     builds = []
-    real = data.build_payload
+    real = build_payload
 
     def counting(*a):
         builds.append(threading.get_ident())
         time.sleep(0.3)  # long enough that the other ranks find the lock taken
         return real(*a)
 
-    monkeypatch.setattr(data, "build_payload", counting)
+    monkeypatch.setattr("launcher.data.cache.build_payload", counting)
     with ThreadPoolExecutor(3) as ex:
         out = list(ex.map(lambda rank: build_data(r, tok, rank, 3, cache), range(3)))
     assert len(builds) == 1
@@ -581,9 +587,9 @@ def test_step_batches_are_the_samplers_and_count_every_ranks_labels():
     n, T, G, world = 40, 12, 8, 2
     labels = torch.randint(0, 50, (n, T), generator=g, dtype=torch.int32)
     labels[torch.rand(n, T, generator=g) < 0.4] = IGNORE  # prompts / padding: varying counts per row
-    packed = data.Packed(labels.abs(), labels, torch.arange(T).expand(n, T).contiguous())
+    packed = Packed(labels.abs(), labels, torch.arange(T).expand(n, T).contiguous())
     samplers = [StepSampler(n, G, 2, world, r, seed=1) for r in range(world)]
-    feeds = [data.StepBatches(packed, s, pin=False) for s in samplers]
+    feeds = [StepBatches(packed, s, pin=False) for s in samplers]
     for step in range(7):  # crosses an epoch boundary (5 steps per epoch)
         then = step + 1 if step < 6 else None
         got = [f.get(step, then) for f in feeds]
@@ -735,7 +741,7 @@ def test_a_late_bad_jsonl_row_is_found_by_qlaunchs_reader_with_its_line(tmp_path
     path.write_bytes(b"".join(json.dumps(r).encode() + b"\n" for r in GOOD) + late + b"\n")
     r = recipe({"datasets": [{"path": str(path)}], "format": "alpaca", "seq_len": 128})
     with pytest.raises(UserError) as err:
-        data.prepare(r, tmp_path / "cache")
+        prepare(r, tmp_path / "cache")
     assert str(err.value) == f"{path}{expected}"
     assert "SECRET" not in capfd.readouterr().err
     assert not (tmp_path / "cache").exists()
@@ -753,11 +759,11 @@ def test_a_record_nested_200000_levels_deep_is_one_line_not_a_crash(tmp_path):
     deep = b'{"instruction": ' + b"[" * 200_000 + b"]" * 200_000 + b', "output": "o"}\n'
     path.write_bytes(b"".join(json.dumps(r).encode() + b"\n" for r in GOOD) + deep)
     script = (
-        "import sys; from pathlib import Path; from launcher import data; from launcher.errors import UserError\n"
-        "from launcher.recipe import validate\n"
+        "import sys; from pathlib import Path; from launcher.data.cache import prepare; from launcher.errors import UserError\n"
+        "from launcher.plan.recipe_file import validate\n"
         f"r = validate({{'name': 't', 'model': {{'path': {str(TINY_MODEL)!r}}}, 'data': {{'datasets': "
         f"[{{'path': {str(path)!r}}}], 'format': 'alpaca'}}, 'train': {{'max_steps': 1, 'global_batch': 4, 'micro_batch': 1}}}})\n"
-        "try:\n    data.prepare(r, Path(sys.argv[1]))\nexcept UserError as e:\n    print(e); sys.exit(2)\n"
+        "try:\n    prepare(r, Path(sys.argv[1]))\nexcept UserError as e:\n    print(e); sys.exit(2)\n"
     )
     env = {**os.environ, "HF_DATASETS_CACHE": str(tmp_path / "hf")}
     out = subprocess.run(
@@ -801,7 +807,7 @@ def test_loader_failures_are_one_line_that_echoes_no_bytes(tmp_path, tok, capfd,
     write(path)
     r = recipe({"datasets": [{"path": str(path)}], "format": "alpaca"})
     with pytest.raises(UserError) as err:
-        data.prepare(r, tmp_path / "cache")
+        prepare(r, tmp_path / "cache")
     msg = str(err.value)
     assert msg.startswith(f"{path}") and expected in msg, msg
     assert "SECRET" not in msg and "0xff" not in msg and "\n" not in msg
@@ -832,7 +838,7 @@ def test_text_that_tokenizes_past_the_models_embeddings_is_refused_with_its_line
     r = recipe({"datasets": [{"path": str(path)}], "format": "alpaca"})
     r = r.model_copy(update={"model": r.model.model_copy(update={"tokenizer": str(zap_tokenizer)})})
     with pytest.raises(UserError) as err:
-        data.prepare(r, tmp_path / "cache")
+        prepare(r, tmp_path / "cache")
     assert str(err.value).startswith(
         f"{path}:2: the tokenizer gives token id 512, but the model has embeddings for ids 0..511 only "
         "(config.json vocab_size = 512): the tokenizer has tokens the model has no embedding for"
@@ -846,7 +852,7 @@ def test_a_tokenized_id_the_tokenizer_knows_but_the_model_does_not_is_refused(tm
     r = recipe({"datasets": [{"path": str(path)}], "format": "tokenized"})
     r = r.model_copy(update={"model": r.model.model_copy(update={"tokenizer": str(zap_tokenizer)})})
     with pytest.raises(UserError) as err:
-        build_data(r, data.build_tokenizer(r, TINY_MODEL), 0, 1)
+        build_data(r, build_tokenizer(r, TINY_MODEL), 0, 1)
     assert str(err.value) == (
         f"{path}:2: column 'input_ids' has token id 512, outside the model's vocabulary 0..511 "
         "(config.json vocab_size = 512) (data.input_ids_column)"
@@ -857,12 +863,12 @@ def test_prepare_refuses_fewer_packed_rows_than_the_global_batch(tmp_path):
     path = jsonl(tmp_path / "three.jsonl", [{"instruction": f"Say {w}.", "output": w} for w in ("a", "b", "c")])
     r = recipe({"datasets": [{"path": str(path)}], "format": "alpaca", "packing": False}, global_batch=8)
     with pytest.raises(UserError) as err:
-        data.prepare(r, tmp_path / "cache")
+        prepare(r, tmp_path / "cache")
     assert str(err.value) == (
         "data.datasets: the training data packs into 3 rows of data.seq_len = 64 tokens, fewer than "
         "train.global_batch = 8; add data or lower train.global_batch"
     )
-    data.prepare(
+    prepare(
         recipe({"datasets": [{"path": str(path)}], "format": "alpaca", "packing": False}, global_batch=2),
         tmp_path / "cache",
     )
@@ -911,7 +917,7 @@ def test_a_broken_tokenizer_file_is_one_line_naming_it(tmp_path, name, spoil, ex
     r = recipe({"datasets": [{"path": str(path)}], "format": "alpaca"})
     r = r.model_copy(update={"model": r.model.model_copy(update={"tokenizer": str(tok_dir)})})
     with pytest.raises(UserError) as err:
-        data.prepare(r, tmp_path / "cache")
+        prepare(r, tmp_path / "cache")
     assert str(err.value).startswith(f"{tok_dir / name}: {expected}"), str(err.value)
 
 
@@ -931,7 +937,7 @@ def test_the_tokenizers_sequence_length_warning_is_not_printed(tmp_path):
     logging.getLogger("transformers").addHandler(handler)
     try:
         check(r)
-        data.prepare(r, tmp_path / "cache")
+        prepare(r, tmp_path / "cache")
     finally:
         logging.getLogger("transformers").removeHandler(handler)
     assert not [m for m in seen if "Token indices" in m]
@@ -1012,7 +1018,7 @@ def _repo_file_links_outside(tmp_path: Path) -> Path:
 def test_a_local_dataset_reads_no_file_outside_its_directory(tmp_path, make, expected):
     d = make(tmp_path)
     r = recipe({"datasets": [{"path": str(d)}]}, global_batch=1)
-    for fn in (lambda: check(r), lambda: data.prepare(r, tmp_path / "cache")):
+    for fn in (lambda: check(r), lambda: prepare(r, tmp_path / "cache")):
         with pytest.raises(UserError) as err:
             fn()
         assert str(err.value).startswith(f"{tmp_path}/{expected}"), str(err.value)
@@ -1029,7 +1035,7 @@ BOMB = "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% e
 def test_a_chat_template_loop_bomb_ends_with_one_line_naming_the_template(tmp_path, monkeypatch, where):
     import signal
 
-    monkeypatch.setattr(data, "RENDER_LIMIT_S", 1.0, raising=False)
+    monkeypatch.setattr("launcher.data.render.RENDER_LIMIT_S", 1.0)
     chat = {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}
     path = jsonl(tmp_path / "c.jsonl", [chat] * 4)
     settings = {"datasets": [{"path": str(path)}], "format": "chat"}

@@ -16,8 +16,8 @@ import torch
 if __name__ == "__main__":
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from launcher.data import IGNORE, Docs, pack  # noqa: E402
-from launcher.train import CausalLMLoss  # noqa: E402
+from launcher.data.pack import IGNORE, Docs, pack
+from launcher.rank.loss import CausalLMLoss
 
 TINY_MODEL = Path(__file__).resolve().parent.parent / "assets" / "tiny-llama"
 CASES = [(a, d) for a in ("sdpa", "eager", "flash_attention_2") for d in ("float32", "bfloat16")]

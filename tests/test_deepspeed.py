@@ -90,7 +90,7 @@ def parity(tmp_path_factory):
         "zero3_offload": train(tmp, recipe, "zero3off", 2, *common, *ZERO3, *OFFLOAD),
         # Each decoder layer compiled inside ZeRO-3's whole-layer gather/release (no DeepSpeed hook in the graph),
         # without checkpointing: nothing else then makes the first layer's input require grad (see
-        # launcher.parallel.deepspeed.zero3_whole_layers).
+        # launcher.rank.parallel.deepspeed.zero3_whole_layers).
         "zero3_compile": train(
             tmp, recipe, "zero3c", 2, *common, *ZERO3, "train.compile=true", "train.gradient_checkpointing=false"
         ),
@@ -128,7 +128,7 @@ def test_exported_adapter_matches_reference(parity, name):
 
 
 def test_accelerate_launch_starts_the_same_training(parity, tmp_path):
-    """`accelerate launch --config_file RUN/accelerate_config.yaml -m launcher.worker RUN` (the documented
+    """`accelerate launch --config_file RUN/accelerate_config.yaml -m launcher.rank.worker RUN` (the documented
     interop) on a directory from `qlaunch config` runs exactly what `qlaunch run` ran."""
     import shutil
     import subprocess
@@ -147,7 +147,7 @@ def test_accelerate_launch_starts_the_same_training(parity, tmp_path):
         "--config_file",
         str(out / "accelerate_config.yaml"),
         "-m",
-        "launcher.worker",
+        "launcher.rank.worker",
         str(out),
     ]
     p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
@@ -215,12 +215,12 @@ def test_lr0_loss_constant_with_eval_between_steps(tmp_path, name, overrides):
 REPACK = textwrap.dedent(
     """
     # Re-introduces the bug qlaunch's loader prevents: bitsandbytes' own Linear4bit.forward may repack
-    # 4-bit weights for its CPU inference kernel. qlaunch's 4-bit layer (launcher.loading.QLinear4bit)
+    # 4-bit weights for its CPU inference kernel. qlaunch's 4-bit layer (launcher.rank.model.quant.QLinear4bit)
     # never calls it and sets support_avx512bf16_for_cpu = False; here it calls it with the repack allowed.
     import bitsandbytes.nn.modules as _m
     from bitsandbytes.functional import has_avx512bf16 as _has
 
-    import launcher.loading as _l
+    import launcher.rank.model.quant as _l
 
     def _repacking_forward(self, x):
         self.support_avx512bf16_for_cpu = _has()
@@ -301,7 +301,7 @@ def test_zero3_loads_partitions_not_the_model(tmp_path):
         assert rank["bad"] == [], rank["bad"]  # each parameter: ceil(numel / 2) local elements, no full copy
         assert rank["quant_state_bytes"] == got["full"]["quant_state_bytes"] > 0
         assert rank["param_bytes"] < 0.55 * got["full"]["param_bytes"]
-        # Each decoder layer is one ZeRO-3 unit (launcher.parallel.deepspeed.zero3_whole_layers).
+        # Each decoder layer is one ZeRO-3 unit (launcher.rank.parallel.deepspeed.zero3_whole_layers).
         assert rank["hooked_layers"] == 2 and rank["hooked_inside"] == 0, rank
         # Same 4-bit bytes, same scales, same kernels: the same loss (bf16; summation order differs slightly).
         assert abs(rank["loss"] - rank["loss_full"]) <= 1e-5 * abs(rank["loss_full"]), rank
@@ -318,11 +318,11 @@ MEMORY_PROBE = textwrap.dedent(
     def worker(rank, world, init, out, recipe):
         os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world))
         dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
-        from launcher.configs import render_files
-        from launcher.loading import build_model
-        from launcher.parallel import deepspeed as pds
-        from launcher.plan import Cluster, make_plan
-        from launcher.recipe import load_recipe
+        from launcher.plan.configs import render_files
+        from launcher.plan.plan import Cluster, make_plan
+        from launcher.plan.recipe_file import load_recipe
+        from launcher.rank.build import build_model
+        from launcher.rank.parallel import deepspeed as pds
 
         rec = load_recipe(recipe, ['parallel.backend="deepspeed"', "parallel.deepspeed.stage=3",
                                    "parallel.deepspeed.persistence_threshold=0", "launch.gpus=2"])
@@ -339,11 +339,11 @@ MEMORY_PROBE = textwrap.dedent(
         pds.load_units = spy
         device = torch.device("cpu")
         full = build_model(rec, device)  # the unsharded path (backend none, ZeRO-2)
-        part = build_model(rec, device, materializer=pds.zero3_materializer(run, plan.to_dict()))
+        part = build_model(rec, device, materializer=pds.zero3_materializer(run, plan.dist_backend))
         bad = [n for n, p in part.loss_model.named_parameters()
                if p.data.numel() != 0 or p.ds_tensor.numel() != math.ceil(p.ds_numel / world)]
         mine = {**pds.partitioned_bytes(part.loss_model), "bad": bad}
-        engine = pds.DeepSpeedEngine(part, rec, plan.to_dict(), 1, device, run)
+        engine = pds.DeepSpeedEngine(part, rec, plan, 1, device, run)
         # ZeRO-3 hooks (ds_id) on the decoder layers themselves, none on a module inside one.
         layers = list(part.causal_lm.model.layers)
         mine["hooked_layers"] = sum(hasattr(m, "ds_id") for m in layers)
@@ -359,9 +359,9 @@ MEMORY_PROBE = textwrap.dedent(
         if rank == 0:
             res = {"full": pds.partitioned_bytes(full.loss_model), "ranks": ranks, "max_unit_bytes": max(units)}
             open(out, "w").write(json.dumps(res))
-        # As qlaunch's ranks end (launcher.worker.leave): a teardown of gloo and DeepSpeed's comm threads at
+        # As qlaunch's ranks end (launcher.rank.worker.leave): a teardown of gloo and DeepSpeed's comm threads at
         # exit aborted this probe once ("terminate called without an active exception").
-        from launcher.worker import leave
+        from launcher.rank.worker import leave
         leave(0)
 
     if __name__ == "__main__":

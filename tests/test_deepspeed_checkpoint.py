@@ -93,7 +93,7 @@ def test_deepspeed_files_are_loaded_without_unpickling_code(tmp_path, uninterrup
     """The loader qlaunch installs on DeepSpeed's checkpoint engine reads the real files, and refuses a file
     whose pickle would call a function (which DeepSpeed's own loader, weights_only=False, executes)."""
     from launcher.errors import UserError
-    from launcher.parallel.deepspeed import _tensor_only_loads
+    from launcher.rank.parallel.deepspeed import _tensor_only_loads
 
     _, full = uninterrupted
 

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from launcher import doctor
-from launcher.doctor import Facts, judge_machine, judge_versions
+from launcher.launch import doctor
+from launcher.launch.doctor import Facts, judge_machine, judge_versions
 from tests.conftest import run_cli
 
 GiB = 2**30
@@ -101,10 +101,10 @@ def test_quieting_the_libraries_needs_no_transformers(monkeypatch, capsys):
     import sys
     import warnings
 
-    from launcher.cli import _quiet_libraries
+    from launcher.launch.quiet import quiet_libraries
 
     monkeypatch.setitem(sys.modules, "transformers.utils", None)  # importing it now raises ImportError
-    with _quiet_libraries():
+    with quiet_libraries():
         logging.getLogger("some.library").warning("a notice")
         warnings.warn("a FutureWarning", FutureWarning, stacklevel=1)
     assert capsys.readouterr().err == ""

@@ -34,8 +34,8 @@ def _inputs() -> torch.Tensor:
 def _reference_logits(run: Path, compute: str = "bfloat16") -> torch.Tensor:
     """The trained model: qlaunch's own 4-bit model, rebuilt in one process, with the saved LoRA weights
     (same NF4 bytes and scales whatever the compute dtype; float32 makes the comparison exact to fp32)."""
-    from launcher.export import load_adapter_into
-    from launcher.loading import build_model
+    from launcher.launch.merge import load_adapter_into
+    from launcher.rank.build import build_model
     from launcher.rundir import RunDir
 
     recipe = RunDir(run).load_recipe()
@@ -136,8 +136,8 @@ def test_merge_refuses_a_run_without_adapter(tmp_path):
 
 def _lora_shapes(recipe_path: Path) -> dict[str, torch.Size]:
     """The adapter's tensor names and shapes for this recipe, as merge builds its model."""
-    from launcher.loading import build_model
-    from launcher.recipe import load_recipe
+    from launcher.plan.recipe_file import load_recipe
+    from launcher.rank.build import build_model
 
     recipe = load_recipe(recipe_path)
     recipe = recipe.model_copy(update={"parallel": recipe.parallel.model_copy(update={"backend": "none"})})
@@ -221,7 +221,7 @@ def test_merge_refuses_an_adapter_that_does_not_fit_and_writes_nothing(tmp_path,
     """Random bytes gave a SafetensorError traceback, transposed shapes a RuntimeError, and an all-NaN
     adapter was merged (exit 0)."""
     from launcher.errors import UserError
-    from launcher.export import merge_run
+    from launcher.launch.merge import merge_run
 
     run = _hand_made_run(tmp_path, _corrupt_adapter(case, lora_shapes))
     with pytest.raises(UserError) as err:
@@ -240,7 +240,7 @@ def test_merge_refuses_a_non_finite_base_model(tmp_path, lora_shapes):
     from safetensors.torch import load_file, save_file
 
     from launcher.errors import UserError
-    from launcher.export import merge_run
+    from launcher.launch.merge import merge_run
 
     model = tmp_path / "model"
     shutil.copytree(TINY_MODEL, model)
@@ -272,7 +272,7 @@ def test_merge_command_prints_only_its_own_lines(tmp_path, lora_shapes):
 def test_merge_into_a_place_that_cannot_hold_it_is_one_line(tmp_path, lora_shapes):
     """`merge RUN -o /proc/m` said `/proc/m.tmp: No such file or directory`."""
     from launcher.errors import UserError
-    from launcher.export import merge_run
+    from launcher.launch.merge import merge_run
 
     run = _hand_made_run(tmp_path, _adapter(lora_shapes))
     (tmp_path / "f").write_text("x")

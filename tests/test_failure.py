@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from launcher.launch.diagnose import failure_summary, is_oom
 from launcher.rundir import PLAN_FILE, RunDir, write_files
-from launcher.spawn import failure_summary, is_oom
 from tests.conftest import ROOT
 
 TORCHRUN_REPORT = """
@@ -81,8 +81,8 @@ def test_killed_rank_is_named_with_its_signal_and_log(tmp_path):
 
 
 def _run_dir(tmp_path: Path, recipe_file, micro_batch: int = 2) -> RunDir:
-    from launcher.plan import Cluster, make_plan
-    from launcher.recipe import load_recipe
+    from launcher.plan.plan import Cluster, make_plan
+    from launcher.plan.recipe_file import load_recipe
 
     rec = load_recipe(recipe_file(), [f"train.micro_batch={micro_batch}"])
     run = RunDir(tmp_path / "run")

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from launcher.spawn import descendants
+from launcher.procs import descendants
 from tests.conftest import BASE_RECIPE, ROOT, TINY_DATA, TINY_MODEL, assert_one_line_error, run_cli
 
 pytestmark = pytest.mark.slow
@@ -87,7 +87,9 @@ def test_ranks_import_only_the_installed_package_not_the_current_directory(tmp_p
     planted.mkdir(parents=True)
     (planted / "__init__.py").write_text("")
     marker = tmp_path / "PLANTED-CODE-RAN"
-    (planted / "worker.py").write_text(f"open({str(marker)!r}, 'w').write('ran')\n")
+    (planted / "rank").mkdir()
+    (planted / "rank" / "__init__.py").write_text("")
+    (planted / "rank" / "worker.py").write_text(f"open({str(marker)!r}, 'w').write('ran')\n")
     rec = recipe_file(BASE_RECIPE.replace("max_steps = 2", "max_steps = 1"))
     r = subprocess.run(
         [sys.executable, "-P", "-m", "launcher.cli", "run", str(rec), "--set", f'log.runs_dir="{tmp_path / "runs"}"'],
@@ -97,7 +99,7 @@ def test_ranks_import_only_the_installed_package_not_the_current_directory(tmp_p
         text=True,
         timeout=600,
     )
-    assert not marker.exists(), "a rank imported launcher.worker from the current directory"
+    assert not marker.exists(), "a rank imported launcher.rank.worker from the current directory"
     assert r.returncode == 0, r.stdout + r.stderr
 
 

@@ -17,8 +17,8 @@ from pathlib import Path
 
 from rich.console import Console
 
-from launcher import live
 from launcher.rundir import RunDir
+from launcher.ui import live
 
 GOLDEN = Path(__file__).parent / "golden"
 EVENTS = [json.loads(line) for line in (GOLDEN / "metrics-tiny.jsonl").read_text().splitlines()]
@@ -132,7 +132,7 @@ def test_follow_live_draws_on_a_terminal(tmp_path):
 
 
 def test_a_diverged_run_gets_its_line():
-    from launcher.live import format_event
+    from launcher.ui.live import format_event
 
     line = format_event({"event": "diverged", "step": 4, "loss": "nan", "grad_norm": "inf", "time": 1.0})
     assert line == "stopped at step 4: loss nan, gradient norm inf"

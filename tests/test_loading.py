@@ -11,8 +11,10 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from launcher.loading import quantize_shard, shard_rows, shard_spans
-from launcher.recipe import QuantConfig, load_recipe
+from launcher.plan.recipe import QuantConfig
+from launcher.plan.recipe_file import load_recipe
+from launcher.rank.model.quant import quantize_shard
+from launcher.rank.model.shard import shard_rows, shard_spans
 from tests.conftest import BASE_RECIPE, TINY_MODEL, free_port, run_cli
 
 
@@ -24,7 +26,7 @@ def test_shard_quantization_equals_whole_tensor(world, storage, double_quant):
     including shards that start mid-block (world 3, 7) and the double-quantized state."""
     import bitsandbytes.functional as F
 
-    from launcher.loading import make_quant_state
+    from launcher.rank.model.quant import make_quant_state
 
     torch.manual_seed(world)
     w = torch.randn(96, 80, dtype=torch.bfloat16)  # 7680 elements = 120 blocks of 64
@@ -59,7 +61,7 @@ def _rank_main(rank: int, world: int, port: int, recipe_path: str, model_dirs: l
     dist.init_process_group("gloo")
     from torch.distributed.device_mesh import init_device_mesh
 
-    from launcher.loading import build_model
+    from launcher.rank.build import build_model
 
     mesh = init_device_mesh("cpu", (world,))
     result = {}
@@ -86,7 +88,7 @@ def _rank_main(rank: int, world: int, port: int, recipe_path: str, model_dirs: l
         result[tag]["head"] = (hasattr(head, "unshard"), isinstance(head.weight, DTensor))
         loss.backward()
     torch.save(result, f"{out}/rank{rank}.pt")
-    from launcher.worker import leave
+    from launcher.rank.worker import leave
 
     leave(0)  # as qlaunch's ranks end: no process-group teardown, no interpreter shutdown (see leave)
 
@@ -115,7 +117,7 @@ def test_ranks_hold_only_their_shard_and_sources_agree(tmp_path, prequant_dir):
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(world)]
 
     # Single-process reference built in this process (no mesh, whole tensors).
-    from launcher.loading import build_model
+    from launcher.rank.build import build_model
 
     ref = build_model(load_recipe(recipe), torch.device("cpu"), None)
     ref_params = dict(ref.loss_model.named_parameters())
@@ -165,7 +167,7 @@ def test_quantize_checkpoint_layout(prequant_dir):
 @pytest.fixture(scope="module")
 def int8_model(tmp_path_factory):
     """The tiny model with LLM.int8 layers, one process (backend none), fp32 compute."""
-    from launcher.loading import build_model
+    from launcher.rank.build import build_model
 
     recipe = tmp_path_factory.mktemp("int8") / "r.toml"
     recipe.write_text(BASE_RECIPE)
@@ -202,7 +204,7 @@ def test_int8_merge_is_the_trained_function(int8_model):
     merged dense model (`qlaunch merge`'s dequantize + B @ A) to fp32 rounding, with non-zero LoRA weights."""
     import copy
 
-    from launcher.export import merge_into_dense
+    from launcher.launch.merge import merge_into_dense
 
     built = copy.deepcopy(int8_model)
     g = torch.Generator().manual_seed(0)
@@ -226,7 +228,7 @@ def test_int8_checkpoint_round_trip(int8_model, tmp_path):
     state works (bitsandbytes' extra `SCB` state-dict entry name no attribute, which DCP could not map)."""
     import copy
 
-    from launcher.parallel import TorchEngine
+    from launcher.rank.parallel.torch_engine import TorchEngine
 
     recipe = tmp_path / "r.toml"
     recipe.write_text(BASE_RECIPE)
@@ -251,7 +253,7 @@ def test_prequantized_checkpoint_refuses_int8(tmp_path):
     """A `qlaunch quantize` directory holds NF4 bytes only: quant.bits = 8 is refused in one line that says
     what to use instead (this runs in preflight, before any run directory or rank exists)."""
     from launcher.errors import UserError
-    from launcher.loading import open_source
+    from launcher.rank.model.fill import open_source
 
     d = tmp_path / "tiny-nf4"
     d.mkdir()
@@ -274,7 +276,7 @@ def test_safetensors_source_reads_exactly_the_requested_bytes():
     reads, and the byte count is the slices' size (not whole tensors or files)."""
     from safetensors.torch import load_file
 
-    from launcher.sources import SafetensorsSource
+    from launcher.rank.model.sources import SafetensorsSource
 
     src = SafetensorsSource(TINY_MODEL)
     name = "model.layers.0.mlp.down_proj.weight"

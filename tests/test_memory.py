@@ -7,10 +7,11 @@ import re
 
 import pytest
 
-from launcher import memory
-from launcher.memory import GiB, ModelShape, choose, estimate, suggestions, with_fsdp
-from launcher.plan import Cluster, make_plan, resolve_recipe
-from launcher.recipe import load_recipe
+from launcher.plan import memory
+from launcher.plan.memory import GiB, ModelShape, choose, estimate, with_fsdp
+from launcher.plan.memory_advice import suggestions
+from launcher.plan.plan import Cluster, make_plan, resolve_recipe
+from launcher.plan.recipe_file import load_recipe
 from tests.conftest import TINY_MODEL, run_cli
 
 # Llama-3.1-8B's config.json (the fields the planner reads).

@@ -23,10 +23,13 @@ from pathlib import Path
 import pytest
 
 from launcher.errors import UserError
-from launcher.plan import Cluster, check_elastic_nodes, make_plan, multinode_env, parse_nnodes, torchrun_argv
-from launcher.recipe import load_recipe
+from launcher.launch.diagnose import is_peer_failure
+from launcher.launch.nodewatch import NodeWatch, describe_node, node_blame
+from launcher.launch.spawn import distributed_settings
+from launcher.plan.plan import Cluster, check_elastic_nodes, make_plan, multinode_env, parse_nnodes, torchrun_argv
+from launcher.plan.recipe_file import load_recipe
+from launcher.procs import descendants
 from launcher.rundir import RunDir
-from launcher.spawn import NodeWatch, descendants, describe_node, distributed_settings, is_peer_failure, node_blame
 from tests.conftest import BASE_RECIPE, ROOT, free_port
 
 # ================================================================== planning (pure)
@@ -106,7 +109,7 @@ def _fake_checkpoint(d: Path, world: int) -> Path:
 
 
 def test_checkpoint_missing_a_ranks_shard_is_not_complete(tmp_path):
-    from launcher.checkpoint import is_complete, newest_complete
+    from launcher.rank.checkpoint_dir import is_complete, newest_complete
 
     good = _fake_checkpoint(tmp_path / "ck" / "step_00000002", 4)
     assert is_complete(good) == (True, "")
@@ -127,7 +130,7 @@ def test_checkpoint_missing_a_ranks_shard_is_not_complete(tmp_path):
 
 
 def test_resume_auto_takes_the_newest_checkpoint_by_time_not_by_directory_name(tmp_path):
-    from launcher.checkpoint import find_resume_target
+    from launcher.rank.checkpoint_dir import find_resume_target
 
     old = _fake_checkpoint(tmp_path / "t" / "20261127-120000" / "checkpoints" / "step_00000002", 2)
     new = _fake_checkpoint(tmp_path / "t" / "12345" / "checkpoints" / "step_00000002", 2)  # a SLURM job id
@@ -319,9 +322,8 @@ def test_watch_stops_local_ranks_when_another_node_reports_its_ranks_failed(tmp_
     """A node whose ranks failed says so and leaves cleanly (no lost connection), while this node may be
     waiting on it where no error ever comes (torchrun's exit barrier: 300 s). After the node timeout its
     ranks are stopped; a torchrun that ignores SIGTERM is killed with everything it started."""
-    from launcher import spawn
 
-    monkeypatch.setattr(spawn, "KILL_GRACE_S", 1.0)
+    monkeypatch.setattr("launcher.procs.KILL_GRACE_S", 1.0)
     addr = ("127.0.0.1", free_port())
     notes: list[str] = []
     host = NodeWatch(_run_dir(tmp_path, "n0", [0, 1]), addr, True, 0, 1.0, stop_on_loss=True, log=notes.append)

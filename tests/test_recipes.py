@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from launcher.recipe import bundled_recipes, load_recipe
+from launcher.plan.recipe_file import bundled_recipes, load_recipe
 from tests.conftest import ROOT, run_cli
 
 RECIPES = [p.name for p in bundled_recipes()]
@@ -25,7 +25,7 @@ def test_recipe_dry_run(name):
     gpus = "8" if "70b" in name else "2"
     r = run_cli("run", f"recipes/{name}", "--gpus", gpus, "--dry-run")
     assert r.returncode == 0, r.stderr
-    assert f"--nproc-per-node={gpus}" in r.stdout and "launcher.worker" in r.stdout
+    assert f"--nproc-per-node={gpus}" in r.stdout and "launcher.rank.worker" in r.stdout
     assert "world size: " + gpus in r.stdout
 
 

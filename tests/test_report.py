@@ -8,9 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from launcher import report, sinks
 from launcher.errors import UserError
+from launcher.rank import sinks
 from launcher.rundir import RunDir
+from launcher.ui import report
 from tests.conftest import run_cli
 
 GOLDEN = Path(__file__).parent / "golden"
@@ -89,7 +90,7 @@ def test_sink_scalars_follow_the_metrics_records():
 
 
 def test_missing_optional_packages_warn_once_and_go_on(recipe_file, tmp_path, capsys):
-    from launcher.recipe import load_recipe
+    from launcher.plan.recipe_file import load_recipe
 
     rec = load_recipe(recipe_file(), ["log.tensorboard=true", "log.wandb=true"])
     said: list[str] = []

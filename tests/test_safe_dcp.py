@@ -14,8 +14,8 @@ import pytest
 import torch
 import torch.distributed.checkpoint as dcp
 
-from launcher import safe_dcp
 from launcher.errors import UserError
+from launcher.rank import safe_dcp
 
 
 class _Evil:

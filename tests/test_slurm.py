@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from launcher.errors import UserError
-from launcher.slurm import SbatchOptions, expand_nodelist, from_env, job_port, render_sbatch
+from launcher.launch.slurm import SbatchOptions, expand_nodelist, from_env, job_port, render_sbatch
 from tests.conftest import run_cli
 
 GOLDEN = Path(__file__).resolve().parent / "golden"

@@ -9,8 +9,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from launcher.recipe import load_recipe
-from launcher.train import IGNORE, LinearCrossEntropy
+from launcher.plan.recipe_file import load_recipe
+from launcher.rank.loss import IGNORE, LinearCrossEntropy
 from tests.conftest import BASE_RECIPE, free_port, run_cli
 
 
@@ -35,7 +35,7 @@ def test_linear_cross_entropy_matches_autograd(chunk):
 
 
 def _built(recipe_file, *sets: str):
-    from launcher.loading import build_model
+    from launcher.rank.build import build_model
 
     torch.manual_seed(0)
     return build_model(load_recipe(recipe_file(), ['parallel.backend="none"', *sets]), torch.device("cpu"), None)
@@ -122,7 +122,7 @@ def test_profile_steps_write_a_summary_per_rank_and_a_trace(tmp_path, recipe_fil
     ],
 )
 def test_compile_auto_resolution(recipe_file, sets, device, expect):
-    from launcher.loading import compile_layers
+    from launcher.rank.build import compile_layers
 
     assert compile_layers(load_recipe(recipe_file(), sets), torch.device(device)) is expect
 
@@ -135,7 +135,7 @@ def test_profile_summary_of_device_kernels():
 
     from torch.autograd import DeviceType
 
-    from launcher.profiling import summarize
+    from launcher.rank.profiling import summarize
 
     def kernel(name, start, end):
         return NS(device_type=DeviceType.CUDA, name=name, time_range=NS(start=start, end=end))
@@ -167,7 +167,7 @@ def test_profile_summary_of_device_kernels():
 def test_memory_recorder_says_why_it_recorded_nothing_on_a_gpu_run_resumed_past_its_first_step(tmp_path):
     """A run resumed at step 3 with log.memory_steps = [2, 3] never began recording: its note must say so,
     not claim that there is no GPU (no CUDA call is made on this path, so it runs on CPU too)."""
-    from launcher.profiling import MemoryRecorder
+    from launcher.rank.profiling import MemoryRecorder
 
     rec = MemoryRecorder((2, 3), tmp_path, 1, torch.device("cuda", 0))
     rec.begin(3)
@@ -181,14 +181,14 @@ def test_memory_peak_breakdown_replays_the_allocator_trace():
     """The peak of a recorded allocator trace and what was live at it, grouped by allocation site: blocks
     count until 'free_completed', frees of blocks allocated before recording lower the base line, and a
     site is the innermost frame outside torch's generic wrappers plus the innermost project/library frame."""
-    from launcher.profiling import memory_summary, peak_breakdown
+    from launcher.rank.profiling import memory_summary, peak_breakdown
 
     def fr(path, line, name):
         return {"filename": path, "line": line, "name": name}
 
     mod = fr("/x/site-packages/torch/nn/modules/module.py", 1, "_call_impl")
     gather = [fr("/x/site-packages/torch/distributed/fsdp/_fully_shard/_fsdp_collectives.py", 10, "all_gather")]
-    loss = [fr("/x/site-packages/torch/_tensor.py", 5, "to"), fr("/r/launcher/train.py", 80, "forward"), mod]
+    loss = [fr("/x/site-packages/torch/_tensor.py", 5, "to"), fr("/r/launcher/rank/loss.py", 80, "forward"), mod]
     mlp = [fr("/x/site-packages/transformers/models/llama/modeling_llama.py", 7, "forward"), mod]
     ev = [
         {"action": "alloc", "addr": 1, "size": 100, "frames": gather},
@@ -205,12 +205,12 @@ def test_memory_peak_breakdown_replays_the_allocator_trace():
     assert rows == [
         ("(allocated before the recorded steps: model shards, optimizer state, ...)", 1000, 0),
         ("torch/distributed/fsdp/_fully_shard/_fsdp_collectives.py:10 all_gather", 100, 1),
-        ("launcher/train.py:80 forward", 80, 2),
+        ("launcher/rank/loss.py:80 forward", 80, 2),
         ("transformers/models/llama/modeling_llama.py:7 forward", 20, 1),
     ]
     text = memory_summary(ev, 1000, 5 * 2**30, "rank 0, steps 2-3")
     assert text.splitlines()[1].endswith("peak reserved since the run began 5.00 GiB")
-    assert "launcher/train.py:80 forward" in text
+    assert "launcher/rank/loss.py:80 forward" in text
 
 
 def _sharded_ce_rank(rank: int, world: int, port: int, out: str) -> None:
@@ -220,7 +220,7 @@ def _sharded_ce_rank(rank: int, world: int, port: int, out: str) -> None:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import Shard, distribute_tensor
 
-    from launcher.train import fused_head_loss
+    from launcher.rank.loss import fused_head_loss
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
     torch.set_num_threads(1)

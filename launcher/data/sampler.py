@@ -1,0 +1,109 @@
+"""Which packed rows each rank reads at each step: the same global batch for any world size and accumulation."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+
+from launcher.errors import UserError
+
+if TYPE_CHECKING:  # annotations only: packing and sampling import without pydantic (GPU hosts, tools)
+    pass
+from launcher.data.pack import IGNORE, Packed
+
+
+class StepBatches:
+    """This rank's micro-batches of each step, built on a host thread one step ahead of the GPU.
+
+    The step loop asks for step s and names the step it will ask for next; that one is collated (and, for a
+    GPU, pinned so the copy to the device does not block) while the GPU computes step s. The step loop only
+    waits when a batch is not ready yet: that wait is the data time it reports.
+
+    The loss is normalised by the label tokens of the whole global batch. Every rank holds the whole
+    (packed) training set and the sampler's global batch, so each rank counts them itself: no collective,
+    and no device->host copy that would make the host wait for the GPU at every step start.
+    """
+
+    def __init__(self, data: Packed, sampler: StepSampler, pin: bool):
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.data, self.sampler, self.pin = data, sampler, pin
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="qlaunch-batches")
+        self._ahead: tuple[int, object] | None = None  # (step, Future of build(step))
+
+    def label_tokens(self, step: int) -> int:
+        """Tokens with a label, over the global batch of `step` (every rank's micro-batches together)."""
+        rows = self.data.labels[torch.as_tensor(self.sampler.global_batch(step), dtype=torch.long)]
+        return int((rows[:, 1:] != IGNORE).sum())
+
+    def build(self, step: int) -> tuple[list[dict[str, torch.Tensor]], int]:
+        micro = [self.data.collate(idx) for idx in self.sampler.micro_batches(step)]
+        if self.pin:
+            micro = [{k: v.pin_memory() for k, v in b.items()} for b in micro]
+        return micro, self.label_tokens(step)
+
+    def get(self, step: int, then: int | None) -> tuple[list[dict[str, torch.Tensor]], int]:
+        """(micro-batches, global label tokens) of `step`; starts building `then` (None: nothing more)."""
+        if self._ahead is not None and self._ahead[0] == step:
+            out = self._ahead[1].result()
+        else:
+            out = self.build(step)
+        self._ahead = (then, self._pool.submit(self.build, then)) if then is not None else None
+        return out
+
+
+class StepSampler:
+    """Global batch of step s = samples perm[s*G:(s+1)*G] (a fresh seeded permutation per epoch).
+
+    Rank r's micro-step a gets positions [(a*W + r)*mb, +mb) of that global batch: disjoint across ranks,
+    the same global batch at any world size, and resumable from the step number alone. `next()` walks the
+    steps with a cursor that state_dict()/load_state_dict() save and restore (a checkpoint stores it; a
+    resumed run, at any world size, then sees exactly the samples the uninterrupted run would have).
+    """
+
+    def __init__(self, n: int, global_batch: int, micro_batch: int, world: int, rank: int, seed: int):
+        if n < global_batch:
+            raise UserError(f"the training data has {n} packed samples, fewer than train.global_batch = {global_batch}")
+        self.n, self.G, self.mb, self.W, self.r, self.seed = n, global_batch, micro_batch, world, rank, seed
+        self.steps_per_epoch = n // global_batch
+        self.accum = global_batch // (micro_batch * world)
+        self.step = 0
+        self._cached: tuple[int, torch.Tensor] | None = None
+
+    def _perm(self, epoch: int) -> torch.Tensor:
+        # Read the cache once and return what was checked: StepBatches' thread and the step loop may ask for
+        # different epochs at once, and re-reading self._cached could return the other thread's epoch.
+        cached = self._cached
+        if cached is None or cached[0] != epoch:
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            cached = self._cached = (epoch, torch.randperm(self.n, generator=g))
+        return cached[1]
+
+    def global_batch(self, step: int) -> list[int]:
+        epoch, k = divmod(step, self.steps_per_epoch)
+        return self._perm(epoch)[k * self.G : (k + 1) * self.G].tolist()
+
+    def micro_batches(self, step: int) -> list[list[int]]:
+        gb = self.global_batch(step)
+        return [gb[(a * self.W + self.r) * self.mb : (a * self.W + self.r + 1) * self.mb] for a in range(self.accum)]
+
+    def next(self) -> list[list[int]]:
+        """This rank's micro-batches of the cursor's step; advances the cursor."""
+        out = self.micro_batches(self.step)
+        self.step += 1
+        return out
+
+    def state_dict(self) -> dict:
+        return {"step": self.step, "n": self.n, "global_batch": self.G, "seed": self.seed}
+
+    def load_state_dict(self, state: dict) -> None:
+        mine = self.state_dict()
+        for k in ("n", "global_batch", "seed"):
+            if state.get(k) != mine[k]:
+                what = {"n": "packed training samples", "global_batch": "train.global_batch", "seed": "train.seed"}
+                raise UserError(
+                    f"cannot resume: the checkpoint was taken with {what[k]} = {state.get(k)}, this run has "
+                    f"{mine[k]}; a resumed run would not see the samples the interrupted one would have"
+                )
+        self.step = int(state["step"])

@@ -1,0 +1,183 @@
+"""`qlaunch merge`: an exported adapter checked and merged into a dense model (safetensors), refusing non-finite
+results."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import torch
+
+from launcher.rank.export import ADAPTER_FILE
+
+
+def read_adapter(adapter_dir: Path) -> dict[str, torch.Tensor]:
+    """The tensors of a saved adapter, once its file passed the safetensors rules (sources.read_header: a
+    regular file, the whole header validated, then the library's own check); one line naming it otherwise."""
+    from safetensors.torch import load_file
+
+    from launcher.rank.model.sources import read_header
+
+    path = adapter_dir / ADAPTER_FILE
+    read_header(path)
+    return load_file(str(path))
+
+
+def adapter_problem(saved: dict[str, torch.Tensor], params: dict[str, torch.Tensor]) -> str | None:
+    """Why SAVED cannot be the adapter of a model whose LoRA parameters are PARAMS (None: it can): the same
+    tensor names, each a float tensor of its parameter's shape, every value finite."""
+    from launcher.safe_files import shown
+
+    missing = sorted(set(params) - set(saved))
+    if missing:
+        return f"adapter has no tensor for {missing[0]} (was it trained with another recipe?)"
+    extra = sorted(set(saved) - set(params))
+    if extra:
+        return (
+            f"adapter tensor {shown(extra[0])} is no LoRA parameter of the recipe's model (another recipe's adapter?)"
+        )
+    for name, p in params.items():
+        t = saved[name]
+        if not t.is_floating_point():
+            return f"adapter tensor {name} has dtype {str(t.dtype).removeprefix('torch.')}, not a float dtype"
+        if t.shape != p.shape:
+            return (
+                f"adapter tensor {name} has shape {list(t.shape)}, but the recipe's model needs {list(p.shape)} "
+                "(another model or LoRA rank?)"
+            )
+        if not bool(torch.isfinite(t.float()).all()):  # float: isfinite has no float8_e4m3fn kernel
+            return f"adapter tensor {name} holds NaN or infinite values (a diverged or corrupted adapter)"
+    return None
+
+
+def load_adapter_into(peft_model: torch.nn.Module, adapter_dir: Path) -> None:
+    """Copy a saved PEFT adapter into the LoRA parameters of a freshly built (unsharded) model, once it is
+    known to fit them exactly (adapter_problem)."""
+    saved = read_adapter(adapter_dir)
+    params = {
+        n.replace(".default.", ".").replace(".default", ""): p
+        for n, p in peft_model.named_parameters()
+        if p.requires_grad
+    }
+    problem = adapter_problem(saved, params)
+    if problem:
+        from launcher.errors import UserError
+
+        raise UserError(f"{adapter_dir / ADAPTER_FILE}: {problem}; nothing was merged")
+    with torch.no_grad():
+        for k, p in params.items():
+            p.copy_(saved[k].to(p.dtype))
+
+
+def first_non_finite(model: torch.nn.Module) -> str | None:
+    """The name of the first parameter or buffer holding a NaN or infinite value (None: all finite)."""
+    for name, t in model.state_dict().items():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            return name
+    return None
+
+
+def dequantize(layer: torch.nn.Module) -> torch.Tensor:
+    """Full fp32 weight of a bitsandbytes Linear4bit or Linear8bitLt (or a plain Linear)."""
+    import bitsandbytes as bnb
+
+    if isinstance(layer, bnb.nn.Linear4bit):
+        packed = layer.weight.data.view(torch.uint8).reshape(-1, 1)
+        return bnb.functional.dequantize_4bit(packed, layer.quant_state).float()
+    if isinstance(layer, bnb.nn.Linear8bitLt):
+        # The row scales sit on the weight until the first forward, then in the layer's matmul state.
+        scb = layer.weight.SCB if layer.weight.SCB is not None else layer.state.SCB
+        # The expression of bitsandbytes' training matmul (MatMul8bitFp), so fp32 merges are exact.
+        return layer.weight.data.float().mul_(scb.float().unsqueeze(1).mul(1.0 / 127.0))
+    return layer.weight.detach().float()
+
+
+def merge_into_dense(peft_model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
+    """Replace every LoRA layer by a dense Linear holding W + scale * B @ A, and dequantize the rest."""
+    import bitsandbytes as bnb
+    from peft.tuners.lora import LoraLayer
+
+    model = peft_model.base_model.model
+    for name, module in list(model.named_modules()):
+        if isinstance(module, LoraLayer):
+            base = module.get_base_layer()
+            w = dequantize(base)
+            for adapter in module.active_adapters:
+                a, b = module.lora_A[adapter].weight.float(), module.lora_B[adapter].weight.float()
+                w = w + (b @ a) * module.scaling[adapter]
+            _replace(model, name, _dense(w, base.bias, dtype))
+    for name, module in list(model.named_modules()):
+        if isinstance(module, (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt)):
+            _replace(model, name, _dense(dequantize(module), module.bias, dtype))
+    for flag in ("is_loaded_in_4bit", "is_loaded_in_8bit"):
+        if hasattr(model, flag):
+            delattr(model, flag)
+    return model.to(dtype)
+
+
+def _dense(w: torch.Tensor, bias, dtype) -> torch.nn.Linear:
+    lin = torch.nn.Linear(w.shape[1], w.shape[0], bias=bias is not None, dtype=dtype)
+    with torch.no_grad():
+        lin.weight.copy_(w.to(dtype))
+        if bias is not None:
+            lin.bias.copy_(bias.detach().to(dtype))
+    return lin
+
+
+def _replace(root: torch.nn.Module, name: str, new: torch.nn.Module) -> None:
+    parent, _, leaf = name.rpartition(".")
+    setattr(root.get_submodule(parent) if parent else root, leaf, new)
+
+
+def merge_run(run_dir: Path, out: Path, dtype: str = "bfloat16") -> Path:
+    """`qlaunch merge`: base (dequantized) + the run's adapter -> a plain Hugging Face model directory."""
+    from launcher.data.tokenizer import build_tokenizer
+    from launcher.errors import UserError
+    from launcher.rank.build import build_model
+    from launcher.rank.model.skeleton import DTYPES
+    from launcher.rundir import RunDir
+
+    run = RunDir(Path(run_dir))
+    if not run.recipe.is_file():
+        raise UserError(f"{run_dir}: not a run directory (no recipe.toml)")
+    if not os.path.lexists(run.adapter / ADAPTER_FILE):
+        raise UserError(f"{run_dir}: the run has no exported adapter (adapter/adapter_model.safetensors)")
+    if out.exists() and not out.is_dir():
+        raise UserError(f"{out}: exists and is not a directory")
+    if out.exists() and any(out.iterdir()):
+        raise UserError(f"{out}: exists and is not empty")
+    recipe = run.load_recipe()
+    # One process, no sharding: the whole quantized model in host memory (half a byte per weight, one for
+    # int8). Dequantize and add the LoRA product in fp32 (the quantized bytes and scales do not depend on
+    # it), round once at the end.
+    recipe = recipe.model_copy(
+        update={
+            "parallel": recipe.parallel.model_copy(update={"backend": "none"}),
+            "quant": recipe.quant.model_copy(update={"compute_dtype": "float32"}),
+            "model": recipe.model.model_copy(update={"dtype": "float32"}),
+        }
+    )
+    read_adapter(run.adapter)  # a corrupt file is found before the model is built
+    built = build_model(recipe, torch.device("cpu"), None)
+    load_adapter_into(built.peft_model, run.adapter)
+    model = merge_into_dense(built.peft_model, DTYPES[dtype])
+    bad = first_non_finite(model)
+    if bad is not None:  # the adapter is finite: the base weights are not, or the sum overflows the dtype
+        raise UserError(
+            f"{out}: not written: the merged weight {bad} holds NaN or infinite values in {dtype} (non-finite "
+            f"weights in the base model {recipe.model.path}, or values beyond {dtype}'s range)"
+        )
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.config.dtype = dtype
+    try:
+        model.save_pretrained(str(tmp), safe_serialization=True)
+        build_tokenizer(recipe, built.model_dir).save_pretrained(str(tmp))
+        if out.exists():
+            out.rmdir()
+        os.replace(tmp, out)
+    except OSError as err:  # a parent that is a file or refuses new directories, a full disk
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise UserError(f"{out}: cannot write the merged model ({err.strerror or type(err).__name__})") from None
+    return out

@@ -1,0 +1,495 @@
+"""Recipe schema and cross-field validation (reading TOML and --set overrides: recipe_file).
+
+A recipe is a TOML file validated into frozen pydantic models with `extra="forbid"`. The field
+descriptions are the documentation: `qlaunch explain KEY` prints them.
+"""
+
+from __future__ import annotations
+
+import datetime
+import re
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    field_validator,
+    model_validator,
+)
+from pydantic_core import PydanticCustomError
+
+from launcher.plan.limits import (
+    MAX_DATASET_WEIGHT,
+    MAX_EPOCHS,
+    MAX_GLOBAL_BATCH,
+    MAX_GPU_MEMORY_GB,
+    MAX_GPUS_PER_NODE,
+    MAX_MICRO_BATCH,
+    MAX_NODES,
+    MAX_SEQ_LEN,
+    MAX_STEPS,
+    SEED_LIMIT,
+)
+
+DType = Literal["bfloat16", "float16", "float32"]
+
+
+def _not_a_bool(value: Any) -> Any:
+    # pydantic takes true as 1 for numbers; `gpus = true` or `lr = true` is a mistake, not 1.
+    if isinstance(value, bool):
+        raise PydanticCustomError("bool_for_number", "input should be a number, not true or false")
+    return value
+
+
+# A decimal number as someone would type it in quotes by mistake ("8", "1e-3"); not "nan" or "inf", which are
+# words that happen to parse.
+_NUMERAL = re.compile(r"\s*[+-]?(\d[\d_]*\.?\d*|\.\d+)([eE][+-]?\d+)?\s*")
+
+
+def _is_numeral(text: str) -> bool:
+    return _NUMERAL.fullmatch(text) is not None
+
+
+def _toml_integer(value: Any) -> Any:
+    # TOML has integers and floats of their own; pydantic's lax mode would also take 1e3 (a float) and "8"
+    # (a string) for an integer, so a typo such as `rank = 1e3` silently became rank 1000.
+    _not_a_bool(value)
+    if isinstance(value, float):
+        hint = f" (write {int(value)})" if value.is_integer() and abs(value) < 1e18 else ""  # no 300-digit hint
+        raise PydanticCustomError("int_from_float", "input should be an integer, not a float{hint}", {"hint": hint})
+    if isinstance(value, str) and _is_numeral(value):
+        raise PydanticCustomError(
+            "number_in_quotes", "input should be an integer, not a string (write it without quotes)"
+        )
+    return value  # other strings: pydantic's own 'unable to parse' message
+
+
+def _toml_number(value: Any) -> Any:
+    _not_a_bool(value)
+    if isinstance(value, str) and _is_numeral(value):
+        raise PydanticCustomError(
+            "number_in_quotes", "input should be a number, not a string (write it without quotes)"
+        )
+    return value
+
+
+def _toml_bool(value: Any) -> Any:
+    # pydantic's lax mode reads 1, "yes" or "on" as true: `trust_remote_code = 1` must not switch code on.
+    if not isinstance(value, bool):
+        raise PydanticCustomError("bool_type", "input should be true or false")
+    return value
+
+
+def _not_blank(text: str) -> str:
+    # '' would resolve to the recipe's own directory (or the current one) and be reported as a model there.
+    if not text.strip():
+        raise PydanticCustomError("empty_path", "input should be a path, not an empty string")
+    return text
+
+
+Int = Annotated[int, BeforeValidator(_toml_integer)]
+
+Float = Annotated[float, BeforeValidator(_toml_number)]
+
+Bool = Annotated[bool, BeforeValidator(_toml_bool)]
+
+PathText = Annotated[str, AfterValidator(_not_blank)]
+
+# Adam's moment decay rates: 1 would never forget, and a rate outside [0, 1) diverges.
+Beta = Annotated[Float, Field(ge=0.0, lt=1.0)]
+
+# Run names become a directory under log.runs_dir: one plain path component, never '.', '..' or hidden.
+RUN_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}")
+
+# A multi-node run's node watch listens on master_port + 1 (spawn.WATCH_PORT_OFFSET), which must be a port too.
+MAX_MULTINODE_MASTER_PORT = 65534
+
+
+def is_jinja_template(text: str) -> bool:
+    """Whether a chat template value is Jinja text at all (a template name such as 'chatml' is not)."""
+    return "{{" in text or "{%" in text
+
+
+def short_value(value: Any, limit: int = 80) -> str:
+    """repr of a recipe value (booleans, dates and times as TOML writes them), cut to fit a one-line message."""
+    if isinstance(value, bool):
+        shown = "true" if value else "false"
+    elif isinstance(value, datetime.date | datetime.time):
+        shown = value.isoformat()  # `lr = 1979-05-27` is a TOML date; datetime.date(1979, 5, 27) is Python's
+    else:
+        shown = repr(value)
+    return shown if len(shown) <= limit else shown[: limit - 3] + "..."
+
+
+class _Section(BaseModel):
+    # allow_inf_nan=False: inf/nan (TOML's inf, nan, and 1e400, which overflows to inf) in any float field
+    # would train to NaN or crash the ranks; they are refused where the recipe is validated.
+    model_config = ConfigDict(frozen=True, extra="forbid", validate_default=True, allow_inf_nan=False)
+
+
+class ModelConfig(_Section):
+    path: PathText = Field(
+        description="Local Hugging Face model directory (config.json + *.safetensors), a directory written "
+        "by `qlaunch quantize`, or a hub id (resolved through the huggingface_hub cache)."
+    )
+    init: Literal["pretrained", "random"] = Field(
+        "pretrained",
+        description="'pretrained' loads weights from `path`; 'random' builds the architecture from its "
+        "config only and each rank generates its own slice from a seeded generator (a rehearsal mode "
+        "to check memory and speed before downloading weights).",
+    )
+    revision: str | None = Field(None, description="Hub revision (branch, tag or commit) for hub ids.")
+    dtype: DType = Field("bfloat16", description="Dtype of the non-quantized frozen weights (norms, embeddings).")
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = Field(
+        "sdpa", description="Attention kernel passed to transformers."
+    )
+    trust_remote_code: Bool = Field(
+        False, description="Allow model code from the checkpoint's repository to run (off by default)."
+    )
+    tokenizer: PathText | None = Field(None, description="Tokenizer path or hub id; defaults to `model.path`.")
+
+
+class QuantConfig(_Section):
+    bits: Annotated[Literal[4, 8, "none"], BeforeValidator(_toml_integer)] = Field(
+        4,
+        description="4 = bitsandbytes NF4/FP4 (QLoRA); 8 = LLM.int8 (bitsandbytes Linear8bitLt, outlier threshold "
+        "6.0; replicated weights only: parallel.backend 'none' or DeepSpeed stage 2); 'none' = plain LoRA on the "
+        "dtype weights.",
+    )
+    type: Literal["nf4", "fp4"] = Field("nf4", description="4-bit data type.")
+    double_quant: Bool = Field(True, description="Quantize the per-block scales again (saves ~0.4 bit/param).")
+    blocksize: Annotated[Literal[32, 64, 128, 256], BeforeValidator(_toml_integer)] = Field(
+        64, description="Elements per quantization block."
+    )
+    compute_dtype: DType = Field(
+        "bfloat16", description="Dtype in which the 4-bit weights are dequantized and matmuls run."
+    )
+    storage_dtype: DType = Field(
+        "bfloat16",
+        description="Dtype of the tensor that stores the packed 4-bit bytes. FSDP shards and all-gathers it as "
+        "this dtype, so it must equal the dtype FSDP computes in (`quant.compute_dtype`).",
+    )
+    skip_modules: list[str] = Field(["lm_head"], description="Linear layers (by name suffix) that stay unquantized.")
+
+
+class LoraConfig(_Section):
+    rank: Int = Field(16, ge=1, le=1024, description="LoRA rank r.")
+    alpha: Float = Field(32.0, gt=0, description="LoRA alpha; the update is scaled by alpha / rank.")
+    dropout: Float = Field(0.0, ge=0.0, lt=1.0, description="Dropout on the LoRA input.")
+    target_modules: Literal["all-linear"] | Annotated[list[str], Field(min_length=1)] = Field(
+        "all-linear",
+        description="'all-linear' (every linear layer of the decoder, not lm_head) or a list of module name suffixes.",
+    )
+    use_dora: Bool = Field(False, description="Weight-decomposed LoRA (DoRA).")
+    init_seed: Int = Field(
+        0, ge=0, lt=SEED_LIMIT, description="Seed of the LoRA A initialisation (identical on all ranks)."
+    )
+
+
+class DatasetSpec(_Section):
+    path: PathText = Field(
+        description="A .jsonl/.json/.parquet/.csv/.arrow file, a directory written by Dataset.save_to_disk, a "
+        "directory of data files, or a hub dataset name (org/name)."
+    )
+    weight: Float = Field(
+        1.0,
+        gt=0,
+        le=MAX_DATASET_WEIGHT,
+        description="How much of this dataset one epoch uses: 1 = every sample once, 2 = twice, 0.5 = a seeded "
+        "half. Several datasets are mixed in proportion to weight x size, the same at any world size.",
+    )
+    split: str = Field("train", description="Split name for hub datasets and saved DatasetDicts (files have one).")
+
+
+class DataConfig(_Section):
+    datasets: list[DatasetSpec] = Field(min_length=1, description="Training datasets (mixed by weight).")
+    format: Literal["text", "alpaca", "chat", "tokenized"] = Field(
+        "text",
+        description="Record format. 'text': one string column, all tokens trained. 'alpaca': instruction, "
+        "optional input, output, rendered as '### Instruction:\\n...\\n\\n### Input:\\n...\\n\\n### Response:\\n' "
+        "+ output + EOS. 'chat': a list of {role, content} messages (roles system, user, assistant, tool) "
+        "rendered with data.chat_template, else the tokenizer's chat template, else a ChatML-style default "
+        "('<|im_start|>ROLE\\nCONTENT' + EOS per message). 'tokenized': input_ids and optional labels "
+        "(-100 = no loss), used as they are.",
+    )
+    text_column: str = Field("text", description="Column of `text` records.")
+    instruction_column: str = Field("instruction", description="Instruction column of `alpaca` records.")
+    input_column: str = Field("input", description="Optional input column of `alpaca` records.")
+    output_column: str = Field("output", description="Response column of `alpaca` records.")
+    messages_column: str = Field("messages", description="Column of `chat` records (list of {role, content}).")
+    input_ids_column: str = Field("input_ids", description="Token ids column of `tokenized` records.")
+    labels_column: str = Field(
+        "labels", description="Optional labels column of `tokenized` records (absent: train on every token)."
+    )
+    chat_template: str | None = Field(
+        None,
+        description="Jinja chat template text for `chat` records (with {{ ... }} / {% ... %}), overriding the "
+        "tokenizer's own.",
+    )
+    train_on_prompt: Bool = Field(
+        False,
+        description="Also train on prompt tokens (alpaca: the instruction part; chat: every message, not only "
+        "the assistant's). Off: the loss covers responses only.",
+    )
+    seq_len: Int = Field(2048, ge=8, le=MAX_SEQ_LEN, description="Tokens per sample (packed or padded).")
+    packing: Bool = Field(
+        True,
+        description="Pack several documents into each seq_len row (position ids restart per document and no "
+        "token attends across a document boundary); off: one document per row, padded.",
+    )
+    overlong: Literal["truncate", "drop", "error"] = Field(
+        "truncate",
+        description="Samples longer than seq_len: 'truncate' keeps the first seq_len tokens, 'drop' skips "
+        "them, 'error' stops with the file and line of the first one.",
+    )
+    val_fraction: Float = Field(
+        0.0,
+        ge=0.0,
+        lt=1.0,
+        description="Fraction of each training dataset carved off (fixed seed) as validation data, when "
+        "val_path is not set.",
+    )
+    val_path: PathText | None = Field(
+        None, description="Separate validation data (any form `datasets[].path` accepts); overrides val_fraction."
+    )
+    val_split: str = Field(
+        "validation", description="Split of val_path for hub datasets and saved DatasetDicts (files have one)."
+    )
+
+    @field_validator("chat_template")
+    @classmethod
+    def _jinja(cls, template: str | None) -> str | None:
+        if template is not None and not is_jinja_template(template):
+            raise ValueError(
+                f"data.chat_template = {short_value(template)}: not a Jinja chat template (no '{{{{' or '{{%'); give "
+                "the template text itself (named templates are not supported), or leave it unset to use the "
+                "tokenizer's template"
+            )
+        return template
+
+
+class TrainConfig(_Section):
+    max_steps: Int | None = Field(None, ge=1, le=MAX_STEPS, description="Optimizer steps to run (or give `epochs`).")
+    epochs: Float | None = Field(
+        None, gt=0, le=MAX_EPOCHS, description="Passes over the training data (if max_steps is not set)."
+    )
+    micro_batch: Int | Literal["auto"] = Field(
+        1, description="Sequences per rank per forward pass (1..65536), or 'auto' (planner)."
+    )
+    global_batch: Int = Field(8, ge=1, le=MAX_GLOBAL_BATCH, description="Sequences per optimizer step over all ranks.")
+    lr: Float = Field(2e-4, ge=0.0, description="Peak learning rate (0 is allowed: a parity check).")
+    schedule: Literal["cosine", "linear", "constant"] = Field("cosine", description="Decay after warmup.")
+    warmup_steps: Int = Field(0, ge=0, le=MAX_STEPS, description="Linear warmup steps.")
+    min_lr_ratio: Float = Field(0.0, ge=0.0, le=1.0, description="Final lr as a fraction of the peak.")
+    weight_decay: Float = Field(0.0, ge=0.0, description="AdamW weight decay on LoRA weights.")
+    betas: tuple[Beta, Beta] = Field((0.9, 0.999), description="AdamW betas, each in [0, 1).")
+    grad_clip: Float | None = Field(1.0, gt=0, description="Clip the global gradient norm to this (None = off).")
+    gradient_checkpointing: Bool | Literal["auto"] = Field(True, description="Recompute decoder layers in backward.")
+    compile: Bool | Literal["auto"] = Field(
+        "auto",
+        description="torch.compile each decoder layer: fuses the norms, rotary, activation and LoRA "
+        "arithmetic into fewer kernels and cuts per-layer host work (the 4-bit matmuls stay bitsandbytes'). "
+        "'auto' = on for 4-bit models on GPUs (every backend; ZeRO-3 gathers each layer whole so that its "
+        "forward holds no DeepSpeed hook), off on CPU (compiling there costs more than it saves in short runs) "
+        "and with log.memory_steps.",
+    )
+    seed: Int = Field(0, ge=0, lt=SEED_LIMIT, description="Seed for data order and dropout.")
+    eval_every: Int = Field(0, ge=0, le=MAX_STEPS, description="Run validation every N steps (0 = never).")
+
+    @model_validator(mode="after")
+    def _length(self) -> TrainConfig:
+        if self.max_steps is None and self.epochs is None:
+            raise ValueError("set train.max_steps or train.epochs")
+        if isinstance(self.micro_batch, int) and not 1 <= self.micro_batch <= MAX_MICRO_BATCH:
+            raise ValueError(f"train.micro_batch = {self.micro_batch}: must be 1..{MAX_MICRO_BATCH} or 'auto'")
+        return self
+
+
+class FSDPConfig(_Section):
+    reshard_after_forward: Bool | Literal["auto"] = Field(
+        "auto",
+        description="Free each gathered decoder layer after its forward and gather it again for backward (less "
+        "memory; two all-gathers per layer and micro-step). false keeps every layer gathered from its forward "
+        "to its backward (one all-gather; all layers whole at the end of forward). 'auto' = the planner keeps "
+        "them when that fits the card and its speed model prefers it (measured on 4 H100s, 8B, batch 2: "
+        "+11% tok/s/GPU; bench/RESULTS.md), else frees them; always frees with cpu_offload.",
+    )
+    cpu_offload: Bool = Field(
+        False, description="Keep sharded parameters and optimizer state in host memory (GPU runs only)."
+    )
+    hybrid: Bool = Field(False, description="Shard within a node, replicate across nodes (HSDP).")
+
+
+class DeepSpeedConfig(_Section):
+    stage: Annotated[Literal[2, 3], BeforeValidator(_toml_integer)] = Field(
+        3,
+        description="ZeRO stage: 2 partitions optimizer state and gradients (every rank holds the whole frozen "
+        "4-bit model); 3 also partitions the parameters, 4-bit weights included.",
+    )
+    offload_optimizer: Bool = Field(False, description="Keep optimizer state in host memory.")
+    offload_params: Bool = Field(False, description="Keep parameters in host memory (stage 3 only).")
+    persistence_threshold: Int = Field(
+        100_000,
+        ge=0,
+        description="Stage 3: parameters with at most this many elements are not re-partitioned after use; every "
+        "rank keeps them whole (DeepSpeed's stage3_param_persistence_threshold, default 1e5). 0 partitions all.",
+    )
+
+
+class ParallelConfig(_Section):
+    backend: Literal["fsdp", "deepspeed", "none"] = Field(
+        "fsdp",
+        description="'fsdp' (FSDP2 fully_shard), 'deepspeed' (ZeRO), or 'none' (single process, no wrapping).",
+    )
+    fsdp: FSDPConfig = Field(default_factory=FSDPConfig, description="FSDP2 options.")
+    deepspeed: DeepSpeedConfig = Field(default_factory=DeepSpeedConfig, description="DeepSpeed options.")
+
+
+class CheckpointConfig(_Section):
+    every_steps: Int = Field(
+        0, ge=0, le=MAX_STEPS, description="Save a sharded checkpoint every N steps (0 = only at the end)."
+    )
+    keep_last: Int = Field(2, ge=1, description="Complete checkpoints to keep.")
+    save_final_adapter: Bool = Field(True, description="Export the PEFT adapter at the end of training.")
+
+
+class LaunchConfig(_Section):
+    gpus: Int = Field(
+        1,
+        ge=1,
+        le=MAX_GPUS_PER_NODE,
+        description="Ranks per node (GPUs, or CPU processes on a machine without CUDA).",
+    )
+    nnodes: Int = Field(1, ge=1, le=MAX_NODES, description="Number of nodes.")
+    max_restarts: Int = Field(0, ge=0, description="Elastic restarts of the whole worker group after a failure.")
+    master_port: Int = Field(
+        29500,
+        ge=1,
+        le=65535,
+        description="Rendezvous port of a multi-node run (node 0's; one node picks a free one itself).",
+    )
+    gpu_memory_gb: Float | None = Field(
+        None,
+        ge=1,  # below a GiB the cap would round to nothing (no card is that small)
+        le=MAX_GPU_MEMORY_GB,
+        description="Cap each rank's GPU memory at this many GiB (torch's allocator, through "
+        "torch.cuda.set_per_process_memory_fraction) and plan for a card of that size: rehearse a smaller "
+        "card on a bigger one. None = the whole card.",
+    )
+
+
+class LogConfig(_Section):
+    every_steps: Int = Field(1, ge=1, le=MAX_STEPS, description="Write a metrics line every N steps.")
+    runs_dir: PathText = Field("runs", description="Where run directories are created.")
+    tensorboard: Bool = Field(False, description="Also write TensorBoard event files (needs tensorboard).")
+    wandb: Bool = Field(False, description="Also log to Weights & Biases (offline works without network).")
+    profile_steps: tuple[Int, Int] | None = Field(
+        None,
+        description="Run the torch profiler over steps [first, last] (1-based, inclusive) and write "
+        "profile/rank<R>.txt (GPU busy time, device time by kernel kind, top operators) and rank 0's trace.",
+    )
+
+    memory_steps: tuple[Int, Int] | None = Field(
+        None,
+        description="Record the GPU allocator's history over steps [first, last] (1-based, inclusive) and write "
+        "profile/memory-rank<R>.txt (the peak and what was live at it, by allocation site) and rank 0's "
+        "snapshot (profile/memory-rank0.pickle, for pytorch.org/memory_viz). GPUs only.",
+    )
+
+    @model_validator(mode="after")
+    def _profile(self) -> LogConfig:
+        for key in ("profile_steps", "memory_steps"):
+            steps = getattr(self, key)
+            if steps is not None and not 1 <= steps[0] <= steps[1] <= MAX_STEPS:
+                raise ValueError(
+                    f"log.{key} = [{steps[0]}, {steps[1]}]: need 1 <= first <= last <= {MAX_STEPS} (1-based step "
+                    "numbers)"
+                )
+        return self
+
+
+class Recipe(_Section):
+    name: str = Field(
+        description="Run name; the run directory is runs/<name>/<timestamp>/. Letters, digits, '.', '_' and '-' "
+        "(not first: '.'), at most 128 characters."
+    )
+    model: ModelConfig
+    quant: QuantConfig = Field(default_factory=QuantConfig)
+    lora: LoraConfig = Field(default_factory=LoraConfig)
+    data: DataConfig
+    train: TrainConfig
+    parallel: ParallelConfig = Field(default_factory=ParallelConfig)
+    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
+    launch: LaunchConfig = Field(default_factory=LaunchConfig)
+    log: LogConfig = Field(default_factory=LogConfig)
+
+    @field_validator("name")
+    @classmethod
+    def _run_name(cls, name: str) -> str:
+        if not RUN_NAME.fullmatch(name):
+            raise ValueError(
+                f"name = {short_value(name)}: a run name is one directory name: 1-128 letters, digits, '.', '_' or "
+                "'-', not starting with '.'"
+            )
+        return name
+
+    @model_validator(mode="after")
+    def _cross(self) -> Recipe:
+        q, p = self.quant, self.parallel
+        if q.bits == 4 and q.storage_dtype != q.compute_dtype and p.backend in ("fsdp", "deepspeed"):
+            raise ValueError(
+                f"quant.storage_dtype = {q.storage_dtype!r} but {p.backend} shards parameters as "
+                f"{q.compute_dtype!r} (quant.compute_dtype); set quant.storage_dtype = {q.compute_dtype!r}"
+            )
+        if q.bits == 8 and (p.backend == "fsdp" or (p.backend == "deepspeed" and p.deepspeed.stage == 3)):
+            raise ValueError(
+                "quant.bits = 8 cannot be sharded by "
+                + ("FSDP" if p.backend == "fsdp" else "ZeRO-3")
+                + " (LLM.int8 weights carry row scales that break when split); use quant.bits = 4, "
+                "or parallel.backend = 'deepspeed' with parallel.deepspeed.stage = 2"
+            )
+        if self.launch.nnodes > 1 and self.launch.master_port > MAX_MULTINODE_MASTER_PORT:
+            raise ValueError(
+                f"launch.master_port = {self.launch.master_port}: a multi-node run's node watch listens on "
+                f"master_port + 1, so the port must be 1..{MAX_MULTINODE_MASTER_PORT}"
+            )
+        if p.deepspeed.offload_params and p.deepspeed.stage != 3 and p.backend == "deepspeed":
+            raise ValueError("parallel.deepspeed.offload_params needs parallel.deepspeed.stage = 3")
+        if self.log.memory_steps is not None and self.train.compile is True:
+            raise ValueError(
+                "log.memory_steps cannot record compiled layers (torch's allocator history breaks compiled, "
+                "checkpointed layers: their backward fails with 'returned NULL without setting an exception'); "
+                "set train.compile = false or 'auto' (which then compiles nothing)"
+            )
+        return self
+
+
+def _all_keys(model: type[BaseModel], prefix: str = "") -> dict[str, Any]:
+    """Every dotted key of the schema -> its FieldInfo (sections included)."""
+    out: dict[str, Any] = {}
+    for name, info in model.model_fields.items():
+        key = f"{prefix}{name}"
+        out[key] = info
+        ann = info.annotation
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            out.update(_all_keys(ann, key + "."))
+    return out
+
+
+SCHEMA_KEYS = _all_keys(Recipe)
+
+
+def is_section(ann: Any) -> bool:
+    return isinstance(ann, type) and issubclass(ann, BaseModel)
+
+
+def override_label(item: str) -> str:
+    """How a message names an override: the flag it came from, else the --set item."""
+    return getattr(item, "flag", None) or f"--set {short_value(str(item))}"
+
+
+def recipe_to_dict(recipe: Recipe) -> dict[str, Any]:
+    return recipe.model_dump(mode="json")

@@ -1,0 +1,107 @@
+"""Building a rank's model: skeleton, quantized layers, this rank's shards filled, LoRA, the engine's wrapping
+and the loss (`build_model`), and per-layer compilation."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from launcher.plan.model_info import load_config, resolve_model_dir
+from launcher.plan.recipe import Recipe
+from launcher.rank.model.fill import materialize, open_source
+from launcher.rank.model.quant import replace_with_4bit, replace_with_int8
+from launcher.rank.model.shard import LoadStats
+from launcher.rank.model.skeleton import DTYPES, build_skeleton, checkpoint_shapes, decoder_layers, lora_targets
+
+
+@dataclass
+class Built:
+    peft_model: nn.Module  # peft's PeftModel (for export)
+    loss_model: nn.Module  # CausalLMLoss: what the step loop calls (the FSDP root)
+    causal_lm: nn.Module
+    stats: LoadStats
+    model_dir: Path
+
+
+def compile_layers(recipe: Recipe, device: torch.device) -> bool:
+    """train.compile resolved: 'auto' compiles the 4-bit layers (the measured case) on GPUs, for every
+    backend, unless log.memory_steps records the allocator (see the recipe key)."""
+    c = recipe.train.compile
+    auto = device.type == "cuda" and recipe.quant.bits == 4 and recipe.log.memory_steps is None
+    return c is True or (c == "auto" and auto)
+
+
+def build_model(
+    recipe: Recipe,
+    device: torch.device,
+    mesh=None,
+    progress: Callable[[str], None] | None = None,
+    materializer: Callable[..., LoadStats] | None = None,
+) -> Built:
+    """Skeleton -> 4-bit/8-bit layers -> LoRA -> shard (if a mesh is given) -> fill this rank's shards.
+
+    `materializer` replaces `materialize` (same arguments): DeepSpeed ZeRO-3 fills and partitions the
+    model unit by unit (launcher.rank.parallel.deepspeed.zero3_materializer).
+    """
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import get_peft_model
+
+    from launcher.rank.loss import CausalLMLoss
+
+    model_dir = resolve_model_dir(recipe)
+    config = load_config(recipe, model_dir)
+    causal_lm = build_skeleton(recipe, config)
+    # Checkpoint names of every module, recorded before peft moves linears under `.base_layer`.
+    module_names = {m: n for n, m in causal_lm.named_modules()}
+    shapes = checkpoint_shapes(causal_lm)
+    targets = lora_targets(recipe, causal_lm)
+    quant_layers: dict[str, nn.Module] = {}
+    if recipe.quant.bits == 4:
+        quant_layers = replace_with_4bit(causal_lm, recipe.quant)
+        module_names = {m: n for n, m in causal_lm.named_modules()}
+    elif recipe.quant.bits == 8:
+        quant_layers = replace_with_int8(causal_lm, recipe.quant)
+        module_names = {m: n for n, m in causal_lm.named_modules()}
+    peft_cfg = PeftLoraConfig(
+        r=recipe.lora.rank,
+        lora_alpha=recipe.lora.alpha,
+        lora_dropout=recipe.lora.dropout,
+        target_modules=targets,
+        use_dora=recipe.lora.use_dora,
+        bias="none",
+        task_type="CAUSAL_LM",
+        base_model_name_or_path=recipe.model.path,
+    )
+    peft_model = get_peft_model(causal_lm, peft_cfg)
+    quant_params = {id(layer.weight) for layer in quant_layers.values()}
+    compute = DTYPES[recipe.quant.compute_dtype]
+    for p in peft_model.parameters():
+        if p.requires_grad:
+            p.data = p.data.to(torch.float32)  # fp32 masters; FSDP casts them to compute dtype for matmuls
+        elif mesh is None and id(p) not in quant_params and p.is_floating_point():
+            # Unsharded runs have no mixed-precision policy: hold frozen dense weights in compute dtype.
+            p.data = p.data.to(compute)
+    if recipe.train.gradient_checkpointing:
+        causal_lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    loss_model = CausalLMLoss(causal_lm)
+    if mesh is not None:
+        from launcher.rank.parallel.fsdp import apply_fsdp
+
+        apply_fsdp(loss_model, causal_lm, recipe, mesh)
+    if compile_layers(recipe, device):
+        # The layer's forward only (with the activation checkpoint when it is inside forward): FSDP's
+        # hooks run eagerly around it, and all layers share one graph (their parameters are graph inputs,
+        # not constants). Graph breaks would split it into many small graphs whose per-call overhead
+        # costs more than fusion saves (QLinear4bit exists partly to avoid one).
+        for layer in decoder_layers(causal_lm):
+            layer.forward = torch.compile(layer.forward)
+    source, prequant = open_source(recipe, model_dir, config, shapes, device)
+    stats = (materializer or materialize)(
+        loss_model, module_names, set(quant_layers.values()), source, recipe, device, prequant, progress
+    )
+    loss_model.train()
+    return Built(peft_model, loss_model, causal_lm, stats, model_dir)
