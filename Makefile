@@ -28,7 +28,7 @@ format: $(STAMP)
 	$(VENV)/bin/ruff format .
 
 test: lint
-	$(VENV)/bin/python -m pytest -q -m "not gpu" tests
+	$(VENV)/bin/python -m pytest -q -m "not gpu" --durations=15 tests
 
 # On a GPU machine with the GPU stack installed (see bench/RESULTS.md): every benchmark row on GPUS GPUs.
 GPUS ?= 2

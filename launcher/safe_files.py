@@ -21,6 +21,18 @@ def shown(name: str, limit: int = 80) -> str:
     return text if len(name) <= limit else text[:-1] + "...'"
 
 
+def plain_file_name(name: object) -> bool:
+    """A name taken from an untrusted file that can only mean a file directly inside one directory: a
+    string of 1 to 255 printable characters, no '/', '\\' or NUL, not '.' or '..'."""
+    return (
+        type(name) is str
+        and 0 < len(name) <= 255
+        and name not in (".", "..")
+        and name.isprintable()
+        and not any(c in name for c in "/\\\0")
+    )
+
+
 def _kind(mode: int) -> str:
     for test, kind in ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket")):
         if test(mode):

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # GPU parity check: tiny model, real NCCL ranks. lr=0 invariance and fp32/bf16 trajectories, ref vs FSDP2.
-# Usage (on a GPU host, repo root): bash scripts/gpu_parity.sh OUTDIR
+# Usage (on a GPU host, repo root): [GPUS=1] bash scripts/gpu_parity.sh OUTDIR   (GPUS: ranks of the distributed runs, default 2)
 set -uo pipefail
 OUT=${1:-/tmp/gpu-parity}
 mkdir -p "$OUT"
@@ -18,21 +18,21 @@ run() {
 python3 -c "
 import json; src=[json.loads(x)['output'] for x in open('assets/tiny-data/train.jsonl')]
 open('$OUT/two.jsonl','w').write(''.join(json.dumps({'text': ' '.join(src[i:i+40])})+'\n' for i in (0, 40)))"
-run lr0 --gpus 2 --set train.lr=0.0 --set train.max_steps=4 --set train.eval_every=1 --set train.global_batch=2 \
+run lr0 --gpus ${GPUS:-2} --set train.lr=0.0 --set train.max_steps=4 --set train.eval_every=1 --set train.global_batch=2 \
   --set train.micro_batch=1 --set "data.datasets=[{path=\"$OUT/two.jsonl\"}]" --set 'data.format="text"' \
   --set "data.val_path=\"$OUT/two.jsonl\""
-run lr0_compile --gpus 2 --set train.lr=0.0 --set train.max_steps=4 --set train.eval_every=1 --set train.global_batch=2 \
+run lr0_compile --gpus ${GPUS:-2} --set train.lr=0.0 --set train.max_steps=4 --set train.eval_every=1 --set train.global_batch=2 \
   --set train.micro_batch=1 --set "data.datasets=[{path=\"$OUT/two.jsonl\"}]" --set 'data.format="text"' \
   --set "data.val_path=\"$OUT/two.jsonl\"" --set train.compile=true
 run ref32 --gpus 1 "${FP32[@]}" "${COMMON[@]}" --set 'parallel.backend="none"' --set train.micro_batch=8
-run fsdp32 --gpus 2 "${FP32[@]}" "${COMMON[@]}" --set train.micro_batch=2
-run fsdp32_reshard --gpus 2 "${FP32[@]}" "${COMMON[@]}" --set train.micro_batch=2 --set parallel.fsdp.reshard_after_forward=true
+run fsdp32 --gpus ${GPUS:-2} "${FP32[@]}" "${COMMON[@]}" --set train.micro_batch=2
+run fsdp32_reshard --gpus ${GPUS:-2} "${FP32[@]}" "${COMMON[@]}" --set train.micro_batch=2 --set parallel.fsdp.reshard_after_forward=true
 run ref16 --gpus 1 "${COMMON[@]}" --set 'parallel.backend="none"' --set train.micro_batch=8
-run fsdp16 --gpus 2 "${COMMON[@]}" --set train.micro_batch=2
-run zero3_16 --gpus 2 "${COMMON[@]}" --set train.micro_batch=2 --set 'parallel.backend="deepspeed"' --set parallel.deepspeed.stage=3
-run fsdp16_compile --gpus 2 "${COMMON[@]}" --set train.micro_batch=2 --set train.compile=true
-run zero3_16_compile --gpus 2 "${COMMON[@]}" --set train.micro_batch=2 --set 'parallel.backend="deepspeed"' --set parallel.deepspeed.stage=3 --set train.compile=true
-run zero3_32_compile --gpus 2 "${FP32[@]}" "${COMMON[@]}" --set train.micro_batch=2 --set 'parallel.backend="deepspeed"' --set parallel.deepspeed.stage=3 --set train.compile=true --set train.gradient_checkpointing=false
+run fsdp16 --gpus ${GPUS:-2} "${COMMON[@]}" --set train.micro_batch=2
+run zero3_16 --gpus ${GPUS:-2} "${COMMON[@]}" --set train.micro_batch=2 --set 'parallel.backend="deepspeed"' --set parallel.deepspeed.stage=3
+run fsdp16_compile --gpus ${GPUS:-2} "${COMMON[@]}" --set train.micro_batch=2 --set train.compile=true
+run zero3_16_compile --gpus ${GPUS:-2} "${COMMON[@]}" --set train.micro_batch=2 --set 'parallel.backend="deepspeed"' --set parallel.deepspeed.stage=3 --set train.compile=true
+run zero3_32_compile --gpus ${GPUS:-2} "${FP32[@]}" "${COMMON[@]}" --set train.micro_batch=2 --set 'parallel.backend="deepspeed"' --set parallel.deepspeed.stage=3 --set train.compile=true --set train.gradient_checkpointing=false
 python3 - "$OUT" <<'PY'
 import json, sys, glob
 out = sys.argv[1]

@@ -764,3 +764,31 @@ def test_cli_quantize_prints_only_its_own_lines(tmp_path):
         f"warning: not copied into {out}: 'notes.txt' (a link to a file outside the model directory)"
     ]
     assert r.stdout == f"wrote {out}\n" and not (out / "notes.txt").exists()
+
+
+@pytest.mark.parametrize(
+    ("name", "plain"),
+    [
+        ("model-00001-of-00002.safetensors", True),
+        (".hidden", True),  # a dot file is still a file of the directory (DCP's reader refuses it on its own)
+        ("a" * 255, True),
+        ("", False),
+        (".", False),
+        ("..", False),
+        ("../model.safetensors", False),
+        ("/etc/passwd", False),
+        ("sub/model.safetensors", False),
+        ("sub\\model.safetensors", False),
+        ("model\0.safetensors", False),
+        ("model\n.safetensors", False),
+        ("a" * 256, False),
+        (7, False),
+        (None, False),
+    ],
+)
+def test_plain_file_name_means_a_file_directly_inside_the_directory(name, plain):
+    # The one rule every untrusted listing (a model index, a saved dataset, a checkpoint's meta and DCP
+    # metadata) is checked with before a name it holds is joined to its directory.
+    from launcher.safe_files import plain_file_name
+
+    assert plain_file_name(name) is plain

@@ -7,16 +7,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from launcher.errors import UserError
-from launcher.safe_files import open_regular, shown
+from launcher.safe_files import open_regular, plain_file_name, shown
 
 if TYPE_CHECKING:  # annotations only: packing and sampling import without pydantic (GPU hosts, tools)
     pass
 from launcher.data.json_rows import json_records
 from launcher.data.source import Source, load_error, value_kind
-
-
-def _plain_name(name: object) -> bool:
-    return isinstance(name, str) and name not in ("", ".", "..") and not any(c in name for c in "/\\\0")
 
 
 def _inside(root: Path, path: Path, src: Source, what: str) -> None:
@@ -39,7 +35,7 @@ def _saved_files(src: Source) -> list[Path]:
     folders = [d]
     if os.path.lexists(d / "dataset_dict.json"):
         splits = read_json_object(d / "dataset_dict.json", "saved dataset's split list").get("splits")
-        if not isinstance(splits, list) or not splits or not all(_plain_name(x) for x in splits):
+        if not isinstance(splits, list) or not splits or not all(plain_file_name(x) for x in splits):
             raise UserError(
                 f"{d / 'dataset_dict.json'}: 'splits' must be a non-empty list of folder names inside {d} ({src.key})"
             )
@@ -54,7 +50,7 @@ def _saved_files(src: Source) -> list[Path]:
             raise UserError(f"{state_path}: '_data_files' must be a non-empty list of the split's Arrow files")
         for entry in entries:
             name = entry.get("filename") if isinstance(entry, dict) else None
-            if not _plain_name(name):
+            if not plain_file_name(name):
                 what = shown(name) if isinstance(name, str) else value_kind(name)
                 raise UserError(
                     f"{state_path}: _data_files names {what}; a saved dataset's files are plain file names "

@@ -38,6 +38,7 @@ import torch
 from launcher.errors import UserError
 from launcher.plan.recipe import Recipe, recipe_to_dict
 from launcher.rundir import CHECKPOINTS_DIR
+from launcher.safe_files import plain_file_name
 
 COMPLETE = "COMPLETE"
 
@@ -150,7 +151,9 @@ def collect_digests(d: Path) -> dict[str, str]:
 def _plain_relative(name: Any) -> bool:
     # What checkpoint.save records; anything else (absolute, '..', odd characters) is refused unread.
     return (
-        isinstance(name, str) and re.fullmatch(r"[\w.-]+(/[\w.-]+)*", name) is not None and ".." not in name.split("/")
+        isinstance(name, str)
+        and re.fullmatch(r"[\w.-]+(/[\w.-]+)*", name) is not None
+        and all(plain_file_name(part) for part in name.split("/"))
     )
 
 

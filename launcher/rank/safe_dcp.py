@@ -47,6 +47,7 @@ from torch.distributed.checkpoint.metadata import (
 from torch.futures import Future
 
 from launcher.errors import UserError
+from launcher.safe_files import plain_file_name
 
 METADATA_FILE = ".metadata"
 
@@ -291,16 +292,9 @@ def _index(rec: Any) -> MetadataIndex:
     )
 
 
-def plain_file_name(name: Any) -> bool:
-    """A file name that can only mean a file directly inside the checkpoint directory."""
-    return (
-        type(name) is str and 0 < len(name) <= 255 and not name.startswith(".") and not any(c in name for c in "/\\\0")
-    )
-
-
 def _storage_info(rec: Any) -> _StorageInfo:
     f = _fields(rec, "_StorageInfo", ("relative_path", "offset", "length"), ("transform_descriptors",))
-    if not plain_file_name(f["relative_path"]):
+    if not plain_file_name(f["relative_path"]) or f["relative_path"].startswith("."):  # DCP writes no hidden file
         raise _Refused("a storage entry names a file outside the checkpoint directory")
     if f.get("transform_descriptors"):
         raise _Refused("a storage entry asks for a stream transform (qlaunch writes none)")

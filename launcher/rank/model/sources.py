@@ -19,7 +19,7 @@ from typing import NamedTuple, Protocol
 import torch
 
 from launcher.errors import UserError
-from launcher.safe_files import MAX_READ_BYTES, open_regular, pread_exact, read_json_object, shown
+from launcher.safe_files import MAX_READ_BYTES, open_regular, plain_file_name, pread_exact, read_json_object, shown
 
 QUANT_META = "qlaunch_quant.json"
 
@@ -309,11 +309,6 @@ def _library_accepts(path: Path) -> None:
         raise UserError(f"{path}: corrupt safetensors file (the safetensors library refuses it)") from None
 
 
-def _plain_shard_name(name: str) -> bool:
-    """A file name in the model directory itself: no directory part, no '..', nothing unprintable."""
-    return name.endswith(".safetensors") and "/" not in name and "\\" not in name and name.isprintable()
-
-
 def read_index(path: Path) -> dict[str, str]:
     """The weight map (tensor name -> shard file name) of a model.safetensors.index.json.
 
@@ -324,7 +319,7 @@ def read_index(path: Path) -> dict[str, str]:
     if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
         raise UserError(f"{path}: 'weight_map' must be an object mapping tensor names to shard file names")
     for name, fname in weight_map.items():
-        if not _plain_shard_name(fname):
+        if not (plain_file_name(fname) and fname.endswith(".safetensors")):
             raise UserError(
                 f"{path}: weight_map[{shown(name)}] must be the name of a *.safetensors file in the model "
                 "directory itself (no '/', no '..')"
