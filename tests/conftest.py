@@ -61,7 +61,11 @@ def recipe_file(tmp_path):
 
 def run_cli(*args: str, cwd: Path | None = None, timeout: int = 600, env: dict | None = None):
     """Run `qlaunch ARGS` as a user would; returns CompletedProcess with text stdout/stderr."""
-    e = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
+    e = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+        **(env or {}),
+    }
     return subprocess.run(
         [sys.executable, "-m", "launcher.cli", *args],
         cwd=cwd or ROOT,
@@ -95,7 +99,7 @@ def sigterm_after_step(
     import signal
     import time
 
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
     cmd = [sys.executable, "-m", "launcher.cli", *args]
     proc = subprocess.Popen(
         cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=group

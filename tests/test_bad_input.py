@@ -155,6 +155,7 @@ def _model_copy(tmp_path: Path) -> Path:
 
 
 def test_unsupported_architecture(tmp_path):
+    """GPT-2 is a causal LM transformers builds, but its projections are Conv1D modules, not nn.Linear."""
     d = _model_copy(tmp_path)
     cfg = json.loads((d / "config.json").read_text())
     cfg["architectures"] = ["GPT2LMHeadModel"]
@@ -163,7 +164,53 @@ def test_unsupported_architecture(tmp_path):
     check_error(
         tmp_path,
         BASE_RECIPE.replace(str(TINY_MODEL), str(d)),
-        expect=["GPT2LMHeadModel is not supported", "LlamaForCausalLM"],
+        expect=["config.json", "transformer.h.0.attn.c_attn is a Conv1D, not an nn.Linear"],
+    )
+
+
+def _config_dir(tmp_path: Path, model_type: str, **overrides) -> Path:
+    """A model directory with only a config.json of MODEL_TYPE (tiny sizes): the refusals come before
+    any weight is read."""
+    from transformers import MODEL_FOR_CAUSAL_LM_MAPPING, AutoConfig
+
+    d = tmp_path / "model"
+    sizes = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, head_dim=16, vocab_size=512, pad_token_id=2, bos_token_id=0, eos_token_id=1)  # fmt: skip
+    config = AutoConfig.for_model(model_type, **{**sizes, **overrides})
+    config.architectures = [MODEL_FOR_CAUSAL_LM_MAPPING[type(config)].__name__]
+    config.save_pretrained(d)
+    shutil.copy(TINY_MODEL / "tokenizer.json", d / "tokenizer.json")
+    return d
+
+
+@pytest.mark.parametrize(
+    "model_type, overrides, expect",
+    [
+        ("qwen3_moe", dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32),
+         ["Qwen3MoeForCausalLM is a mixture-of-experts model (num_experts = 4)", "dense models"]),
+        ("cohere", {}, ["CohereForCausalLM computes its logits in a way qlaunch's loss does not reproduce"]),
+        ("gemma2", dict(attn_logit_softcapping=50.0),
+         ["model.attn_implementation = 'sdpa'", "attn_logit_softcapping = 50", 'model.attn_implementation = "eager"']),
+    ],
+    ids=["moe", "head-side-code", "attention-softcap"],
+)  # fmt: skip
+def test_architecture_qlaunch_cannot_train(tmp_path, model_type, overrides, expect):
+    d = _config_dir(tmp_path, model_type, **overrides)
+    check_error(tmp_path, BASE_RECIPE.replace(str(TINY_MODEL), str(d)), expect=expect)
+
+
+def test_multimodal_checkpoint_refused(tmp_path):
+    """Gemma 3 4B-27B hub checkpoints are Gemma3ForConditionalGeneration: text weights under another prefix."""
+    d = _model_copy(tmp_path)
+    cfg = json.loads((d / "config.json").read_text())
+    text = {k: v for k, v in cfg.items() if k not in ("architectures", "model_type")}
+    (d / "config.json").write_text(
+        json.dumps({"architectures": ["Gemma3ForConditionalGeneration"], "model_type": "gemma3", "text_config": text})
+    )
+    check_error(
+        tmp_path,
+        BASE_RECIPE.replace(str(TINY_MODEL), str(d)),
+        expect=["Gemma3ForConditionalGeneration is a multimodal checkpoint", "text-only"],
     )
 
 
@@ -212,15 +259,18 @@ def test_wrong_shape_in_checkpoint(tmp_path):
     check_error(tmp_path, BASE_RECIPE.replace(str(TINY_MODEL), str(d)), expect=["model.norm.weight' has shape (10,)"])
 
 
-def test_tied_embeddings_refused(tmp_path):
+def test_quantized_tied_head_refused(tmp_path):
+    """A tied head quantized would get packed bytes of its own while the embedding keeps the dense weight."""
     d = _model_copy(tmp_path)
     cfg = json.loads((d / "config.json").read_text())
     cfg["tie_word_embeddings"] = True
     (d / "config.json").write_text(json.dumps(cfg))
     check_error(
         tmp_path,
-        BASE_RECIPE.replace(str(TINY_MODEL), str(d)),
-        expect=["tie_word_embeddings = true", "not supported yet"],
+        BASE_RECIPE.replace(str(TINY_MODEL), str(d)) + "\n",
+        "--set",
+        "quant.skip_modules=[]",
+        expect=["quant.skip_modules = []", "lm_head shares its weight with the input embedding", "add 'lm_head'"],
     )
 
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import re
+from dataclasses import replace
+from pathlib import Path
 
 import pytest
 
@@ -41,7 +43,7 @@ def test_shape_from_config_counts_llama_8b_exactly():
 
 
 def test_4bit_shard_is_half_a_byte_per_quantized_weight_over_the_world(big):
-    linear = sum(a * b for a, b in SHAPE.linears().values()) * SHAPE.layers
+    linear = sum(a * b for _, a, b in SHAPE.linears()) * SHAPE.layers
     one = estimate(big, SHAPE, 1, 2, True)
     two = estimate(big, SHAPE, 2, 2, True)
     assert one.parts["weights_4bit"] == linear // 2
@@ -181,8 +183,8 @@ def test_plan_command_prints_breakdown_verdict_and_suggestions(recipe_file):
 def test_int8_weights_are_one_byte_per_weight_on_every_rank(big):
     """quant.bits = 8 (backend none or ZeRO-2): one int8 byte per quantized weight plus an fp32 scale per output
     row, whole on every rank (nothing to shard them), twice the 4-bit bytes of one rank."""
-    linear = sum(a * b for a, b in SHAPE.linears().values()) * SHAPE.layers
-    rows = sum(out for _, out in SHAPE.linears().values()) * SHAPE.layers
+    linear = sum(a * b for _, a, b in SHAPE.linears()) * SHAPE.layers
+    rows = sum(out for _, _, out in SHAPE.linears()) * SHAPE.layers
     int8 = big.model_copy(update={"quant": big.quant.model_copy(update={"bits": 8})})
     zero2 = big.parallel.deepspeed.model_copy(update={"stage": 2})
     for backend, worlds in (("none", (1,)), ("deepspeed", (1, 2))):
@@ -230,3 +232,111 @@ def test_layers_kept_gathered_cost_every_layer_and_auto_keeps_them_when_they_fit
     assert not choose(with_fsdp(auto, cpu_offload=True), SHAPE, 4, 80 * GiB).setup.keep_gathered
     explicit = with_fsdp(big, reshard_after_forward=True)
     assert not choose(explicit, SHAPE, 4, 80 * GiB).setup.keep_gathered  # explicit wins
+
+
+REHEARSALS = ("llama3b", "qwen7b", "gemma3-12b", "phi4")
+
+
+@pytest.fixture(scope="module")
+def built_shapes():
+    """The planner's shapes as `qlaunch plan` makes them: the bundled rehearsal configs built on meta."""
+    from launcher.launch.prepare import planner_shape
+    from tests.conftest import ROOT
+
+    recipes = {name: load_recipe(ROOT / "recipes" / f"{name}-rehearsal.toml") for name in REHEARSALS}
+    return {name: (rec, planner_shape(rec, required=True)) for name, rec in recipes.items()}
+
+
+def _fixed(rec, *sets):
+    return rec.model_copy(update={"train": rec.train.model_copy(update={"micro_batch": 1})}).model_copy(
+        update=dict(sets)
+    )
+
+
+def test_built_shapes_have_the_published_sizes_norms_and_biases(built_shapes):
+    """Parameter counts of the built layers (published: Llama-3.2-3B 3.21B, Qwen2.5-7B 7.62B, Phi-4 14.7B;
+    Gemma 3 12B's text model), Qwen2.5's q/k/v biases, Gemma 3's four norms and q/k norms, the ties."""
+    counts = {name: shape.params() for name, (_, shape) in built_shapes.items()}
+    assert counts == {
+        "llama3b": 3_212_749_824,
+        "qwen7b": 7_615_616_512,
+        "gemma3-12b": 11_766_034_176,
+        "phi4": 14_659_507_200,
+    }
+    qwen, gemma = built_shapes["qwen7b"][1].layer, built_shapes["gemma3-12b"][1]
+    assert qwen.other_params == 2 * 3584 + 3584 + 2 * 512 and qwen.norms == 2  # norms + q/k/v biases
+    assert (gemma.layer.norms, gemma.layer.other_params) == (4, 4 * 3840 + 2 * 256)  # + q_norm, k_norm
+    assert (gemma.tied, gemma.vocab, gemma.head_dim, gemma.heads * gemma.head_dim) == (True, 262208, 256, 4096)
+    assert built_shapes["llama3b"][1].tied and not built_shapes["phi4"][1].tied
+    # Mistral-Nemo's head_dim (128) is not hidden / heads (160): read from the config, also without a build.
+    nemo = ModelShape.from_config({**LLAMA_8B, "hidden_size": 5120, "head_dim": 128, "intermediate_size": 14336})
+    assert dict((n, (i, o)) for n, i, o in nemo.linears())["q_proj"] == (5120, 4096)
+
+
+def test_phi3_fused_projections_count_for_lora_and_dequantization(built_shapes):
+    """Phi-4's qkv_proj [(H + 2 KV) hd, h] and gate_up_proj [2 I, h] are the layer's linears: LoRA on them
+    is counted (config.json alone, with Llama's names, would count none), and gate_up_proj is the largest
+    weight bitsandbytes dequantizes."""
+    rec, phi = built_shapes["phi4"]
+    linears = {n: (i, o) for n, i, o in phi.linears()}
+    assert linears == {
+        "o_proj": (5120, 5120),
+        "qkv_proj": (5120, (40 + 2 * 10) * 128),
+        "gate_up_proj": (5120, 2 * 17920),
+        "down_proj": (17920, 5120),
+    }
+    fused = _fixed(rec, ("lora", rec.lora.model_copy(update={"target_modules": ["qkv_proj", "gate_up_proj"]})))
+    e = estimate(fused, phi, 1, 1, True)
+    assert e.parts["lora"] == 16 * 16 * 40 * ((5120 + 7680) + (5120 + 35840))  # fp32 weight, grad, 2 moments
+    assert e.parts["gathered"] == memory.DEQUANT_BUFFERS * 5120 * 35840 * 2  # one GPU: nothing gathered
+    from_config = ModelShape.from_config(json.loads((Path(rec.model.path) / "config.json").read_text()))
+    assert estimate(fused, from_config, 1, 1, True).parts["lora"] == 0
+    # "all-linear" is the built layer's four linears.
+    assert memory.lora_targets(rec, phi) == set(linears)
+
+
+def test_tied_head_once_gemma_norms_large_vocabulary_and_eager_scores(built_shapes):
+    """A tied embedding is one matrix in the dense weights; Gemma's four norms each save their input;
+    its 262k vocabulary halves the loss chunk; eager attention saves the scores of one layer when
+    checkpointing."""
+    rec, llama = built_shapes["llama3b"]
+    e = estimate(_fixed(rec), llama, 1, 1, True)
+    assert e.parts["dense_weights"] == (128256 * 3072 + 28 * 2 * 3072 + 3072) * 2  # bf16, the embedding once
+    rec, gemma = built_shapes["gemma3-12b"]
+    rec = _fixed(rec)
+    e = estimate(rec, gemma, 1, 1, True)
+    assert e.parts["logits"] == memory.LOGIT_BYTES_PER_ELEMENT * 1024 * 262208
+    two_norms = replace(gemma, layer=replace(gemma.layer, norms=2))
+    tokens, per_norm = rec.data.seq_len, (memory.NORM_FP32_BYTES + 2) * 3840
+    no_ck = estimate(rec, gemma, 1, 1, False).parts["activations"]
+    assert no_ck - estimate(rec, two_norms, 1, 1, False).parts["activations"] == pytest.approx(
+        48 * tokens * 2 * per_norm
+    )
+    eager = rec.model_copy(update={"model": rec.model.model_copy(update={"attn_implementation": "eager"})})
+    scores = memory.EAGER_SCORE_BYTES * 16 * tokens**2
+    assert estimate(eager, gemma, 1, 1, True).parts["activations"] - e.parts["activations"] == pytest.approx(scores)
+
+
+def test_a_model_that_does_not_build_is_counted_from_its_config(tmp_path, recipe_file):
+    """The planner falls back to config.json's sizes with Llama's layer (preflight names the problem)."""
+    from launcher.launch.prepare import planner_shape
+
+    config = json.loads((TINY_MODEL / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**config, "hidden_act": "no_such_activation"}))
+    rec = load_recipe(recipe_file(), [f'model.path="{tmp_path}"'])
+    shape = planner_shape(rec, required=True)
+    assert shape is not None and shape.layer is None and shape.params() == 139_584
+    built = planner_shape(load_recipe(recipe_file()), required=True)
+    assert built.layer is not None and built.params() == shape.params()
+
+
+def test_dora_adds_its_magnitudes_and_per_forward_weight_buffers(big):
+    """lora.use_dora: one fp32-trained magnitude per output row of each adapted linear, and peft's DoRA
+    forward holds three compute-dtype copies of the largest adapted weight (dequantized W, B·A, the sum)."""
+    dora = big.model_copy(update={"lora": big.lora.model_copy(update={"use_dora": True})})
+    plain, with_dora = estimate(big, SHAPE, 2, 2, True), estimate(dora, SHAPE, 2, 2, True)
+    rows = sum(out for _, _, out in SHAPE.linears()) * SHAPE.layers
+    assert with_dora.parts["lora"] == pytest.approx(plain.parts["lora"] + rows * 16 / 2, rel=1e-9)
+    per_layer_gathered = sum(out for _, _, out in SHAPE.linears()) * 2  # the magnitudes, cast to bf16
+    extra = 3 * 14336 * 4096 * 2 + (1 + memory.GATHER_OUTPUT_FACTOR) * memory.GATHERED_LAYERS * per_layer_gathered
+    assert with_dora.parts["gathered"] == pytest.approx(plain.parts["gathered"] + extra, rel=1e-9)

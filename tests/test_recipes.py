@@ -11,7 +11,19 @@ RECIPES = [p.name for p in bundled_recipes()]
 
 
 def test_the_bundled_recipes_are_there():
-    assert {"tiny-cpu.toml", "llama70b-qlora.toml", "llama8b-rehearsal.toml"} <= set(RECIPES)
+    rehearsals = {f"{m}-rehearsal.toml" for m in ("llama8b", "llama3b", "qwen7b", "gemma3-12b", "phi4")}
+    assert {"tiny-cpu.toml", "llama70b-qlora.toml", *rehearsals} <= set(RECIPES)
+
+
+@pytest.mark.parametrize("name", [n for n in RECIPES if n.endswith("-rehearsal.toml")])
+def test_rehearsal_recipe_passes_preflight(name, capsys):
+    """What `qlaunch run` checks before spawning (a dry run does not): the bundled config builds on meta,
+    passes the structural checks and the logit probe, the tied head stays dense, the random source and
+    the tiny tokenizer's data (token ids far below the model's vocabulary) are accepted; no warning."""
+    from launcher.launch import preflight
+
+    preflight.check(load_recipe(ROOT / "recipes" / name))
+    assert capsys.readouterr().err == ""
 
 
 @pytest.mark.parametrize("name", RECIPES)

@@ -3,6 +3,7 @@ LoRA on lm_head (the module path), `train.compile`, and `log.profile_steps` (the
 
 from __future__ import annotations
 
+import itertools
 import json
 
 import pytest
@@ -11,27 +12,54 @@ import torch.nn.functional as F
 
 from launcher.plan.recipe_file import load_recipe
 from launcher.rank.loss import IGNORE, LinearCrossEntropy
+from launcher.rank.model.logits import LogitTransform
 from tests.conftest import BASE_RECIPE, free_port, run_cli
 
+TRANSFORMS = [LogitTransform(), LogitTransform(divide_by=4.0), LogitTransform(softcap=3.0), LogitTransform(2.0, 3.0)]
 
+
+@pytest.mark.parametrize("transform", TRANSFORMS, ids=["plain", "granite", "gemma", "both"])
 @pytest.mark.parametrize("chunk", [7, 64, 1000])
-def test_linear_cross_entropy_matches_autograd(chunk):
+def test_linear_cross_entropy_matches_autograd(chunk, transform):
     """Loss and input gradient equal those of logits + F.cross_entropy (fp32), with ignored labels and
-    a chunk size that does not divide the tokens; no gradient is stored without grad."""
+    a chunk size that does not divide the tokens; no gradient is stored without grad. Also through each
+    logit transform (Granite's division, Gemma's soft-cap), whose slope the fused gradient must apply."""
     torch.manual_seed(0)
     h = torch.randn(61, 16, dtype=torch.float64, requires_grad=True)
     w = torch.randn(50, 16, dtype=torch.float64)
     y = torch.randint(0, 50, (61,))
     y[::5] = IGNORE
-    ref = F.cross_entropy(F.linear(h, w), y, ignore_index=IGNORE, reduction="sum")
+    ref = F.cross_entropy(transform(F.linear(h, w)), y, ignore_index=IGNORE, reduction="sum")
     (g_ref,) = torch.autograd.grad(ref * 0.3, h)
-    out = LinearCrossEntropy.apply(h, w, y, chunk)
+    out = LinearCrossEntropy.apply(h, w, y, chunk, transform)
     (g,) = torch.autograd.grad(out * 0.3, h)
     assert torch.allclose(out, ref, rtol=1e-12)
     assert torch.allclose(g, g_ref, rtol=1e-10, atol=1e-12)
     assert g[::5].abs().max() == 0  # ignored positions get no gradient
     with torch.no_grad():
-        assert torch.allclose(LinearCrossEntropy.apply(h, w, y, chunk), ref)
+        assert torch.allclose(LinearCrossEntropy.apply(h, w, y, chunk, transform), ref)
+
+
+def test_the_loss_chunk_is_the_planners_and_shrinks_with_the_vocabulary():
+    """CausalLMLoss runs lm_head over memory.loss_chunk_tokens(vocab) tokens at a time (half again with a
+    soft-cap's slope buffer), the chunk the planner counts; the sum is the same for any chunk (above)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from launcher.plan.memory import LOSS_CHUNK_FP32_BYTES, loss_chunk_tokens
+    from launcher.rank.loss import CausalLMLoss
+
+    vocabs = (512, 128256, 152064, 262208)
+    assert [loss_chunk_tokens(v) for v in vocabs] == [2048, 2048, 2048, 1024]
+    assert loss_chunk_tokens(256000, softcap=True) == 512
+    assert all(
+        loss_chunk_tokens(v) * v * 4 <= LOSS_CHUNK_FP32_BYTES < 2 * loss_chunk_tokens(v) * v * 4 for v in vocabs[1:]
+    )
+    small = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, head_dim=8)
+    for cap, chunk in ((None, 1024), (30.0, 512)):
+        config = AutoConfig.for_model("gemma2", vocab_size=262208, final_logit_softcapping=cap, **small)
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config)
+        assert CausalLMLoss(model).chunk_tokens == chunk, cap
 
 
 def _built(recipe_file, *sets: str):
@@ -213,6 +241,9 @@ def test_memory_peak_breakdown_replays_the_allocator_trace():
     assert "launcher/rank/loss.py:80 forward" in text
 
 
+SHARDED_TRANSFORMS = [LogitTransform(), LogitTransform(2.0, 3.0)]
+
+
 def _sharded_ce_rank(rank: int, world: int, port: int, out: str) -> None:
     import os
 
@@ -230,11 +261,12 @@ def _sharded_ce_rank(rank: int, world: int, port: int, out: str) -> None:
     w_shard = distribute_tensor(w, mesh, [Shard(0)])  # rows 17 / 17 / 16 of 50: uneven, as FSDP2 splits
     t = h_all.shape[0] // world
     results = {}
-    for grad in (True, False):
-        h = h_all[rank * t : (rank + 1) * t].clone().requires_grad_(grad)
-        with torch.set_grad_enabled(grad):
-            loss = fused_head_loss(h, w_shard, y_all[rank * t : (rank + 1) * t], 7)
-        results[grad] = (loss.detach(), torch.autograd.grad(loss * 0.3, h)[0] if grad else None)
+    for k, transform in enumerate(SHARDED_TRANSFORMS):
+        for grad in (True, False):
+            h = h_all[rank * t : (rank + 1) * t].clone().requires_grad_(grad)
+            with torch.set_grad_enabled(grad):
+                loss = fused_head_loss(h, w_shard, y_all[rank * t : (rank + 1) * t], 7, transform)
+            results[k, grad] = (loss.detach(), torch.autograd.grad(loss * 0.3, h)[0] if grad else None)
     torch.save(results, f"{out}/rank{rank}.pt")
     dist.destroy_process_group()
 
@@ -259,11 +291,11 @@ def test_vocab_sharded_cross_entropy_equals_one_device(tmp_path):
     mp.spawn(_sharded_ce_rank, args=(world, free_port(), str(tmp_path)), nprocs=world, join=True)
     h_all, w, y_all = _sharded_ce_inputs(world)
     t = h_all.shape[0] // world
-    for rank in range(world):
+    for rank, (k, transform) in itertools.product(range(world), enumerate(SHARDED_TRANSFORMS)):
         got = torch.load(tmp_path / f"rank{rank}.pt")
         h = h_all[rank * t : (rank + 1) * t].clone().requires_grad_(True)
-        ref = LinearCrossEntropy.apply(h, w, y_all[rank * t : (rank + 1) * t], 7)
+        ref = LinearCrossEntropy.apply(h, w, y_all[rank * t : (rank + 1) * t], 7, transform)
         (g_ref,) = torch.autograd.grad(ref * 0.3, h)
-        assert torch.allclose(got[True][0], ref, rtol=1e-12), (rank, got[True][0], ref)
-        assert torch.allclose(got[True][1], g_ref, rtol=1e-10, atol=1e-12), rank
-        assert torch.allclose(got[False][0], ref, rtol=1e-12), rank
+        assert torch.allclose(got[k, True][0], ref, rtol=1e-12), (rank, k, got[k, True][0], ref)
+        assert torch.allclose(got[k, True][1], g_ref, rtol=1e-10, atol=1e-12), (rank, k)
+        assert torch.allclose(got[k, False][0], ref, rtol=1e-12), (rank, k)

@@ -111,13 +111,13 @@ def oom_advice(run: RunDir, log_text: str) -> list[str]:
     config may be unreadable from here, e.g. a hub id without network)."""
     lines = ["  out of GPU memory."]
     try:
+        from launcher.launch.prepare import planner_shape
         from launcher.plan import memory
         from launcher.plan.memory_advice import suggestions
-        from launcher.plan.model_info import model_shape
 
         recipe = run.load_recipe()
         plan = run.load_plan().plan
-        shape = model_shape(recipe, required=False)  # read and checked as the planner read it
+        shape = planner_shape(recipe, required=False)  # read, checked and built as the planner did
         if shape is None:
             raise ValueError("the model's config.json could not be read")
         m = _GPU_TOTAL.search(log_text)

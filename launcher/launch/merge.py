@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from launcher.rank.export import ADAPTER_FILE
+from launcher.rank.export import ADAPTER_FILE, saved_key
 
 
 def read_adapter(adapter_dir: Path) -> dict[str, torch.Tensor]:
@@ -55,11 +55,7 @@ def load_adapter_into(peft_model: torch.nn.Module, adapter_dir: Path) -> None:
     """Copy a saved PEFT adapter into the LoRA parameters of a freshly built (unsharded) model, once it is
     known to fit them exactly (adapter_problem)."""
     saved = read_adapter(adapter_dir)
-    params = {
-        n.replace(".default.", ".").replace(".default", ""): p
-        for n, p in peft_model.named_parameters()
-        if p.requires_grad
-    }
+    params = {saved_key(n): p for n, p in peft_model.named_parameters() if p.requires_grad}
     problem = adapter_problem(saved, params)
     if problem:
         from launcher.errors import UserError
@@ -94,9 +90,12 @@ def dequantize(layer: torch.nn.Module) -> torch.Tensor:
 
 
 def merge_into_dense(peft_model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
-    """Replace every LoRA layer by a dense Linear holding W + scale * B @ A, and dequantize the rest."""
+    """Replace every LoRA layer by a dense Linear holding W + scale * B @ A (DoRA: each row rescaled to its
+    magnitude, m / ||W + scale * B @ A||_row), and dequantize the rest."""
     import bitsandbytes as bnb
     from peft.tuners.lora import LoraLayer
+
+    from launcher.rank.model.skeleton import is_tied
 
     model = peft_model.base_model.model
     for name, module in list(model.named_modules()):
@@ -106,6 +105,9 @@ def merge_into_dense(peft_model: torch.nn.Module, dtype: torch.dtype) -> torch.n
             for adapter in module.active_adapters:
                 a, b = module.lora_A[adapter].weight.float(), module.lora_B[adapter].weight.float()
                 w = w + (b @ a) * module.scaling[adapter]
+                if adapter in module.lora_magnitude_vector:
+                    m = module.lora_magnitude_vector[adapter].weight.float()
+                    w = (m / torch.linalg.norm(w, dim=1))[:, None] * w
             _replace(model, name, _dense(w, base.bias, dtype))
     for name, module in list(model.named_modules()):
         if isinstance(module, (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt)):
@@ -113,6 +115,10 @@ def merge_into_dense(peft_model: torch.nn.Module, dtype: torch.dtype) -> torch.n
     for flag in ("is_loaded_in_4bit", "is_loaded_in_8bit"):
         if hasattr(model, flag):
             delattr(model, flag)
+    if getattr(model.config, "tie_word_embeddings", False) and not is_tied(model):
+        # LoRA on a tied head: the merged head is a weight of its own, and the saved config must say so
+        # (saving drops a head that aliases the embedding; loading would tie a head the file does hold).
+        model.config.tie_word_embeddings = False
     return model.to(dtype)
 
 
@@ -171,6 +177,10 @@ def merge_run(run_dir: Path, out: Path, dtype: str = "bfloat16") -> Path:
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     model.config.dtype = dtype
+    # A bitsandbytes 4-bit base leaves its quantization_config in the config: the merged model is dense, and
+    # the record would make transformers load it as 4-bit (and look for quant states it does not have).
+    if getattr(model.config, "quantization_config", None) is not None:
+        del model.config.quantization_config
     try:
         model.save_pretrained(str(tmp), safe_serialization=True)
         build_tokenizer(recipe, built.model_dir).save_pretrained(str(tmp))

@@ -54,6 +54,29 @@ def absolute_runs_dir(rec: Recipe) -> Recipe:
     )
 
 
+def planner_shape(rec: Recipe, required: bool) -> ModelShape | None:
+    """The model's shape for the planner: config.json's sizes, with the decoder layer and the parameters
+    outside it as the model built on meta has them (fused projections, extra norms and biases, a tie or a
+    soft-cap that the config's class defaults to). A meta build is about a second for 70B. When the model
+    does not build here the config's sizes are used with Llama's layer (`layer` stays None); preflight
+    names what is wrong before a run starts."""
+    shape = model_shape(rec, required=required)
+    if shape is None:
+        return None
+    from launcher.plan.model_info import load_config, quiet_transformers, resolve_model_dir
+
+    try:
+        config = load_config(rec, resolve_model_dir(rec))
+        from launcher.rank.model.skeleton import build_skeleton, is_tied, layer_shape, outside_layer_params
+
+        with quiet_transformers():
+            skeleton = build_skeleton(rec, config)
+        built = dict(layer=layer_shape(skeleton), root_params=outside_layer_params(skeleton), tied=is_tied(skeleton))
+        return ModelShape.from_config(config.get_text_config(), **built)
+    except Exception:  # any reason it does not build is preflight's to report, in its own words
+        return shape
+
+
 def prepare(
     recipe_file: str,
     overrides: list[str],
@@ -71,7 +94,7 @@ def prepare(
     check_node_rank(node_rank, rec.launch.nnodes)
     auto = has_auto(rec)
     read = model == "read" or (model == "if_auto" and auto)
-    shape = model_shape(rec, required=auto) if read else None
+    shape = planner_shape(rec, required=auto) if read else None
     plan = make_plan(rec, cluster, model=shape)
     return Prepared(resolve_recipe(rec, plan), plan, cluster, shape)
 
@@ -115,6 +138,8 @@ def show_plan(recipe_file: str, overrides: list[str], gpu_mem_gb: float | None) 
     if shape is None:
         print("memory estimate: unavailable (the model's config.json could not be read)")
         return
+    if shape.layer is None:
+        print("(the model does not build here: its layers are counted as Llama's from config.json)")
     gpu_mem = planned_gpu_memory(rec, cluster)  # the card, or launch.gpu_memory_gb when smaller
     est = memory.estimate(
         rec, shape, plan.world_size, plan.micro_batch, plan.gradient_checkpointing, gpu_mem, plan.nproc_per_node

@@ -18,6 +18,7 @@ import torch
 from safetensors.torch import save_file
 
 from launcher.errors import UserError
+from launcher.plan.model_info import quantized_as
 from launcher.plan.recipe import QuantConfig
 from launcher.rank.model.sources import (
     ABSMAX_SUFFIX,
@@ -134,9 +135,12 @@ def _checked_inputs(src_dir: Path, out_dir: Path, quant_type: str, blocksize: in
         raise UserError(f"{src_dir}: not a model directory ({what}; one holds config.json and *.safetensors)")
     if not os.path.lexists(src_dir / "config.json"):
         raise UserError(f"{src_dir}: not a model directory (no config.json)")
-    read_json_object(src_dir / "config.json", "model config")  # copied into OUT: it must be a real JSON file
-    if read_quant_meta(src_dir) is not None:
-        raise UserError(f"{src_dir}: already pre-quantized")
+    config = read_json_object(src_dir / "config.json", "model config")  # copied into OUT: a real JSON file
+    meta = read_quant_meta(src_dir)
+    if meta is not None:
+        raise UserError(f"{src_dir}: already quantized (`qlaunch quantize`, {meta['type']}); train it directly")
+    if "quantization_config" in config:
+        raise UserError(f"{src_dir}: already quantized ({quantized_as(config)}); train it directly")
     if out_dir.exists() and not out_dir.is_dir():
         raise UserError(f"{out_dir}: exists and is not a directory")
     if out_dir.exists() and any(out_dir.iterdir()):

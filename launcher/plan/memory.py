@@ -14,8 +14,9 @@ trainer:
     DeepSpeed ZeRO-3 and a LoRA-wrapped or quantized head gather it with the root;
   * LoRA masters, their gradients (reduced in fp32) and AdamW's two moments are fp32 and sharded;
   * activations are either one hidden state per layer boundary (gradient checkpointing) or every tensor a
-    Llama layer saves for backward; the loss runs lm_head over 2048-token chunks (train.LinearCrossEntropy;
-    split over the vocabulary, world x 2048 tokens over 1/world of it, plus every rank's hidden states).
+    layer saves for backward; the loss runs lm_head over chunks of up to 2048 tokens, fewer for a large
+    vocabulary (loss_chunk_tokens; rank/loss.LinearCrossEntropy; split over the vocabulary, world x the chunk
+    over 1/world of it, plus every rank's hidden states).
 
 Every coefficient below is a named constant with the reason for its value. They are first estimates from
 counting the saved tensors; GPU calibration (against torch.cuda.max_memory_reserved) adjusts them.
@@ -50,6 +51,11 @@ GATHER_OUTPUT_FACTOR = 0.6
 # dequantized again for the input gradient while the forward's copy of the next op may still be alive.
 DEQUANT_BUFFERS = 2
 
+# DoRA's forward (peft) holds, per adapted linear, the dequantized weight, B·A (built from an identity
+# matrix pushed through A and B) and their sum, for the row norms of W + s·B·A: three compute-dtype
+# [out, in] matrices beside the matmul's own dequantized copy.
+DORA_BUFFERS = 3
+
 # RMSNorm upcasts its input to fp32 and saves it; its compute-dtype output is what the linears save.
 NORM_FP32_BYTES = 4
 
@@ -60,8 +66,12 @@ HIDDEN_GRAD_BUFFERS = 3
 # output (2), the shifted/reshaped copy (2), and the gradients of the last two (2+2).
 ROOT_BYTES_PER_TOKEN_HIDDEN = 12
 
-# Loss chunk (train.CausalLMLoss): lm_head over this many tokens at a time.
+# Loss chunk (rank/loss.CausalLMLoss): lm_head over at most this many tokens at a time, fewer for a large
+# vocabulary: a chunk's fp32 logits stay within LOSS_CHUNK_FP32_BYTES (loss_chunk_tokens). 1.25 GiB keeps
+# Llama-3's 128,256-token vocabulary (the calibrated runs) and Qwen2.5's 152,064 at 2048 tokens; Gemma 3's
+# 262,208 gets 1024, Gemma 2's 256,000 with its soft-cap slope 512.
 LOSS_CHUNK_TOKENS = 2048
+LOSS_CHUNK_FP32_BYTES = int(1.25 * GiB)
 
 # Per chunk token x vocab, counted for the earlier loss (recomputed in backward): bf16 logits (2) + fp32
 # copy (4) + log-softmax output (4) + its gradient (4). train.LinearCrossEntropy needs about 8 (bf16 logits
@@ -69,6 +79,16 @@ LOSS_CHUNK_TOKENS = 2048
 # (8B batch 2: 11.21 -> 10.92 GiB; 70B with compile and expandable segments: 25.14 -> 22.41), so the
 # calibrated total keeps 14 until the terms are re-fitted on a GPU: the estimate errs high (safe).
 LOGIT_BYTES_PER_ELEMENT = 14
+
+# A final logit soft-cap (Gemma 2) keeps the slope d(c*tanh(z/c))/dz of each chunk logit in fp32 beside the
+# logits, for the input gradient: a second fp32 buffer (loss_chunk_tokens halves the chunk for it).
+SOFTCAP_SLOPE_BYTES = 4
+
+# model.attn_implementation = "eager" materialises the attention scores, per head and query x key, and
+# saves them for backward: the fp32 softmax (4) and its compute-dtype copy that multiplies v (2), beside
+# the compute-dtype scores it is made from (2) and Gemma 2's soft-capped tanh output (2). SDPA and flash
+# attention save only a log-sum-exp per head (counted in the layer). A first estimate, not calibrated.
+EAGER_SCORE_BYTES = 10
 
 # Scale on the counted per-layer activation bytes (kernels' workspaces, views that are not free); 1.0
 # until calibrated.
@@ -106,6 +126,7 @@ MAX_AUTO_MICRO_BATCH = 64
 
 DEFAULT_GPU_MEMORY = 80 * GiB
 
+# The decoder layer's linears when only config.json is known (no model built): Llama's.
 LAYER_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 LABELS = {
@@ -121,9 +142,35 @@ LABELS = {
 }
 
 
+def loss_chunk_tokens(vocab: int, softcap: bool = False) -> int:
+    """Tokens per chunk of the loss: the largest power of two up to LOSS_CHUNK_TOKENS whose fp32 logits (and
+    the soft-cap's fp32 slope beside them) fit LOSS_CHUNK_FP32_BYTES. The loss and the planner both use it;
+    the chunk changes where the sum over tokens is split, not what is summed."""
+    buffers = 2 if softcap else 1
+    chunk = LOSS_CHUNK_TOKENS
+    while chunk > 1 and chunk * vocab * 4 * buffers > LOSS_CHUNK_FP32_BYTES:
+        chunk //= 2
+    return chunk
+
+
+@dataclass(frozen=True)
+class LayerShape:
+    """One decoder layer as built: each nn.Linear as (leaf name, in_features, out_features), in module order
+    (Phi-3's fused qkv_proj and gate_up_proj as they are), the count of its other parameters (norm scales,
+    q/k norms, biases) and how many of those are hidden-sized norms (their inputs are saved for backward)."""
+
+    linears: tuple[tuple[str, int, int], ...]
+    other_params: int
+    norms: int
+
+
 @dataclass(frozen=True)
 class ModelShape:
-    """The few numbers of a decoder-only (Llama-family) config the estimate needs."""
+    """The numbers of a decoder-only model the estimate needs.
+
+    From config.json alone (`from_config`) the layer is assumed to be Llama's (LAYER_LINEARS, two RMSNorms,
+    no biases, one final norm). The launcher passes the layer and the parameters outside the layers as the
+    built (meta) model has them (launch/prepare.py), so fused projections, extra norms and biases count."""
 
     hidden: int
     intermediate: int
@@ -133,14 +180,18 @@ class ModelShape:
     head_dim: int
     vocab: int
     tied: bool = False
+    softcap: bool = False  # final_logit_softcapping: the loss keeps a second fp32 buffer per chunk
+    layer: LayerShape | None = None  # None: Llama's layer from the config's sizes
+    root_params: int | None = None  # outside the layers, embedding and head (the final norm); None: hidden
 
     @classmethod
-    def from_config(cls, config: Any) -> ModelShape:
-        """From a transformers config object or its config.json dict."""
+    def from_config(cls, config: Any, **built: Any) -> ModelShape:
+        """From a transformers config object or its config.json dict; BUILT: `layer`, `root_params`, `tied`
+        as the built model has them."""
         get = config.get if isinstance(config, Mapping) else lambda k, d=None: getattr(config, k, d)
         hidden = int(get("hidden_size"))
         heads = int(get("num_attention_heads"))
-        return cls(
+        shape = cls(
             hidden=hidden,
             intermediate=int(get("intermediate_size")),
             layers=int(get("num_hidden_layers")),
@@ -149,25 +200,39 @@ class ModelShape:
             head_dim=int(get("head_dim") or hidden // heads),
             vocab=int(get("vocab_size")),
             tied=bool(get("tie_word_embeddings", False)),
+            softcap=bool(get("final_logit_softcapping")),
         )
+        return replace(shape, **built)
 
-    def linears(self) -> dict[str, tuple[int, int]]:
-        """Per decoder layer: name -> (in_features, out_features)."""
+    def layer_shape(self) -> LayerShape:
+        """The decoder layer: as built, or Llama's from the config's sizes."""
+        if self.layer is not None:
+            return self.layer
         h, i = self.hidden, self.intermediate
         q, kv = self.heads * self.head_dim, self.kv_heads * self.head_dim
-        return {
-            "q_proj": (h, q),
-            "k_proj": (h, kv),
-            "v_proj": (h, kv),
-            "o_proj": (q, h),
-            "gate_proj": (h, i),
-            "up_proj": (h, i),
-            "down_proj": (i, h),
-        }
+        linears = (
+            ("q_proj", h, q),
+            ("k_proj", h, kv),
+            ("v_proj", h, kv),
+            ("o_proj", q, h),
+            ("gate_proj", h, i),
+            ("up_proj", h, i),
+            ("down_proj", i, h),
+        )
+        return LayerShape(linears, other_params=2 * h, norms=2)
+
+    def linears(self) -> tuple[tuple[str, int, int], ...]:
+        """Per decoder layer: (leaf name, in_features, out_features) of each linear."""
+        return self.layer_shape().linears
+
+    def root_other_params(self) -> int:
+        return self.hidden if self.root_params is None else self.root_params
 
     def params(self) -> int:
-        per_layer = sum(a * b for a, b in self.linears().values()) + 2 * self.hidden
-        return self.layers * per_layer + self.vocab * self.hidden * (1 if self.tied else 2) + self.hidden
+        layer = self.layer_shape()
+        per_layer = sum(a * b for _, a, b in layer.linears) + layer.other_params
+        embeddings = self.vocab * self.hidden * (1 if self.tied else 2)
+        return self.layers * per_layer + embeddings + self.root_other_params()
 
 
 @dataclass(frozen=True)
@@ -220,11 +285,11 @@ def _leaf(name: str) -> str:
     return name.rsplit(".", 1)[-1]
 
 
-def lora_targets(recipe: Recipe) -> set[str]:
+def lora_targets(recipe: Recipe, shape: ModelShape) -> set[str]:
     """Leaf names of the layer linears LoRA wraps ('lm_head' included if listed)."""
     t = recipe.lora.target_modules
     if t == "all-linear":
-        return set(LAYER_LINEARS)
+        return {name for name, _, _ in shape.linears()}
     return {_leaf(x) for x in t}
 
 
@@ -262,24 +327,25 @@ def _quant_bytes(recipe: Recipe, n: int, rows: int) -> tuple[float, float]:
 
 
 def layer_activation_bytes_per_token(shape: ModelShape, recipe: Recipe) -> float:
-    """Bytes one decoder layer saves for backward per token, without checkpointing (Llama, SDPA)."""
+    """Bytes one decoder layer saves for backward per token, without checkpointing (a Llama-like layer,
+    SDPA; every hidden-sized norm of the layer counted: Gemma's four, Llama's two)."""
     s = DTYPE_BYTES[recipe.quant.compute_dtype]
     h, i = shape.hidden, shape.intermediate
     q, kv = shape.heads * shape.head_dim, shape.kv_heads * shape.head_dim
-    norm = (NORM_FP32_BYTES + s) * h
+    norms = shape.layer_shape().norms * (NORM_FP32_BYTES + s) * h
     # SDPA saves rotated q, k, v, its output and a fp32 log-sum-exp per head; o_proj saves its input
     # (the output transposed back into a fresh contiguous tensor).
-    attn = norm + s * (q + 2 * kv) + s * q + 4 * shape.heads + s * q
+    attn = s * (q + 2 * kv) + s * q + 4 * shape.heads + s * q
     # SwiGLU: gate and up outputs, silu(gate), and their product (down_proj's input).
-    mlp = norm + 4 * s * i
+    mlp = 4 * s * i
     lora = 0.0
-    targets = lora_targets(recipe)
-    for name, (fan_in, _) in shape.linears().items():
+    targets = lora_targets(recipe, shape)
+    for name, fan_in, _ in shape.linears():
         if name in targets:
             lora += s * recipe.lora.rank  # lora_A's output, saved by lora_B
             if recipe.lora.dropout > 0:
                 lora += (s + 1) * fan_in  # dropout's output and mask, a fresh copy per adapted module
-    return LAYER_ACTIVATION_SCALE * (attn + mlp + lora)
+    return LAYER_ACTIVATION_SCALE * (norms + attn + mlp + lora)
 
 
 def estimate(
@@ -303,13 +369,14 @@ def estimate(
     s_model = DTYPE_BYTES[recipe.model.dtype]
     s = DTYPE_BYTES[recipe.quant.compute_dtype]
     h, v, L = shape.hidden, shape.vocab, shape.layers
-    targets = lora_targets(recipe)
+    targets = lora_targets(recipe, shape)
+    layer, root_params = shape.layer_shape(), shape.root_other_params()
     notes: list[str] = []
 
     packed_layer = scales_layer = dense_layer = 0.0
     lora_layer = 0
-    biggest_quant = 0
-    for name, (fan_in, fan_out) in shape.linears().items():
+    biggest_quant = biggest_target = 0
+    for name, fan_in, fan_out in layer.linears:
         n = fan_in * fan_out
         if _quantized(recipe, name):
             pk, sc = _quant_bytes(recipe, n, fan_out)
@@ -319,8 +386,9 @@ def estimate(
         else:
             dense_layer += n * s_model
         if name in targets:
-            lora_layer += recipe.lora.rank * (fan_in + fan_out)
-    dense_layer += 2 * h * s_model  # the two RMSNorm weights
+            lora_layer += recipe.lora.rank * (fan_in + fan_out) + (fan_out if recipe.lora.use_dora else 0)
+            biggest_target = max(biggest_target, n)
+    dense_layer += layer.other_params * s_model  # norm scales, biases
 
     head = 0 if shape.tied else v * h
     head_packed = head_scales = 0.0
@@ -330,7 +398,7 @@ def estimate(
         biggest_quant = max(biggest_quant, head)
     else:
         head_dense = head * s_model
-    lora_params = L * lora_layer + (recipe.lora.rank * 2 * h if "lm_head" in targets else 0)
+    lora_params = L * lora_layer + (recipe.lora.rank * (h + v) if "lm_head" in targets else 0)
     # FSDP never gathers a plain frozen head: the loss splits the vocabulary over the ranks instead
     # (train.ShardedLinearCrossEntropy), which gathers every rank's hidden states and sums input gradients.
     vocab_split = fsdp_sharded and head and not head_packed and "lm_head" not in targets
@@ -338,7 +406,7 @@ def estimate(
     parts: dict[str, float] = {}
     parts["weights_4bit"] = 0.0 if weights_off else (L * packed_layer + head_packed) / shard
     parts["quant_constants"] = L * scales_layer + head_scales
-    dense_total = L * dense_layer + v * h * s_model + head_dense + h * s_model
+    dense_total = L * dense_layer + v * h * s_model + head_dense + root_params * s_model
     parts["dense_weights"] = 0.0 if weights_off else dense_total / shard
 
     gathered = 0.0
@@ -350,14 +418,15 @@ def estimate(
             gathered += (L + GATHER_OUTPUT_FACTOR * GATHERED_LAYERS) * per_layer
         else:
             gathered += (1 + GATHER_OUTPUT_FACTOR) * GATHERED_LAYERS * per_layer
-        if shape.tied:
-            root = v * h * s
+        if shape.tied:  # the embedding (the head) and the final norm
+            root = (v * h + root_params) * s
         elif vocab_split:
-            root = h * s  # the final norm
+            root = root_params * s  # the final norm
         else:
-            root = head_packed + (head_dense + h * s_model) * s / s_model
+            root = head_packed + (head_dense + root_params * s_model) * s / s_model
         gathered += (1 + GATHER_OUTPUT_FACTOR) * root
     gathered += DEQUANT_BUFFERS * biggest_quant * s if recipe.quant.bits != "none" else 0.0
+    gathered += DORA_BUFFERS * biggest_target * s if recipe.lora.use_dora else 0.0
     parts["gathered"] = gathered
 
     # LoRA: fp32 master + fp32 grad + 2 AdamW moments, sharded (FSDP2 keeps all four per shard).
@@ -372,6 +441,8 @@ def estimate(
 
     tokens = micro_batch * recipe.data.seq_len
     per_layer_act = layer_activation_bytes_per_token(shape, recipe) * tokens
+    if recipe.model.attn_implementation == "eager":
+        per_layer_act += EAGER_SCORE_BYTES * shape.heads * micro_batch * recipe.data.seq_len**2
     if checkpointing:
         # One hidden state per layer boundary is kept; in backward one layer at a time is recomputed
         # with its full saved set.
@@ -383,9 +454,9 @@ def estimate(
     if recipe.data.packing:
         act += micro_batch * recipe.data.seq_len**2  # boolean block-causal mask for packed documents
     parts["activations"] = act
-    chunk = min(LOSS_CHUNK_TOKENS, tokens)
+    chunk = min(loss_chunk_tokens(v, shape.softcap), tokens)
     # Split over the vocabulary, a chunk is world x as many tokens over 1/world of the vocabulary: the same.
-    parts["logits"] = LOGIT_BYTES_PER_ELEMENT * chunk * v
+    parts["logits"] = (LOGIT_BYTES_PER_ELEMENT + (SOFTCAP_SLOPE_BYTES if shape.softcap else 0)) * chunk * v
     if vocab_split:  # every rank's hidden states (compute dtype) and their fp32 input-gradient partial sums
         parts["logits"] += shard * tokens * h * (s + 4)
 

@@ -17,25 +17,21 @@ from launcher.safe_files import read_json_object
 
 def decoder_layer_class(recipe: Recipe) -> str:
     """The decoder layer class name of the recipe's model (reads its config.json; not pure)."""
-    import transformers
-
     config = load_config(recipe, resolve_model_dir(recipe))
-    cls = getattr(transformers, config.architectures[0])
-    return cls._no_split_modules[0]
+    return causal_lm_class(config)._no_split_modules[0]
 
 
-# Architectures whose decoder layers live at `model.layers` and that were tested with this loader, with
-# their config's model_type (transformers builds the model from model_type, not from architectures).
-MODEL_TYPES = {
-    "LlamaForCausalLM": "llama",
-    "MistralForCausalLM": "mistral",
-    "Qwen2ForCausalLM": "qwen2",
-    "Qwen3ForCausalLM": "qwen3",
-}
+def causal_lm_class(config):
+    """The class transformers builds for CONFIG as a causal LM (AutoModelForCausalLM's choice)."""
+    from transformers import MODEL_FOR_CAUSAL_LM_MAPPING
 
-SUPPORTED_ARCHS = tuple(MODEL_TYPES)
+    return MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
 
-SUPPORTED_MODEL_TYPES = tuple(MODEL_TYPES.values())
+
+# The families qlaunch's tests train (tiny configs, world 1 against world 2, lr=0), named in messages. Any
+# other dense decoder-only causal LM of transformers is accepted too when preflight's structural checks and
+# logit probe pass (launcher/launch/preflight.py).
+TESTED_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text", "phi3", "olmo2", "granite")
 
 # Sizes the skeleton is built from: transformers accepts 0 or negative values for some and builds a
 # model without layers, or fails deep inside torch with a negative dimension.
@@ -92,7 +88,7 @@ def load_config(recipe: Recipe, model_dir: Path):
 
     path = model_dir / "config.json"
     raw = read_json_object(path, "model config")
-    problem = config_dict_problem(raw, recipe.model.trust_remote_code)
+    problem = config_dict_problem(raw, recipe.model.trust_remote_code) or quantization_problem(raw)
     if problem:
         raise UserError(f"{path}: {problem}")
     try:
@@ -101,28 +97,44 @@ def load_config(recipe: Recipe, model_dir: Path):
     except Exception as err:  # any refusal of a config file is bad input, not a crash
         raise UserError(f"{path}: transformers cannot load this config ({transformers_refusal(err)})") from None
     archs = list(getattr(config, "architectures", None) or [])
-    if not archs or archs[0] not in SUPPORTED_ARCHS:
-        name = (_identifier(archs[0]) or "(not a class name)") if archs else "(none)"
-        raise UserError(f"{path}: architecture {name} is not supported; supported: {', '.join(SUPPORTED_ARCHS)}")
-    model_type = MODEL_TYPES[archs[0]]
-    if config.model_type != model_type and not recipe.model.trust_remote_code:
-        # transformers builds the model from model_type, not from architectures: another family's
-        # tensors would be expected (and reported missing) under a name that says Llama.
-        raise UserError(  # config.model_type is transformers' own name for the class it loaded
-            f"{path}: model_type {config.model_type!r} does not match architectures = [{archs[0]!r}], whose "
-            f"model_type is {model_type!r}"
-        )
+    remote = recipe.model.trust_remote_code and bool(getattr(config, "auto_map", None))
+    problem = architecture_problem(config, archs, remote)
+    if problem:
+        raise UserError(f"{path}: {problem}")
     problem = config_size_problem(config)
     if problem:
         raise UserError(f"{path}: {problem}")
-    if getattr(config, "tie_word_embeddings", False):
-        # The loader fills lm_head and the embedding as separate tensors and FSDP shards them apart; a
-        # tied pair would silently come untied. Refuse rather than train a different model.
-        raise UserError(
-            f"{path}: tie_word_embeddings = true (e.g. Llama-3.2-1B/3B, small Qwen2.5) is not "
-            "supported yet; supported: untied models such as Llama-3.1-8B/70B, Mistral-7B, Qwen2.5-7B+"
-        )
     return config
+
+
+def architecture_problem(config, archs: list[str], remote: bool) -> str | None:
+    """Why the config's architecture is not a causal LM transformers builds from its model_type, if not.
+
+    transformers builds the model from model_type, not from architectures: a config whose architectures
+    names another class would have another family's tensors expected (and reported missing)."""
+    if not archs:
+        return 'no architectures (a list such as ["LlamaForCausalLM"])'
+    name = _identifier(archs[0]) or "(not a class name)"
+    if remote:
+        return None  # the repository's own code; preflight's structural checks still apply
+    try:
+        cls = causal_lm_class(config)
+    except KeyError:
+        return (
+            f"architecture {name} (model_type {_identifier(config.model_type) or '?'}) is not a causal language "
+            "model transformers can build; tested: " + ", ".join(TESTED_FAMILIES)
+        )
+    if archs[0].endswith("ForConditionalGeneration") or getattr(config, "vision_config", None) is not None:
+        return (
+            f"architecture {name} is a multimodal checkpoint (its text model is stored under another prefix); "
+            "only text-only causal LM checkpoints are supported yet"
+        )
+    if cls.__name__ != archs[0]:
+        return (
+            f"model_type {config.model_type!r} does not match architectures = [{name!r}] "
+            f"(model_type {config.model_type!r} builds {cls.__name__})"
+        )
+    return None
 
 
 @contextlib.contextmanager
@@ -149,7 +161,7 @@ def config_dict_problem(raw: dict, trust_remote_code: bool) -> str | None:
 
     model_type = raw.get("model_type")
     if not isinstance(model_type, str) or not model_type:
-        return f"no model_type (a string such as {', '.join(map(repr, SUPPORTED_MODEL_TYPES))})"
+        return f"no model_type (a string such as {', '.join(map(repr, TESTED_FAMILIES[:4]))})"
     remote = trust_remote_code and "auto_map" in raw
     if model_type not in CONFIG_MAPPING and not remote:
         import transformers
@@ -157,11 +169,66 @@ def config_dict_problem(raw: dict, trust_remote_code: bool) -> str | None:
         name = _identifier(model_type)
         return (
             f"model_type {name + ' ' if name else ''}is not an architecture transformers "
-            f"{transformers.__version__} knows; supported: {', '.join(SUPPORTED_MODEL_TYPES)}"
+            f"{transformers.__version__} knows; tested: {', '.join(TESTED_FAMILIES)}"
         )
     archs = raw.get("architectures")
     if archs is not None and not (isinstance(archs, list) and all(isinstance(a, str) for a in archs)):
         return 'architectures must be a list of class names such as ["LlamaForCausalLM"]'
+    return None
+
+
+def quantization_config(config) -> dict | None:
+    """config.json's quantization_config (from a transformers config or the parsed file), or None."""
+    qc = config.get("quantization_config") if isinstance(config, dict) else getattr(config, "quantization_config", None)
+    if qc is not None and not isinstance(qc, dict) and hasattr(qc, "to_dict"):
+        qc = qc.to_dict()
+    return qc
+
+
+def is_bnb_4bit(config) -> bool:
+    """Whether CONFIG describes a bitsandbytes 4-bit checkpoint (load_config refused every other kind)."""
+    qc = quantization_config(config)
+    return isinstance(qc, dict) and qc.get("quant_method") == "bitsandbytes" and _flag(qc, "load_in_4bit")
+
+
+def _flag(qc: dict, key: str) -> bool:
+    # transformers' BitsAndBytesConfig.to_dict writes both KEY and _KEY (its private field).
+    return qc.get(key) is True or qc.get("_" + key) is True
+
+
+def quantized_as(config: dict) -> str:
+    """How a config.json with a quantization_config says its weights are quantized, in words safe to show
+    ('bitsandbytes nf4')."""
+    qc = config["quantization_config"]
+    if is_bnb_4bit(config):
+        return f"bitsandbytes {_identifier(qc.get('bnb_4bit_quant_type')) or '4-bit'}"
+    method = _identifier(qc.get("quant_method")) if isinstance(qc, dict) else None
+    return f"quantization_config.quant_method = {method or '?'}"
+
+
+def quantization_problem(raw: dict) -> str | None:
+    """Why a config.json's quantization_config names weights qlaunch cannot load, or None (none, or a
+    bitsandbytes 4-bit checkpoint, whose tensors open_source checks one by one)."""
+    if "quantization_config" not in raw:
+        return None
+    qc = raw["quantization_config"]
+    if not isinstance(qc, dict):
+        return "quantization_config must be an object (as transformers writes it)"
+    method = qc.get("quant_method")
+    if method != "bitsandbytes":
+        shown = _identifier(method) or "(not a name)"
+        return (
+            f"quantization_config.quant_method = {shown}: qlaunch loads only bitsandbytes 4-bit checkpoints "
+            "(quantized weights of another method cannot be trained with bitsandbytes layers); set model.path "
+            "to the unquantized model"
+        )
+    if _flag(qc, "load_in_8bit"):
+        return (
+            "a bitsandbytes 8-bit checkpoint (quantization_config.load_in_8bit = true) cannot be loaded yet; "
+            "set model.path to the unquantized model and quant.bits = 8, or use a 4-bit checkpoint"
+        )
+    if not _flag(qc, "load_in_4bit"):
+        return "quantization_config (bitsandbytes) has neither load_in_4bit nor load_in_8bit set to true"
     return None
 
 

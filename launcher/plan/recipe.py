@@ -183,7 +183,11 @@ class LoraConfig(_Section):
         "all-linear",
         description="'all-linear' (every linear layer of the decoder, not lm_head) or a list of module name suffixes.",
     )
-    use_dora: Bool = Field(False, description="Weight-decomposed LoRA (DoRA).")
+    use_dora: Bool = Field(
+        False,
+        description="Weight-decomposed LoRA (DoRA): a trained magnitude per output row of each adapted linear; "
+        "costs a whole-weight dequantize, B·A and row norms per adapted linear in every forward.",
+    )
     init_seed: Int = Field(
         0, ge=0, lt=SEED_LIMIT, description="Seed of the LoRA A initialisation (identical on all ranks)."
     )

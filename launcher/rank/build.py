@@ -12,10 +12,18 @@ from torch import nn
 
 from launcher.plan.model_info import load_config, resolve_model_dir
 from launcher.plan.recipe import Recipe
-from launcher.rank.model.fill import materialize, open_source
+from launcher.rank.model.dora import install_dequantize, magnitudes_on_meta
+from launcher.rank.model.fill import materialize, open_source, quant_config
 from launcher.rank.model.quant import replace_with_4bit, replace_with_int8
 from launcher.rank.model.shard import LoadStats
-from launcher.rank.model.skeleton import DTYPES, build_skeleton, checkpoint_shapes, decoder_layers, lora_targets
+from launcher.rank.model.skeleton import (
+    DTYPES,
+    build_skeleton,
+    checkpoint_shapes,
+    constant_inits,
+    decoder_layers,
+    lora_targets,
+)
 
 
 @dataclass
@@ -58,10 +66,12 @@ def build_model(
     # Checkpoint names of every module, recorded before peft moves linears under `.base_layer`.
     module_names = {m: n for n, m in causal_lm.named_modules()}
     shapes = checkpoint_shapes(causal_lm)
+    constants = constant_inits(causal_lm) if recipe.model.init == "random" else None
     targets = lora_targets(recipe, causal_lm)
+    source, prequant = open_source(recipe, model_dir, config, shapes, device, constants)
     quant_layers: dict[str, nn.Module] = {}
     if recipe.quant.bits == 4:
-        quant_layers = replace_with_4bit(causal_lm, recipe.quant)
+        quant_layers = replace_with_4bit(causal_lm, quant_config(recipe, causal_lm, source, prequant))
         module_names = {m: n for n, m in causal_lm.named_modules()}
     elif recipe.quant.bits == 8:
         quant_layers = replace_with_int8(causal_lm, recipe.quant)
@@ -76,7 +86,12 @@ def build_model(
         task_type="CAUSAL_LM",
         base_model_name_or_path=recipe.model.path,
     )
-    peft_model = get_peft_model(causal_lm, peft_cfg)
+    if recipe.lora.use_dora:
+        install_dequantize()
+        with magnitudes_on_meta():  # filled at load (fill.lora_filler): the base weights are still meta
+            peft_model = get_peft_model(causal_lm, peft_cfg)
+    else:
+        peft_model = get_peft_model(causal_lm, peft_cfg)
     quant_params = {id(layer.weight) for layer in quant_layers.values()}
     compute = DTYPES[recipe.quant.compute_dtype]
     for p in peft_model.parameters():
@@ -99,7 +114,6 @@ def build_model(
         # costs more than fusion saves (QLinear4bit exists partly to avoid one).
         for layer in decoder_layers(causal_lm):
             layer.forward = torch.compile(layer.forward)
-    source, prequant = open_source(recipe, model_dir, config, shapes, device)
     stats = (materializer or materialize)(
         loss_model, module_names, set(quant_layers.values()), source, recipe, device, prequant, progress
     )

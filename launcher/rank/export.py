@@ -9,6 +9,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from launcher.rank.model.dora import MAGNITUDE
+
 ADAPTER_FILE = "adapter_model.safetensors"
 
 
@@ -21,9 +23,15 @@ def lora_state_dict(peft_model: torch.nn.Module) -> dict[str, torch.Tensor]:
         full = _deepspeed_full(p)
         if full is None:
             full = p.full_tensor() if hasattr(p, "full_tensor") else p.detach()
-        key = name.replace(".default.", ".").replace(".default", "")
-        out[key] = full.detach().to("cpu", torch.float32).contiguous()
+        out[saved_key(name)] = full.detach().to("cpu", torch.float32).contiguous()
     return out
+
+
+def saved_key(param_name: str) -> str:
+    """PEFT's file key of a LoRA parameter: the adapter name dropped, and a DoRA magnitude without `.weight`
+    (peft saves `...lora_magnitude_vector` and adds `.weight` back when loading)."""
+    key = param_name.replace(".default.", ".").replace(".default", "")
+    return key.removesuffix(".weight") if key.endswith(MAGNITUDE + ".weight") else key
 
 
 def _deepspeed_full(p: torch.Tensor) -> torch.Tensor | None:

@@ -190,13 +190,7 @@ def _train(run: RunDir, d, recipe, run_plan: RunPlan, metrics, t_spawn: float) -
         # Normalise by the label tokens of the whole global batch, so any split over ranks and
         # micro-steps computes the same loss (and gradient) as one device would.
         n_global = float(max(n_labels, 1))
-        loss_sum = torch.zeros((), device=device)
-        for b in micro:
-            b = {k: v.to(device, non_blocking=True) for k, v in b.items()}
-            s, _ = model(b["input_ids"], b["labels"], b["position_ids"])
-            engine.backward(s / n_global)
-            loss_sum += s.detach()
-        grad_norm = engine.step()
+        loss_sum, grad_norm = optimizer_step(model, engine, micro, n_global, device)
         # One all-reduce carries the loss and any rank's stop request, so all ranks agree on stopping.
         red = torch.stack([loss_sum.float(), torch.tensor(float(stop.requested()), device=device)])
         if dist.is_initialized():
@@ -270,6 +264,19 @@ def diverged(step: int, loss: float, grad_norm: float, run: RunDir, resume_from:
         f"training diverged at step {step}: {what}; nothing of this step was saved and no adapter was "
         f"exported; {kept}. Lower train.lr, set train.grad_clip, or check the data and the model's weights"
     )
+
+
+def optimizer_step(model, engine, micro: list[dict], n_global: float, device) -> tuple[torch.Tensor, float]:
+    """Forward and backward of this rank's micro-batches, each loss divided by the global batch's label
+    count N_GLOBAL, then the engine's step; returns this rank's summed loss (not yet all-reduced) and the
+    global gradient norm."""
+    loss_sum = torch.zeros((), device=device)
+    for b in micro:
+        b = {k: v.to(device, non_blocking=True) for k, v in b.items()}
+        s, _ = model(b["input_ids"], b["labels"], b["position_ids"])
+        engine.backward(s / n_global)
+        loss_sum += s.detach()
+    return loss_sum, engine.step()
 
 
 @torch.no_grad()

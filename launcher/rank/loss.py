@@ -9,6 +9,9 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from launcher.data.pack import IGNORE  # the label packing gives tokens without a loss
+from launcher.plan.memory import loss_chunk_tokens
+from launcher.rank.model.logits import LogitTransform
+from launcher.rank.model.skeleton import decoder, output_head
 
 
 class CausalLMLoss(nn.Module):
@@ -25,30 +28,36 @@ class CausalLMLoss(nn.Module):
     of its vocabulary rows for every rank's tokens (ShardedLinearCrossEntropy).
     """
 
-    def __init__(self, causal_lm: nn.Module, chunk_tokens: int = 2048):
+    def __init__(self, causal_lm: nn.Module, chunk_tokens: int | None = None):
         super().__init__()
         self.lm = causal_lm
-        self.chunk_tokens = chunk_tokens
+        self.logits = LogitTransform.from_config(causal_lm.config)
+        # The planner's rule (memory.loss_chunk_tokens): a chunk's fp32 logits stay the same size for any
+        # vocabulary (Gemma's 262k gets half Llama-3's 2048 tokens), so the planned memory is what runs.
+        head = output_head(causal_lm)
+        vocab = getattr(head, "base_layer", head).out_features  # a 4-bit head's weight is packed bytes
+        self.chunk_tokens = chunk_tokens or loss_chunk_tokens(vocab, self.logits.softcap is not None)
         # Decided before any wrapping: FSDP2 turns the head into a subclass of nn.Linear.
-        self.fused_head = plain_head(causal_lm.lm_head)
+        self.fused_head = plain_head(output_head(causal_lm))
 
     def forward(
         self, input_ids: torch.Tensor, labels: torch.Tensor, position_ids: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        hidden = self.lm.model(input_ids=input_ids, position_ids=position_ids, use_cache=False).last_hidden_state
+        out = decoder(self.lm)(input_ids=input_ids, position_ids=position_ids, use_cache=False)
+        hidden = out.last_hidden_state
         h = hidden[:, :-1].reshape(-1, hidden.shape[-1])
         y = labels[:, 1:].reshape(-1)
-        head = self.lm.lm_head
+        head = output_head(self.lm)
         if self.fused_head:
-            total = fused_head_loss(h, head.weight, y, self.chunk_tokens)
+            total = fused_head_loss(h, head.weight, y, self.chunk_tokens, self.logits)
         else:
             total = hidden.new_zeros((), dtype=torch.float32)
             for s in range(0, h.shape[0], self.chunk_tokens):
                 hs, ys = h[s : s + self.chunk_tokens], y[s : s + self.chunk_tokens]
                 if torch.is_grad_enabled():
-                    total = total + checkpoint(_module_ce, head, hs, ys, use_reentrant=False)
+                    total = total + checkpoint(_module_ce, head, hs, ys, self.logits, use_reentrant=False)
                 else:
-                    total = total + _module_ce(head, hs, ys)
+                    total = total + _module_ce(head, hs, ys, self.logits)
         return total, (y != IGNORE).sum()
 
 
@@ -57,8 +66,8 @@ def plain_head(head: nn.Module) -> bool:
     return type(head) is nn.Linear and head.bias is None and not head.weight.requires_grad
 
 
-def _module_ce(head: nn.Module, h: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(head(h).float(), y, ignore_index=IGNORE, reduction="sum")
+def _module_ce(head: nn.Module, h: torch.Tensor, y: torch.Tensor, transform: LogitTransform) -> torch.Tensor:
+    return F.cross_entropy(transform(head(h).float()), y, ignore_index=IGNORE, reduction="sum")
 
 
 class LinearCrossEntropy(torch.autograd.Function):
@@ -71,7 +80,9 @@ class LinearCrossEntropy(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, h: torch.Tensor, w: torch.Tensor, y: torch.Tensor, chunk: int) -> torch.Tensor:
+    def forward(
+        ctx, h: torch.Tensor, w: torch.Tensor, y: torch.Tensor, chunk: int, transform: LogitTransform
+    ) -> torch.Tensor:
         w = w.to(h.dtype)
         grad_h = torch.empty_like(h) if h.requires_grad else None
         acc = torch.promote_types(h.dtype, torch.float32)  # softmax statistics in fp32 at least
@@ -79,6 +90,7 @@ class LinearCrossEntropy(torch.autograd.Function):
         for s in range(0, h.shape[0], chunk):
             hs, ys = h[s : s + chunk], y[s : s + chunk]
             logits = F.linear(hs, w).to(acc)
+            slope = transform.apply_(logits)
             valid = ys != IGNORE
             target = ys.clamp(min=0).unsqueeze(1)
             target_logit = logits.gather(1, target).squeeze(1)
@@ -89,13 +101,15 @@ class LinearCrossEntropy(torch.autograd.Function):
                 probs = logits.div_(z.unsqueeze(1))  # softmax, in place
                 probs.scatter_add_(1, target, torch.full_like(target, -1.0, dtype=probs.dtype))
                 probs.mul_(valid.unsqueeze(1))
+                if slope is not None:
+                    probs.mul_(slope)  # through the logit transform
                 grad_h[s : s + chunk] = probs.to(h.dtype) @ w
         ctx.save_for_backward(grad_h)
         return total
 
     @staticmethod
     def backward(ctx, grad_total: torch.Tensor):
-        return scaled_input_grad(ctx, grad_total), None, None, None
+        return scaled_input_grad(ctx, grad_total), None, None, None, None
 
 
 def scaled_input_grad(ctx, grad_total: torch.Tensor) -> torch.Tensor:
@@ -144,12 +158,14 @@ def shifted_exp_(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return m, logits.sum(dim=1)
 
 
-def fused_head_loss(h: torch.Tensor, w: torch.Tensor, y: torch.Tensor, chunk: int) -> torch.Tensor:
-    """Summed cross-entropy of h @ w.T for this rank's tokens; w whole, or an FSDP2 shard (a DTensor)."""
+def fused_head_loss(
+    h: torch.Tensor, w: torch.Tensor, y: torch.Tensor, chunk: int, transform: LogitTransform = LogitTransform()
+) -> torch.Tensor:
+    """Summed cross-entropy of transform(h @ w.T) for this rank's tokens; w whole, or an FSDP2 shard (a DTensor)."""
     from torch.distributed.tensor import DTensor
 
     if not isinstance(w, DTensor):
-        return LinearCrossEntropy.apply(h, w, y, chunk)
+        return LinearCrossEntropy.apply(h, w, y, chunk, transform)
     from launcher.rank.model.shard import local_view, shard_group
 
     local, v0, _ = local_view(w)
@@ -157,8 +173,8 @@ def fused_head_loss(h: torch.Tensor, w: torch.Tensor, y: torch.Tensor, chunk: in
     local = local.to(h.device, non_blocking=True)
     rank, world, group = shard_group(w)
     if world == 1:
-        return LinearCrossEntropy.apply(h, local, y, chunk)
-    return ShardedLinearCrossEntropy.apply(h, local, y, chunk, v0, rank, world, group)
+        return LinearCrossEntropy.apply(h, local, y, chunk, transform)
+    return ShardedLinearCrossEntropy.apply(h, local, y, chunk, v0, rank, world, group, transform)
 
 
 class ShardedLinearCrossEntropy(torch.autograd.Function):
@@ -176,7 +192,7 @@ class ShardedLinearCrossEntropy(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, h, w, y, chunk: int, v0: int, rank: int, world: int, group) -> torch.Tensor:
+    def forward(ctx, h, w, y, chunk: int, v0: int, rank: int, world: int, group, transform) -> torch.Tensor:
         import torch.distributed as dist
 
         # torch 2.13 renamed the flat collectives (the old names warn on every call); 2.11 has only those.
@@ -196,6 +212,7 @@ class ShardedLinearCrossEntropy(torch.autograd.Function):
         for s in range(0, world * t, step):
             hs, ys = h_all[s : s + step], y_all[s : s + step]
             logits = F.linear(hs, w).to(acc)
+            slope = transform.apply_(logits)  # elementwise: the same on every vocabulary shard
             local_y = ys - v0
             valid = ys != IGNORE
             mine = valid & (local_y >= 0) & (local_y < vr)
@@ -211,6 +228,8 @@ class ShardedLinearCrossEntropy(torch.autograd.Function):
                 probs = logits.mul_((m - lse).exp().unsqueeze(1))  # softmax over the whole vocabulary, in place
                 probs.scatter_add_(1, idx, -mine.unsqueeze(1).to(probs.dtype))
                 probs.mul_(valid.unsqueeze(1))
+                if slope is not None:
+                    probs.mul_(slope)
                 grad_all[s : s + step] = mm_acc(probs.to(h.dtype), w)
         # Each rank's own tokens: its slice of the gathered order. Target logits and gradients are sums over
         # the vocabulary shards (only one shard has a token's target; every shard adds to its gradient).
@@ -228,4 +247,4 @@ class ShardedLinearCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_total: torch.Tensor):
-        return scaled_input_grad(ctx, grad_total), None, None, None, None, None, None, None
+        return scaled_input_grad(ctx, grad_total), None, None, None, None, None, None, None, None

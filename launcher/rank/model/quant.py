@@ -224,9 +224,12 @@ def quantize_shard(read_flat: Callable[[int, int], torch.Tensor], n: int, spans,
 
 
 def fill_quantized(
-    layer: nn.Module, hf_name: str, source, q: QuantConfig, device: torch.device, prequant: bool
+    layer: nn.Module, hf_name: str, source, q: QuantConfig, device: torch.device, prequant: str | None
 ) -> None:
-    """Fill this rank's packed bytes of a Linear4bit and attach the full quant state (see module doc)."""
+    """Fill this rank's packed bytes of a Linear4bit and attach the full quant state (see module doc).
+
+    PREQUANT: None (quantize this rank's blocks of the dense source), "qlaunch" (`qlaunch quantize`'s packed
+    bytes and fp32 scales) or "bnb" (bitsandbytes' own checkpoint: packed bytes and a finished state)."""
     from torch.distributed.tensor import DTensor
 
     p = layer.weight
@@ -236,17 +239,20 @@ def fill_quantized(
     n = out_f * in_f
     spans = shard_spans(n, r0, r1, 2 * local.element_size(), q.blocksize, rank, world)
     e0, e1, b0, b1 = spans
-    if prequant:
-        packed_local = source.read_raw(hf_name + PACKED_SUFFIX, e0 // 2, e1 // 2, device).to(device)
-        absmax_own = source.read_raw(hf_name + ABSMAX_SUFFIX, b0, b1, device).to(device).float()
+    if prequant == "bnb":
+        packed_local, qs = read_hub_shard(source, hf_name, q, e0, e1, device)
     else:
-        packed_local, absmax_own = quantize_shard(
-            lambda a, b: source.read_flat(hf_name, a, b, device), n, spans, q, device
-        )
+        if prequant == "qlaunch":
+            packed_local = source.read_raw(hf_name + PACKED_SUFFIX, e0 // 2, e1 // 2, device).to(device)
+            absmax_own = source.read_raw(hf_name + ABSMAX_SUFFIX, b0, b1, device).to(device).float()
+        else:
+            packed_local, absmax_own = quantize_shard(
+                lambda a, b: source.read_flat(hf_name, a, b, device), n, spans, q, device
+            )
+        absmax_full = _all_gather_blocks(absmax_own, -(-n // q.blocksize), world, group, device)
+        qs = make_quant_state(absmax_full, (out_f, in_f), q)
     if e1 > e0:
         local.view(torch.uint8).reshape(-1)[: (e1 - e0) // 2].copy_(packed_local)
-    absmax_full = _all_gather_blocks(absmax_own, -(-n // q.blocksize), world, group, device)
-    qs = make_quant_state(absmax_full, (out_f, in_f), q)
     layer.quant_state = qs
     if not isinstance(p, DTensor):
         from bitsandbytes.nn import Params4bit
@@ -262,6 +268,16 @@ def fill_quantized(
             module=layer,
             bnb_quantized=True,
         )
+
+
+def read_hub_shard(source, hf_name: str, q: QuantConfig, e0: int, e1: int, device):
+    """(packed bytes of elements [e0, e1), whole QuantState) of a weight of a bitsandbytes 4-bit checkpoint:
+    the bytes are this rank's share only (any storage dtype: bytes e0/2 to e1/2), the small state is read whole
+    on every rank, so nothing is gathered."""
+    from launcher.rank.model.bnb_hub import hub_quant_state
+
+    packed = source.read_bytes(hf_name, e0 // 2, e1 // 2, device).to(device)
+    return packed, hub_quant_state(source, source.dir, hf_name, q, device)
 
 
 def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

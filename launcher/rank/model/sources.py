@@ -141,13 +141,17 @@ class SafetensorsSource:
                 f"{f}: tensor {name} has {numel} elements, elements [{start}, {end}) were asked for "
                 "(a checkpoint that does not match the model?)"
             )
+        size = torch.empty((), dtype=dtype).element_size()
+        return self._read_span(name, dtype, self.offset[name] + start * size, (end - start) * size, device)
+
+    def _read_span(self, name: str, dtype: torch.dtype, pos: int, nbytes: int, device) -> torch.Tensor:
+        """NBYTES bytes of NAME's file from byte POS (inside the tensor: the callers checked), as DTYPE."""
+        f = self.where[name]
         if f not in self._fds:
             self._fds[f] = open_regular(f, "safetensors file")
-        size = torch.empty((), dtype=dtype).element_size()
-        nbytes = (end - start) * size
         cuda = device is not None and torch.device(device).type == "cuda"
         out = self._staging(nbytes, pin=cuda)
-        view, pos, done = memoryview(out.numpy())[:nbytes], self.offset[name] + start * size, 0
+        view, done = memoryview(out.numpy())[:nbytes], 0
         while done < nbytes:
             got = os.preadv(self._fds[f], [view[done : done + MAX_READ_BYTES]], pos + done)
             if got <= 0:
@@ -178,6 +182,20 @@ class SafetensorsSource:
         if raw not in _DTYPES:
             raise UserError(f"{self.where[name]}: tensor {name} has dtype {raw}; expected one of {sorted(_DTYPES)}")
         return self._read(name, _DTYPES[raw], start, end, device)
+
+    def read_bytes(self, name: str, start: int, end: int, device=None) -> torch.Tensor:
+        """Bytes [start, end) of tensor NAME's data, whatever its dtype, as uint8 (bitsandbytes' packed 4-bit
+        weights are the same bytes whether a checkpoint stores them as U8 or BF16 elements)."""
+        info = self._check(name)
+        nbytes = info.end - info.begin
+        if not 0 <= start <= end <= nbytes:
+            raise UserError(
+                f"{self.where[name]}: tensor {name} has {nbytes} bytes, bytes [{start}, {end}) were asked for "
+                "(a checkpoint that does not match the model?)"
+            )
+        if start == end:
+            return torch.empty(0, dtype=torch.uint8)
+        return self._read_span(name, torch.uint8, self.offset[name] + start, end - start, device)
 
     def close(self) -> None:
         fds = getattr(self, "_fds", {})  # absent when __init__ refused the directory
@@ -336,8 +354,16 @@ class RandomSource:
 
     CHUNK = 1 << 20
 
-    def __init__(self, shapes: dict[str, tuple[int, ...]], std: float, seed: int, device: torch.device):
+    def __init__(
+        self,
+        shapes: dict[str, tuple[int, ...]],
+        std: float,
+        seed: int,
+        device: torch.device,
+        constants: dict[str, float] | None = None,
+    ):
         self.shapes = shapes
+        self.constants = constants or {}  # 1-D parameters the architecture initialises to a constant
         self.std = std
         self.seed = seed
         self.device = device
@@ -354,8 +380,8 @@ class RandomSource:
 
     def read_flat(self, name: str, start: int, end: int, device=None) -> torch.Tensor:
         # Generated on self.device already; `device` is accepted for the common WeightSource interface.
-        if _is_norm(name):
-            return torch.ones(end - start, dtype=torch.bfloat16, device=self.device)
+        if name in self.constants:
+            return torch.full((end - start,), self.constants[name], dtype=torch.bfloat16, device=self.device)
         parts = []
         c0, c1 = start // self.CHUNK, -(-end // self.CHUNK)
         for c in range(c0, c1):
@@ -367,11 +393,6 @@ class RandomSource:
             hi = min(end - c * self.CHUNK, n)
             parts.append(chunk[lo:hi])
         return torch.cat(parts).to(torch.bfloat16) if parts else torch.empty(0, dtype=torch.bfloat16)
-
-
-def _is_norm(name: str) -> bool:
-    leaf = name.rsplit(".", 2)
-    return "norm" in (leaf[-2] if len(leaf) > 1 else name) or name.endswith(".bias")
 
 
 def name_seed(seed: int, name: str, chunk: int) -> int:

@@ -128,12 +128,12 @@ def materialize_partitioned(
     source,
     recipe,
     device: torch.device,
-    prequant: bool,
+    prequant: str | None,
     config: dict[str, Any],
     progress: Callable[[str], None] | None = None,
 ):
     """Fill one unit, partition it, go on; see the module docstring for what each rank holds."""
-    from launcher.rank.model.fill import fill_base_param, fill_lora_param
+    from launcher.rank.model.fill import fill_base_param, lora_filler
     from launcher.rank.model.shard import LoadStats
 
     deepspeed = _deepspeed()
@@ -141,6 +141,7 @@ def materialize_partitioned(
     t0 = time.perf_counter()
     cast = param_dtype(config)
     names = {id(p): n for n, p in root.named_parameters(remove_duplicate=False)}
+    fill_lora = lora_filler(root, module_names, source, recipe, device, prequant)
     # Every (module, key) holding each parameter: a tied weight (embedding = lm_head) has two.
     owners: dict[int, list[tuple[nn.Module, str]]] = {}
     for m in root.modules():
@@ -168,7 +169,7 @@ def materialize_partitioned(
                             m, pname, new, hf_name, source, recipe, device, prequant, quant_layers, stats, progress
                         )
                     else:
-                        fill_lora_param(new, full_name, tuple(new.shape), 0, new.shape[0], recipe.lora.init_seed)
+                        fill_lora(new, full_name, tuple(new.shape), 0, new.shape[0])
                     for owner, key in owners[id(p)]:  # re-tie: the other holders get the filled tensor too
                         owner._parameters[key] = m._parameters[pname]
                     if cast is not None and m._parameters[pname].requires_grad:
@@ -250,7 +251,9 @@ class DeepSpeedEngine:
         loss_model = built.loss_model
         if config["zero_optimization"]["stage"] == 3:
             # CausalLMLoss reads lm_head.weight outside lm_head's own forward: have the root gather it.
-            deepspeed.zero.register_external_parameter(loss_model, built.causal_lm.lm_head.weight)
+            from launcher.rank.model.skeleton import head_weight
+
+            deepspeed.zero.register_external_parameter(loss_model, head_weight(built.causal_lm))
             zero3_whole_layers(built.causal_lm)
         t = recipe.train
         schedule = lr_lambda(t.schedule, t.warmup_steps, total_steps, t.min_lr_ratio)

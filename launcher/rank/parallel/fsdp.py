@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from launcher.plan.recipe import Recipe
+from launcher.rank.model.skeleton import decoder_layers, input_embedding, is_tied, output_head
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
@@ -22,14 +23,15 @@ def apply_fsdp(loss_model: nn.Module, causal_lm: nn.Module, recipe: Recipe, mesh
     mp = MixedPrecisionPolicy(param_dtype=compute, reduce_dtype=torch.float32)
     offload = CPUOffloadPolicy() if opts.cpu_offload else OffloadPolicy()
     common = dict(mesh=mesh, mp_policy=mp, offload_policy=offload)
-    layers = list(causal_lm.model.layers)
+    layers = list(decoder_layers(causal_lm))
     for i, layer in enumerate(layers):
         # The last layer's parameters are needed again at the start of backward: keep them gathered.
         reshard = opts.reshard_after_forward is not False and i < len(layers) - 1  # 'auto' is resolved by the plan
         fully_shard(layer, reshard_after_forward=reshard, **common)
-    emb = causal_lm.model.embed_tokens
-    tied = emb.weight is causal_lm.lm_head.weight
-    if not tied:
+    emb = input_embedding(causal_lm)
+    # A tied weight must be managed by exactly one FSDP group (torch 2.13 refuses a parameter shared by two;
+    # 2.11 silently keeps two copies, i.e. unties): it stays in the root below, gathered with the final norm.
+    if not is_tied(causal_lm):
         fully_shard(emb, reshard_after_forward=True, **common)
         if loss_model.fused_head:
             # A plain frozen lm_head is a unit of its own that is never gathered: the loss reads each rank's
@@ -37,7 +39,7 @@ def apply_fsdp(loss_model: nn.Module, causal_lm: nn.Module, recipe: Recipe, mesh
             # the final norm and kept through backward (70B: 2.1 GB per rank). A LoRA-wrapped or quantized head
             # is called as a module, chunk by chunk and recomputed in backward, so it stays in the root and
             # is gathered once.
-            fully_shard(causal_lm.lm_head, reshard_after_forward=True, **common)
+            fully_shard(output_head(causal_lm), reshard_after_forward=True, **common)
     # Root: final norm (+ the tied embedding, or a LoRA/quantized lm_head), used first thing in backward, so
     # not resharded.
     fully_shard(loss_model, reshard_after_forward=False, **common)
