@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # GPU parity check: tiny model, real NCCL ranks. lr=0 invariance and fp32/bf16 trajectories, ref vs FSDP2.
-# Usage (on a GPU host, repo root): [GPUS=1] bash scripts/gpu_parity.sh OUTDIR   (GPUS: ranks of the distributed runs, default 2)
+# Usage (on a GPU host, repo root): [GPUS=1] [MODEL=DIR] [EXTRA="--set k=v ..."] bash scripts/gpu_parity.sh OUTDIR
+#   GPUS: ranks of the distributed runs (default 2); MODEL: another model directory than the tiny Llama
+#   (e.g. a tests/families.py checkpoint); EXTRA: settings added to every run (e.g. eager attention).
 set -uo pipefail
 OUT=${1:-/tmp/gpu-parity}
 mkdir -p "$OUT"
@@ -12,7 +14,10 @@ COMMON=(--set train.max_steps=6 --set train.warmup_steps=0 --set train.lr=2e-3 -
 run() {
   local tag=$1; shift
   [ -n "${PARITY_ONLY:-}" ] && [[ " $PARITY_ONLY " != *" $tag "* ]] && return
-  $Q run $R --set "log.runs_dir=\"$OUT/$tag\"" "$@" > "$OUT/$tag.out" 2>&1; echo "$tag rc=$?"
+  local model=()
+  [ -n "${MODEL:-}" ] && model=(--set "model.path=\"$MODEL\"")
+  # shellcheck disable=SC2086  # EXTRA is a list of flags
+  $Q run $R --set "log.runs_dir=\"$OUT/$tag\"" "${model[@]}" ${EXTRA:-} "$@" > "$OUT/$tag.out" 2>&1; echo "$tag rc=$?"
 }
 # Two long text documents, one sample each after truncation: every global batch of 2 is the same.
 python3 -c "
