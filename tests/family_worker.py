@@ -22,8 +22,10 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from launcher.plan.recipe_file import load_recipe  # noqa: E402
+from launcher.rank import loss as loss_module  # noqa: E402
 from launcher.rank.build import build_model  # noqa: E402
 from launcher.rank.loop import optimizer_step  # noqa: E402
+from launcher.rank.model.shard import local_view  # noqa: E402
 from launcher.rank.model.skeleton import decoder_layers, input_embedding, is_tied  # noqa: E402
 from launcher.rank.parallel.torch_engine import TorchEngine  # noqa: E402
 from tests.families import model_keys  # noqa: E402
@@ -93,6 +95,17 @@ def eval_loss(model, batch: dict, rank: int, world: int) -> float:
     return float(total[0] / total[1])
 
 
+HEAD_ROWS: list[int] = []  # vocabulary rows of the head weight each loss call read (a DTensor: this rank's shard)
+
+
+def _recording_head_loss(h, w, *args, **kwargs):
+    HEAD_ROWS.append(local_view(w)[0].shape[0])
+    return _fused_head_loss(h, w, *args, **kwargs)
+
+
+_fused_head_loss, loss_module.fused_head_loss = loss_module.fused_head_loss, _recording_head_loss
+
+
 def run_phase(recipe_path: Path, mesh, rank: int, world: int, with_eval: bool) -> dict:
     recipe = load_recipe(recipe_path)
     built = build_model(recipe, torch.device("cpu"), mesh)
@@ -101,6 +114,8 @@ def run_phase(recipe_path: Path, mesh, rank: int, world: int, with_eval: bool) -
     out = {"loss": [], "grad_norm": [], "eval": [], "tied": is_tied(built.causal_lm)}
     out["layers"] = len(decoder_layers(built.causal_lm))  # found again after FSDP2 renamed the classes
     out["base_params"] = len({id(p) for p in built.causal_lm.parameters() if not p.requires_grad})
+    out["vocab"] = vocab
+    HEAD_ROWS.clear()
     for step in range(STEPS):
         batch = global_batch(step % 2 if with_eval else step, vocab)
         n_global = float((batch["labels"][:, 1:] != -100).sum())
@@ -112,6 +127,7 @@ def run_phase(recipe_path: Path, mesh, rank: int, world: int, with_eval: bool) -
         out["grad_norm"].append(float(norm))
         if with_eval:
             out["eval"].append(eval_loss(built.loss_model, global_batch(0, vocab), rank, world))
+    out["head_rows"] = sorted(set(HEAD_ROWS))
     return out
 
 

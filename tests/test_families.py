@@ -99,6 +99,17 @@ def test_tied_families_hold_one_weight(runs, checkpoints, family):
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))
+def test_world2_splits_the_head_by_vocabulary(runs, family):
+    """At world 2 every family's frozen head, tied or not, reaches the loss as this rank's half of the
+    vocabulary rows (the vocabulary-split loss; a tied head reads the embedding's own shard), never gathered
+    whole (a head left in the FSDP root would arrive whole)."""
+    for phase in ("dense", "nf4"):
+        one, two = runs[1][f"{family}/{phase}"], runs[2][f"{family}/{phase}"]
+        assert one["head_rows"] == [one["vocab"]], (family, phase, one["head_rows"])
+        assert two["head_rows"] == [-(-two["vocab"] // 2)], (family, phase, two["head_rows"])
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
 def test_lr0_keeps_loss_and_eval_constant(runs, family):
     """lr=0: steps 1 and 3 see the same batch and give the same loss; the eval after every step too."""
     for world in (1, 2):
@@ -187,3 +198,27 @@ def test_merged_family_model_gives_the_trained_logits(cli_runs, tmp_path, family
         got = model(input_ids=_inputs()).logits.float()
     ref = _reference_logits(run, "float32")
     assert rel_norm(got, ref) < 1e-5, (family, rel_norm(got, ref))
+
+
+def test_tied_family_fsdp2_cli_resumes_exactly(checkpoints, tmp_path):
+    """The real CLI, FSDP2 over 2 ranks, on a tied family (the head reading the embedding's shard): a run
+    resumed from its step-2 checkpoint takes steps 3-4 bitwise as the uninterrupted run did."""
+    from tests.test_checkpoint import adapter, only_run, step_losses
+
+    recipe = tmp_path / "recipe.toml"
+    recipe.write_text(BASE_RECIPE.replace("max_steps = 2", "max_steps = 4"))
+    common = [f'model.path="{checkpoints / "qwen2_tied"}"', "train.warmup_steps=0", *FP32]
+    sets = [x for s in common for x in ("--set", s)]
+    r = run_cli("run", str(recipe), "--gpus", "2", *sets, "--set", f'log.runs_dir="{tmp_path / "full"}"',
+                "--set", "checkpoint.every_steps=2")  # fmt: skip
+    assert r.returncode == 0, r.stdout + r.stderr
+    full = only_run(tmp_path / "full")
+    ckpt = full / "checkpoints" / "step_00000002"
+    r = run_cli("run", str(recipe), "--gpus", "2", *sets, "--set", f'log.runs_dir="{tmp_path / "resumed"}"',
+                "--resume", str(ckpt))  # fmt: skip
+    assert r.returncode == 0, r.stdout + r.stderr
+    resumed = only_run(tmp_path / "resumed")
+    want, got = step_losses(full), step_losses(resumed)
+    assert sorted(got) == [3, 4] and all(got[s] == want[s] for s in got), (want, got)
+    a, b = adapter(full), adapter(resumed)
+    assert a.keys() == b.keys() and all(a[k].equal(b[k]) for k in a)

@@ -340,3 +340,21 @@ def test_dora_adds_its_magnitudes_and_per_forward_weight_buffers(big):
     per_layer_gathered = sum(out for _, _, out in SHAPE.linears()) * 2  # the magnitudes, cast to bf16
     extra = 3 * 14336 * 4096 * 2 + (1 + memory.GATHER_OUTPUT_FACTOR) * memory.GATHERED_LAYERS * per_layer_gathered
     assert with_dora.parts["gathered"] == pytest.approx(plain.parts["gathered"] + extra, rel=1e-9)
+
+
+def test_a_tied_head_splits_the_vocabulary_unless_it_has_lora(built_shapes):
+    """FSDP over 4 ranks: a frozen tied head reads the embedding's shard (the vocabulary-split loss), so the
+    root gathers only the final norm and the loss holds every rank's hidden states; LoRA on the tied head
+    keeps the whole embedding gathered in the root instead."""
+    rec, gemma = built_shapes["gemma3-12b"]
+    rec = _fixed(rec)
+    split = estimate(rec, gemma, 4, 1, True)
+    lora_head = rec.model_copy(
+        update={"lora": rec.lora.model_copy(update={"target_modules": ["q_proj", "v_proj", "lm_head"]})}
+    )
+    whole = estimate(lora_head, gemma, 4, 1, True)
+    tokens, s = rec.data.seq_len, 2
+    emb = 262208 * 3840 * s
+    assert whole.parts["gathered"] - split.parts["gathered"] > emb  # the gathered embedding (+ its all-gather)
+    chunk_split = split.parts["logits"] - memory.LOGIT_BYTES_PER_ELEMENT * 1024 * 262208
+    assert chunk_split == 4 * tokens * 3840 * (s + 4)  # every rank's hidden states + fp32 gradient sums

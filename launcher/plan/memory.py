@@ -401,7 +401,8 @@ def estimate(
     lora_params = L * lora_layer + (recipe.lora.rank * (h + v) if "lm_head" in targets else 0)
     # FSDP never gathers a plain frozen head: the loss splits the vocabulary over the ranks instead
     # (train.ShardedLinearCrossEntropy), which gathers every rank's hidden states and sums input gradients.
-    vocab_split = fsdp_sharded and head and not head_packed and "lm_head" not in targets
+    # A tied head (never quantized: preflight) reads the embedding's own shard the same way.
+    vocab_split = fsdp_sharded and not head_packed and "lm_head" not in targets
 
     parts: dict[str, float] = {}
     parts["weights_4bit"] = 0.0 if weights_off else (L * packed_layer + head_packed) / shard
@@ -418,7 +419,7 @@ def estimate(
             gathered += (L + GATHER_OUTPUT_FACTOR * GATHERED_LAYERS) * per_layer
         else:
             gathered += (1 + GATHER_OUTPUT_FACTOR) * GATHERED_LAYERS * per_layer
-        if shape.tied:  # the embedding (the head) and the final norm
+        if shape.tied and not vocab_split:  # the embedding (the LoRA-wrapped head) and the final norm
             root = (v * h + root_params) * s
         elif vocab_split:
             root = root_params * s  # the final norm

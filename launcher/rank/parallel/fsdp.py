@@ -29,17 +29,26 @@ def apply_fsdp(loss_model: nn.Module, causal_lm: nn.Module, recipe: Recipe, mesh
         reshard = opts.reshard_after_forward is not False and i < len(layers) - 1  # 'auto' is resolved by the plan
         fully_shard(layer, reshard_after_forward=reshard, **common)
     emb = input_embedding(causal_lm)
+    head = output_head(causal_lm)
+    tied = is_tied(causal_lm)
+    ignored: set[nn.Parameter] = set()
     # A tied weight must be managed by exactly one FSDP group (torch 2.13 refuses a parameter shared by two;
-    # 2.11 silently keeps two copies, i.e. unties): it stays in the root below, gathered with the final norm.
-    if not is_tied(causal_lm):
+    # 2.11 silently keeps two copies, i.e. unties). A LoRA-wrapped tied head is called as a module, so the
+    # weight stays in the root below, gathered whole with the final norm.
+    if not tied or loss_model.fused_head:
         fully_shard(emb, reshard_after_forward=True, **common)
-        if loss_model.fused_head:
+        if tied:
+            # The frozen tied head reads the embedding's own shard (one parameter, sharded once): the loss
+            # splits the vocabulary over the ranks as for an untied head, and the root leaves it alone.
+            head.weight = emb.weight
+            ignored.add(emb.weight)
+        elif loss_model.fused_head:
             # A plain frozen lm_head is a unit of its own that is never gathered: the loss reads each rank's
             # vocabulary rows (train.ShardedLinearCrossEntropy). In the root it would be gathered whole with
             # the final norm and kept through backward (70B: 2.1 GB per rank). A LoRA-wrapped or quantized head
             # is called as a module, chunk by chunk and recomputed in backward, so it stays in the root and
             # is gathered once.
-            fully_shard(output_head(causal_lm), reshard_after_forward=True, **common)
-    # Root: final norm (+ the tied embedding, or a LoRA/quantized lm_head), used first thing in backward, so
-    # not resharded.
-    fully_shard(loss_model, reshard_after_forward=False, **common)
+            fully_shard(head, reshard_after_forward=True, **common)
+    # Root: final norm (+ a LoRA-wrapped tied head's embedding, or a LoRA/quantized lm_head), used first thing
+    # in backward, so not resharded.
+    fully_shard(loss_model, reshard_after_forward=False, ignored_params=ignored or None, **common)
