@@ -5,14 +5,9 @@ from __future__ import annotations
 import bisect
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
-
-if TYPE_CHECKING:  # annotations only: packing and sampling import without pydantic (GPU hosts, tools)
-    pass
-
 
 IGNORE = -100
 
@@ -23,7 +18,7 @@ class Packed:
 
     input_ids: torch.Tensor  # [N, T]
     labels: torch.Tensor  # [N, T], IGNORE where no loss
-    position_ids: torch.Tensor  # [N, T], restarting at 0 per document; padding continues the last one
+    position_ids: torch.Tensor  # [N, T], 0 at every document start and split; padding continues the last
     stats: dict = field(default_factory=dict)
 
     def __len__(self) -> int:
@@ -44,11 +39,25 @@ class Packed:
 
 @dataclass
 class Docs:
-    """Tokenized documents, flat: document k is ids[offsets[k]:offsets[k+1]] (labels alike)."""
+    """Tokenized documents, flat: document k is ids[offsets[k]:offsets[k+1]] (labels alike).
+
+    splits[k]: where the second sequence of document k starts, as an offset inside it; 0 = one sequence.
+    A preference pair is one document, prompt + chosen followed by prompt + rejected, split at the second
+    prompt, so that every operation that moves documents keeps the two halves of a pair together."""
 
     ids: np.ndarray  # int32
     labels: np.ndarray  # int32
     offsets: np.ndarray  # int64, len = documents + 1
+    splits: np.ndarray | None = None  # int64, len = documents; None = all 0
+
+    def __post_init__(self) -> None:
+        if self.splits is None:
+            self.splits = np.zeros(len(self), dtype=np.int64)
+        if len(self.splits) != len(self):
+            raise AssertionError("Docs: one split per document")
+        inside = (self.splits == 0) | ((self.splits > 0) & (self.splits < self.lengths))
+        if not bool(inside.all()):
+            raise AssertionError("Docs: a split must be 0 or fall strictly inside its document")
 
     def __len__(self) -> int:
         return len(self.offsets) - 1
@@ -62,30 +71,34 @@ class Docs:
         return self.ids[s:e], self.labels[s:e]
 
     def take(self, idx: Iterable[int]) -> Docs:
-        return Docs.from_docs([self.doc(int(k)) for k in idx])
+        ks = [int(k) for k in idx]
+        return Docs.from_docs([self.doc(k) for k in ks], self.splits[ks])
 
     @staticmethod
-    def from_docs(docs: list[tuple[np.ndarray, np.ndarray]]) -> Docs:
+    def from_docs(docs: list[tuple[np.ndarray, np.ndarray]], splits: Iterable[int] | None = None) -> Docs:
         offsets = np.zeros(len(docs) + 1, dtype=np.int64)
         offsets[1:] = np.cumsum([len(i) for i, _ in docs], dtype=np.int64)
+        cuts = None if splits is None else np.asarray(list(splits), dtype=np.int64).reshape(-1)
         if not docs:
             empty = np.zeros(0, dtype=np.int32)
-            return Docs(empty, empty.copy(), offsets)
+            return Docs(empty, empty.copy(), offsets, cuts)
         ids = np.concatenate([i for i, _ in docs]).astype(np.int32, copy=False)
         labels = np.concatenate([lab for _, lab in docs]).astype(np.int32, copy=False)
-        return Docs(ids, labels, offsets)
+        return Docs(ids, labels, offsets, cuts)
 
     @staticmethod
     def concat(parts: list[Docs]) -> Docs:
-        return Docs.from_docs([p.doc(k) for p in parts for k in range(len(p))])
+        splits = np.concatenate([p.splits for p in parts]) if parts else None
+        return Docs.from_docs([p.doc(k) for p in parts for k in range(len(p))], splits)
 
 
 def pack(docs: Docs, seq_len: int, pad_id: int, packing: bool = True) -> Packed:
     """Place documents into rows of seq_len (best-fit decreasing when packing, one per row otherwise).
 
-    Every document must already fit (the over-long policy ran before). Padding takes label IGNORE and
-    position ids that continue the row's last document, so it joins that document's attention block and,
-    being after it, cannot change any of its outputs.
+    Every document must already fit (the over-long policy ran before). Position ids restart at 0 at each
+    document's start and at its split (a pair's rejected half), so a 0 marks exactly every sequence start.
+    Padding takes label IGNORE and position ids that continue the row's last sequence, so it joins that
+    sequence's attention block and, being after it, cannot change any of its outputs (nor add a 0).
     """
     lengths = docs.lengths
     if len(lengths) and int(lengths.max()) > seq_len:
@@ -101,14 +114,29 @@ def pack(docs: Docs, seq_len: int, pad_id: int, packing: bool = True) -> Packed:
         last = 0
         for k in members:
             s, e = docs.offsets[k], docs.offsets[k + 1]
-            m = int(e - s)
+            m, cut = int(e - s), int(docs.splits[k])
             ids[r, c : c + m] = docs.ids[s:e]
             labels[r, c : c + m] = docs.labels[s:e]
-            pos[r, c : c + m] = ar[:m]
+            pos[r, c : c + cut] = ar[:cut]
+            pos[r, c + cut : c + m] = ar[: m - cut]
             c += m
-            last = m
+            last = m - cut
         pos[r, c:] = ar[last : last + seq_len - c]
     return Packed(torch.from_numpy(ids), torch.from_numpy(labels), torch.from_numpy(pos))
+
+
+def pair_segments(position_ids: torch.Tensor) -> torch.Tensor:
+    """[rows, T] position ids of preference rows -> [rows, T] int64 segment numbers, 1 from each row's start.
+
+    Every sequence starts at position 0 (pack() restarts at each pair and at its split; padding adds none),
+    so the running count of zeros numbers the sequences: odd = a pair's chosen half, even = its rejected
+    half, pair (s - 1) // 2 of the row. Padding falls in the row's last segment."""
+    return (position_ids == 0).long().cumsum(dim=-1)
+
+
+def count_pairs(position_ids: torch.Tensor) -> int:
+    """Preference pairs in these rows: two sequence starts (position 0) per pair."""
+    return int((position_ids == 0).sum()) // 2
 
 
 def _best_fit(lengths: np.ndarray, capacity: int) -> list[list[int]]:

@@ -1,5 +1,6 @@
-"""Rendering one row into token ids and labels: alpaca/completion prompts and chat templates (roles checked,
-trained turns marked, a time limit on the template), with counts of what was dropped and why."""
+"""Rendering one row into token ids and labels: alpaca/completion prompts, chat templates (roles checked,
+trained turns marked, a time limit on the template) and preference pairs, with counts of what was dropped
+and why."""
 
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from launcher.safe_files import shown
 if TYPE_CHECKING:  # annotations only: packing and sampling import without pydantic (GPU hosts, tools)
     from launcher.plan.recipe import DataConfig
 from launcher.data.pack import IGNORE
+from launcher.data.preference import PairIds, PairText, cut_pair, pair_document, pair_length, split_pair, trains_both
 from launcher.data.source import Source, value_kind
 from launcher.data.tokenizer import leading_special_ids
 
@@ -103,6 +105,11 @@ class Renderer:
             "alpaca": [(c.instruction_column, "data.instruction_column"), (c.output_column, "data.output_column")],
             "chat": [(c.messages_column, "data.messages_column")],
             "tokenized": [(c.input_ids_column, "data.input_ids_column")],
+            "preference": [
+                (c.prompt_column, "data.prompt_column"),
+                (c.chosen_column, "data.chosen_column"),
+                (c.rejected_column, "data.rejected_column"),
+            ],
         }[c.format]
 
     def check_columns(self, columns: Iterable[str], src: Source) -> None:
@@ -164,8 +171,12 @@ class Renderer:
 
     # -- rendering
 
-    def render(self, row: dict, where: object, lenient: bool = False) -> Segments | tuple[list[int], list[int]]:
+    def render(
+        self, row: dict, where: object, lenient: bool = False
+    ) -> Segments | tuple[list[int], list[int]] | PairText:
         c = self.cfg
+        if c.format == "preference":
+            return self._pair(row, where, lenient)
         if c.format == "text":
             return [(self._string(row, c.text_column, "data.text_column", where, lenient), True)]
         if c.format == "alpaca":
@@ -191,25 +202,70 @@ class Renderer:
             )
         return ids, labels
 
-    def _messages(self, v: Any, where: object) -> list[dict]:
-        col = self.cfg.messages_column
+    def _messages(self, v: Any, where: object, col: str | None = None, key: str | None = None) -> list[dict]:
+        """A non-empty list of {role, content} messages. `key`: the recipe key of a column that is not
+        data.messages_column (preference rows), named in every message about it."""
+        col = col or self.cfg.messages_column
+        at = f"{where}: column '{col}'" if key else f"{where}:"
+        end = f" ({key})" if key else ""
         if v is None:
-            raise UserError(f"{where}: column '{col}' is missing or null (data.messages_column)")
+            raise UserError(f"{where}: column '{col}' is missing or null ({key or 'data.messages_column'})")
         if not isinstance(v, (list, tuple)) or not v:
             what = "an empty list" if isinstance(v, (list, tuple)) else value_kind(v)
             raise UserError(
-                f"{where}: column '{col}' must be a non-empty list of {{role, content}} messages, got {what}"
+                f"{where}: column '{col}' must be a non-empty list of {{role, content}} messages, got {what}{end}"
             )
         for k, m in enumerate(v, 1):
             if not isinstance(m, dict):
-                raise UserError(f"{where}: message {k} must be an object with role and content, got {value_kind(m)}")
+                raise UserError(f"{at} message {k} must be an object with role and content, got {value_kind(m)}{end}")
             role, content = m.get("role"), m.get("content")
             if role not in ROLES:
                 what = shown(role) if isinstance(role, str) else value_kind(role)
-                raise UserError(f"{where}: message {k} has unknown role {what} (expected one of {', '.join(ROLES)})")
+                raise UserError(f"{at} message {k} has unknown role {what} (expected one of {', '.join(ROLES)}){end}")
             if not isinstance(content, str):
-                raise UserError(f"{where}: message {k} ({role}) content must be a string, got {value_kind(content)}")
+                raise UserError(f"{at} message {k} ({role}) content must be a string, got {value_kind(content)}{end}")
         return list(v)
+
+    def _pair(self, row: dict, where: object, lenient: bool) -> PairText:
+        """A preference row: prompt, chosen and rejected, all strings or all conversational (the prompt a
+        list of messages, each completion the messages that follow it), rendered as TRL 1.16 does."""
+        c = self.cfg
+        cols = [
+            (c.prompt_column, "data.prompt_column"),
+            (c.chosen_column, "data.chosen_column"),
+            (c.rejected_column, "data.rejected_column"),
+        ]
+        values = [row.get(col) for col, _ in cols]
+        if lenient:  # an empty CSV cell
+            values = [None if isinstance(v, float) and math.isnan(v) else v for v in values]
+        for (col, key), v in zip(cols, values, strict=True):
+            if v is None:
+                raise UserError(f"{where}: column '{col}' is missing or null ({key})")
+        chat = isinstance(values[0], (list, tuple, np.ndarray))
+        for (col, key), v in zip(cols[1:], values[1:], strict=True):
+            if isinstance(v, (list, tuple, np.ndarray)) != chat:
+                raise UserError(
+                    f"{where}: column '{col}' is {value_kind(v)} but column '{cols[0][0]}' is "
+                    f"{value_kind(values[0])}: a preference row is all strings or all lists of messages ({key})"
+                )
+        if chat:
+            prompt, chosen, rejected = (
+                self._messages(list(v), where, col, key) for (col, key), v in zip(cols, values, strict=True)
+            )
+            return PairText(
+                self._apply(prompt, True, where),
+                self._apply(prompt + chosen, False, where),
+                self._apply(prompt + rejected, False, where),
+                special=False,
+            )
+        prompt, chosen, rejected = (self._string(row, col, key, where, lenient) for col, key in cols)
+        for (col, key), text in zip(cols[1:], (chosen, rejected), strict=True):
+            if not text.strip():
+                raise UserError(f"{where}: column '{col}' is empty: a completion needs text to compare ({key})")
+        # TRL's add_eos: each completion ends with the EOS text, so the model learns to stop after it.
+        eos = self.tok.eos_token or ""
+        chosen, rejected = (t if t.endswith(eos) else t + eos for t in (chosen, rejected))
+        return PairText(prompt, prompt + chosen, prompt + rejected, special=True)
 
     def _apply(self, messages: list[dict], generation: bool, where: object) -> str:
         which = "data.chat_template" if self.cfg.chat_template else "the tokenizer's chat_template"
@@ -271,6 +327,23 @@ class Renderer:
                 "has tokens the model has no embedding for; use the model's own tokenizer (model.tokenizer)"
             )
 
+    def tokenize_pairs(self, rendered: list[PairText]) -> list[PairIds]:
+        """Each pair's prompt and completion ids, split by TRL's rule; the texts of the batch go through at
+        most two tokenizer calls (with and without the tokenizer's own special tokens)."""
+        ids: dict[tuple[int, int], list[int]] = {}
+        for special in (True, False):
+            which = [k for k, r in enumerate(rendered) if r.special == special]
+            texts = [
+                t for k in which for t in (rendered[k].prompt, rendered[k].prompt_chosen, rendered[k].prompt_rejected)
+            ]
+            if not texts:
+                continue
+            enc = self.tok(texts, add_special_tokens=special)["input_ids"]
+            for j, k in enumerate(which):
+                for part in range(3):
+                    ids[k, part] = list(enc[3 * j + part])
+        return [split_pair(ids[k, 0], ids[k, 1], ids[k, 2]) for k in range(len(rendered))]
+
     def tokenize(self, rendered: list[Segments | tuple[list[int], list[int]]]) -> list[tuple[list[int], list[int]]]:
         """Token ids and labels per rendered row; all text segments of the batch go through one call."""
         texts = [t for r in rendered if isinstance(r, list) for t, _ in r]
@@ -314,6 +387,34 @@ def finish_sample(ids: list[int], labels: list[int], cfg: DataConfig, where: obj
         stats.no_target += 1
         return None
     return np.asarray(ids, dtype=np.int32), lab
+
+
+def finish_pair(pair: PairIds, cfg: DataConfig, where: object, stats: RenderStats):
+    """The over-long policy for a whole pair (2 x prompt + chosen + rejected against seq_len; 'truncate'
+    cuts by preference.fit_pair), then the pair as one document (ids, labels, split); None when dropped,
+    including a pair left with nothing to learn in either completion."""
+    stats.rows += 1
+    n = pair_length(len(pair.prompt), len(pair.chosen), len(pair.rejected))
+    if n > cfg.seq_len:
+        if cfg.overlong == "error":
+            raise UserError(
+                f"{where}: preference pair has {n} tokens (2 x prompt {len(pair.prompt)} + chosen "
+                f"{len(pair.chosen)} + rejected {len(pair.rejected)}), more than data.seq_len = {cfg.seq_len} "
+                "(data.overlong = 'error'; 'truncate' or 'drop' accept it)"
+            )
+        if cfg.overlong == "drop":
+            stats.overlong_dropped += 1
+            return None
+        pair = cut_pair(pair, cfg.seq_len)
+        stats.truncated += 1
+    if not pair.chosen or not pair.rejected:
+        stats.no_target += 1
+        return None
+    ids, labels, split = pair_document(pair)
+    if not trains_both(labels, split):
+        stats.no_target += 1
+        return None
+    return ids, labels, split
 
 
 class RowAt:

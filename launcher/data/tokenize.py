@@ -20,12 +20,13 @@ if TYPE_CHECKING:  # annotations only: packing and sampling import without pydan
 from launcher.data.json_rows import json_source_rows, read_json_rows
 from launcher.data.pack import Docs, Packed, pack
 from launcher.data.read import RowWhere, dataset_rows, load_source, recipe_sources, source_identity
-from launcher.data.render import Renderer, RenderStats, RowAt, finish_sample
+from launcher.data.render import Renderer, RenderStats, RowAt, finish_pair, finish_sample
 from launcher.data.source import CHUNK_ROWS, Source
 from launcher.data.tokenizer import model_vocab_size, tokenizer_fingerprint
 
 # Bump when rendering, tokenization or the cached layout changes, so old caches stop matching.
-CACHE_VERSION = 2
+# 3: preference pairs (one document per pair, position ids restarting at its split).
+CACHE_VERSION = 3
 
 # Rows per source that `check` reads in the launching process (enough to catch a systematic mistake).
 CHECK_ROWS = 2000
@@ -53,17 +54,28 @@ def fingerprint(recipe: Recipe, tokenizer) -> str:
 def encode_rows(
     renderer: Renderer, rows: Iterable[tuple[int, dict]], where: Callable[[int], str], lenient: bool, stats: RenderStats
 ) -> Docs:
-    """Validate, render, tokenize and filter rows (index, dict) into documents."""
+    """Validate, render, tokenize and filter rows (index, dict) into documents (a preference pair is one
+    document, split where its rejected half starts)."""
     docs = []
+    splits: list[int] = []
     chunk: list[tuple[int, dict]] = []
 
     def flush() -> None:
         rendered = [renderer.render(row, RowAt(where, i), lenient) for i, row in chunk]
-        for (i, _), (ids, labels) in zip(chunk, renderer.tokenize(rendered), strict=True):
-            renderer.check_ids(ids, RowAt(where, i))
-            doc = finish_sample(ids, labels, renderer.cfg, RowAt(where, i), stats)
-            if doc is not None:
-                docs.append(doc)
+        if renderer.cfg.format == "preference":
+            for (i, _), pair in zip(chunk, renderer.tokenize_pairs(rendered), strict=True):
+                renderer.check_ids(pair.prompt + pair.chosen + pair.rejected, RowAt(where, i))
+                doc = finish_pair(pair, renderer.cfg, RowAt(where, i), stats)
+                if doc is not None:
+                    docs.append(doc[:2])
+                    splits.append(doc[2])
+        else:
+            for (i, _), (ids, labels) in zip(chunk, renderer.tokenize(rendered), strict=True):
+                renderer.check_ids(ids, RowAt(where, i))
+                doc = finish_sample(ids, labels, renderer.cfg, RowAt(where, i), stats)
+                if doc is not None:
+                    docs.append(doc)
+                    splits.append(0)
         chunk.clear()
 
     for item in rows:
@@ -72,7 +84,7 @@ def encode_rows(
             flush()
     if chunk:
         flush()
-    return Docs.from_docs(docs)
+    return Docs.from_docs(docs, splits)
 
 
 def no_samples_error(src: Source, cfg: DataConfig, stats: RenderStats) -> UserError:
@@ -84,7 +96,7 @@ def no_samples_error(src: Source, cfg: DataConfig, stats: RenderStats) -> UserEr
     if stats.no_target:
         why.append(
             f"{stats.no_target} with no token to train on (e.g. a response cut off by truncation, "
-            "or a conversation without an assistant message)"
+            "a conversation without an assistant message, or a pair with a completion cut away)"
         )
     return UserError(f"{src.path}: no usable samples left of {stats.rows} rows: {'; '.join(why)}")
 

@@ -210,14 +210,21 @@ class DatasetSpec(_Section):
 
 class DataConfig(_Section):
     datasets: list[DatasetSpec] = Field(min_length=1, description="Training datasets (mixed by weight).")
-    format: Literal["text", "alpaca", "chat", "tokenized"] = Field(
+    format: Literal["text", "alpaca", "chat", "tokenized", "preference"] = Field(
         "text",
         description="Record format. 'text': one string column, all tokens trained. 'alpaca': instruction, "
         "optional input, output, rendered as '### Instruction:\\n...\\n\\n### Input:\\n...\\n\\n### Response:\\n' "
         "+ output + EOS. 'chat': a list of {role, content} messages (roles system, user, assistant, tool) "
         "rendered with data.chat_template, else the tokenizer's chat template, else a ChatML-style default "
         "('<|im_start|>ROLE\\nCONTENT' + EOS per message). 'tokenized': input_ids and optional labels "
-        "(-100 = no loss), used as they are.",
+        "(-100 = no loss), used as they are. 'preference' (DPO/ORPO): prompt, chosen and rejected columns, "
+        "either all strings (EOS appended to each completion that lacks it; tokenized with the tokenizer's own "
+        "special tokens) or conversational (prompt a non-empty list of {role, content} messages, chosen and "
+        "rejected the messages that follow it, rendered with the chat template as for 'chat'); tokenized as "
+        "TRL 1.16's DPOTrainer does (the completions start where the tokenized prompt stops being a prefix of "
+        "both tokenized prompt + completion). A pair is one document: prompt + chosen, then prompt + rejected, "
+        "position ids restarting at 0 at both starts; only completion tokens are trained, never the first "
+        "token of either sequence.",
     )
     text_column: str = Field("text", description="Column of `text` records.")
     instruction_column: str = Field("instruction", description="Instruction column of `alpaca` records.")
@@ -225,18 +232,28 @@ class DataConfig(_Section):
     output_column: str = Field("output", description="Response column of `alpaca` records.")
     messages_column: str = Field("messages", description="Column of `chat` records (list of {role, content}).")
     input_ids_column: str = Field("input_ids", description="Token ids column of `tokenized` records.")
+    prompt_column: str = Field(
+        "prompt", description="Prompt column of `preference` records (a string or a list of messages)."
+    )
+    chosen_column: str = Field(
+        "chosen", description="Preferred completion column of `preference` records (a string or messages)."
+    )
+    rejected_column: str = Field(
+        "rejected", description="Dispreferred completion column of `preference` records (a string or messages)."
+    )
     labels_column: str = Field(
         "labels", description="Optional labels column of `tokenized` records (absent: train on every token)."
     )
     chat_template: str | None = Field(
         None,
-        description="Jinja chat template text for `chat` records (with {{ ... }} / {% ... %}), overriding the "
+        description="Jinja chat template text for `chat` and conversational `preference` records (with {{ ... }} / {% ... %}), overriding the "
         "tokenizer's own.",
     )
     train_on_prompt: Bool = Field(
         False,
         description="Also train on prompt tokens (alpaca: the instruction part; chat: every message, not only "
-        "the assistant's). Off: the loss covers responses only.",
+        "the assistant's). Off: the loss covers responses only. Not for `preference` records, which train "
+        "the completions only.",
     )
     seq_len: Int = Field(2048, ge=8, le=MAX_SEQ_LEN, description="Tokens per sample (packed or padded).")
     packing: Bool = Field(
@@ -247,7 +264,11 @@ class DataConfig(_Section):
     overlong: Literal["truncate", "drop", "error"] = Field(
         "truncate",
         description="Samples longer than seq_len: 'truncate' keeps the first seq_len tokens, 'drop' skips "
-        "them, 'error' stops with the file and line of the first one.",
+        "them, 'error' stops with the file and line of the first one. A `preference` pair counts whole "
+        "(2 x prompt P + chosen C + rejected R); 'truncate' cuts it so: a prompt longer than seq_len / 2 keeps "
+        "its last seq_len // 4 tokens (P'), the completions share B = seq_len - 2 x P', chosen keeps its "
+        "first min(C, max(B // 2, B - R)) tokens and rejected its first min(R, B - chosen kept); a pair left "
+        "with no trained token in either completion is dropped.",
     )
     val_fraction: Float = Field(
         0.0,
@@ -262,6 +283,15 @@ class DataConfig(_Section):
     val_split: str = Field(
         "validation", description="Split of val_path for hub datasets and saved DatasetDicts (files have one)."
     )
+
+    @model_validator(mode="after")
+    def _preference(self) -> DataConfig:
+        if self.format == "preference" and self.train_on_prompt:
+            raise ValueError(
+                "data.train_on_prompt = true has no meaning with data.format = 'preference' (a pair trains its "
+                "completions only); remove it"
+            )
+        return self
 
     @field_validator("chat_template")
     @classmethod
