@@ -21,12 +21,14 @@ import torch.distributed as dist
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from launcher.data.sampler import StepCounts  # noqa: E402
 from launcher.plan.recipe_file import load_recipe  # noqa: E402
 from launcher.rank import loss as loss_module  # noqa: E402
 from launcher.rank.build import build_model  # noqa: E402
 from launcher.rank.loop import optimizer_step  # noqa: E402
 from launcher.rank.model.shard import local_view  # noqa: E402
 from launcher.rank.model.skeleton import decoder_layers, input_embedding, is_tied  # noqa: E402
+from launcher.rank.objective import SFT  # noqa: E402
 from launcher.rank.parallel.torch_engine import TorchEngine  # noqa: E402
 from tests.families import model_keys  # noqa: E402
 
@@ -119,9 +121,10 @@ def run_phase(recipe_path: Path, mesh, rank: int, world: int, with_eval: bool) -
     for step in range(STEPS):
         batch = global_batch(step % 2 if with_eval else step, vocab)
         n_global = float((batch["labels"][:, 1:] != -100).sum())
-        loss_sum, norm = optimizer_step(
-            built.loss_model, engine, rank_micro_batches(batch, rank, world), n_global, "cpu"
+        sums, norm = optimizer_step(
+            built.loss_model, engine, rank_micro_batches(batch, rank, world), SFT(), StepCounts(int(n_global)), "cpu"
         )
+        loss_sum = sums[0]
         dist.all_reduce(loss_sum)
         out["loss"].append(float(loss_sum) / n_global)
         out["grad_norm"].append(float(norm))

@@ -601,11 +601,11 @@ def test_step_batches_are_the_samplers_and_count_every_ranks_labels():
                 assert b.keys() == w.keys() and all(torch.equal(b[k], w[k]) for k in w)
             counted += sum(int((w["labels"][:, 1:] != IGNORE).sum()) for w in want)
             assert n_labels == got[0][1]
-        assert got[0][1] == counted
+        assert got[0][1].tokens == counted
         assert all((f._ahead is None) == (then is None) for f in feeds)
         if then is not None:
             assert all(f._ahead[0] == then for f in feeds)  # the next step is already being built
-    assert feeds[0].get(3, None)[1] == feeds[1].label_tokens(3)  # a step asked out of order is built then
+    assert feeds[0].get(3, None)[1] == feeds[1].counts(3)  # a step asked out of order is built then
 
 
 # ------------------------------------------------------------------ bad input: one line naming file and line

@@ -88,7 +88,7 @@ def test_tiny_preference_data_builds_pairs_with_a_val_carve(name):
                 "val_fraction": 0.25,
                 "datasets": [{"path": str(TINY_DATA / name)}],
             },
-            "train": {"max_steps": 1, "global_batch": 4, "micro_batch": 1},
+            "train": {"max_steps": 1, "global_batch": 4, "micro_batch": 1, "objective": "dpo"},
         }
     )
     payload = build_payload(r, AutoTokenizer.from_pretrained(str(TINY_MODEL)))

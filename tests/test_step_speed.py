@@ -21,19 +21,22 @@ TRANSFORMS = [LogitTransform(), LogitTransform(divide_by=4.0), LogitTransform(so
 @pytest.mark.parametrize("transform", TRANSFORMS, ids=["plain", "granite", "gemma", "both"])
 @pytest.mark.parametrize("chunk", [7, 64, 1000])
 def test_linear_cross_entropy_matches_autograd(chunk, transform):
-    """Loss and input gradient equal those of logits + F.cross_entropy (fp32), with ignored labels and
-    a chunk size that does not divide the tokens; no gradient is stored without grad. Also through each
-    logit transform (Granite's division, Gemma's soft-cap), whose slope the fused gradient must apply."""
+    """Per-token losses and the input gradient equal those of logits + F.cross_entropy (fp64), with ignored
+    labels and a chunk size that does not divide the tokens; no gradient is stored without grad. The upstream
+    gradient differs per token (as DPO's per-sequence weights make it), so each token's stored gradient must
+    be scaled by its own. Also through each logit transform (Granite's division, Gemma's soft-cap), whose
+    slope the fused gradient must apply."""
     torch.manual_seed(0)
     h = torch.randn(61, 16, dtype=torch.float64, requires_grad=True)
     w = torch.randn(50, 16, dtype=torch.float64)
     y = torch.randint(0, 50, (61,))
     y[::5] = IGNORE
-    ref = F.cross_entropy(transform(F.linear(h, w)), y, ignore_index=IGNORE, reduction="sum")
-    (g_ref,) = torch.autograd.grad(ref * 0.3, h)
+    weights = torch.rand(61, dtype=torch.float64) - 0.3
+    ref = F.cross_entropy(transform(F.linear(h, w)), y, ignore_index=IGNORE, reduction="none")
+    (g_ref,) = torch.autograd.grad((ref * weights).sum(), h)
     out = LinearCrossEntropy.apply(h, w, y, chunk, transform)
-    (g,) = torch.autograd.grad(out * 0.3, h)
-    assert torch.allclose(out, ref, rtol=1e-12)
+    (g,) = torch.autograd.grad((out * weights).sum(), h)
+    assert out.shape == (61,) and torch.allclose(out, ref, rtol=1e-12)
     assert torch.allclose(g, g_ref, rtol=1e-10, atol=1e-12)
     assert g[::5].abs().max() == 0  # ignored positions get no gradient
     with torch.no_grad():
@@ -266,9 +269,15 @@ def _sharded_ce_rank(rank: int, world: int, port: int, out: str) -> None:
             h = h_all[rank * t : (rank + 1) * t].clone().requires_grad_(grad)
             with torch.set_grad_enabled(grad):
                 loss = fused_head_loss(h, w_shard, y_all[rank * t : (rank + 1) * t], 7, transform)
-            results[k, grad] = (loss.detach(), torch.autograd.grad(loss * 0.3, h)[0] if grad else None)
+            weighted = (loss * _token_weights(world)[rank * t : (rank + 1) * t]).sum()
+            results[k, grad] = (loss.detach(), torch.autograd.grad(weighted, h)[0] if grad else None)
     torch.save(results, f"{out}/rank{rank}.pt")
     dist.destroy_process_group()
+
+
+def _token_weights(world: int) -> torch.Tensor:
+    """A different upstream gradient for every token (DPO weights each sequence's tokens by its own factor)."""
+    return torch.rand(world * 23, dtype=torch.float64, generator=torch.Generator().manual_seed(2)) - 0.3
 
 
 def _sharded_ce_inputs(world: int):
@@ -295,7 +304,7 @@ def test_vocab_sharded_cross_entropy_equals_one_device(tmp_path):
         got = torch.load(tmp_path / f"rank{rank}.pt")
         h = h_all[rank * t : (rank + 1) * t].clone().requires_grad_(True)
         ref = LinearCrossEntropy.apply(h, w, y_all[rank * t : (rank + 1) * t], 7, transform)
-        (g_ref,) = torch.autograd.grad(ref * 0.3, h)
+        (g_ref,) = torch.autograd.grad((ref * _token_weights(world)[rank * t : (rank + 1) * t]).sum(), h)
         assert torch.allclose(got[k, True][0], ref, rtol=1e-12), (rank, k, got[k, True][0], ref)
         assert torch.allclose(got[k, True][1], g_ref, rtol=1e-10, atol=1e-12), (rank, k)
         assert torch.allclose(got[k, False][0], ref, rtol=1e-12), (rank, k)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
@@ -10,7 +11,30 @@ from launcher.errors import UserError
 
 if TYPE_CHECKING:  # annotations only: packing and sampling import without pydantic (GPU hosts, tools)
     pass
-from launcher.data.pack import IGNORE, Packed
+from launcher.data.pack import IGNORE, Packed, count_pairs, pair_segments
+
+
+@dataclass(frozen=True)
+class StepCounts:
+    """Global counts of a batch (every rank's micro-batches of a step together, or a whole validation set):
+    what each micro-batch's loss is divided by, so that any split computes one device's loss."""
+
+    tokens: int  # labelled tokens (the next-token loss's normaliser)
+    pairs: int = 0  # preference pairs (DPO's and ORPO's mean is over pairs)
+    chosen_tokens: int = 0  # tokens after the first of every chosen sequence (ORPO's NLL, as TRL's)
+
+
+def batch_counts(data: Packed, idx: list[int], preference: bool) -> StepCounts:
+    """The counts of rows `idx` of data."""
+    i = torch.as_tensor(idx, dtype=torch.long)
+    labels = data.labels[i]
+    tokens = int((labels[:, 1:] != IGNORE).sum())
+    if not preference:
+        return StepCounts(tokens)
+    pos = data.position_ids[i]
+    seg = pair_segments(pos)
+    chosen = int(((seg % 2 == 1) & (pos != 0)).sum())
+    return StepCounts(tokens, count_pairs(pos), chosen)
 
 
 class StepBatches:
@@ -20,31 +44,30 @@ class StepBatches:
     GPU, pinned so the copy to the device does not block) while the GPU computes step s. The step loop only
     waits when a batch is not ready yet: that wait is the data time it reports.
 
-    The loss is normalised by the label tokens of the whole global batch. Every rank holds the whole
+    The loss is normalised by counts of the whole global batch (label tokens, pairs). Every rank holds the whole
     (packed) training set and the sampler's global batch, so each rank counts them itself: no collective,
     and no device->host copy that would make the host wait for the GPU at every step start.
     """
 
-    def __init__(self, data: Packed, sampler: StepSampler, pin: bool):
+    def __init__(self, data: Packed, sampler: StepSampler, pin: bool, preference: bool = False):
         from concurrent.futures import ThreadPoolExecutor
 
-        self.data, self.sampler, self.pin = data, sampler, pin
+        self.data, self.sampler, self.pin, self.preference = data, sampler, pin, preference
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="qlaunch-batches")
         self._ahead: tuple[int, object] | None = None  # (step, Future of build(step))
 
-    def label_tokens(self, step: int) -> int:
-        """Tokens with a label, over the global batch of `step` (every rank's micro-batches together)."""
-        rows = self.data.labels[torch.as_tensor(self.sampler.global_batch(step), dtype=torch.long)]
-        return int((rows[:, 1:] != IGNORE).sum())
+    def counts(self, step: int) -> StepCounts:
+        """The global batch's counts at `step` (every rank's micro-batches together)."""
+        return batch_counts(self.data, self.sampler.global_batch(step), self.preference)
 
-    def build(self, step: int) -> tuple[list[dict[str, torch.Tensor]], int]:
+    def build(self, step: int) -> tuple[list[dict[str, torch.Tensor]], StepCounts]:
         micro = [self.data.collate(idx) for idx in self.sampler.micro_batches(step)]
         if self.pin:
             micro = [{k: v.pin_memory() for k, v in b.items()} for b in micro]
-        return micro, self.label_tokens(step)
+        return micro, self.counts(step)
 
-    def get(self, step: int, then: int | None) -> tuple[list[dict[str, torch.Tensor]], int]:
-        """(micro-batches, global label tokens) of `step`; starts building `then` (None: nothing more)."""
+    def get(self, step: int, then: int | None) -> tuple[list[dict[str, torch.Tensor]], StepCounts]:
+        """(micro-batches, global counts) of `step`; starts building `then` (None: nothing more)."""
         if self._ahead is not None and self._ahead[0] == step:
             out = self._ahead[1].result()
         else:

@@ -305,7 +305,47 @@ class DataConfig(_Section):
         return template
 
 
+class DPOConfig(_Section):
+    beta: Float = Field(
+        0.1,
+        gt=0.0,
+        description="DPO's beta: the strength of the pull towards the reference (the base with the adapter off); "
+        "rewards are beta x (log-prob under the policy - under the reference) of a completion.",
+    )
+    loss: Literal["sigmoid", "ipo"] = Field(
+        "sigmoid",
+        description="'sigmoid': the DPO paper's -log sigmoid(beta x log-ratio margin). 'ipo': (margin / tokens - "
+        "1 / (2 beta))^2 with each completion's log-ratio averaged over its tokens (as TRL does).",
+    )
+    label_smoothing: Float = Field(
+        0.0,
+        ge=0.0,
+        lt=0.5,
+        description="Conservative DPO: the assumed fraction of pairs whose preference is flipped, 0..0.5 "
+        "(sigmoid loss only): -(1 - e) log sigmoid(beta m) - e log sigmoid(-beta m).",
+    )
+
+
+class ORPOConfig(_Section):
+    odds_ratio_weight: Float = Field(
+        0.1,
+        gt=0.0,
+        description="ORPO's lambda: the weight of the odds-ratio term beside the chosen completions' token-mean "
+        "NLL (TRL's ORPOConfig.beta).",
+    )
+
+
 class TrainConfig(_Section):
+    objective: Literal["sft", "dpo", "orpo"] = Field(
+        "sft",
+        description="'sft': next-token cross-entropy on the labelled tokens. 'dpo': direct preference "
+        "optimization against the frozen base (the adapter switched off: no second model is loaded). 'orpo': "
+        "odds-ratio preference optimization (no reference). dpo and orpo need data.format = 'preference'; "
+        "train.global_batch and micro_batch then count packed rows, each holding one or more whole pairs, and "
+        "the loss is the mean over the global batch's pairs.",
+    )
+    dpo: DPOConfig = Field(default_factory=DPOConfig, description="DPO settings (train.objective = 'dpo').")
+    orpo: ORPOConfig = Field(default_factory=ORPOConfig, description="ORPO settings (train.objective = 'orpo').")
     max_steps: Int | None = Field(None, ge=1, le=MAX_STEPS, description="Optimizer steps to run (or give `epochs`).")
     epochs: Float | None = Field(
         None, gt=0, le=MAX_EPOCHS, description="Passes over the training data (if max_steps is not set)."
@@ -492,6 +532,7 @@ class Recipe(_Section):
             )
         if p.deepspeed.offload_params and p.deepspeed.stage != 3 and p.backend == "deepspeed":
             raise ValueError("parallel.deepspeed.offload_params needs parallel.deepspeed.stage = 3")
+        preference(self)
         if self.log.memory_steps is not None and self.train.compile is True:
             raise ValueError(
                 "log.memory_steps cannot record compiled layers (torch's allocator history breaks compiled, "
@@ -499,6 +540,30 @@ class Recipe(_Section):
                 "set train.compile = false or 'auto' (which then compiles nothing)"
             )
         return self
+
+
+def preference(recipe: Recipe) -> None:
+    """The objective and the data format belong together; settings of an objective that does not run are a
+    mistake (a DPO beta under ORPO would silently do nothing)."""
+    t, fmt = recipe.train, recipe.data.format
+    if t.objective == "sft" and fmt == "preference":
+        raise ValueError(
+            "data.format = 'preference' holds chosen/rejected pairs: set train.objective = 'dpo' or 'orpo'"
+        )
+    if t.objective != "sft" and fmt != "preference":
+        raise ValueError(
+            f"train.objective = {t.objective!r} trains on chosen/rejected pairs: set data.format = 'preference' "
+            f"(rows with prompt, chosen, rejected); data.format is {fmt!r}"
+        )
+    # Compared with the defaults, not model_fields_set: a run directory's recipe.json holds every key.
+    for section, default in (("dpo", DPOConfig()), ("orpo", ORPOConfig())):
+        if getattr(t, section) != default and t.objective != section:
+            raise ValueError(
+                f"train.{section} is set but train.objective = {t.objective!r}; remove it or set train.objective "
+                f"= {section!r}"
+            )
+    if t.objective == "dpo" and t.dpo.loss == "ipo" and t.dpo.label_smoothing:
+        raise ValueError("train.dpo.label_smoothing applies to train.dpo.loss = 'sigmoid' only; IPO has none")
 
 
 def _all_keys(model: type[BaseModel], prefix: str = "") -> dict[str, Any]:

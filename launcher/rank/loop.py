@@ -18,7 +18,7 @@ import torch.distributed as dist
 
 from launcher.data.cache import DATA_CACHE_DIR, build_data
 from launcher.data.pack import IGNORE
-from launcher.data.sampler import StepBatches, StepSampler
+from launcher.data.sampler import StepBatches, StepSampler, batch_counts
 from launcher.data.tokenizer import build_tokenizer
 from launcher.errors import TrainingDiverged
 from launcher.plan.plan import Plan
@@ -26,6 +26,7 @@ from launcher.rank.build import build_model
 from launcher.rank.checkpoint import load, save
 from launcher.rank.checkpoint_dir import newest_complete
 from launcher.rank.export import save_adapter
+from launcher.rank.objective import SFT, make_objective
 from launcher.rank.parallel import make_engine
 from launcher.rank.profiling import MemoryRecorder, StepProfiler
 from launcher.rank.sinks import gather_per_rank, open_sinks
@@ -180,23 +181,25 @@ def _train(run: RunDir, d, recipe, run_plan: RunPlan, metrics, t_spawn: float) -
     tokens_seen = 0
     t_last = time.perf_counter()
     data_s = 0.0  # host time spent waiting for batches since the last metrics line (the data-loader cost)
-    batches = StepBatches(train_data, sampler, pin=device.type == "cuda")
+    objective = make_objective(recipe, built.peft_model)
+    batches = StepBatches(train_data, sampler, pin=device.type == "cuda", preference=objective.preference)
     for step in range(start_step, total_steps):
         profiler.begin(step + 1)
         memory.begin(step + 1)
         t_data = time.perf_counter()
-        micro, n_labels = batches.get(step, step + 1 if step + 1 < total_steps else None)
+        micro, counts = batches.get(step, step + 1 if step + 1 < total_steps else None)
         data_s += time.perf_counter() - t_data
-        # Normalise by the label tokens of the whole global batch, so any split over ranks and
-        # micro-steps computes the same loss (and gradient) as one device would.
-        n_global = float(max(n_labels, 1))
-        loss_sum, grad_norm = optimizer_step(model, engine, micro, n_global, device)
-        # One all-reduce carries the loss and any rank's stop request, so all ranks agree on stopping.
-        red = torch.stack([loss_sum.float(), torch.tensor(float(stop.requested()), device=device)])
+        # Each micro-batch's loss is divided by counts of the whole global batch (label tokens, pairs), so
+        # any split over ranks and micro-steps computes the same loss (and gradient) as one device would.
+        sums, grad_norm = optimizer_step(model, engine, micro, objective, counts, device)
+        # One all-reduce carries the loss sums and any rank's stop request, so all ranks agree on stopping.
+        red = torch.cat([sums, torch.tensor([float(stop.requested())], device=device)])
         if dist.is_initialized():
             dist.all_reduce(red)
-        loss = float(red[0]) / n_global
-        preempted = bool(red[1] > 0)
+        values = red.tolist()
+        reported = objective.report(values[:-1], counts)
+        loss = reported["loss"]
+        preempted = values[-1] > 0
         if not (math.isfinite(loss) and math.isfinite(grad_norm)):
             # Every rank has the same all-reduced loss and global norm: all stop here, before anything of
             # this step (checkpoint, eval, adapter) is written.
@@ -219,7 +222,7 @@ def _train(run: RunDir, d, recipe, run_plan: RunPlan, metrics, t_spawn: float) -
                 "step",
                 step=step + 1,
                 total_steps=total_steps,
-                loss=loss,
+                **reported,
                 lr=engine.lr(),
                 grad_norm=grad_norm,
                 tokens_per_s=tps,
@@ -232,7 +235,7 @@ def _train(run: RunDir, d, recipe, run_plan: RunPlan, metrics, t_spawn: float) -
             print(f"[rank {d.rank}] step {step + 1}/{total_steps} loss {loss:.4f}", flush=True)
             data_s = 0.0
         if val_data is not None and t.eval_every and ((step + 1) % t.eval_every == 0 or step == total_steps - 1):
-            metrics("eval", step=step + 1, eval_loss=evaluate(model, val_data, plan.micro_batch, d, device))
+            metrics("eval", step=step + 1, **evaluate(model, val_data, plan.micro_batch, d, device, objective))
 
         every = recipe.checkpoint.every_steps
         if preempted or (every and (step + 1) % every == 0 and step + 1 < total_steps):
@@ -266,40 +269,45 @@ def diverged(step: int, loss: float, grad_norm: float, run: RunDir, resume_from:
     )
 
 
-def optimizer_step(model, engine, micro: list[dict], n_global: float, device) -> tuple[torch.Tensor, float]:
-    """Forward and backward of this rank's micro-batches, each loss divided by the global batch's label
-    count N_GLOBAL, then the engine's step; returns this rank's summed loss (not yet all-reduced) and the
-    global gradient norm."""
-    loss_sum = torch.zeros((), device=device)
+def optimizer_step(model, engine, micro: list[dict], objective, counts, device) -> tuple[torch.Tensor, float]:
+    """Forward and backward of this rank's micro-batches, each one's share of the global batch's loss (the
+    objective divides by the global COUNTS), then the engine's step; returns this rank's sums of the
+    objective's reported quantities (not yet all-reduced; the loss first) and the global gradient norm."""
+    sums = None
     for b in micro:
         b = {k: v.to(device, non_blocking=True) for k, v in b.items()}
-        s, _ = model(b["input_ids"], b["labels"], b["position_ids"])
-        engine.backward(s / n_global)
-        loss_sum += s.detach()
-    return loss_sum, engine.step()
+        share, s = objective.micro(model, b, counts)
+        engine.backward(share)
+        sums = s if sums is None else sums + s
+    return sums, engine.step()
 
 
 @torch.no_grad()
-def evaluate(model, data, micro_batch: int, d, device) -> float:
-    """Token-mean loss over the whole validation set; each rank takes every world-th micro-batch."""
+def evaluate(model, data, micro_batch: int, d, device, objective=None) -> dict[str, float]:
+    """The objective over the whole validation set ('eval_loss' and, for preference objectives, the eval
+    rewards); each rank takes every world-th micro-batch."""
+    objective = objective or SFT()
     was = model.training
     model.eval()
-    total = torch.zeros(2, device=device)
     idx = list(range(len(data)))
+    counts = batch_counts(data, idx, objective.preference)
     batches = [idx[i : i + micro_batch] for i in range(0, len(idx), micro_batch)]
+    total = None
     # Every rank runs the same number of forwards of the same shape (FSDP's all-gathers and the
     # vocabulary-sharded loss are collective): ranks past the end repeat batch 0 and discard it, and a
-    # short last batch is filled up with rows whose labels are all ignored.
+    # short last batch is filled up with rows whose labels are all ignored (and whose pairs do not count).
     for i in range(-(-len(batches) // d.world)):
         k = i * d.world + d.rank
         rows = batches[k if k < len(batches) else 0]
         bt = data.collate(rows + rows[:1] * (micro_batch - len(rows)))
         bt["labels"][len(rows) :] = IGNORE
+        weight = torch.zeros(micro_batch, device=device)
+        weight[: len(rows)] = 1.0
         bt = {key: v.to(device) for key, v in bt.items()}
-        s, n = model(bt["input_ids"], bt["labels"], bt["position_ids"])
-        if k < len(batches):
-            total += torch.stack([s.float(), n.float()])
+        _, s = objective.micro(model, bt, counts, row_weight=weight)
+        s = s if k < len(batches) else torch.zeros_like(s)
+        total = s if total is None else total + s
     if dist.is_initialized():
         dist.all_reduce(total)
     model.train(was)
-    return float(total[0] / total[1].clamp(min=1))
+    return {f"eval_{name}": v for name, v in objective.report(total.tolist(), counts).items()}

@@ -1,5 +1,6 @@
-"""The loss: decoder + lm_head + cross-entropy as a sum over tokens (the loop divides by the global batch's token
-count), through the plain head, a chunked fused head, or the vocabulary split across FSDP ranks."""
+"""The loss: decoder + lm_head + cross-entropy per token (summed for supervised training, the loop dividing by the
+global batch's token count; summed per sequence for preference objectives), through the plain head, a chunked
+fused head, or the vocabulary split across FSDP ranks."""
 
 from __future__ import annotations
 
@@ -41,24 +42,43 @@ class CausalLMLoss(nn.Module):
         self.fused_head = plain_head(output_head(causal_lm))
 
     def forward(
+        self,
+        input_ids: torch.Tensor,
+        labels: torch.Tensor,
+        position_ids: torch.Tensor | None = None,
+        per_token: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor] | torch.Tensor:
+        """(sum of the token losses, number of labelled tokens); with per_token, every token's loss
+        (token_losses). One forward for both, so that FSDP's and DeepSpeed's hooks on it run either way."""
+        losses = self.token_losses(input_ids, labels, position_ids)
+        if per_token:
+            return losses
+        return losses.sum(), (labels[:, 1:] != IGNORE).sum()
+
+    def token_losses(
         self, input_ids: torch.Tensor, labels: torch.Tensor, position_ids: torch.Tensor | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    ) -> torch.Tensor:
+        """Cross-entropy of every position's next token, [rows * (T - 1)] in fp32, 0 where the label is IGNORE.
+
+        Per token rather than summed so that objectives which are not a plain sum (DPO's log-ratio of sequence
+        log-probabilities) can weight each token's gradient; the fused heads keep d/dh per token, so that costs
+        nothing over a sum.
+        """
         out = decoder(self.lm)(input_ids=input_ids, position_ids=position_ids, use_cache=False)
         hidden = out.last_hidden_state
         h = hidden[:, :-1].reshape(-1, hidden.shape[-1])
         y = labels[:, 1:].reshape(-1)
         head = output_head(self.lm)
         if self.fused_head:
-            total = fused_head_loss(h, head.weight, y, self.chunk_tokens, self.logits)
-        else:
-            total = hidden.new_zeros((), dtype=torch.float32)
-            for s in range(0, h.shape[0], self.chunk_tokens):
-                hs, ys = h[s : s + self.chunk_tokens], y[s : s + self.chunk_tokens]
-                if torch.is_grad_enabled():
-                    total = total + checkpoint(_module_ce, head, hs, ys, self.logits, use_reentrant=False)
-                else:
-                    total = total + _module_ce(head, hs, ys, self.logits)
-        return total, (y != IGNORE).sum()
+            return fused_head_loss(h, head.weight, y, self.chunk_tokens, self.logits)
+        parts = []
+        for s in range(0, h.shape[0], self.chunk_tokens):
+            hs, ys = h[s : s + self.chunk_tokens], y[s : s + self.chunk_tokens]
+            if torch.is_grad_enabled():
+                parts.append(checkpoint(_module_ce, head, hs, ys, self.logits, use_reentrant=False))
+            else:
+                parts.append(_module_ce(head, hs, ys, self.logits))
+        return torch.cat(parts) if parts else h.new_zeros(0, dtype=torch.float32)
 
 
 def plain_head(head: nn.Module) -> bool:
@@ -67,16 +87,16 @@ def plain_head(head: nn.Module) -> bool:
 
 
 def _module_ce(head: nn.Module, h: torch.Tensor, y: torch.Tensor, transform: LogitTransform) -> torch.Tensor:
-    return F.cross_entropy(transform(head(h).float()), y, ignore_index=IGNORE, reduction="sum")
+    return F.cross_entropy(transform(head(h).float()), y, ignore_index=IGNORE, reduction="none")
 
 
 class LinearCrossEntropy(torch.autograd.Function):
-    """sum_t CE(h_t @ w.T, y_t) over chunks of tokens, for a frozen w, with d/dh computed in forward.
+    """CE(h_t @ w.T, y_t) for every token t, over chunks of tokens, for a frozen w, with d/dh computed in forward.
 
     Per chunk: logits in the compute dtype, softmax statistics in fp32, then the chunk's input gradient
-    (softmax - onehot) @ w while the logits are at hand. Backward only scales the stored gradient (it has
-    the input's size, as a recompute would have had to keep the input). Labels equal to IGNORE add
-    nothing to the loss or the gradient.
+    (softmax - onehot) @ w while the logits are at hand. Backward only scales each token's stored gradient by
+    the upstream gradient of its loss (it has the input's size, as a recompute would have had to keep the
+    input). Labels equal to IGNORE give a loss of 0 and no gradient.
     """
 
     @staticmethod
@@ -86,7 +106,7 @@ class LinearCrossEntropy(torch.autograd.Function):
         w = w.to(h.dtype)
         grad_h = torch.empty_like(h) if h.requires_grad else None
         acc = torch.promote_types(h.dtype, torch.float32)  # softmax statistics in fp32 at least
-        total = h.new_zeros((), dtype=acc)
+        losses = h.new_empty(h.shape[0], dtype=acc)
         for s in range(0, h.shape[0], chunk):
             hs, ys = h[s : s + chunk], y[s : s + chunk]
             logits = F.linear(hs, w).to(acc)
@@ -96,7 +116,7 @@ class LinearCrossEntropy(torch.autograd.Function):
             target_logit = logits.gather(1, target).squeeze(1)
             m, z = shifted_exp_(logits)  # logits now hold exp(logit - m)
             lse = m + z.log()
-            total = total + ((lse - target_logit) * valid).sum()
+            losses[s : s + chunk] = (lse - target_logit) * valid
             if grad_h is not None:
                 probs = logits.div_(z.unsqueeze(1))  # softmax, in place
                 probs.scatter_add_(1, target, torch.full_like(target, -1.0, dtype=probs.dtype))
@@ -105,18 +125,19 @@ class LinearCrossEntropy(torch.autograd.Function):
                     probs.mul_(slope)  # through the logit transform
                 grad_h[s : s + chunk] = probs.to(h.dtype) @ w
         ctx.save_for_backward(grad_h)
-        return total
+        return losses
 
     @staticmethod
-    def backward(ctx, grad_total: torch.Tensor):
-        return scaled_input_grad(ctx, grad_total), None, None, None, None
+    def backward(ctx, grad_losses: torch.Tensor):
+        return scaled_input_grad(ctx, grad_losses), None, None, None, None
 
 
-def scaled_input_grad(ctx, grad_total: torch.Tensor) -> torch.Tensor:
-    """The input gradient a fused loss stored in forward, times the upstream gradient of its sum."""
+def scaled_input_grad(ctx, grad_losses: torch.Tensor) -> torch.Tensor:
+    """The per-token input gradients a fused loss stored in forward, each times the upstream gradient of its
+    token's loss."""
     (grad_h,) = ctx.saved_tensors
     # Scaled in fp32: the factor (world / global token count) is not exact in bf16.
-    return (grad_h.to(grad_total.dtype) * grad_total).to(grad_h.dtype)
+    return (grad_h.to(grad_losses.dtype) * grad_losses.unsqueeze(1)).to(grad_h.dtype)
 
 
 _MM_OUT_DTYPE = [True]  # cleared if this torch/GPU has no bf16 x bf16 -> fp32 matmul
@@ -161,7 +182,7 @@ def shifted_exp_(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def fused_head_loss(
     h: torch.Tensor, w: torch.Tensor, y: torch.Tensor, chunk: int, transform: LogitTransform = LogitTransform()
 ) -> torch.Tensor:
-    """Summed cross-entropy of transform(h @ w.T) for this rank's tokens; w whole, or an FSDP2 shard (a DTensor)."""
+    """Per-token cross-entropy of transform(h @ w.T) for this rank's tokens; w whole, or an FSDP2 shard (a DTensor)."""
     from torch.distributed.tensor import DTensor
 
     if not isinstance(w, DTensor):
@@ -236,15 +257,15 @@ class ShardedLinearCrossEntropy(torch.autograd.Function):
         target = target_all.new_empty(t)
         reduce_scatter(target, target_all, group=group)
         own = slice(rank * t, (rank + 1) * t)  # rank within the shard group: the all-gather's order
-        total = ((lse_all[own] - target) * (y != IGNORE)).sum()
+        losses = (lse_all[own] - target) * (y != IGNORE)
         grad_h = None
         if grad_all is not None:
             grad_h = grad_all.new_empty((t, h.shape[1]))
             reduce_scatter(grad_h, grad_all, group=group)
             grad_h = grad_h.to(h.dtype)
         ctx.save_for_backward(grad_h)
-        return total
+        return losses
 
     @staticmethod
-    def backward(ctx, grad_total: torch.Tensor):
-        return scaled_input_grad(ctx, grad_total), None, None, None, None, None, None, None, None
+    def backward(ctx, grad_losses: torch.Tensor):
+        return scaled_input_grad(ctx, grad_losses), None, None, None, None, None, None, None, None

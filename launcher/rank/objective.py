@@ -1,0 +1,191 @@
+"""What the step loop minimises: next-token cross-entropy (sft), or a preference loss over chosen/rejected pairs
+(dpo, orpo) with the reference policy being the same model with its adapter switched off.
+
+Each objective turns one micro-batch into (the micro-batch's share of the global loss, to back-propagate;
+a vector of sums to all-reduce), so that every split over ranks and micro-steps computes what one device
+computes on the whole global batch: shares are sums over the micro-batch divided by global counts
+(label tokens, pairs, chosen tokens) that every rank knows from the sampler without a collective.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from launcher.data.pack import IGNORE, pair_segments
+from launcher.data.sampler import StepCounts
+
+
+class SFT:
+    """Summed token cross-entropy over the global batch's labelled tokens."""
+
+    names = ("loss",)
+    preference = False
+
+    def micro(
+        self, model, batch: dict, counts: StepCounts, row_weight: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        # row_weight is not needed: evaluation's filler rows have no label, so they add nothing.
+        s, _ = model(batch["input_ids"], batch["labels"], batch["position_ids"])
+        return s / float(max(counts.tokens, 1)), s.detach().float().reshape(1)
+
+    def report(self, sums: list[float], counts: StepCounts) -> dict[str, float]:
+        return {"loss": sums[0] / max(counts.tokens, 1)}
+
+
+@contextmanager
+def adapters_off(model: nn.Module):
+    """The base model: every PEFT adapter layer of `model` bypassed for the duration.
+
+    PEFT's own disable_adapter() also switches requires_grad off and on again on every adapter parameter;
+    under FSDP2 and ZeRO those are the sharded parameters the optimizer and the gradient hooks hold, so only
+    the layers' bypass flag is flipped here (the flag each LoRA/DoRA forward reads).
+    """
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    layers = [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
+    before = [m._disable_adapters for m in layers]
+    for m in layers:
+        m._disable_adapters = True
+    try:
+        yield
+    finally:
+        for m, b in zip(layers, before, strict=True):
+            m._disable_adapters = b
+
+
+@dataclass(frozen=True)
+class PairLayout:
+    """Where the pairs of a micro-batch of preference rows are, worked out once per micro-batch (the policy's
+    and the reference's forward share it): one host read of the highest segment number."""
+
+    seg: torch.Tensor  # [rows, T] segment numbers (pack.pair_segments)
+    index: torch.Tensor  # [rows * (T - 1)]: the (row, segment) slot of the token each position predicts
+    slots: int  # slots per row: segment 0 (never used) and 1..2P
+    present: torch.Tensor  # [rows, P] 1.0 where the row holds pair k (it has segment 2k+2), else 0.0
+
+    @staticmethod
+    def of(position_ids: torch.Tensor, row_weight: torch.Tensor | None = None) -> PairLayout:
+        rows = position_ids.shape[0]
+        seg = pair_segments(position_ids)
+        top = int(seg.max()) if seg.numel() else 0
+        slots = top + top % 2 + 1  # a whole number of pairs
+        index = (seg[:, 1:] + torch.arange(rows, device=seg.device).unsqueeze(1) * slots).reshape(-1)
+        held = seg.max(dim=1).values // 2
+        present = torch.arange((slots - 1) // 2, device=seg.device).unsqueeze(0) < held.unsqueeze(1)
+        if row_weight is not None:  # evaluation's filler rows hold no pair that counts
+            present = present & row_weight.bool().unsqueeze(1)
+        return PairLayout(seg, index, slots, present.float())
+
+    def sequence_sums(self, token_nll: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Summed log-probabilities and labelled token counts of every pair's chosen and rejected sequences,
+        [rows, pairs, 2] each (index 0 chosen, 1 rejected), from the per-token cross-entropy [rows * (T - 1)]
+        of the next token. Rows with fewer pairs than the fullest row get 0 for the rest."""
+        rows = labels.shape[0]
+        labelled = (labels[:, 1:] != IGNORE).reshape(-1)
+        nll = token_nll * labelled
+        sums = nll.new_zeros(rows * self.slots).index_add(0, self.index, nll)
+        lens = nll.new_zeros(rows * self.slots).index_add(0, self.index, labelled.to(nll.dtype))
+        shape = (rows, (self.slots - 1) // 2, 2)
+        return -sums.view(rows, self.slots)[:, 1:].reshape(shape), lens.view(rows, self.slots)[:, 1:].reshape(shape)
+
+
+class Preference:
+    """DPO or ORPO over the pairs of packed preference rows (launcher/data: a pair is prompt + chosen, then
+    prompt + rejected, position ids restarting at each; prompt tokens unlabelled).
+
+    Sums reported per step, all-reduced: [loss share, rewards chosen, rewards rejected, margins, accuracy,
+    logps chosen, logps rejected, (nll)] over pairs; means are taken over the global pair count.
+    """
+
+    preference = True
+
+    def __init__(self, recipe, peft_model: nn.Module):
+        t = recipe.train
+        self.kind = t.objective
+        self.beta, self.loss_type, self.smoothing = t.dpo.beta, t.dpo.loss, t.dpo.label_smoothing
+        self.orpo_weight = t.orpo.odds_ratio_weight
+        self.peft_model = peft_model
+        self.names = (
+            "loss",
+            "rewards_chosen",
+            "rewards_rejected",
+            "reward_margin",
+            "reward_accuracy",
+            "logps_chosen",
+            "logps_rejected",
+        ) + (("nll_loss", "log_odds_ratio") if self.kind == "orpo" else ())
+
+    def micro(
+        self, model, batch: dict, counts: StepCounts, row_weight: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        ids, labels, pos = batch["input_ids"], batch["labels"], batch["position_ids"]
+        layout = PairLayout.of(pos, row_weight)
+        present = layout.present
+        if self.kind == "dpo":
+            with torch.no_grad(), adapters_off(self.peft_model):
+                ref, _ = layout.sequence_sums(model(ids, labels, pos, per_token=True), labels)
+            logp, lens = layout.sequence_sums(model(ids, labels, pos, per_token=True), labels)
+            ratio = logp - ref  # [rows, pairs, 2]
+            if self.loss_type == "ipo":
+                avg = ratio / lens.clamp(min=1.0)
+                per_pair = (avg[..., 0] - avg[..., 1] - 1 / (2 * self.beta)) ** 2
+            else:
+                m = self.beta * (ratio[..., 0] - ratio[..., 1])
+                per_pair = -(1 - self.smoothing) * F.logsigmoid(m) - self.smoothing * F.logsigmoid(-m)
+            rewards = self.beta * ratio.detach()
+            share = (per_pair * present).sum() / float(max(counts.pairs, 1))
+            extra = []
+        else:
+            # TRL's ORPOTrainer takes the NLL over the whole chosen sequence, prompt included: label every
+            # chosen token after the sequence's first for it; the odds ratio uses the completions only.
+            seg = layout.seg
+            nll_labels = torch.where((seg % 2 == 1) & (pos != 0), ids, labels)
+            tok = model(ids, nll_labels, pos, per_token=True)
+            logp, lens = layout.sequence_sums(tok, labels)
+            chosen_nll = tok.reshape(ids.shape[0], -1) * (seg[:, 1:] % 2 == 1) * (nll_labels[:, 1:] != IGNORE)
+            if row_weight is not None:
+                chosen_nll = chosen_nll * row_weight.unsqueeze(1)
+            mean = logp / lens.clamp(min=1.0)  # [rows, pairs, 2]: token-mean log-probabilities
+            log_odds = (mean[..., 0] - mean[..., 1]) - (log1mexp(mean[..., 0]) - log1mexp(mean[..., 1]))
+            ratio = F.logsigmoid(log_odds)
+            nll_sum = chosen_nll.sum()
+            share = nll_sum / float(max(counts.chosen_tokens, 1)) - self.orpo_weight * (
+                (ratio * present).sum() / float(max(counts.pairs, 1))
+            )
+            rewards = self.orpo_weight * mean.detach()
+            extra = [nll_sum.detach(), (ratio.detach() * present).sum()]
+        r = rewards * present.unsqueeze(-1)
+        sums = [
+            share.detach(),
+            r[..., 0].sum(),
+            r[..., 1].sum(),
+            (r[..., 0] - r[..., 1]).sum(),
+            ((rewards[..., 0] > rewards[..., 1]).float() * present).sum(),
+            (logp.detach()[..., 0] * present).sum(),
+            (logp.detach()[..., 1] * present).sum(),
+            *extra,
+        ]
+        return share, torch.stack([s.float() for s in sums])
+
+    def report(self, sums: list[float], counts: StepCounts) -> dict[str, float]:
+        pairs = max(counts.pairs, 1)
+        out = {"loss": sums[0]}
+        out.update({name: v / pairs for name, v in zip(self.names[1:7], sums[1:7], strict=True)})
+        if self.kind == "orpo":
+            out["nll_loss"] = sums[7] / max(counts.chosen_tokens, 1)
+            out["log_odds_ratio"] = sums[8] / pairs
+        return out
+
+
+def log1mexp(x: torch.Tensor) -> torch.Tensor:
+    """log(1 - exp(x)) for x < 0, switching formulas at -ln 2 where each loses precision."""
+    return torch.where(x < -0.6931471805599453, torch.log1p(-torch.exp(x)), torch.log(-torch.expm1(x)))
+
+
+def make_objective(recipe, peft_model: nn.Module):
+    return SFT() if recipe.train.objective == "sft" else Preference(recipe, peft_model)
