@@ -312,17 +312,19 @@ class DPOConfig(_Section):
         description="DPO's beta: the strength of the pull towards the reference (the base with the adapter off); "
         "rewards are beta x (log-prob under the policy - under the reference) of a completion.",
     )
-    loss: Literal["sigmoid", "ipo"] = Field(
+    loss: Literal["sigmoid", "ipo", "robust"] = Field(
         "sigmoid",
         description="'sigmoid': the DPO paper's -log sigmoid(beta x log-ratio margin). 'ipo': (margin / tokens - "
-        "1 / (2 beta))^2 with each completion's log-ratio averaged over its tokens (as TRL does).",
+        "1 / (2 beta))^2 with each completion's log-ratio averaged over its tokens (as TRL does). 'robust': "
+        "sigmoid made unbiased under label_smoothing's flip rate e: [-(1-e) log s(beta m) + e log s(-beta m)] / "
+        "(1 - 2e) (TRL's 'robust').",
     )
     label_smoothing: Float = Field(
         0.0,
         ge=0.0,
         lt=0.5,
-        description="Conservative DPO: the assumed fraction of pairs whose preference is flipped, 0..0.5 "
-        "(sigmoid loss only): -(1 - e) log sigmoid(beta m) - e log sigmoid(-beta m).",
+        description="The assumed fraction of pairs whose preference is flipped, 0..0.5. With loss 'sigmoid': "
+        "conservative DPO, -(1 - e) log sigmoid(beta m) - e log sigmoid(-beta m); with 'robust': its e.",
     )
 
 
@@ -563,7 +565,7 @@ def preference(recipe: Recipe) -> None:
                 f"= {section!r}"
             )
     if t.objective == "dpo" and t.dpo.loss == "ipo" and t.dpo.label_smoothing:
-        raise ValueError("train.dpo.label_smoothing applies to train.dpo.loss = 'sigmoid' only; IPO has none")
+        raise ValueError("train.dpo.label_smoothing applies to train.dpo.loss = 'sigmoid' or 'robust'; IPO has none")
 
 
 def _all_keys(model: type[BaseModel], prefix: str = "") -> dict[str, Any]:

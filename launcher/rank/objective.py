@@ -99,7 +99,9 @@ class Preference:
     prompt + rejected, position ids restarting at each; prompt tokens unlabelled).
 
     Sums reported per step, all-reduced: [loss share, rewards chosen, rewards rejected, margins, accuracy,
-    logps chosen, logps rejected, (nll)] over pairs; means are taken over the global pair count.
+    logps chosen, logps rejected, (orpo: chosen NLL, log-odds ratio)]; means are taken over the global pair
+    count. A completion's log-probability is summed over its tokens under DPO and a token mean under ORPO,
+    as TRL's DPOTrainer and ORPOTrainer report them.
     """
 
     preference = True
@@ -135,8 +137,11 @@ class Preference:
                 avg = ratio / lens.clamp(min=1.0)
                 per_pair = (avg[..., 0] - avg[..., 1] - 1 / (2 * self.beta)) ** 2
             else:
-                m = self.beta * (ratio[..., 0] - ratio[..., 1])
-                per_pair = -(1 - self.smoothing) * F.logsigmoid(m) - self.smoothing * F.logsigmoid(-m)
+                m, e = self.beta * (ratio[..., 0] - ratio[..., 1]), self.smoothing
+                if self.loss_type == "robust":  # unbiased under a flip rate e (Chowdhury et al. 2024)
+                    per_pair = (-(1 - e) * F.logsigmoid(m) + e * F.logsigmoid(-m)) / (1 - 2 * e)
+                else:  # conservative DPO; e = 0 is the DPO paper's loss
+                    per_pair = -(1 - e) * F.logsigmoid(m) - e * F.logsigmoid(-m)
             rewards = self.beta * ratio.detach()
             share = (per_pair * present).sum() / float(max(counts.pairs, 1))
             extra = []
@@ -158,6 +163,7 @@ class Preference:
                 (ratio * present).sum() / float(max(counts.pairs, 1))
             )
             rewards = self.orpo_weight * mean.detach()
+            logp = mean  # ORPO works on token means: its log-probabilities are reported as such (as TRL does)
             extra = [nll_sum.detach(), (ratio.detach() * present).sum()]
         r = rewards * present.unsqueeze(-1)
         sums = [
