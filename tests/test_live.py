@@ -1,8 +1,11 @@
 """The launching terminal's view of a run, rendered from a recorded metrics stream.
 
 tests/golden/metrics-tiny.jsonl is rank 0's metrics.jsonl of a real `qlaunch run recipes/tiny-cpu.toml
---set checkpoint.every_steps=10` (2 CPU ranks), with the run directory made relative. Set
-QLAUNCH_UPDATE_GOLDEN=1 to rewrite the golden text files after an intended change of the view.
+--set checkpoint.every_steps=10` (2 CPU ranks), with the run directory made relative.
+tests/golden/metrics-orpo-tiny.jsonl is the same of a preference run: `qlaunch run recipes/tiny-dpo-cpu.toml
+--gpus 1 --set train.objective="orpo" --set train.max_steps=6 --set train.eval_every=3 --set
+data.val_path=".../assets/tiny-data/preference-chat.jsonl"` (ORPO reports every DPO number and two more).
+Set QLAUNCH_UPDATE_GOLDEN=1 to rewrite the golden text files after an intended change of the view.
 """
 
 from __future__ import annotations
@@ -22,6 +25,9 @@ from launcher.ui import live
 
 GOLDEN = Path(__file__).parent / "golden"
 EVENTS = [json.loads(line) for line in (GOLDEN / "metrics-tiny.jsonl").read_text().splitlines()]
+ORPO = [json.loads(line) for line in (GOLDEN / "metrics-orpo-tiny.jsonl").read_text().splitlines()]
+ORPO_ONLY = ("nll_loss", "log_odds_ratio", "eval_nll_loss", "eval_log_odds_ratio")
+DPO = [{k: v for k, v in e.items() if k not in ORPO_ONLY} for e in ORPO]  # what a DPO run's events carry
 
 
 def check_golden(name: str, text: str) -> None:
@@ -31,10 +37,10 @@ def check_golden(name: str, text: str) -> None:
     assert text == path.read_text(), f"{name} changed; rerun with QLAUNCH_UPDATE_GOLDEN=1 if intended"
 
 
-def snapshot(events: list[dict], at: list[int]) -> str:
+def snapshot(events: list[dict], at: list[int], title: str = "tiny-cpu  fsdp x 2 (cpu)") -> str:
     """The view after each event index in `at`, as plain text of a fixed-width, colourless console."""
     console = Console(width=100, record=True, force_terminal=False, color_system=None, file=io.StringIO())
-    st = live.RunState(title="tiny-cpu  fsdp x 2 (cpu)", layers=2)
+    st = live.RunState(title=title, layers=2)
     for i, e in enumerate(events):
         live.update(st, e)
         if i in at:
@@ -66,6 +72,40 @@ def test_plain_lines_snapshot_have_no_control_codes():
     assert "loading model: layer 2/2" in lines
     assert any(ln.startswith("step 12/30 ") and "ETA 0:00:" in ln for ln in lines)
     assert lines[-1].startswith("done: 30 steps in ")
+
+
+def test_a_preference_run_shows_its_reward_margin_and_accuracy():
+    first_eval = next(i for i, e in enumerate(ORPO) if e["event"] == "eval")
+    text = snapshot(ORPO, [first_eval, len(ORPO) - 1], title="tiny-dpo  fsdp x 1 (cpu)")
+    check_golden("live-orpo-tiny.txt", text)
+    at_eval, final = text.split("after event")[1:]
+    # Under the loss: the last step's margin, accuracy and the two rewards; ORPO's own terms; the last eval's.
+    assert "margin -0.0001129  acc 0.500  chosen -0.6276  rejected -0.6275" in at_eval
+    assert "eval rewards  margin 0.0001854  acc 0.531 (step 3)" in at_eval
+    assert "margin 7.869e-05  acc 0.438  chosen -0.6277  rejected -0.6278" in final
+    assert "nll 5.9926  log odds ratio -0.6932" in final
+    assert "eval rewards  margin 0.0001054  acc 0.531 (step 6)" in final
+    dpo = snapshot(DPO, [len(DPO) - 1]).split("after event")[1]
+    assert "margin 7.869e-05  acc 0.438" in dpo and "eval rewards" in dpo
+    assert "nll" not in dpo and "log odds" not in dpo  # ORPO's terms only where there are some
+
+
+def test_a_preference_run_has_margin_and_accuracy_in_its_plain_lines():
+    lines = list(live.plain_lines(ORPO, live.RunState(layers=2)))
+    assert lines[6] == (
+        "step 1/6  loss 6.3401  margin 0.0001157  acc 0.469  lr 1.50e-03  grad 1.185  7788 tok/s (7788/gpu)  "
+        "peak r0 0.45 GiB (host RSS)  ETA 0:00:03"
+    )
+    assert "eval  step 3  loss 6.2720  margin 0.0001854  acc 0.531" in lines
+    assert "eval  step 6  loss 6.2593  margin 0.0001054  acc 0.531" in lines
+    assert list(live.plain_lines(DPO, live.RunState(layers=2))) == lines  # the plain line shows no ORPO term
+
+
+def test_an_sft_run_shows_no_rewards():
+    plain = "\n".join(live.plain_lines(EVENTS, live.RunState(layers=2)))
+    final = snapshot(EVENTS, [len(EVENTS) - 1])
+    for text in (plain, final):
+        assert "margin" not in text and "acc " not in text and "rewards" not in text
 
 
 def test_eta_uses_the_step_rate_after_the_first_step():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import shutil
 from pathlib import Path
 
@@ -28,18 +29,36 @@ def run(tmp_path) -> RunDir:
     return RunDir(d)
 
 
-def test_report_writes_readable_pngs_and_a_summary(run):
+@pytest.fixture
+def preference_run(tmp_path) -> RunDir:
+    """A run directory holding the recorded tiny ORPO run's metrics (see tests/test_live.py)."""
+    d = tmp_path / "runs" / "tiny-dpo" / "20261204-133456"
+    (d / "logs").mkdir(parents=True)
+    shutil.copy(GOLDEN / "metrics-orpo-tiny.jsonl", d / "metrics.jsonl")
+    return RunDir(d)
+
+
+def golden_events(name: str) -> list[dict]:
+    return [json.loads(line) for line in (GOLDEN / name).read_text().splitlines()]
+
+
+def assert_drawn_png(p: Path) -> None:
     import matplotlib.image as mpimg
+
+    assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    img = mpimg.imread(p)
+    assert img.shape[0] > 300 and img.shape[1] > 600  # 8x4.5 in at 110 dpi
+    assert img[..., :3].std() > 0.05  # not a blank canvas: lines and text were drawn
+
+
+def test_report_writes_readable_pngs_and_a_summary(run):
 
     got, rows, plots = report.report(run.path)
     assert got == run
     assert [p.name for p in plots] == ["loss.png", "lr.png", "throughput.png", "memory.png"]
     for p in plots:
         assert p.parent == run.path / "plots"
-        assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-        img = mpimg.imread(p)
-        assert img.shape[0] > 300 and img.shape[1] > 600  # 8x4.5 in at 110 dpi
-        assert img[..., :3].std() > 0.05  # not a blank canvas: lines and text were drawn
+        assert_drawn_png(p)
     table = dict(rows)
     assert table["status"] == "completed"
     assert table["steps"] == "30 of 30"
@@ -50,6 +69,46 @@ def test_report_writes_readable_pngs_and_a_summary(run):
     assert table["checkpoints"].startswith("3 written, 2 on disk; last runs/tiny-cpu/")
     assert table["wall time"] == "0:00:18"
     assert table["adapter"].endswith("/adapter")
+
+
+def test_a_preference_run_gets_reward_panels_and_a_rewards_row(preference_run):
+    _, rows, plots = report.report(preference_run.path)
+    names = ["loss.png", "rewards.png", "reward_accuracy.png", "lr.png", "throughput.png", "memory.png"]
+    assert [p.name for p in plots] == names
+    for p in plots:
+        assert_drawn_png(p)
+    assert dict(rows)["rewards"] == (
+        "train margin 7.869e-05, accuracy 0.438 at step 6; eval margin 0.0001054, accuracy 0.531 at step 6"
+    )
+    # What the panels plot: every step's train numbers, and the eval ones at the eval steps.
+    events = golden_events("metrics-orpo-tiny.jsonl")
+    steps = [e for e in events if e["event"] == "step"]
+    evals = [e for e in events if e["event"] == "eval"]
+    prefs = report.series(events).prefs
+    for name in ("rewards_chosen", "rewards_rejected", "reward_margin", "reward_accuracy"):
+        assert prefs[name] == ([1, 2, 3, 4, 5, 6], [e[name] for e in steps])
+        assert prefs[f"eval_{name}"] == ([3, 6], [e[f"eval_{name}"] for e in evals])
+    assert prefs["reward_accuracy"][1] == [0.46875, 0.53125, 0.5, 0.46875, 0.5625, 0.4375]
+
+
+def test_an_sft_run_gets_no_reward_panel(run):
+    assert report.series(golden_events("metrics-tiny.jsonl")).prefs == {}
+    _, rows, plots = report.report(run.path)
+    assert "rewards" not in dict(rows)
+    assert not any("reward" in p.name for p in plots)
+    assert not list((run.path / "plots").glob("reward*"))
+
+
+def test_a_preference_step_with_a_reward_that_is_no_number_is_skipped(preference_run):
+    lines = preference_run.metrics.read_text().splitlines()
+    at = next(i for i, ln in enumerate(lines) if ln.startswith('{"event": "step"'))
+    lines[at] = json.dumps({**json.loads(lines[at]), "reward_margin": "big"})  # was a traceback in float()
+    preference_run.metrics.write_text("\n".join(lines) + "\n")
+    warnings: list[str] = []
+    _, _, plots = report.report(preference_run.path, warn=warnings.append)
+    assert len(warnings) == 1 and "skipped 1 malformed line(s)" in warnings[0]
+    assert report.series(report.read_events(preference_run.metrics)[0]).prefs["reward_margin"][0] == [2, 3, 4, 5, 6]
+    assert "rewards.png" in [p.name for p in plots]
 
 
 def test_report_of_an_interrupted_run_and_of_a_runs_folder(run):
@@ -89,6 +148,29 @@ def test_sink_scalars_follow_the_metrics_records():
     assert sinks.scalars({"event": "adapter", "path": "x"}) == (None, {})
 
 
+PREFERENCE_TAGS = [
+    "rewards_chosen", "rewards_rejected", "reward_margin", "reward_accuracy", "logps_chosen", "logps_rejected",
+    "nll_loss", "log_odds_ratio",
+]  # fmt: skip
+
+
+def test_sink_scalars_of_a_preference_run_carry_its_rewards():
+    events = golden_events("metrics-orpo-tiny.jsonl")
+    step = next(e for e in events if e["event"] == "step")
+    at, values = sinks.scalars(step)
+    assert at == 1
+    assert {tag: values[f"train/{tag}"] for tag in PREFERENCE_TAGS} == {tag: step[tag] for tag in PREFERENCE_TAGS}
+    assert values["train/loss"] == step["loss"] and values["train/grad_norm"] == step["grad_norm"]
+    ev = next(e for e in events if e["event"] == "eval")
+    assert sinks.scalars(ev) == (
+        3,
+        {"eval/loss": ev["eval_loss"], **{f"eval/{t}": ev[f"eval_{t}"] for t in PREFERENCE_TAGS}},
+    )
+    # A DPO step has no ORPO terms: those tags are not written at all (never as 0 or NaN).
+    dpo = {k: v for k, v in step.items() if k not in ("nll_loss", "log_odds_ratio")}
+    assert not {"train/nll_loss", "train/log_odds_ratio"} & set(sinks.scalars(dpo)[1])
+
+
 def test_missing_optional_packages_warn_once_and_go_on(recipe_file, tmp_path, capsys):
     from launcher.plan.recipe_file import load_recipe
 
@@ -122,6 +204,32 @@ def test_tensorboard_event_files_hold_the_run(tmp_path):
     assert [e.step for e in loss] == list(range(1, 31))
     assert loss[-1].value == pytest.approx(5.8526, abs=1e-4)
     assert [e.step for e in acc.Scalars("eval/loss")] == [10, 20, 30]
+    assert not [t for t in acc.Tags()["scalars"] if "reward" in t or "logps" in t]  # SFT: no preference tags
+
+
+@pytest.mark.skipif(importlib.util.find_spec("tensorboard") is None, reason="tensorboard not installed")
+def test_tensorboard_event_files_hold_a_preference_runs_rewards(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = golden_events("metrics-orpo-tiny.jsonl")
+    tb = sinks.TensorBoardSink(tmp_path / "tb")
+    for e in events:
+        tb.write(e)
+    tb.close()
+    acc = EventAccumulator(str(tmp_path / "tb"))
+    acc.Reload()
+    tags = set(acc.Tags()["scalars"])
+    steps = [e for e in events if e["event"] == "step"]
+    evals = [e for e in events if e["event"] == "eval"]
+    for name in PREFERENCE_TAGS:
+        assert f"train/{name}" in tags and f"eval/{name}" in tags, name
+        train = acc.Scalars(f"train/{name}")
+        assert [s.step for s in train] == [1, 2, 3, 4, 5, 6]
+        assert [s.value for s in train] == pytest.approx([e[name] for e in steps], rel=1e-6)  # float32 on disk
+        ev = acc.Scalars(f"eval/{name}")
+        assert [s.step for s in ev] == [3, 6]
+        assert [s.value for s in ev] == pytest.approx([e[f"eval_{name}"] for e in evals], rel=1e-6)
+    assert [s.value for s in acc.Scalars("eval/reward_accuracy")] == [0.53125, 0.53125]
 
 
 def _step_line(run: RunDir) -> dict:

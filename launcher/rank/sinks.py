@@ -14,9 +14,23 @@ from typing import Any, Protocol
 
 from launcher.rundir import TENSORBOARD_DIR
 
+# What a preference objective (dpo, orpo) reports besides the loss, in step events and, prefixed eval_, in eval
+# events (launcher/rank/objective.py); nll_loss and log_odds_ratio are ORPO's only. SFT runs have none.
+PREFERENCE_FIELDS = (
+    "rewards_chosen",
+    "rewards_rejected",
+    "reward_margin",
+    "reward_accuracy",
+    "logps_chosen",
+    "logps_rejected",
+    "nll_loss",
+    "log_odds_ratio",
+)
+
 # metrics field -> scalar tag (TensorBoard) / key (W&B); one namespace per kind of number.
 STEP_SCALARS = {
     "loss": "train/loss",
+    **{name: f"train/{name}" for name in PREFERENCE_FIELDS},
     "lr": "train/lr",
     "grad_norm": "train/grad_norm",
     "tokens_per_s": "perf/tokens_per_s",
@@ -26,6 +40,9 @@ STEP_SCALARS = {
     "gpu_alloc_gb": "memory/gpu_alloc_gb",
     "host_rss_gb": "memory/host_rss_gb",
 }
+
+# The same numbers over the validation set: eval_loss is eval/loss, eval_reward_margin is eval/reward_margin.
+EVAL_SCALARS = {f"eval_{name}": f"eval/{name}" for name in ("loss", *PREFERENCE_FIELDS)}
 
 RANK_LISTS = ("rank_gpu_reserved_gb", "rank_host_rss_gb")
 
@@ -45,7 +62,9 @@ def scalars(record: dict[str, Any]) -> tuple[int | None, dict[str, float]]:
                 out[f"memory/rank{r}_{key[5:]}"] = float(v)
         return int(record["step"]), out
     if ev == "eval":
-        return int(record["step"]), {"eval/loss": float(record["eval_loss"])}
+        return int(record["step"]), {
+            tag: float(record[k]) for k, tag in EVAL_SCALARS.items() if record.get(k) is not None
+        }
     if ev == "loaded":
         return 0, {"time/load_s": float(record["seconds"])}
     if ev == "start" and record.get("first_step_after_s") is not None:

@@ -11,6 +11,9 @@ Events this module understands (all carry `time`; unknown events and fields are 
   step      step, total_steps, loss, lr, grad_norm, tokens_per_s, tokens_per_s_per_gpu, step_time_s,
             host_rss_gb, gpu_*_gb, rank_host_rss_gb / rank_gpu_reserved_gb (one value per rank)
   eval      step, eval_loss
+  preference runs (train.objective = "dpo" | "orpo") add to step: rewards_chosen, rewards_rejected,
+            reward_margin, reward_accuracy, logps_chosen, logps_rejected, and for orpo nll_loss,
+            log_odds_ratio; to eval the same names prefixed eval_
   checkpointing  step (a write started);  checkpoint  path, step, seconds (a write finished)
   resumed   step, path;  preempted  step, path (stopped on request after a checkpoint)
   diverged  step, loss, grad_norm (as text: NaN and inf are not JSON; the run stops there)
@@ -98,6 +101,7 @@ class RunState:
     first_step: dict[str, Any] | None = None  # the first step event (excluded from rates: warm-up)
     eval_loss: float | None = None
     eval_step: int | None = None
+    eval: dict[str, Any] | None = None  # the last eval event (a preference run's eval rewards are in it)
     peaks: dict[int, float] = field(default_factory=dict)  # rank -> peak GiB over the run
     peak_kind: str = ""
     checkpoint: dict[str, Any] | None = None
@@ -183,6 +187,7 @@ def update(st: RunState, e: dict) -> None:
         _peaks(st, e)
     elif ev == "eval":
         st.eval_loss, st.eval_step = e.get("eval_loss"), e.get("step")
+        st.eval = e
     elif ev == "checkpointing":
         st.checkpointing_since = t
     elif ev == "checkpoint":
@@ -270,6 +275,38 @@ def _loaded_text(st: RunState) -> str:
     return out + (f" ({', '.join(detail)})" if detail else "")
 
 
+def fmt_reward(v: float) -> str:
+    # Four significant digits, not four decimals: early in a run the margin is 1e-4 and would read 0.0000.
+    return f"{v:.4g}"
+
+
+def preference_text(values: dict, prefix: str = "") -> str | None:
+    """'margin M  acc A' of a step (prefix "") or eval (prefix "eval_") event; None for an SFT event."""
+    margin, acc = values.get(prefix + "reward_margin"), values.get(prefix + "reward_accuracy")
+    if margin is None or acc is None:
+        return None
+    return f"margin {fmt_reward(margin)}  acc {acc:.3f}"
+
+
+def rewards_text(values: dict) -> str | None:
+    """The panel's rewards row of a step event: margin, accuracy, and the chosen and rejected rewards."""
+    head = preference_text(values)
+    if head is None:
+        return None
+    chosen, rejected = values.get("rewards_chosen"), values.get("rewards_rejected")
+    if chosen is not None and rejected is not None:
+        head += f"  chosen {fmt_reward(chosen)}  rejected {fmt_reward(rejected)}"
+    return head
+
+
+def orpo_text(values: dict) -> str | None:
+    """ORPO's two loss terms (its loss is nll_loss - weight * log_odds_ratio); None for other objectives."""
+    nll, odds = values.get("nll_loss"), values.get("log_odds_ratio")
+    if nll is None or odds is None:
+        return None
+    return f"nll {nll:.4f}  log odds ratio {odds:.4f}"
+
+
 def format_event(e: dict, st: RunState | None = None) -> str | None:
     """One plain line for an event (None: nothing worth a line). `st` must already include `e`."""
     st = st or RunState()
@@ -278,9 +315,11 @@ def format_event(e: dict, st: RunState | None = None) -> str | None:
         tps = e.get("tokens_per_s")
         per_gpu = e.get("tokens_per_s_per_gpu", 0)
         speed = f"{tps:.0f} tok/s ({per_gpu:.0f}/gpu)" if tps is not None else f"{per_gpu:.0f} tok/s/gpu"
+        prefs = preference_text(e)
         line = (
-            f"step {e['step']}/{e['total_steps']}  loss {e['loss']:.4f}  lr {e['lr']:.2e}  "
-            f"grad {e.get('grad_norm', 0):.3f}  {speed}"
+            f"step {e['step']}/{e['total_steps']}  loss {e['loss']:.4f}  "
+            + (f"{prefs}  " if prefs else "")
+            + f"lr {e['lr']:.2e}  grad {e.get('grad_norm', 0):.3f}  {speed}"
         )
         mem = fmt_peaks(st)
         if mem:
@@ -290,7 +329,8 @@ def format_event(e: dict, st: RunState | None = None) -> str | None:
             line += f"  ETA {fmt_duration(eta)}"
         return line
     if ev == "eval":
-        return f"eval  step {e['step']}  loss {e['eval_loss']:.4f}"
+        prefs = preference_text(e, "eval_")
+        return f"eval  step {e['step']}  loss {e['eval_loss']:.4f}" + (f"  {prefs}" if prefs else "")
     if ev == "loading":
         phase = e.get("phase", "model")
         if phase == "model":
@@ -390,6 +430,7 @@ def render(st: RunState, now: float | None = None):
             if st.eval_loss is not None:
                 loss += f"   eval {st.eval_loss:.4f} (step {st.eval_step})"
             rows.append(("loss", Text(loss)))
+            rows.extend(_preference_rows(s, st.eval))
             rows.append(("lr", Text(f"{s['lr']:.2e}   grad norm {s.get('grad_norm', 0):.3f}")))
             tps = s.get("tokens_per_s")
             per = s.get("tokens_per_s_per_gpu", 0)
@@ -419,6 +460,24 @@ def render(st: RunState, now: float | None = None):
     for k, v in rows:
         table.add_row(k, v)
     return Group(Text(head, style="bold cyan"), table)
+
+
+def _preference_rows(step: dict, eval_event: dict | None) -> list[tuple[str, Any]]:
+    """The panel rows a preference run adds under the loss (none for SFT)."""
+    from rich.text import Text
+
+    rows: list[tuple[str, Any]] = []
+    rewards = rewards_text(step)
+    if rewards:
+        rows.append(("rewards", Text(rewards)))
+    orpo = orpo_text(step)
+    if orpo:
+        rows.append(("orpo", Text(orpo)))
+    if eval_event:
+        evals = preference_text(eval_event, "eval_")
+        if evals:
+            rows.append(("eval rewards", Text(f"{evals} (step {eval_event.get('step')})")))
+    return rows
 
 
 class _LiveView:

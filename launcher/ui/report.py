@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from launcher.errors import UserError
+from launcher.rank.sinks import PREFERENCE_FIELDS
 from launcher.rundir import METRICS_FILE, RunDir
 from launcher.safe_files import open_regular
 from launcher.ui.live import fmt_duration
@@ -43,8 +44,13 @@ EVENT_FIELDS: dict[str, dict[str, tuple[str, bool]]] = {
         "host_rss_gb": (NUMBER, False),
         "rank_gpu_reserved_gb": (NUMBERS, False),
         "rank_host_rss_gb": (NUMBERS, False),
+        **{name: (NUMBER, False) for name in PREFERENCE_FIELDS},  # dpo / orpo runs only
     },
-    "eval": {"step": (INT, True), "eval_loss": (NUMBER, True)},
+    "eval": {
+        "step": (INT, True),
+        "eval_loss": (NUMBER, True),
+        **{f"eval_{name}": (NUMBER, False) for name in PREFERENCE_FIELDS},
+    },
     "loading": {"phase": (TEXT, False)},
     "loaded": {"seconds": (NUMBER, False), "bytes_read": (NUMBER, False)},
     "start": {"first_step_after_s": (NUMBER, False)},
@@ -142,6 +148,24 @@ class Series:
     eval_loss: list[float] = field(default_factory=list)
     mem: dict[int, list[float]] = field(default_factory=dict)  # rank -> peak GiB at each step
     mem_kind: str = ""
+    # A preference run's numbers: field (eval ones prefixed eval_) -> (steps, values); empty for SFT.
+    prefs: dict[str, tuple[list[int], list[float]]] = field(default_factory=dict)
+
+
+def preference_series(events: list[dict]) -> dict[str, tuple[list[int], list[float]]]:
+    """(steps, values) of each preference number the run reported: the train ones from step events, the
+    eval_ ones from eval events; only the fields that are there (none for an SFT run)."""
+    out: dict[str, tuple[list[int], list[float]]] = {}
+    for e in events:
+        prefix = {"step": "", "eval": "eval_"}.get(e.get("event"))  # type: ignore[arg-type]
+        if prefix is None:
+            continue
+        for name in PREFERENCE_FIELDS:
+            if e.get(prefix + name) is not None:
+                steps, values = out.setdefault(prefix + name, ([], []))
+                steps.append(int(e["step"]))
+                values.append(float(e[prefix + name]))
+    return out
 
 
 def series(events: list[dict]) -> Series:
@@ -163,7 +187,23 @@ def series(events: list[dict]) -> Series:
         elif ev == "eval":
             s.eval_steps.append(int(e["step"]))
             s.eval_loss.append(float(e["eval_loss"]))
+    s.prefs = preference_series(events)
     return s
+
+
+def _last(prefs: dict[str, tuple[list[int], list[float]]], name: str) -> tuple[int, float] | None:
+    steps, values = prefs.get(name, ([], []))
+    return (steps[-1], values[-1]) if steps else None
+
+
+def preference_summary(prefs: dict[str, tuple[list[int], list[float]]]) -> str | None:
+    """The summary row of a preference run: the last margin and accuracy, train and eval; None for SFT."""
+    parts = []
+    for prefix, what in (("", "train"), ("eval_", "eval")):
+        margin, acc = _last(prefs, prefix + "reward_margin"), _last(prefs, prefix + "reward_accuracy")
+        if margin and acc:
+            parts.append(f"{what} margin {margin[1]:.4g}, accuracy {acc[1]:.3f} at step {acc[0]}")
+    return "; ".join(parts) or None
 
 
 def summarize(events: list[dict], run: RunDir) -> list[tuple[str, str]]:
@@ -194,6 +234,9 @@ def summarize(events: list[dict], run: RunDir) -> list[tuple[str, str]]:
                 f"{s.eval_loss[-1]:.4f} at step {s.eval_steps[-1]} (best {s.eval_loss[best]:.4f} at {s.eval_steps[best]})",
             )
         )
+    rewards = preference_summary(s.prefs)
+    if rewards:
+        rows.append(("rewards", rewards))
     # The first logged step carries compile/warm-up time; leave it out when there are others.
     tps = s.tps[1:] or s.tps
     tps_gpu = s.tps_gpu[1:] or s.tps_gpu
@@ -236,7 +279,8 @@ def summarize(events: list[dict], run: RunDir) -> list[tuple[str, str]]:
 
 
 def plot(s: Series, out_dir: Path) -> list[Path]:
-    """loss.png, lr.png, throughput.png, memory.png (only those with data) in out_dir."""
+    """loss.png, (preference runs) rewards.png and reward_accuracy.png, lr.png, throughput.png, memory.png
+    (only those with data) in out_dir."""
     import matplotlib
 
     matplotlib.use("Agg")  # files only; never a display
@@ -267,6 +311,7 @@ def plot(s: Series, out_dir: Path) -> list[Path]:
             ax.plot(s.eval_steps, s.eval_loss, "o-", label="eval loss", color="tab:orange", linewidth=1.5)
         ax.legend()
         save(fig, "loss.png")
+        _plot_preference(s.prefs, plt, axes, save)
 
         fig, ax = axes("learning rate", "lr")
         ax.plot(s.steps, s.lr, color="tab:green", linewidth=1.5)
@@ -288,6 +333,48 @@ def plot(s: Series, out_dir: Path) -> list[Path]:
         ax.legend()
         save(fig, "memory.png")
     return written
+
+
+# The rewards panel's two plots: (title, its (field, label, colour) lines); eval values get the same colour,
+# dashed with markers.
+REWARD_PLOTS = (
+    (
+        "rewards: chosen vs rejected",
+        (("rewards_chosen", "chosen", "tab:green"), ("rewards_rejected", "rejected", "tab:red")),
+    ),
+    ("reward margin (chosen - rejected)", (("reward_margin", "margin", "tab:blue"),)),
+)
+
+
+def _plot_preference(prefs: dict[str, tuple[list[int], list[float]]], plt, axes, save) -> None:
+    """rewards.png (chosen vs rejected rewards above, their margin below) and reward_accuracy.png (how often
+    the chosen reward is the higher one), train and eval; nothing for an SFT run."""
+    if any(name in prefs for _, lines in REWARD_PLOTS for name, _, _ in lines):
+        # The margin gets its own axis: it is often 100x smaller than the rewards and would lie flat on zero.
+        fig, axs = plt.subplots(2, 1, figsize=(8, 6), sharex=True)
+        for ax, (title, lines) in zip(axs, REWARD_PLOTS, strict=True):
+            ax.set_title(title)
+            ax.set_ylabel("reward")
+            ax.grid(True, alpha=0.3)
+            for name, label, colour in lines:
+                for prefix, style, what in (("", "-", "train"), ("eval_", "o--", "eval")):
+                    if prefix + name in prefs:
+                        steps, values = prefs[prefix + name]
+                        ax.plot(steps, values, style, label=f"{what} {label}", color=colour, linewidth=1.5)
+            ax.legend()
+        axs[-1].axhline(0.0, color="grey", linewidth=0.8)  # the margin's sign: which answer the policy prefers
+        axs[-1].set_xlabel("step")
+        save(fig, "rewards.png")
+    if "reward_accuracy" in prefs or "eval_reward_accuracy" in prefs:
+        fig, ax = axes("reward accuracy (chosen reward > rejected reward)", "fraction of pairs")
+        ax.axhline(0.5, color="grey", linewidth=0.8, linestyle=":")  # chance: a policy that cannot tell the two apart
+        for prefix, style, what, colour in (("", "-", "train", "tab:blue"), ("eval_", "o-", "eval", "tab:orange")):
+            if prefix + "reward_accuracy" in prefs:
+                steps, values = prefs[prefix + "reward_accuracy"]
+                ax.plot(steps, values, style, label=f"{what} accuracy", color=colour, linewidth=1.5)
+        ax.set_ylim(-0.02, 1.02)
+        ax.legend()
+        save(fig, "reward_accuracy.png")
 
 
 def report(
