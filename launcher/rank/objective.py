@@ -18,6 +18,7 @@ from torch import nn
 
 from launcher.data.pack import IGNORE, pair_segments
 from launcher.data.sampler import StepCounts
+from launcher.rank.sinks import ORPO_FIELDS, PAIR_FIELDS
 
 
 class SFT:
@@ -112,15 +113,7 @@ class Preference:
         self.beta, self.loss_type, self.smoothing = t.dpo.beta, t.dpo.loss, t.dpo.label_smoothing
         self.orpo_weight = t.orpo.odds_ratio_weight
         self.peft_model = peft_model
-        self.names = (
-            "loss",
-            "rewards_chosen",
-            "rewards_rejected",
-            "reward_margin",
-            "reward_accuracy",
-            "logps_chosen",
-            "logps_rejected",
-        ) + (("nll_loss", "log_odds_ratio") if self.kind == "orpo" else ())
+        self.names = ("loss", *PAIR_FIELDS, *(ORPO_FIELDS if self.kind == "orpo" else ()))
 
     def micro(
         self, model, batch: dict, counts: StepCounts, row_weight: torch.Tensor | None = None
@@ -181,10 +174,11 @@ class Preference:
     def report(self, sums: list[float], counts: StepCounts) -> dict[str, float]:
         pairs = max(counts.pairs, 1)
         out = {"loss": sums[0]}
-        out.update({name: v / pairs for name, v in zip(self.names[1:7], sums[1:7], strict=True)})
+        pair_sums = sums[1 : 1 + len(PAIR_FIELDS)]
+        out.update({name: v / pairs for name, v in zip(PAIR_FIELDS, pair_sums, strict=True)})
         if self.kind == "orpo":
-            out["nll_loss"] = sums[7] / max(counts.chosen_tokens, 1)
-            out["log_odds_ratio"] = sums[8] / pairs
+            nll, odds = sums[1 + len(PAIR_FIELDS) :]
+            out.update(zip(ORPO_FIELDS, (nll / max(counts.chosen_tokens, 1), odds / pairs), strict=True))
         return out
 
 

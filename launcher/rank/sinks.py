@@ -16,16 +16,17 @@ from launcher.rundir import TENSORBOARD_DIR
 
 # What a preference objective (dpo, orpo) reports besides the loss, in step events and, prefixed eval_, in eval
 # events (launcher/rank/objective.py); nll_loss and log_odds_ratio are ORPO's only. SFT runs have none.
-PREFERENCE_FIELDS = (
+# Kept here, not in objective.py, so that the UI reads the names without importing torch.
+PAIR_FIELDS = (
     "rewards_chosen",
     "rewards_rejected",
     "reward_margin",
     "reward_accuracy",
     "logps_chosen",
     "logps_rejected",
-    "nll_loss",
-    "log_odds_ratio",
 )
+ORPO_FIELDS = ("nll_loss", "log_odds_ratio")
+PREFERENCE_FIELDS = PAIR_FIELDS + ORPO_FIELDS
 
 # metrics field -> scalar tag (TensorBoard) / key (W&B); one namespace per kind of number.
 STEP_SCALARS = {
