@@ -7,9 +7,9 @@ train.micro_batch = M packed rows; `t<M>` is TRL at the same number of pairs per
 pairs a row holds) and the same pairs per optimizer step (gradient accumulation makes up the rest).
 `q<M>-eager` is the qlaunch row with train.compile = false.
 
-Both sides: Llama-3.1-8B shapes with random weights (qlaunch: model.init = "random"; TRL: random bf16
-safetensors written once to OUT/model-bf16 by scripts/bench.py's writer, since bitsandbytes quantizes in
-from_pretrained), NF4 + double quant with bf16 compute and storage, LoRA r16 alpha 32 dropout 0 on all
+Both sides: the same Llama-3.1-8B-shaped checkpoint of random bf16 weights, written once to OUT/model-bf16
+(or --model) by scripts/bench.py's writer and quantized as it loads (qlaunch: the recipe with model.path set
+to it and model.init = "pretrained"; TRL: bitsandbytes in from_pretrained), NF4 + double quant with bf16 compute and storage, LoRA r16 alpha 32 dropout 0 on all
 linear layers, SDPA, bf16, non-reentrant gradient checkpointing, AdamW lr 1e-4 cosine, no warmup, grad clip
 1.0, DPO sigmoid beta 0.1, reference = the base with the adapter disabled (TRL: peft_config given and no
 ref_model; precompute_ref_log_probs = False), the pairs of assets/tiny-data/preference-long.jsonl.
@@ -67,10 +67,12 @@ def median_after(xs: list[float], warmup: int) -> float | None:
 # ------------------------------------------------------------------ qlaunch
 
 
-def run_qlaunch(row: str, mb: int, eager: bool, a, out: Path) -> dict:
+def run_qlaunch(row: str, mb: int, eager: bool, a, out: Path, model: Path) -> dict:
     runs = out / f"runs-{row}"
     cmd = [sys.executable, "-m", "launcher.cli", "run", str(RECIPE), "--gpus", "1"]
     sets = [
+        f'model.path="{model}"',  # the checkpoint TRL loads: the same weights, read from disk the same way
+        'model.init="pretrained"',
         f"train.micro_batch={mb}",
         f"train.max_steps={a.steps}",
         f'log.runs_dir="{runs}"',
@@ -111,14 +113,19 @@ def sh(cmd: list[str], log: Path, timeout: float, env: dict | None = None) -> in
 # ------------------------------------------------------------------ TRL
 
 
+def write_checkpoint(model: Path, a, out: Path) -> None:
+    """The random bf16 8B checkpoint both sides load, written once (bitsandbytes quantizes in from_pretrained)."""
+    if (model / "model.safetensors.index.json").exists():
+        return
+    t = time.time()
+    # A separate process: the writer's CUDA context and cache stay out of this one and the rows'.
+    code = "import sys; sys.path.insert(0, 'scripts'); import bench; from pathlib import Path; "
+    code += f"bench.write_random_checkpoint(Path({str(model)!r}), Path({str(CONFIG_8B)!r}))"
+    rc = sh([sys.executable, "-c", code], out / "write-checkpoint.log", a.timeout)
+    print(f"random checkpoint rc={rc} in {time.time() - t:.0f}s", flush=True)
+
+
 def run_trl(row: str, pairs_per_micro: int, accum: int, a, out: Path, model: Path) -> dict:
-    if not (model / "model.safetensors.index.json").exists():
-        t = time.time()
-        # A separate process: the writer's CUDA context and cache stay out of this one and the rows'.
-        code = "import sys; sys.path.insert(0, 'scripts'); import bench; from pathlib import Path; "
-        code += f"bench.write_random_checkpoint(Path({str(model)!r}), Path({str(CONFIG_8B)!r}))"
-        rc = sh([sys.executable, "-c", code], out / "write-checkpoint.log", a.timeout)
-        print(f"random checkpoint rc={rc} in {time.time() - t:.0f}s", flush=True)
     res = out / f"{row}.json"
     env = dict(os.environ, PYTHONPATH=a.trl_path, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
     cmd = [sys.executable, str(Path(__file__).resolve()), "--trl-worker", str(res), "--model", str(model)]
@@ -305,13 +312,14 @@ def main() -> None:
     step_tokens = GLOBAL_ROWS * per_row * per_pair
     print(f"{len(lengths)} pairs of {per_pair} tokens; {per_row} a row; {step_tokens} tokens a step", flush=True)
     model = a.model or out / "model-bf16"
+    write_checkpoint(model, a, out)
     results = []
     for row in a.rows.split(","):
         mb = int(row[1:].split("-")[0])
         pairs, accum = mb * per_row, GLOBAL_ROWS // mb
         t = time.time()
         if row.startswith("q"):
-            r = run_qlaunch(row, mb, row.endswith("-eager"), a, out)
+            r = run_qlaunch(row, mb, row.endswith("-eager"), a, out, model)
             r["who"] = "qlaunch"
         else:
             r = run_trl(row, pairs, accum, a, out, model)
