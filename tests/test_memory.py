@@ -297,7 +297,7 @@ def test_phi3_fused_projections_count_for_lora_and_dequantization(built_shapes):
 
 def test_tied_head_once_gemma_norms_large_vocabulary_and_eager_scores(built_shapes):
     """A tied embedding is one matrix in the dense weights; Gemma's four norms each save their input;
-    its 262k vocabulary halves the loss chunk; eager attention saves the scores of one layer when
+    its 262k vocabulary gets the smallest loss chunk; eager attention saves the scores of one layer when
     checkpointing."""
     rec, llama = built_shapes["llama3b"]
     e = estimate(_fixed(rec), llama, 1, 1, True)
@@ -305,7 +305,7 @@ def test_tied_head_once_gemma_norms_large_vocabulary_and_eager_scores(built_shap
     rec, gemma = built_shapes["gemma3-12b"]
     rec = _fixed(rec)
     e = estimate(rec, gemma, 1, 1, True)
-    assert e.parts["logits"] == memory.LOGIT_BYTES_PER_ELEMENT * 1024 * 262208
+    assert e.parts["logits"] == memory.LOGIT_BYTES_PER_ELEMENT * memory.LOSS_CHUNK_MIN_TOKENS * 262208
     two_norms = replace(gemma, layer=replace(gemma.layer, norms=2))
     tokens, per_norm = rec.data.seq_len, (memory.NORM_FP32_BYTES + 2) * 3840
     no_ck = estimate(rec, gemma, 1, 1, False).parts["activations"]
@@ -356,5 +356,5 @@ def test_a_tied_head_splits_the_vocabulary_unless_it_has_lora(built_shapes):
     tokens, s = rec.data.seq_len, 2
     emb = 262208 * 3840 * s
     assert whole.parts["gathered"] - split.parts["gathered"] > emb  # the gathered embedding (+ its all-gather)
-    chunk_split = split.parts["logits"] - memory.LOGIT_BYTES_PER_ELEMENT * 1024 * 262208
+    chunk_split = split.parts["logits"] - memory.LOGIT_BYTES_PER_ELEMENT * memory.loss_chunk_tokens(262208) * 262208
     assert chunk_split == 4 * tokens * 3840 * (s + 4)  # every rank's hidden states + fp32 gradient sums

@@ -48,18 +48,20 @@ def test_the_loss_chunk_is_the_planners_and_shrinks_with_the_vocabulary():
     soft-cap's slope buffer), the chunk the planner counts; the sum is the same for any chunk (above)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from launcher.plan.memory import LOSS_CHUNK_FP32_BYTES, loss_chunk_tokens
+    from launcher.plan.memory import LOSS_CHUNK_FP32_BYTES, LOSS_CHUNK_MIN_TOKENS, loss_chunk_tokens
     from launcher.rank.loss import CausalLMLoss
 
-    vocabs = (512, 128256, 152064, 262208)
-    assert [loss_chunk_tokens(v) for v in vocabs] == [2048, 2048, 2048, 1024]
-    assert loss_chunk_tokens(256000, softcap=True) == 512
-    assert all(
-        loss_chunk_tokens(v) * v * 4 <= LOSS_CHUNK_FP32_BYTES < 2 * loss_chunk_tokens(v) * v * 4 for v in vocabs[1:]
-    )
+    vocabs = (512, 32000, 128256, 152064, 262208)
+    assert [loss_chunk_tokens(v) for v in vocabs] == [2048, 2048, 512, 256, 256]
+    assert loss_chunk_tokens(256000, softcap=True) == 256
+    assert (loss_chunk_tokens(65536), loss_chunk_tokens(65536, softcap=True)) == (1024, 512)
+    # The largest power of two that fits, unless that would go below the floor.
+    for v in vocabs[2:4]:
+        assert loss_chunk_tokens(v) * v * 4 <= LOSS_CHUNK_FP32_BYTES < 2 * loss_chunk_tokens(v) * v * 4
+    assert loss_chunk_tokens(262208) == LOSS_CHUNK_MIN_TOKENS and 256 * 262208 * 4 > LOSS_CHUNK_FP32_BYTES
     small = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, head_dim=8)
     for cap, chunk in ((None, 1024), (30.0, 512)):
-        config = AutoConfig.for_model("gemma2", vocab_size=262208, final_logit_softcapping=cap, **small)
+        config = AutoConfig.for_model("gemma2", vocab_size=65536, final_logit_softcapping=cap, **small)
         with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(config)
         assert CausalLMLoss(model).chunk_tokens == chunk, cap

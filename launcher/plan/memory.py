@@ -67,11 +67,14 @@ HIDDEN_GRAD_BUFFERS = 3
 ROOT_BYTES_PER_TOKEN_HIDDEN = 12
 
 # Loss chunk (rank/loss.CausalLMLoss): lm_head over at most this many tokens at a time, fewer for a large
-# vocabulary: a chunk's fp32 logits stay within LOSS_CHUNK_FP32_BYTES (loss_chunk_tokens). 1.25 GiB keeps
-# Llama-3's 128,256-token vocabulary (the calibrated runs) and Qwen2.5's 152,064 at 2048 tokens; Gemma 3's
-# 262,208 gets 1024, Gemma 2's 256,000 with its soft-cap slope 512.
+# vocabulary: a chunk's fp32 logits stay within LOSS_CHUNK_FP32_BYTES (loss_chunk_tokens), but never fewer
+# than LOSS_CHUNK_MIN_TOKENS (a [256, hidden] x [hidden, vocab] product still fills the matrix units).
+# 0.25 GiB gives Llama-3's 128,256-token vocabulary 512 tokens, Qwen2.5's 152,064 and Gemma's 256-262k 256;
+# at 1.25 GiB (2048 tokens for Llama-3) the chunk's logits, probabilities and input gradient were the
+# largest thing live in an 8B step on one GPU (1.48 of 2.71 GiB above the model; bench/RESULTS.md).
 LOSS_CHUNK_TOKENS = 2048
-LOSS_CHUNK_FP32_BYTES = int(1.25 * GiB)
+LOSS_CHUNK_MIN_TOKENS = 256
+LOSS_CHUNK_FP32_BYTES = int(0.25 * GiB)
 
 # Per chunk token x vocab, counted for the earlier loss (recomputed in backward): bf16 logits (2) + fp32
 # copy (4) + log-softmax output (4) + its gradient (4). train.LinearCrossEntropy needs about 8 (bf16 logits
@@ -144,11 +147,11 @@ LABELS = {
 
 def loss_chunk_tokens(vocab: int, softcap: bool = False) -> int:
     """Tokens per chunk of the loss: the largest power of two up to LOSS_CHUNK_TOKENS whose fp32 logits (and
-    the soft-cap's fp32 slope beside them) fit LOSS_CHUNK_FP32_BYTES. The loss and the planner both use it;
+    the soft-cap's fp32 slope beside them) fit LOSS_CHUNK_FP32_BYTES, at least LOSS_CHUNK_MIN_TOKENS. The loss and the planner both use it;
     the chunk changes where the sum over tokens is split, not what is summed."""
     buffers = 2 if softcap else 1
     chunk = LOSS_CHUNK_TOKENS
-    while chunk > 1 and chunk * vocab * 4 * buffers > LOSS_CHUNK_FP32_BYTES:
+    while chunk > LOSS_CHUNK_MIN_TOKENS and chunk * vocab * 4 * buffers > LOSS_CHUNK_FP32_BYTES:
         chunk //= 2
     return chunk
 
