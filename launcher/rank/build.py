@@ -33,6 +33,7 @@ class Built:
     causal_lm: nn.Module
     stats: LoadStats
     model_dir: Path
+    compiled: bool = False  # the decoder layers' forwards are torch.compile'd (compile_layers)
 
 
 def compile_layers(recipe: Recipe, device: torch.device) -> bool:
@@ -107,7 +108,8 @@ def build_model(
         from launcher.rank.parallel.fsdp import apply_fsdp
 
         apply_fsdp(loss_model, causal_lm, recipe, mesh)
-    if compile_layers(recipe, device):
+    compiled = compile_layers(recipe, device)
+    if compiled:
         # The layer's forward only (with the activation checkpoint when it is inside forward): FSDP's
         # hooks run eagerly around it, and all layers share one graph (their parameters are graph inputs,
         # not constants). Graph breaks would split it into many small graphs whose per-call overhead
@@ -118,4 +120,4 @@ def build_model(
         loss_model, module_names, set(quant_layers.values()), source, recipe, device, prequant, progress
     )
     loss_model.train()
-    return Built(peft_model, loss_model, causal_lm, stats, model_dir)
+    return Built(peft_model, loss_model, causal_lm, stats, model_dir, compiled)

@@ -181,7 +181,7 @@ def _train(run: RunDir, d, recipe, run_plan: RunPlan, metrics, t_spawn: float) -
     tokens_seen = 0
     t_last = time.perf_counter()
     data_s = 0.0  # host time spent waiting for batches since the last metrics line (the data-loader cost)
-    objective = make_objective(recipe, built.peft_model)
+    objective = make_objective(recipe, built.peft_model, built.compiled)
     batches = StepBatches(train_data, sampler, pin=device.type == "cuda", preference=objective.preference)
     for step in range(start_step, total_steps):
         profiler.begin(step + 1)

@@ -47,16 +47,23 @@ class CausalLMLoss(nn.Module):
         labels: torch.Tensor,
         position_ids: torch.Tensor | None = None,
         per_token: bool = False,
+        frozen: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor] | torch.Tensor:
         """(sum of the token losses, number of labelled tokens); with per_token, every token's loss
-        (token_losses). One forward for both, so that FSDP's and DeepSpeed's hooks on it run either way."""
-        losses = self.token_losses(input_ids, labels, position_ids)
+        (token_losses). One forward for both, so that FSDP's and DeepSpeed's hooks on it run either way.
+        FROZEN: values only, the decoder's graph dropped at its output (a reference pass that runs with
+        gradients enabled, objective.Preference.reference)."""
+        losses = self.token_losses(input_ids, labels, position_ids, frozen)
         if per_token:
             return losses
         return losses.sum(), (labels[:, 1:] != IGNORE).sum()
 
     def token_losses(
-        self, input_ids: torch.Tensor, labels: torch.Tensor, position_ids: torch.Tensor | None = None
+        self,
+        input_ids: torch.Tensor,
+        labels: torch.Tensor,
+        position_ids: torch.Tensor | None = None,
+        frozen: bool = False,
     ) -> torch.Tensor:
         """Cross-entropy of every position's next token, [rows * (T - 1)] in fp32, 0 where the label is IGNORE.
 
@@ -66,6 +73,8 @@ class CausalLMLoss(nn.Module):
         """
         out = decoder(self.lm)(input_ids=input_ids, position_ids=position_ids, use_cache=False)
         hidden = out.last_hidden_state
+        if frozen:
+            hidden = hidden.detach()
         h = hidden[:, :-1].reshape(-1, hidden.shape[-1])
         y = labels[:, 1:].reshape(-1)
         head = output_head(self.lm)
@@ -74,7 +83,10 @@ class CausalLMLoss(nn.Module):
         parts = []
         for s in range(0, h.shape[0], self.chunk_tokens):
             hs, ys = h[s : s + self.chunk_tokens], y[s : s + self.chunk_tokens]
-            if torch.is_grad_enabled():
+            if frozen:
+                with torch.no_grad():
+                    parts.append(_module_ce(head, hs, ys, self.logits))
+            elif torch.is_grad_enabled():
                 parts.append(checkpoint(_module_ce, head, hs, ys, self.logits, use_reentrant=False))
             else:
                 parts.append(_module_ce(head, hs, ys, self.logits))

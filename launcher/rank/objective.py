@@ -59,6 +59,51 @@ def adapters_off(model: nn.Module):
             m._disable_adapters = b
 
 
+def lora_layers(model: nn.Module) -> list:
+    from peft.tuners.lora import LoraLayer
+
+    return [m for m in model.modules() if isinstance(m, LoraLayer)]
+
+
+def scales_as_tensors(model: nn.Module) -> None:
+    """Every LoRA layer's scale (alpha / r, a Python float) as a 0-dim fp32 tensor on the layer's device.
+
+    A compiled graph specialises on a float: scale 0 for the reference and alpha / r for the policy would be
+    two graphs (and a third, once dynamo makes the float dynamic), each compiled in the first step; a tensor
+    is a graph input, so both passes run one graph. x * s rounds as x * float(s) does (both in fp32 math)."""
+    for m in lora_layers(model):
+        for k, v in m.scaling.items():
+            m.scaling[k] = torch.tensor(float(v), dtype=torch.float32, device=m.lora_A[k].weight.device)
+
+
+@contextmanager
+def adapters_scaled_to_zero(model: nn.Module):
+    """The base model computed through the adapter layers' own graph: every LoRA layer's scale set to 0.
+
+    Each layer then returns base + 0 * lora = base exactly, through the same operations (and the same
+    compiled graph) as the policy's forward; adapters_off would switch to another graph, whose kernels round
+    differently. Not for DoRA, whose output at scale 0 is not the base's. Tensor scales (scales_as_tensors)
+    are zeroed in place, outside any forward whose backward is pending.
+    """
+    layers = lora_layers(model)
+    before = [{k: float(v) for k, v in m.scaling.items()} for m in layers]
+    for m in layers:
+        for k, v in m.scaling.items():
+            if isinstance(v, torch.Tensor):
+                v.zero_()
+            else:
+                m.scaling[k] = 0.0
+    try:
+        yield
+    finally:
+        for m, b in zip(layers, before, strict=True):
+            for k, v in b.items():
+                if isinstance(m.scaling[k], torch.Tensor):
+                    m.scaling[k].fill_(v)
+                else:
+                    m.scaling[k] = v
+
+
 @dataclass(frozen=True)
 class PairLayout:
     """Where the pairs of a micro-batch of preference rows are, worked out once per micro-batch (the policy's
@@ -107,8 +152,13 @@ class Preference:
 
     preference = True
 
-    def __init__(self, recipe, peft_model: nn.Module):
+    def __init__(self, recipe, peft_model: nn.Module, same_graph_reference: bool = False):
         t = recipe.train
+        # Compiled layers (make_objective): the reference runs the policy's training graph with the adapters
+        # scaled to 0, so that both compute one function and the first step's loss is ln 2 on GPUs too. A
+        # no-grad forward with the adapters bypassed is another compiled graph: 8B, H200, bf16, its
+        # log-probabilities differed from the policy's by ~0.5 nats a sequence (DPO loss 0.67-0.73 at step 1).
+        self.same_graph_reference = same_graph_reference
         self.kind = t.objective
         self.beta, self.loss_type, self.smoothing = t.dpo.beta, t.dpo.loss, t.dpo.label_smoothing
         self.orpo_weight = t.orpo.odds_ratio_weight
@@ -122,8 +172,8 @@ class Preference:
         layout = PairLayout.of(pos, row_weight)
         present = layout.present
         if self.kind == "dpo":
-            with torch.no_grad(), adapters_off(self.peft_model):
-                ref, _ = layout.sequence_sums(model(ids, labels, pos, per_token=True), labels)
+            with self.reference():
+                ref, _ = layout.sequence_sums(model(ids, labels, pos, per_token=True, frozen=True), labels)
             logp, lens = layout.sequence_sums(model(ids, labels, pos, per_token=True), labels)
             ratio = logp - ref  # [rows, pairs, 2]
             if self.loss_type == "ipo":
@@ -171,6 +221,16 @@ class Preference:
         ]
         return share, torch.stack([s.float() for s in sums])
 
+    @contextmanager
+    def reference(self):
+        """The reference policy for one forward: the base model, with no gradient flowing from it."""
+        if self.same_graph_reference:  # training and evaluation alike: the policy's graph of each
+            with adapters_scaled_to_zero(self.peft_model):  # the loss detaches (frozen=True): no graph kept
+                yield
+        else:
+            with torch.no_grad(), adapters_off(self.peft_model):
+                yield
+
     def report(self, sums: list[float], counts: StepCounts) -> dict[str, float]:
         pairs = max(counts.pairs, 1)
         out = {"loss": sums[0]}
@@ -187,5 +247,14 @@ def log1mexp(x: torch.Tensor) -> torch.Tensor:
     return torch.where(x < -0.6931471805599453, torch.log1p(-torch.exp(x)), torch.log(-torch.expm1(x)))
 
 
-def make_objective(recipe, peft_model: nn.Module):
-    return SFT() if recipe.train.objective == "sft" else Preference(recipe, peft_model)
+def make_objective(recipe, peft_model: nn.Module, compiled: bool = False):
+    """The recipe's objective. COMPILED: the decoder layers are compiled (build.compile_layers), so the DPO
+    reference takes the policy's graph (Preference.reference) — with LoRA under FSDP2 or one device. DoRA's
+    output at scale 0 is not the base's, and DeepSpeed's hooks expect every forward with gradients to be
+    followed by its backward: those keep the bypassed no-grad reference."""
+    if recipe.train.objective == "sft":
+        return SFT()
+    same = compiled and not recipe.lora.use_dora and recipe.parallel.backend != "deepspeed"
+    if same:
+        scales_as_tensors(peft_model)
+    return Preference(recipe, peft_model, same_graph_reference=same)
