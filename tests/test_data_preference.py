@@ -17,11 +17,14 @@ from tests.conftest import TINY_DATA, TINY_MODEL
     "p,c,r,seq,expect",
     [
         (5, 3, 3, 16, (5, 3, 3)),  # 16 tokens exactly: kept whole
-        (5, 4, 3, 16, (5, 3, 3)),  # one over: B = 6, chosen max(3, 3) = 3, rejected 3
+        (5, 4, 3, 16, (4, 4, 3)),  # one over, need min(7, 8) = 7 > 16 - 10: prompt to (16 - 7) // 2 = 4
+        (4, 5, 4, 16, (4, 4, 4)),  # need 8 = 16 - 8: the prompt stays whole, completions cut to B = 8
         (2, 11, 2, 16, (2, 10, 2)),  # short rejected leaves its half to chosen: B = 12
         (2, 1, 20, 16, (2, 1, 11)),  # short chosen: rejected takes the rest
-        (9, 4, 4, 16, (4, 4, 4)),  # prompt over half (18 > 16): last 16 // 4 = 4 tokens, B = 8
-        (8, 4, 4, 16, (8, 0, 0)),  # prompt exactly half is not cut: nothing left for completions
+        (9, 4, 4, 16, (4, 4, 4)),  # prompt over half (18 > 16): last (16 - 8) // 2 = 4 tokens, B = 8
+        (8, 4, 4, 16, (4, 4, 4)),  # prompt exactly half: cut too, the completions get their half
+        (7, 1, 1, 16, (7, 1, 1)),  # fits (16): whole
+        (7, 2, 1, 16, (6, 2, 1)),  # need min(3, 8) = 3 > 16 - 14: prompt (16 - 3) // 2 = 6, both completions whole
     ],
 )
 def test_fit_pair_boundaries(p, c, r, seq, expect):

@@ -58,13 +58,16 @@ def pair_length(prompt: int, chosen: int, rejected: int) -> int:
 def fit_pair(prompt: int, chosen: int, rejected: int, seq_len: int) -> tuple[int, int, int]:
     """Lengths (prompt kept from its END, chosen and rejected kept from their start) that fit seq_len.
 
-    A pair that fits is kept whole. Otherwise a prompt longer than half of seq_len is cut to its last
-    seq_len // 4 tokens (the end of a prompt is what the completion answers), and the completions share
-    what is left, B = seq_len - 2 x prompt: chosen keeps min(chosen, max(B // 2, B - rejected)), so a short
-    rejected leaves its unused half to chosen, and rejected keeps min(rejected, B - chosen kept)."""
+    A pair that fits is kept whole. Otherwise the completions are owed what they need up to half the row,
+    NEED = min(chosen + rejected, seq_len // 2); the prompt is kept whole if that leaves them NEED, else cut to
+    its last (seq_len - NEED) // 2 tokens (the end of a prompt is what the completion answers; a prompt
+    just under half the row would otherwise leave nothing to learn from). The completions share what is
+    left, B = seq_len - 2 x prompt: chosen keeps min(chosen, max(B // 2, B - rejected)), so a short rejected
+    leaves its unused half to chosen, and rejected keeps min(rejected, B - chosen kept)."""
     if pair_length(prompt, chosen, rejected) <= seq_len:
         return prompt, chosen, rejected
-    p = seq_len // 4 if 2 * prompt > seq_len else prompt
+    need = min(chosen + rejected, seq_len // 2)
+    p = prompt if seq_len - 2 * prompt >= need else min(prompt, (seq_len - need) // 2)
     budget = seq_len - 2 * p
     c = min(chosen, max(budget // 2, budget - rejected))
     r = min(rejected, budget - c)
