@@ -30,7 +30,6 @@ import json
 import math
 import os
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -101,13 +100,10 @@ def run_qlaunch(row: str, mb: int, eager: bool, a, out: Path, model: Path) -> di
 
 
 def sh(cmd: list[str], log: Path, timeout: float, env: dict | None = None) -> int:
-    with open(log, "w") as f:
-        try:
-            return subprocess.run(
-                cmd, stdout=f, stderr=subprocess.STDOUT, cwd=ROOT, env=env, timeout=timeout
-            ).returncode
-        except subprocess.TimeoutExpired:
-            return 124
+    """One process, its output to LOG, from the project root (scripts/bench.py's runner); 124 on timeout."""
+    import bench  # beside this file: scripts/ is sys.path[0] when it runs
+
+    return bench.sh(cmd, log, env=env, timeout=timeout)
 
 
 # ------------------------------------------------------------------ TRL
