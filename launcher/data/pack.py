@@ -134,6 +134,15 @@ def pair_segments(position_ids: torch.Tensor) -> torch.Tensor:
     return (position_ids == 0).long().cumsum(dim=-1)
 
 
+def with_pair_top(batch: dict) -> dict:
+    """BATCH (host tensors) with "pair_top": the highest segment number of its rows, an int, for the
+    objective's pair layout (rank/objective.PairLayout) — read here on the host, where it costs no wait for
+    the GPU, rather than from the device copy in every micro-step."""
+    seg = pair_segments(batch["position_ids"])
+    batch["pair_top"] = int(seg.max()) if seg.numel() else 0
+    return batch
+
+
 def count_pairs(position_ids: torch.Tensor) -> int:
     """Preference pairs in these rows: two sequence starts (position 0) per pair."""
     return int((position_ids == 0).sum()) // 2

@@ -11,7 +11,7 @@ from launcher.errors import UserError
 
 if TYPE_CHECKING:  # annotations only: packing and sampling import without pydantic (GPU hosts, tools)
     pass
-from launcher.data.pack import IGNORE, Packed, count_pairs, pair_segments
+from launcher.data.pack import IGNORE, Packed, count_pairs, pair_segments, with_pair_top
 
 
 @dataclass(frozen=True)
@@ -62,8 +62,10 @@ class StepBatches:
 
     def build(self, step: int) -> tuple[list[dict[str, torch.Tensor]], StepCounts]:
         micro = [self.data.collate(idx) for idx in self.sampler.micro_batches(step)]
+        if self.preference:
+            micro = [with_pair_top(b) for b in micro]
         if self.pin:
-            micro = [{k: v.pin_memory() for k, v in b.items()} for b in micro]
+            micro = [{k: v.pin_memory() if isinstance(v, torch.Tensor) else v for k, v in b.items()} for b in micro]
         return micro, self.counts(step)
 
     def get(self, step: int, then: int | None) -> tuple[list[dict[str, torch.Tensor]], StepCounts]:

@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 
 from launcher.data.cache import DATA_CACHE_DIR, build_data
-from launcher.data.pack import IGNORE
+from launcher.data.pack import IGNORE, with_pair_top
 from launcher.data.sampler import StepBatches, StepSampler, batch_counts
 from launcher.data.tokenizer import build_tokenizer
 from launcher.errors import TrainingDiverged
@@ -275,7 +275,7 @@ def optimizer_step(model, engine, micro: list[dict], objective, counts, device) 
     objective's reported quantities (not yet all-reduced; the loss first) and the global gradient norm."""
     sums = None
     for b in micro:
-        b = {k: v.to(device, non_blocking=True) for k, v in b.items()}
+        b = to_device(b, device, non_blocking=True)
         share, s = objective.micro(model, b, counts)
         engine.backward(share)
         sums = s if sums is None else sums + s
@@ -283,6 +283,11 @@ def optimizer_step(model, engine, micro: list[dict], objective, counts, device) 
 
 
 @torch.no_grad()
+def to_device(batch: dict, device, non_blocking: bool = False) -> dict:
+    """The batch's tensors on DEVICE; host values (with_pair_top's int) as they are."""
+    return {k: v.to(device, non_blocking=non_blocking) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
 def evaluate(model, data, micro_batch: int, d, device, objective=None) -> dict[str, float]:
     """The objective over the whole validation set ('eval_loss' and, for preference objectives, the eval
     rewards); each rank takes every world-th micro-batch."""
@@ -303,7 +308,9 @@ def evaluate(model, data, micro_batch: int, d, device, objective=None) -> dict[s
         bt["labels"][len(rows) :] = IGNORE
         weight = torch.zeros(micro_batch, device=device)
         weight[: len(rows)] = 1.0
-        bt = {key: v.to(device) for key, v in bt.items()}
+        if objective.preference:
+            bt = with_pair_top(bt)
+        bt = to_device(bt, device)
         _, s = objective.micro(model, bt, counts, row_weight=weight)
         s = s if k < len(batches) else torch.zeros_like(s)
         total = s if total is None else total + s

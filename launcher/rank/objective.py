@@ -107,7 +107,7 @@ def adapters_scaled_to_zero(model: nn.Module):
 @dataclass(frozen=True)
 class PairLayout:
     """Where the pairs of a micro-batch of preference rows are, worked out once per micro-batch (the policy's
-    and the reference's forward share it): one host read of the highest segment number."""
+    and the reference's forward share it) from the highest segment number, which the host knows."""
 
     seg: torch.Tensor  # [rows, T] segment numbers (pack.pair_segments)
     index: torch.Tensor  # [rows * (T - 1)]: the (row, segment) slot of the token each position predicts
@@ -115,10 +115,13 @@ class PairLayout:
     present: torch.Tensor  # [rows, P] 1.0 where the row holds pair k (it has segment 2k+2), else 0.0
 
     @staticmethod
-    def of(position_ids: torch.Tensor, row_weight: torch.Tensor | None = None) -> PairLayout:
+    def of(position_ids: torch.Tensor, row_weight: torch.Tensor | None = None, top: int | None = None) -> PairLayout:
+        """TOP: the highest segment number, read on the host by the batch builder (pack.with_pair_top);
+        without it, read from position_ids here (a wait for the device if they are on a GPU)."""
         rows = position_ids.shape[0]
         seg = pair_segments(position_ids)
-        top = int(seg.max()) if seg.numel() else 0
+        if top is None:
+            top = int(seg.max()) if seg.numel() else 0
         slots = top + top % 2 + 1  # a whole number of pairs
         index = (seg[:, 1:] + torch.arange(rows, device=seg.device).unsqueeze(1) * slots).reshape(-1)
         held = seg.max(dim=1).values // 2
@@ -169,7 +172,7 @@ class Preference:
         self, model, batch: dict, counts: StepCounts, row_weight: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         ids, labels, pos = batch["input_ids"], batch["labels"], batch["position_ids"]
-        layout = PairLayout.of(pos, row_weight)
+        layout = PairLayout.of(pos, row_weight, batch.get("pair_top"))
         present = layout.present
         if self.kind == "dpo":
             with self.reference():
