@@ -1,5 +1,7 @@
 """DPO and ORPO through the real CLI: the first DPO step is ln 2 (the policy is the reference), lr=0 keeps it
-there, and world 1, world 2 and accumulation give the same trajectory of the same global batch of pairs."""
+there; world 1, 2 and 4, accumulation and DeepSpeed ZeRO-2/3 give the same trajectory of the same global batch
+of pairs; a preempted run resumes bitwise. And the pieces in process: both forms of the reference are the base
+model, and the host-read pair count gives the device-read layout."""
 
 from __future__ import annotations
 
@@ -35,18 +37,87 @@ def test_dpo_starts_at_ln2_and_lr0_keeps_the_policy_the_reference(tmp_path):
         assert e["reward_accuracy"] == 0.0 and e["logps_chosen"] < 0 and e["logps_rejected"] < 0, e
 
 
+KEYS = ["loss", "grad_norm", "logps_chosen", "logps_rejected", "rewards_chosen", "rewards_rejected"]
+
+
+BETA = 0.1  # train.dpo.beta of the tiny recipe (the default)
+# A reward is beta x (log p - log p_ref) of two nearly equal sums: its error is that of the log-probabilities.
+SCALE_OF = {"rewards_chosen": "logps_chosen", "rewards_rejected": "logps_rejected"}
+
+
+def same_trajectory(one: list[dict], other: list[dict], keys=KEYS, rel: float = 1e-5) -> None:
+    assert one[1]["loss"] != one[0]["loss"]  # it trains
+    for a, b in zip(one, other, strict=True):
+        for k in keys:
+            scale = BETA * abs(a[SCALE_OF[k]]) if k in SCALE_OF else abs(a[k])
+            assert abs(a[k] - b[k]) <= rel * scale, (k, a["step"], a[k], b[k])
+
+
 @pytest.mark.parametrize("objective", ["dpo", "orpo"])
 def test_world_and_accumulation_give_one_trajectory(tmp_path, objective):
+    """The same global batch of 16 rows: world 1 x 4 micro-steps, world 2 x 2 and x 4, and (DPO) world 4 x 1."""
     sets = [*FP32, "--set", f'train.objective="{objective}"']
     one = steps(tmp_path, "w1", 1, *sets, "--set", "train.micro_batch=4")
-    two = steps(tmp_path, "w2", 2, *sets, "--set", "train.micro_batch=4")
-    acc = steps(tmp_path, "w2a", 2, *sets, "--set", "train.micro_batch=2")
-    keys = ["loss", "grad_norm", "logps_chosen", "logps_rejected"]
-    assert one[1]["loss"] != one[0]["loss"]  # it trains
-    for other in (two, acc):
-        for a, b in zip(one, other, strict=True):
-            for k in keys:
-                assert abs(a[k] - b[k]) <= 1e-5 * abs(a[k]), (k, a[k], b[k])
+    others = [steps(tmp_path, "w2", 2, *sets, "--set", "train.micro_batch=4"),
+              steps(tmp_path, "w2a", 2, *sets, "--set", "train.micro_batch=2")]  # fmt: skip
+    if objective == "dpo":
+        others.append(steps(tmp_path, "w4", 4, *sets, "--set", "train.micro_batch=4"))
+    keys = KEYS[:4] if objective == "dpo" else ["loss", "grad_norm", "logps_chosen", "logps_rejected", "nll_loss"]
+    for other in others:
+        same_trajectory(one, other, keys)
+
+
+@pytest.fixture(scope="module")
+def fsdp2(tmp_path_factory) -> list[dict]:
+    return steps(tmp_path_factory.mktemp("fsdp2"), "fsdp", 2, *FP32)
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_deepspeed_zero_gives_the_fsdp_trajectory(tmp_path, fsdp2, stage):
+    """DPO on a real DeepSpeed engine (ZeRO-2, ZeRO-3 with every parameter partitioned), 2 ranks: the two
+    forwards (the reference without gradients, then the policy) before each backward give the FSDP2 run's
+    losses, rewards and gradient norms."""
+    pytest.importorskip("deepspeed")
+    zero = ["--set", 'parallel.backend="deepspeed"', "--set", f"parallel.deepspeed.stage={stage}"]
+    if stage == 3:
+        zero += ["--set", "parallel.deepspeed.persistence_threshold=0"]
+    same_trajectory(fsdp2, steps(tmp_path, f"zero{stage}", 2, *FP32, *zero))
+
+
+def test_preempted_dpo_resumes_exactly(tmp_path):
+    """SIGTERM mid-run: the ranks checkpoint and exit 75; resuming continues from that step, and every step
+    of the two pieces is bitwise the step of an uninterrupted run (same world, same arithmetic), with the same
+    final adapter. A constant schedule, so the first piece's longer max_steps changes nothing."""
+    import torch
+    from safetensors.torch import load_file
+
+    from tests.conftest import sigterm_after_step
+
+    sets = [*FP32, "--set", 'train.schedule="constant"', "--set", "train.eval_every=0"]
+    root = tmp_path / "first"
+    rc, out, err, _ = sigterm_after_step(
+        ["run", str(RECIPE), "--set", f'log.runs_dir="{root}"', *sets, "--set", "train.max_steps=400"], root
+    )
+    assert rc == 75, out + err
+    (first_run,) = [p.parent for p in root.glob("*/*/preempted.json")]
+    stopped = json.loads((first_run / "preempted.json").read_text())["step"]
+    end = stopped + 2
+    r = run_cli("run", str(RECIPE), "--set", f'log.runs_dir="{tmp_path / "second"}"', *sets,
+                "--set", f"train.max_steps={end}", "--resume", str(first_run))  # fmt: skip
+    assert r.returncode == 0, r.stdout + r.stderr
+    (second,) = (tmp_path / "second").glob("*/*/metrics.jsonl")
+    events = [json.loads(x) for x in second.read_text().splitlines()]
+    assert [e["step"] for e in events if e["event"] == "resumed"] == [stopped]
+    first = [json.loads(x) for x in (first_run / "metrics.jsonl").read_text().splitlines()]
+    pieces = {e["step"]: e for e in first + events if e["event"] == "step" and e["step"] <= end}
+    whole = steps(tmp_path, "whole", 2, *sets, "--set", f"train.max_steps={end}")
+    assert sorted(pieces) == [e["step"] for e in whole] == list(range(1, end + 1))
+    for e in whole:
+        assert all(pieces[e["step"]][k] == e[k] for k in KEYS), (e["step"], pieces[e["step"]], e)
+    a = load_file(str(second.parent / "adapter" / "adapter_model.safetensors"))
+    (whole_run,) = (tmp_path / "whole").glob("*/*/adapter/adapter_model.safetensors")
+    b = load_file(str(whole_run))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def _pairs_batch(vocab: int, rows: int = 2, seed: int = 0) -> tuple[dict, int]:
@@ -125,3 +196,23 @@ def test_the_same_graph_reference_is_the_bypassed_reference(trained, tensor_scal
         assert abs(float(s1) - math.log(2)) > 1e-3 and float(r1[3]) != 0.0  # the adapter moved the policy
     else:
         assert abs(float(s1) - math.log(2)) < 1e-6 and float(r1[3]) == 0.0  # margin sum: policy = reference
+
+
+def test_the_host_read_pair_count_is_the_layouts():
+    """The batch builder reads the highest segment number on the host (pack.with_pair_top) so the pair
+    layout needs no device read: the layout built from it is the one built from the position ids, also for a
+    row holding fewer pairs than its neighbour and with evaluation's filler-row weights."""
+    import torch
+
+    from launcher.data.pack import with_pair_top
+    from launcher.rank.objective import PairLayout
+
+    batch, _ = _pairs_batch(64, rows=3)
+    batch["position_ids"][2, 20:] = torch.arange(1, batch["position_ids"].shape[1] - 19)  # row 2: one pair
+    top = with_pair_top(dict(batch))["pair_top"]
+    assert isinstance(top, int) and top == 4
+    for weight in (None, torch.tensor([1.0, 1.0, 0.0])):
+        a = PairLayout.of(batch["position_ids"], weight)
+        b = PairLayout.of(batch["position_ids"], weight, top)
+        assert a.slots == b.slots == 5 and torch.equal(a.index, b.index) and torch.equal(a.present, b.present)
+    assert PairLayout.of(batch["position_ids"]).present[2].tolist() == [1.0, 0.0]
