@@ -1,5 +1,5 @@
 """DPO and ORPO through the real CLI: the first DPO step is ln 2 (the policy is the reference), lr=0 keeps it
-there; world 1, 2 and 4, accumulation and DeepSpeed ZeRO-2/3 give the same trajectory of the same global batch
+there; world 1, 2 and 4, accumulation, two nodes and DeepSpeed ZeRO-2/3 give the same trajectory of the same global batch
 of pairs; a preempted run resumes bitwise. And the pieces in process: both forms of the reference are the base
 model, and the host-read pair count gives the device-read layout."""
 
@@ -82,6 +82,26 @@ def test_deepspeed_zero_gives_the_fsdp_trajectory(tmp_path, fsdp2, stage):
     if stage == 3:
         zero += ["--set", "parallel.deepspeed.persistence_threshold=0"]
     same_trajectory(fsdp2, steps(tmp_path, f"zero{stage}", 2, *FP32, *zero))
+
+
+def test_two_nodes_train_dpo_like_one(tmp_path, fsdp2):
+    """Two `qlaunch run` processes (nodes) of one rank each, on localhost: the world-2 trajectory."""
+    from tests.test_multinode import _cleanup, _port_pair, _report, _run_dir_of, _start, _wait
+
+    port = _port_pair()
+    common = [str(RECIPE), "--gpus", "1", "--nnodes", "2", "--set", f'log.runs_dir="{tmp_path / "runs"}"', *FP32]
+    logs = [tmp_path / f"node{r}.log" for r in (0, 1)]
+    where = [["--node-rank", str(r), "--master-addr", "127.0.0.1", "--master-port", str(port)] for r in (0, 1)]
+    procs = [_start(common + w, log) for w, log in zip(where, logs, strict=True)]
+    try:
+        assert _wait(procs, 300, logs) == [0, 0], _report(logs)
+    finally:
+        _cleanup(*procs)
+    run = _run_dir_of(logs[0])
+    events = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [e["world"] for e in events if e["event"] == "start"] == [2]
+    assert sorted(p.name for p in (run / "logs" / "node1").glob("rank*.log")) == ["rank1.log"]
+    same_trajectory(fsdp2, [e for e in events if e["event"] == "step"])
 
 
 def test_preempted_dpo_resumes_exactly(tmp_path):
