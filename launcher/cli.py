@@ -339,15 +339,29 @@ def merge(
     run_dir: Annotated[str, typer.Argument(help="A finished run directory (with adapter/).")],
     out: Annotated[str, typer.Option("-o", "--out", help="Output directory for the merged model.")],
     dtype: Annotated[str, typer.Option("--dtype", help="bfloat16, float16 or float32.")] = "bfloat16",
+    onto: Annotated[
+        str,
+        typer.Option(
+            "--onto",
+            help="original: add the adapter to model.path's weights as stored (what PEFT's merge_and_unload on "
+            "the original model gives; the default). dequantized: to the 4-bit/int8 weights it trained against "
+            "(the trained function exactly). A 4-bit checkpoint has only the latter.",
+        ),
+    ] = "original",
 ) -> None:
-    """Write base (dequantized) + adapter as one Hugging Face model that from_pretrained loads."""
+    """Write base + adapter as one Hugging Face model that from_pretrained loads.
+
+    Example: qlaunch merge runs/tiny/20261204-120000 -o merged --dtype float32
+    """
     if dtype not in ("bfloat16", "float16", "float32"):
         raise UserError(f"--dtype {dtype}: use bfloat16, float16 or float32")
-    from launcher.launch.merge import merge_run
+    from launcher.launch.merge import ONTO, merge_run
     from launcher.launch.quiet import quiet_libraries
 
+    if onto not in ONTO:
+        raise UserError(f"--onto {onto}: use {' or '.join(ONTO)}")
     with quiet_libraries():
-        path = merge_run(Path(run_dir), Path(out), dtype)
+        path = merge_run(Path(run_dir), Path(out), dtype, onto, say=lambda line: print(line, file=sys.stderr))
     print(f"wrote {path}")
 
 

@@ -246,6 +246,8 @@ def test_cli_trains_a_bnb_checkpoint_and_merges_it(tmp_path, bnb_dirs):
     out = tmp_path / "merged"
     r = run_cli("merge", str(run), "-o", str(out), "--dtype", "float32")
     assert r.returncode == 0, r.stdout + r.stderr
+    # The default asks for the original weights; a 4-bit checkpoint has none, and merge says what it did.
+    assert "merging onto the dequantized 4-bit weights" in r.stderr, r.stderr
     assert "quantization_config" not in json.loads((out / "config.json").read_text())
     merged = AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32).eval()
     assert not any(isinstance(m, bnb.nn.Linear4bit) for m in merged.modules())

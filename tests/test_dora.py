@@ -245,7 +245,8 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 def _merged_logits(run: Path, out: Path) -> torch.Tensor:
     from transformers import AutoModelForCausalLM
 
-    r = run_cli("merge", str(run), "-o", str(out), "--dtype", "float32")
+    # Against the trained model: the weights it trained on (a dense base is its own original either way).
+    r = run_cli("merge", str(run), "-o", str(out), "--dtype", "float32", "--onto", "dequantized")
     assert r.returncode == 0, r.stdout + r.stderr
     model = AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32).eval()
     with torch.no_grad():

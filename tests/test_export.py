@@ -100,7 +100,7 @@ def test_peft_from_pretrained_gives_the_trained_logits(trained):
 
 @pytest.mark.slow  # the `trained` fixture is a 2-rank run
 def test_merged_model_loads_with_from_pretrained_and_matches(trained, tmp_path):
-    """`qlaunch merge` writes dequantized base + scale * B @ A with its tokenizer. In float32 it is the
+    """`qlaunch merge --onto dequantized` writes dequantized base + scale * B @ A with its tokenizer. In float32 it is the
     trained function exactly (||diff|| / ||ref|| < 1e-5 against the fp32-compute 4-bit model); the
     default bf16 output rounds each merged weight once (< 4e-2 against the bf16-compute model; leaving the
     adapter out gives ~1.2). The bf16 figure is sensitive to the exact adapter: with this fixture's training
@@ -110,7 +110,7 @@ def test_merged_model_loads_with_from_pretrained_and_matches(trained, tmp_path):
 
     for dtype, compute, tol in (("float32", "float32", 1e-5), ("bfloat16", "bfloat16", 4e-2)):
         out = tmp_path / f"merged-{dtype}"
-        r = run_cli("merge", str(trained), "-o", str(out), "--dtype", dtype)
+        r = run_cli("merge", str(trained), "-o", str(out), "--dtype", dtype, "--onto", "dequantized")
         assert r.returncode == 0, r.stdout + r.stderr
         model = AutoModelForCausalLM.from_pretrained(str(out), dtype=getattr(torch, dtype)).eval()
         assert AutoTokenizer.from_pretrained(str(out)).vocab_size > 0
@@ -278,3 +278,35 @@ def test_merge_into_a_place_that_cannot_hold_it_is_one_line(tmp_path, lora_shape
     (tmp_path / "f").write_text("x")
     with pytest.raises(UserError, match=r"f/out: cannot write the merged model \(Not a directory\)$"):
         merge_run(run, tmp_path / "f" / "out", "float32")
+
+
+@pytest.mark.slow  # the `trained` fixture is a 2-rank run
+def test_default_merge_is_peft_on_the_original_base(trained, tmp_path):
+    """The default `qlaunch merge` adds the adapter to model.path's own weights: in float32 it is
+    PeftModel.from_pretrained(original fp32 base, adapter).merge_and_unload()'s function (<= 1e-3, measured
+    ~1e-7), while the dequantized merge, the trained function, is measurably another (the NF4 error)."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(str(TINY_MODEL), dtype=torch.float32)
+    peft = PeftModel.from_pretrained(base, str(trained / "adapter")).eval()
+    with torch.no_grad():
+        ref = peft(input_ids=_inputs()).logits.float()
+    got = {}
+    for onto in ("original", "dequantized"):
+        out = tmp_path / onto
+        args = ["merge", str(trained), "-o", str(out), "--dtype", "float32"]
+        r = run_cli(*args, *(["--onto", onto] if onto == "dequantized" else []))
+        assert r.returncode == 0, r.stdout + r.stderr
+        assert "dequantized" not in r.stderr  # the original weights exist: nothing to say
+        model = AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32).eval()
+        with torch.no_grad():
+            got[onto] = model(input_ids=_inputs()).logits.float()
+    assert rel(got["original"], ref) <= 1e-3, rel(got["original"], ref)
+    assert rel(got["dequantized"], ref) > 10 * max(rel(got["original"], ref), 1e-4), rel(got["dequantized"], ref)
+
+
+def test_merge_refuses_an_unknown_base(tmp_path):
+    r = run_cli("merge", str(tmp_path), "-o", str(tmp_path / "m"), "--onto", "fp8")
+    assert r.returncode == 2 and r.stderr.strip().splitlines()[-1].endswith("--onto fp8: use original or dequantized")
+    assert "Traceback" not in r.stderr and not (tmp_path / "m").exists()

@@ -1,5 +1,5 @@
-"""`qlaunch merge`: an exported adapter checked and merged into a dense model (safetensors), refusing non-finite
-results."""
+"""`qlaunch merge`: an exported adapter checked and merged into a dense model (safetensors), onto the base's
+original weights or the dequantized ones it trained against, refusing non-finite results."""
 
 from __future__ import annotations
 
@@ -136,8 +136,36 @@ def _replace(root: torch.nn.Module, name: str, new: torch.nn.Module) -> None:
     setattr(root.get_submodule(parent) if parent else root, leaf, new)
 
 
-def merge_run(run_dir: Path, out: Path, dtype: str = "bfloat16") -> Path:
-    """`qlaunch merge`: base (dequantized) + the run's adapter -> a plain Hugging Face model directory."""
+ONTO = ("original", "dequantized")
+
+
+def dense_weights_at(recipe) -> bool:
+    """Whether the recipe's base exists in its original precision: random init (regenerated from its seed), or
+    a model.path of dense weights — not a `qlaunch quantize` output or a bitsandbytes 4-bit checkpoint, which
+    hold only the 4-bit bytes and scales."""
+    from launcher.plan.model_info import is_bnb_4bit, load_config, resolve_model_dir
+    from launcher.rank.model.sources import read_quant_meta
+
+    if recipe.model.init == "random":
+        return True
+    model_dir = resolve_model_dir(recipe)
+    return read_quant_meta(model_dir) is None and not is_bnb_4bit(load_config(recipe, model_dir))
+
+
+def merge_base(recipe, onto: str) -> str:
+    """What the adapter is added to: 'original' (model.path's weights as stored, in fp32; what PEFT's
+    merge_and_unload on the original model gives), or 'dequantized' (the 4-bit or int8 weights the adapter
+    was trained against). A base with no quantization is its own original; a pre-quantized checkpoint has
+    nothing but its dequantized weights."""
+    if onto == "dequantized" or recipe.quant.bits == "none" or not dense_weights_at(recipe):
+        return "dequantized" if recipe.quant.bits != "none" else "original"
+    return "original"
+
+
+def merge_run(run_dir: Path, out: Path, dtype: str = "bfloat16", onto: str = "original", say=lambda line: None) -> Path:
+    """`qlaunch merge`: the run's adapter added to its base (merge_base: the original weights by default,
+    or the dequantized ones it trained against) -> a plain Hugging Face model directory. SAY gets one line
+    of what was merged onto when it is not what was asked for."""
     from launcher.data.tokenizer import build_tokenizer
     from launcher.errors import UserError
     from launcher.rank.build import build_model
@@ -154,13 +182,17 @@ def merge_run(run_dir: Path, out: Path, dtype: str = "bfloat16") -> Path:
     if out.exists() and any(out.iterdir()):
         raise UserError(f"{out}: exists and is not empty")
     recipe = run.load_recipe()
-    # One process, no sharding: the whole quantized model in host memory (half a byte per weight, one for
-    # int8). Dequantize and add the LoRA product in fp32 (the quantized bytes and scales do not depend on
-    # it), round once at the end.
+    base = merge_base(recipe, onto)
+    if onto == "original" and base == "dequantized":
+        say(f"merging onto the dequantized 4-bit weights: {recipe.model.path} holds no others")
+    # One process, no sharding: the whole model in host memory (the original weights in fp32; the
+    # quantized ones at half a byte per weight, one for int8). Add the LoRA product in fp32 (the quantized
+    # bytes and scales do not depend on it), round once at the end.
+    quant = {"compute_dtype": "float32"} if base == "dequantized" else {"bits": "none", "compute_dtype": "float32"}
     recipe = recipe.model_copy(
         update={
             "parallel": recipe.parallel.model_copy(update={"backend": "none"}),
-            "quant": recipe.quant.model_copy(update={"compute_dtype": "float32"}),
+            "quant": recipe.quant.model_copy(update=quant),
             "model": recipe.model.model_copy(update={"dtype": "float32"}),
         }
     )
