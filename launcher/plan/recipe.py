@@ -265,10 +265,10 @@ class DataConfig(_Section):
         "truncate",
         description="Samples longer than seq_len: 'truncate' keeps the first seq_len tokens, 'drop' skips "
         "them, 'error' stops with the file and line of the first one. A `preference` pair counts whole "
-        "(2 x prompt P + chosen C + rejected R); 'truncate' cuts it so: a prompt longer than seq_len / 2 keeps "
-        "its last seq_len // 4 tokens (P'), the completions share B = seq_len - 2 x P', chosen keeps its "
-        "first min(C, max(B // 2, B - R)) tokens and rejected its first min(R, B - chosen kept); a pair left "
-        "with no trained token in either completion is dropped.",
+        "(2 x prompt P + chosen C + rejected R); 'truncate' owes the completions N = min(C + R, seq_len // 2): "
+        "P stays whole if seq_len - 2P >= N, else keeps its last (seq_len - N) // 2 tokens (P'); the completions "
+        "share B = seq_len - 2P', chosen keeps its first min(C, max(B // 2, B - R)) tokens and rejected its "
+        "first min(R, B - chosen kept); a pair with no trained token in either completion is dropped.",
     )
     val_fraction: Float = Field(
         0.0,
