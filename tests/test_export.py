@@ -61,9 +61,30 @@ def test_adapter_is_nonzero_and_peft_format(trained):
 
     cfg = json.loads((trained / "adapter" / "adapter_config.json").read_text())
     assert cfg["peft_type"] == "LORA" and cfg["r"] == 8 and cfg["lora_alpha"] == 16
+    assert cfg["inference_mode"] is True  # as PEFT saves a trained adapter
     sd = load_file(str(trained / "adapter" / "adapter_model.safetensors"))
     assert any(k.endswith("lora_B.weight") and v.abs().max() > 0 for k, v in sd.items())
     assert all(k.startswith("base_model.model.model.layers.") for k in sd)
+
+
+@pytest.mark.slow  # the `trained` fixture is a 2-rank run
+def test_adapter_directory_is_complete(trained):
+    """Beside the weights: the run's tokenizer (AutoTokenizer loads the directory and encodes as the base's
+    does) and a model card with Hugging Face's header, the recipe's facts and the last logged losses."""
+    import json
+
+    from transformers import AutoTokenizer
+
+    adapter = trained / "adapter"
+    tok, base = AutoTokenizer.from_pretrained(str(adapter)), AutoTokenizer.from_pretrained(str(TINY_MODEL))
+    assert tok("a test of the tokenizer")["input_ids"] == base("a test of the tokenizer")["input_ids"]
+    card = (adapter / "README.md").read_text()
+    head, body = card.split("---\n")[1], card.split("---\n", 2)[2]
+    assert "library_name: peft" in head and f"base_model: {json.dumps(str(TINY_MODEL))}" in head
+    steps = [json.loads(x) for x in (trained / "metrics.jsonl").read_text().splitlines()]
+    last = [e for e in steps if e["event"] == "step"][-1]
+    assert "| optimizer steps | 4 |" in body and f"| final loss | {last['loss']:.6g} |" in body, body
+    assert "| quantization | 4-bit nf4 |" in body and "| objective | sft |" in body
 
 
 @pytest.mark.slow  # the `trained` fixture is a 2-rank run

@@ -1,7 +1,9 @@
-"""Adapter export in PEFT format (adapter_config.json + adapter_model.safetensors), rank 0 writes."""
+"""Adapter export in PEFT format (adapter_config.json + adapter_model.safetensors), with the tokenizer and a
+model card (README.md) as PEFT and the Trainer leave them; rank 0 writes."""
 
 from __future__ import annotations
 
+import copy
 import os
 import shutil
 from pathlib import Path
@@ -48,8 +50,38 @@ def _deepspeed_full(p: torch.Tensor) -> torch.Tensor | None:
     return safe_get_full_fp32_param(p)
 
 
-def save_adapter(peft_model: torch.nn.Module, out_dir: Path, rank: int) -> Path:
-    """Write atomically: a temp dir renamed into place, so a crash never leaves half an adapter."""
+def model_card(recipe, steps: int, final: dict[str, float]) -> str:
+    """The adapter directory's README.md: Hugging Face's YAML header (base model, library, tags), then what
+    was trained and how it ended (FINAL: the last step's and the last evaluation's figures, as logged)."""
+    import json
+
+    t, q, lo = recipe.train, recipe.quant, recipe.lora
+    quant = "none" if q.bits == "none" else (f"4-bit {q.type}" if q.bits == 4 else "8-bit LLM.int8")
+    objective = {"dpo": f"dpo ({t.dpo.loss}, beta {t.dpo.beta})", "orpo": f"orpo (lambda {t.orpo.odds_ratio_weight})"}
+    targets = lo.target_modules if isinstance(lo.target_modules, str) else ", ".join(lo.target_modules)
+    rows = [
+        ("base model", str(recipe.model.path) + (" (random weights)" if recipe.model.init == "random" else "")),
+        ("quantization", quant),
+        ("adapter", f"{'DoRA' if lo.use_dora else 'LoRA'} r {lo.rank}, alpha {lo.alpha:g}, on {targets}"),
+        ("objective", objective.get(t.objective, t.objective)),
+        ("optimizer steps", str(steps)),
+        *((k.replace("_", " "), f"{v:.6g}") for k, v in final.items()),
+    ]
+    tags = ["qlaunch", "lora", *(["qlora"] if q.bits != "none" else []), t.objective]
+    table = "\n".join(f"| {k} | {v} |" for k, v in rows)
+    return (
+        f"---\nbase_model: {json.dumps(str(recipe.model.path))}\nlibrary_name: peft\ntags: {json.dumps(tags)}\n---\n\n"
+        f"# {recipe.name}\n\nA {'DoRA' if lo.use_dora else 'LoRA'} adapter trained with qlaunch (recipe.toml in the run "
+        f"directory).\n\n| | |\n|---|---|\n{table}\n\n```python\nfrom peft import PeftModel\n"
+        f'model = PeftModel.from_pretrained(base_model, "path/to/this/directory")\n```\n'
+    )
+
+
+def save_adapter(
+    peft_model: torch.nn.Module, out_dir: Path, rank: int, tokenizer=None, card: str | None = None
+) -> Path:
+    """Write atomically: a temp dir renamed into place, so a crash never leaves half an adapter. The config
+    says inference_mode = true (as PEFT saves a trained adapter); TOKENIZER and CARD (README.md) go beside."""
     state = lora_state_dict(peft_model)
     # The step loop stops at the first non-finite loss or norm; this is the last line of defence (every rank
     # holds the whole state here, so all of them refuse together).
@@ -64,7 +96,13 @@ def save_adapter(peft_model: torch.nn.Module, out_dir: Path, rank: int) -> Path:
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     save_file(state, str(tmp / ADAPTER_FILE), metadata={"format": "pt"})
-    peft_model.peft_config["default"].save_pretrained(str(tmp))
+    config = copy.copy(peft_model.peft_config["default"])  # the live config stays in training mode
+    config.inference_mode = True
+    config.save_pretrained(str(tmp))
+    if tokenizer is not None:
+        tokenizer.save_pretrained(str(tmp))
+    if card is not None:
+        (tmp / "README.md").write_text(card)
     if out_dir.exists():
         shutil.rmtree(out_dir)
     os.replace(tmp, out_dir)

@@ -25,7 +25,7 @@ from launcher.plan.plan import Plan
 from launcher.rank.build import build_model
 from launcher.rank.checkpoint import load, save
 from launcher.rank.checkpoint_dir import newest_complete
-from launcher.rank.export import save_adapter
+from launcher.rank.export import model_card, save_adapter
 from launcher.rank.objective import SFT, make_objective
 from launcher.rank.parallel import make_engine
 from launcher.rank.profiling import MemoryRecorder, StepProfiler
@@ -182,6 +182,7 @@ def _train(run: RunDir, d, recipe, run_plan: RunPlan, metrics, t_spawn: float) -
     t_last = time.perf_counter()
     data_s = 0.0  # host time spent waiting for batches since the last metrics line (the data-loader cost)
     objective = make_objective(recipe, built.peft_model, built.compiled)
+    final: dict[str, float] = {}  # the last step's and evaluation's figures, for the adapter's model card
     batches = StepBatches(train_data, sampler, pin=device.type == "cuda", preference=objective.preference)
     for step in range(start_step, total_steps):
         profiler.begin(step + 1)
@@ -199,6 +200,7 @@ def _train(run: RunDir, d, recipe, run_plan: RunPlan, metrics, t_spawn: float) -
         values = red.tolist()
         reported = objective.report(values[:-1], counts)
         loss = reported["loss"]
+        final.update({f"final_{k}": v for k, v in reported.items()})
         preempted = values[-1] > 0
         if not (math.isfinite(loss) and math.isfinite(grad_norm)):
             # Every rank has the same all-reduced loss and global norm: all stop here, before anything of
@@ -235,7 +237,9 @@ def _train(run: RunDir, d, recipe, run_plan: RunPlan, metrics, t_spawn: float) -
             print(f"[rank {d.rank}] step {step + 1}/{total_steps} loss {loss:.4f}", flush=True)
             data_s = 0.0
         if val_data is not None and t.eval_every and ((step + 1) % t.eval_every == 0 or step == total_steps - 1):
-            metrics("eval", step=step + 1, **evaluate(model, val_data, plan.micro_batch, d, device, objective))
+            evaluated = evaluate(model, val_data, plan.micro_batch, d, device, objective)
+            final.update({f"final_{k}": v for k, v in evaluated.items()})
+            metrics("eval", step=step + 1, **evaluated)
 
         every = recipe.checkpoint.every_steps
         if preempted or (every and (step + 1) % every == 0 and step + 1 < total_steps):
@@ -252,7 +256,8 @@ def _train(run: RunDir, d, recipe, run_plan: RunPlan, metrics, t_spawn: float) -
         path = save(run.checkpoints, total_steps, engine, recipe, {}, recipe.checkpoint.keep_last)
         metrics("checkpoint", step=total_steps, path=str(path))
     if recipe.checkpoint.save_final_adapter:
-        out = save_adapter(built.peft_model, run.adapter, d.rank)
+        card = model_card(recipe, total_steps, final) if d.rank == 0 else None
+        out = save_adapter(built.peft_model, run.adapter, d.rank, tokenizer, card)
         metrics("adapter", path=str(out))
     metrics("done", steps=total_steps, **peak_memory_gb(device))
 
