@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from launcher.plan.recipe_file import bundled_recipes, load_recipe
@@ -54,6 +56,42 @@ def test_recipes_list_and_explain():
     assert r.returncode == 0 and "must equal the dtype FSDP computes in" in r.stdout
     r = run_cli("explain", "lora.rnak")
     assert r.returncode == 2 and "did you mean lora.rank?" in r.stderr
+
+
+def test_explain_shows_choices_and_keys_inside_lists():
+    """A choice field lists its values as a recipe writes them; keys of list entries (data.datasets.path)
+    are found, and the list itself shows its entries' keys."""
+    from launcher.plan.explain import explain
+
+    assert '["cosine" | "linear" | "constant"; default \'cosine\']' in explain("train.schedule")
+    assert '[4 | 8 | "none"; default 4]' in explain("quant.bits")
+    assert '[int | "auto"; default 1]' in explain("train.micro_batch")
+    assert explain("data.datasets.path").startswith("data.datasets.path: A .jsonl")
+    rows = explain("data.datasets").splitlines()
+    assert rows[1] == "[[data.datasets]] (each entry)" and any(r.startswith("  weight: ") for r in rows)
+    assert "[[" not in explain("train")  # a plain section is a table
+
+
+@pytest.mark.parametrize(
+    "key, want",
+    [
+        ("train.learning_rate", "train.lr"),  # TrainingArguments' name (difflib would say train.min_lr_ratio)
+        ("lora.lora_alpha", "lora.alpha"),
+        ("data.max_seq_length", "data.seq_len"),
+        ("train.gradient_accumulation_steps", "train.global_batch"),
+        ("lora.rnak", "lora.rank"),  # spelling: still difflib's
+        ("data.datasets.wieght", "data.datasets.weight"),
+    ],
+)
+def test_unknown_keys_point_to_the_qlaunch_key(key, want):
+    from launcher.errors import RecipeError
+    from launcher.plan.explain import explain
+    from launcher.plan.key_aliases import ALIASES
+    from launcher.plan.recipe import SCHEMA_KEYS
+
+    assert all(target in SCHEMA_KEYS for target in ALIASES.values())  # every alias names a real key
+    with pytest.raises(RecipeError, match=rf"unknown key '{re.escape(key)}' \(did you mean {re.escape(want)}\?\)"):
+        explain(key)
 
 
 def test_version_and_help():

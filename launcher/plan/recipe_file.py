@@ -38,9 +38,14 @@ def section_of(key: str, through_lists: bool = False) -> type[BaseModel] | None:
 
 
 def suggest(key: str, shown_parent: str | None = None) -> str:
-    """' (did you mean X?)' for an unknown dotted key, using its siblings first. shown_parent: the parent
-    as the message shows it (data.datasets[0]), when the key lies inside a list."""
+    """' (did you mean X?)' for an unknown dotted key: another tool's name for a qlaunch key first
+    (key_aliases), then its siblings, then any key. shown_parent: the parent as the message shows it
+    (data.datasets[0]), when the key lies inside a list."""
+    from launcher.plan.key_aliases import ALIASES
+
     parent, _, leaf = key.rpartition(".")
+    if leaf in ALIASES and ALIASES[leaf] != key:
+        return f" (did you mean {ALIASES[leaf]}?)"
     section = section_of(parent, through_lists=True)
     if section is not None:
         close = difflib.get_close_matches(leaf, list(section.model_fields), n=1, cutoff=0.5)
