@@ -22,7 +22,7 @@ app = typer.Typer(
     name=PROG,
     help="Distributed QLoRA/LoRA fine-tuning from one TOML recipe (FSDP2 or DeepSpeed, torch elastic).",
     no_args_is_help=True,
-    add_completion=False,
+    add_completion=True,  # --install-completion, --show-completion SHELL
     pretty_exceptions_enable=False,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
@@ -139,7 +139,13 @@ def run(
 
     Exit status: 0 done; 2 bad input; 3 diverged (a NaN/inf loss or gradient norm stopped the run); 75
     preempted (SIGTERM/SIGUSR1/Ctrl-C: a checkpoint was saved, continue with --resume RUN_DIR); 130 a second
-    Ctrl-C killed the ranks; otherwise the failing workers' status."""
+    Ctrl-C killed the ranks; otherwise the failing workers' status.
+
+    Examples:
+      qlaunch run recipes/tiny-cpu.toml --gpus 2
+      qlaunch run recipes/llama70b-qlora.toml --gpus 8 --set train.lr=1e-4
+      qlaunch run --resume runs/tiny/20261204-120000
+    """
     from launcher.launch.run import RunRequest
     from launcher.launch.run import run as run_recipe
 
@@ -192,7 +198,11 @@ def slurm(
     ] = None,
     set_: SetOpt = None,
 ) -> None:
-    """Write an sbatch script that runs RECIPE on N nodes (one `qlaunch run` per node, requeued on preemption)."""
+    """Write an sbatch script that runs RECIPE on N nodes (one `qlaunch run` per node, requeued on preemption).
+
+    Example:
+      qlaunch slurm recipes/llama70b-qlora.toml --nodes 2 --gpus-per-node 8
+    """
     import shlex
 
     from launcher.launch.prepare import flag_overrides, write_sbatch_file
@@ -231,7 +241,11 @@ def plan(
         ),
     ] = None,
 ) -> None:
-    """Show the run's plan: world size, batch split, backend settings and the per-GPU memory estimate."""
+    """Show the run's plan: world size, batch split, backend settings and the per-GPU memory estimate.
+
+    Example:
+      qlaunch plan recipes/llama8b-rehearsal.toml --gpus 1 --gpu-mem-gb 24
+    """
     from launcher.launch.prepare import flag_overrides, show_plan
 
     show_plan(recipe, flag_overrides(set_, gpus, nnodes), gpu_mem_gb)
@@ -251,6 +265,9 @@ def config(
 
     OUT also gets the resolved recipe.toml and plan.json, so it is a run directory that
     `accelerate launch --config_file OUT/accelerate_config.yaml -m launcher.rank.worker OUT` can start.
+
+    Example:
+      qlaunch config recipes/tiny-cpu.toml -o cfg --gpus 2
     """
     from launcher.launch.prepare import flag_overrides, write_config_dir
 
@@ -259,7 +276,11 @@ def config(
 
 @app.command()
 def recipes() -> None:
-    """List the bundled recipes."""
+    """List the bundled recipes.
+
+    Example:
+      qlaunch recipes
+    """
     from launcher.plan.recipe_file import bundled_recipes, read_toml
 
     for p in bundled_recipes():
@@ -272,7 +293,13 @@ def recipes() -> None:
 def explain(
     key: Annotated[str, typer.Argument(help="Dotted recipe key (e.g. lora.rank) or a section (e.g. train).")] = "",
 ) -> None:
-    """Show the documentation of a recipe key or section."""
+    """Show the documentation of a recipe key or section: type, allowed values, default, range.
+
+    Examples:
+      qlaunch explain train
+      qlaunch explain train.schedule
+      qlaunch explain data.datasets.path
+    """
     from launcher.plan.explain import explain as _explain
 
     print(_explain(key))
@@ -286,7 +313,11 @@ def quantize(
     blocksize: Annotated[int, typer.Option("--blocksize", help="Elements per quantization block.")] = 64,
     skip: Annotated[list[str] | None, typer.Option("--skip", help="Linear layers kept unquantized.")] = None,
 ) -> None:
-    """Write a pre-quantized 4-bit checkpoint: ranks then read only their own byte ranges."""
+    """Write a pre-quantized 4-bit checkpoint: ranks then read only their own byte ranges.
+
+    Example:
+      qlaunch quantize models/Llama-3.1-8B -o models/Llama-3.1-8B-nf4
+    """
     from launcher.launch.quantize import quantize_checkpoint
     from launcher.launch.quiet import quiet_libraries
 
@@ -307,6 +338,9 @@ def doctor(
     """Check this machine: package versions against the tested ones, GPUs, /dev/shm, open files, env, disk.
 
     Exit code 1 when something would stop a run; warnings (no GPU, untested versions) keep exit code 0.
+
+    Example:
+      qlaunch doctor
     """
     from rich.console import Console
 
@@ -325,7 +359,11 @@ def doctor(
 def report(
     run_dir: Annotated[str, typer.Argument(help="A run directory (runs/<name>/<timestamp>) or runs/<name> (newest).")],
 ) -> None:
-    """Write PNG plots of a run (RUN/plots/) and print its summary: loss, throughput, memory, time, checkpoints."""
+    """Write PNG plots of a run (RUN/plots/) and print its summary: loss, throughput, memory, time, checkpoints.
+
+    Example:
+      qlaunch report runs/tiny/20261204-120000
+    """
     from rich.console import Console
 
     from launcher.ui import report as rep
@@ -351,7 +389,8 @@ def merge(
 ) -> None:
     """Write base + adapter as one Hugging Face model that from_pretrained loads.
 
-    Example: qlaunch merge runs/tiny/20261204-120000 -o merged --dtype float32
+    Example:
+      qlaunch merge runs/tiny/20261204-120000 -o merged --dtype float32
     """
     if dtype not in ("bfloat16", "float16", "float32"):
         raise UserError(f"--dtype {dtype}: use bfloat16, float16 or float32")
@@ -411,6 +450,28 @@ def usage_error_line(err: BaseException, argv: list[str]) -> str:
     return f"{text}; see '{_command_path(getattr(err, 'ctx', None), argv)} --help'"
 
 
+SHELLS = ("bash", "zsh", "fish", "powershell", "pwsh")
+
+
+def completion_request(argv: list[str]) -> tuple[str, str] | None:
+    """('show' | 'install', SHELL) for `--show-completion SHELL` / `--install-completion SHELL`: typer's own
+    flags take no shell (they detect the running one), so a named shell is handled here."""
+    if len(argv) == 2 and argv[0] in ("--show-completion", "--install-completion") and argv[1] in SHELLS:
+        return argv[0][2:].split("-")[0], argv[1]
+    return None
+
+
+def _completion(what: str, shell: str) -> None:
+    from typer import _completion_shared as completion  # typer's installer and scripts (no public API)
+
+    var = f"_{PROG.upper()}_COMPLETE"
+    if what == "show":
+        print(completion.get_completion_script(prog_name=PROG, complete_var=var, shell=shell))
+    else:
+        shell, path = completion.install(shell=shell, prog_name=PROG, complete_var=var)
+        print(f"{shell} completion installed in {path}; it takes effect in a new shell")
+
+
 def main() -> None:
     """The console script: bad input (UserError), command-line usage errors and this host's file errors
     (OSError: a full or read-only disk) are one 'qlaunch: error:' line; a Ctrl-C before spawning is one line.
@@ -422,6 +483,10 @@ def main() -> None:
     click_error = _exception_classes("ClickException")
     exit_ = _exception_classes("Exit")
     abort = _exception_classes("Abort")
+    request = completion_request(sys.argv[1:])
+    if request is not None:
+        _completion(*request)
+        return
     try:
         rc = app(standalone_mode=False, prog_name=PROG)
     except UserError as err:

@@ -117,3 +117,64 @@ def test_plain_click_exceptions_are_handled_like_typers():
     assert usage_error_line(bare, ["plan", "r.toml", "--gpus"]) == (
         "option '--gpus' requires an argument; see 'qlaunch plan --help'"
     )
+
+
+COMMANDS = ["run", "slurm", "plan", "config", "recipes", "explain", "quantize", "doctor", "report", "merge"]
+
+
+def _examples(help_text: str) -> list[list[str]]:
+    """The command lines under a help text's 'Example:'/'Examples:' heading."""
+    lines = help_text.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.strip() in ("Example:", "Examples:"))
+    out = []
+    for line in lines[start + 1 :]:
+        words = line.strip().split()
+        if not words:
+            return out
+        assert words[0] == "qlaunch", f"an example wrapped onto a second line: {line!r}"
+        out.append(words[1:])
+    return out
+
+
+def test_every_command_help_has_examples_and_the_cheap_ones_run(tmp_path):
+    """Each command's --help ends its description with examples; those of the commands that only read
+    (explain, plan, recipes) are run as written, from the project root, and exit 0."""
+    for command in COMMANDS:
+        r = qlaunch(command, "--help", cwd=tmp_path)
+        assert r.returncode == 0, r.stderr
+        examples = _examples(r.stdout)
+        assert examples and all(e[0] == command for e in examples), (command, r.stdout)
+        if command in ("explain", "plan", "recipes"):
+            for e in examples:
+                ran = qlaunch(*e, cwd=ROOT)
+                assert ran.returncode == 0 and "Traceback" not in ran.stderr, (e, ran.stderr)
+
+
+@pytest.mark.parametrize("shell", ["bash", "zsh", "fish"])
+def test_completion_script_for_a_named_shell(tmp_path, shell):
+    r = qlaunch("--show-completion", shell, cwd=tmp_path)
+    assert r.returncode == 0 and f"_QLAUNCH_COMPLETE=complete_{shell}" in r.stdout, r.stdout + r.stderr
+
+
+def test_completion_completes_commands_and_options(tmp_path):
+    """What the installed bash script asks the program: the words so far, the one being completed."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "_QLAUNCH_COMPLETE": "complete_bash"}
+    for words, cword, want in (
+        ("qlaunch ru", 1, "run"),
+        ("qlaunch run --gp", 2, "--gpus"),
+        ("qlaunch exp", 1, "explain"),
+    ):
+        e = {**env, "COMP_WORDS": words, "COMP_CWORD": str(cword)}
+        r = subprocess.run([str(QLAUNCH)], cwd=tmp_path, env=e, capture_output=True, text=True, timeout=60)
+        assert r.returncode == 0 and r.stdout.split() == [want], (words, r.stdout, r.stderr)
+
+
+def test_install_completion_writes_into_the_users_shell_files(tmp_path):
+    home = tmp_path / "home"
+    home.mkdir()
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HOME": str(home)}
+    r = subprocess.run([str(QLAUNCH), "--install-completion", "bash"], cwd=tmp_path, env=env,
+                       capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert r.returncode == 0 and "bash completion installed in" in r.stdout, r.stdout + r.stderr
+    assert "qlaunch" in (home / ".bashrc").read_text()
+    assert any("_QLAUNCH_COMPLETE" in p.read_text() for p in home.rglob("*") if p.is_file() and p.name != ".bashrc")
