@@ -59,7 +59,7 @@ def test_live_view_snapshot():
     check_golden("live-tiny.txt", text)
     # The numbers the issue asks for are all on screen by the end.
     final = text.rsplit("after event", 1)[1]
-    for needle in ("30/30", "5.8526", "eval 5.8479 (step 30)", "per GPU", "r0 0.48 r1 0.58 GiB", "done"):
+    for needle in ("30/30", "5.8526", "eval 5.8479 (step 30)", "per rank", "r0 0.48 r1 0.58 GiB", "done"):
         assert needle in final, needle
 
 
@@ -93,7 +93,7 @@ def test_a_preference_run_shows_its_reward_margin_and_accuracy():
 def test_a_preference_run_has_margin_and_accuracy_in_its_plain_lines():
     lines = list(live.plain_lines(ORPO, live.RunState(layers=2)))
     assert lines[6] == (
-        "step 1/6  loss 6.3401  margin 0.0001157  acc 0.469  lr 1.50e-03  grad 1.185  7788 tok/s (7788/gpu)  "
+        "step 1/6  loss 6.3401  margin 0.0001157  acc 0.469  lr 1.50e-03  grad 1.185  7788 tok/s (7788/rank)  "
         "peak r0 0.45 GiB (host RSS)  ETA 0:00:03"
     )
     assert "eval  step 3  loss 6.2720  margin 0.0001854  acc 0.531" in lines
@@ -176,3 +176,15 @@ def test_a_diverged_run_gets_its_line():
 
     line = format_event({"event": "diverged", "step": 4, "loss": "nan", "grad_norm": "inf", "time": 1.0})
     assert line == "stopped at step 4: loss nan, gradient norm inf"
+
+
+def test_per_rank_figures_say_gpu_only_for_gpu_ranks():
+    """A CPU run's ranks are processes, not GPUs: its per-rank speed says 'rank'; a run whose ranks report
+    GPU memory says 'gpu'."""
+    step = {"event": "step", "step": 1, "total_steps": 2, "loss": 1.0, "lr": 1e-3, "grad_norm": 0.5,
+            "tokens_per_s": 200.0, "tokens_per_s_per_gpu": 100.0, "step_time_s": 1.0}  # fmt: skip
+    for memory, unit in (({"host_rss_gb": 1.0}, "rank"), ({"gpu_reserved_gb": 2.0, "host_rss_gb": 1.0}, "gpu")):
+        st = live.RunState()
+        e = {**step, **memory}
+        live.update(st, e)
+        assert f"200 tok/s (100/{unit})" in live.format_event(e, st), (unit, live.format_event(e, st))

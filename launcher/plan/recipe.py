@@ -426,7 +426,11 @@ class ParallelConfig(_Section):
 
 class CheckpointConfig(_Section):
     every_steps: Int = Field(
-        0, ge=0, le=MAX_STEPS, description="Save a sharded checkpoint every N steps (0 = only at the end)."
+        0,
+        ge=0,
+        le=MAX_STEPS,
+        description="Save a sharded checkpoint every N steps and after the last (0 = none on "
+        "a schedule; a preemption still saves one, and checkpoint.save_final_adapter exports the adapter).",
     )
     keep_last: Int = Field(2, ge=1, description="Complete checkpoints to keep.")
     save_final_adapter: Bool = Field(True, description="Export the PEFT adapter at the end of training.")

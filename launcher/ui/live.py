@@ -115,6 +115,12 @@ class RunState:
 
     # ---- derived numbers
 
+    @property
+    def per(self) -> str:
+        """What one rank is called in per-rank figures: 'gpu' where the ranks report GPU memory, else 'rank'
+        (CPU processes)."""
+        return "gpu" if self.peak_kind == "GPU reserved" else "rank"
+
     def load_rate(self) -> float | None:
         """Bytes/s read by rank 0 while loading (None until bytes are reported)."""
         if self.load_bytes is None or self.load_start is None or self.last_time is None:
@@ -314,7 +320,7 @@ def format_event(e: dict, st: RunState | None = None) -> str | None:
     if ev == "step":
         tps = e.get("tokens_per_s")
         per_gpu = e.get("tokens_per_s_per_gpu", 0)
-        speed = f"{tps:.0f} tok/s ({per_gpu:.0f}/gpu)" if tps is not None else f"{per_gpu:.0f} tok/s/gpu"
+        speed = f"{tps:.0f} tok/s ({per_gpu:.0f}/{st.per})" if tps is not None else f"{per_gpu:.0f} tok/s/{st.per}"
         prefs = preference_text(e)
         line = (
             f"step {e['step']}/{e['total_steps']}  loss {e['loss']:.4f}  "
@@ -436,7 +442,8 @@ def render(st: RunState, now: float | None = None):
             per = s.get("tokens_per_s_per_gpu", 0)
             speed = f"{tps:,.0f} total, " if tps is not None else ""
             step_t = f"   {s['step_time_s']:.2f} s/step" if "step_time_s" in s else ""
-            rows.append(("tokens/s", Text(f"{speed}{per:,.0f} per GPU{step_t}")))
+            unit = "GPU" if st.per == "gpu" else "rank"
+            rows.append(("tokens/s", Text(f"{speed}{per:,.0f} per {unit}{step_t}")))
     if st.peaks:
         rows.append(("peak memory", Text(fmt_peaks(st))))
     if st.checkpointing_since is not None:

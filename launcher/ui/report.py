@@ -148,6 +148,7 @@ class Series:
     eval_loss: list[float] = field(default_factory=list)
     mem: dict[int, list[float]] = field(default_factory=dict)  # rank -> peak GiB at each step
     mem_kind: str = ""
+    per: str = "rank"  # one rank in per-rank figures: "GPU" where the ranks report GPU memory
     # A preference run's numbers: field (eval ones prefixed eval_) -> (steps, values); empty for SFT.
     prefs: dict[str, tuple[list[int], list[float]]] = field(default_factory=dict)
 
@@ -173,6 +174,7 @@ def series(events: list[dict]) -> Series:
     gpu = any("gpu_reserved_gb" in e or "rank_gpu_reserved_gb" in e for e in events if e.get("event") == "step")
     many, one = ("rank_gpu_reserved_gb", "gpu_reserved_gb") if gpu else ("rank_host_rss_gb", "host_rss_gb")
     s.mem_kind = "peak GPU memory reserved" if gpu else "peak host memory (RSS)"
+    s.per = "GPU" if gpu else "rank"
     for e in events:
         ev = e.get("event")
         if ev == "step":
@@ -244,7 +246,7 @@ def summarize(events: list[dict], run: RunDir) -> list[tuple[str, str]]:
         rows.append(
             (
                 "throughput",
-                f"{statistics.median(tps):,.0f} tok/s total, {statistics.median(tps_gpu):,.0f} tok/s per GPU (median)",
+                f"{statistics.median(tps):,.0f} tok/s total, {statistics.median(tps_gpu):,.0f} tok/s per {s.per} (median)",
             )
         )
     if s.mem:
@@ -320,7 +322,7 @@ def plot(s: Series, out_dir: Path) -> list[Path]:
 
         fig, ax = axes("throughput", "tokens / s")
         ax.plot(s.steps, s.tps, label="total", color="tab:purple", linewidth=1.5)
-        ax.plot(s.steps, s.tps_gpu, label="per GPU", color="tab:red", linewidth=1.5)
+        ax.plot(s.steps, s.tps_gpu, label=f"per {s.per}", color="tab:red", linewidth=1.5)
         ax.set_ylim(bottom=0)
         ax.legend()
         save(fig, "throughput.png")
