@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 import shutil
 from pathlib import Path
 
 import pytest
+from PIL import Image
 
 from launcher.errors import UserError
 from launcher.rank import sinks
@@ -63,7 +65,11 @@ def test_report_writes_readable_pngs_and_a_summary(run):
     assert table["status"] == "completed"
     assert table["steps"] == "30 of 30"
     assert table["final loss"].startswith("5.8526 (first 6.2724")
-    assert table["eval loss"].startswith("5.8479 at step 30")
+    last_eval = [json.loads(x) for x in run.metrics.read_text().splitlines() if '"eval"' in x][-1]["eval_loss"]
+    assert table["eval loss"].startswith(f"5.8479 (perplexity {math.exp(last_eval):,.2f})")
+    assert "at step 30 (best" in table["eval loss"]
+    for p in plots:  # every plot says which run it is
+        assert Image.open(p).info["Title"] == f"{run.path.parent.name}: {p.stem}", p
     assert table["peak memory"].startswith("0.58 GiB peak host memory (RSS); per rank: r0 0.48 r1 0.58")
     assert "tok/s per rank (median)" in table["throughput"]  # CPU processes, not GPUs
     assert table["checkpoints"].startswith("3 written, 2 on disk; last runs/tiny-cpu/")
@@ -77,6 +83,7 @@ def test_a_preference_run_gets_reward_panels_and_a_rewards_row(preference_run):
     assert [p.name for p in plots] == names
     for p in plots:
         assert_drawn_png(p)
+    assert "perplexity" not in dict(rows)["eval loss"]  # a DPO/ORPO loss is no cross-entropy
     assert dict(rows)["rewards"] == (
         "train margin 7.869e-05, accuracy 0.438 at step 6; eval margin 0.0001054, accuracy 0.531 at step 6"
     )
@@ -313,3 +320,12 @@ def test_report_command_on_a_tampered_metrics_file_prints_one_warning(run):
     assert r.stderr.splitlines() == [f"warning: {run.metrics}: skipped 3 malformed line(s) (a killed run's last line "
                                      "is often cut short; other lines were not written by qlaunch)"]  # fmt: skip
     assert "final loss" in r.stdout
+
+
+def test_smoothing_is_tensorboards_debiased_moving_average():
+    assert report.smoothed([4.0, 4.0, 4.0]) == pytest.approx([4.0, 4.0, 4.0])  # no pull towards 0 at the start
+    got = report.smoothed([1.0, 0.0], weight=0.5)
+    assert got == pytest.approx([1.0, (0.5 * 0.5 * 1.0 + 0.5 * 0.0) / (1 - 0.25)])
+    noisy = [5.0 + (-1) ** i for i in range(40)]
+    assert max(report.smoothed(noisy)[10:]) - min(report.smoothed(noisy)[10:]) < 0.2 * 2  # the zigzag damped
+    assert report.perplexity(0.0) == "1.00" and report.perplexity(1e4) == "overflow"

@@ -230,10 +230,13 @@ def summarize(events: list[dict], run: RunDir) -> list[tuple[str, str]]:
         rows.append(("final loss", f"{s.loss[-1]:.4f} (first {s.loss[0]:.4f}, min {min(s.loss):.4f})"))
     if s.eval_loss:
         best = min(range(len(s.eval_loss)), key=s.eval_loss.__getitem__)
+        # A token cross-entropy's perplexity; a preference loss (DPO, ORPO) has none.
+        ppl = f" (perplexity {perplexity(s.eval_loss[-1])})" if not s.prefs else ""
         rows.append(
             (
                 "eval loss",
-                f"{s.eval_loss[-1]:.4f} at step {s.eval_steps[-1]} (best {s.eval_loss[best]:.4f} at {s.eval_steps[best]})",
+                f"{s.eval_loss[-1]:.4f}{ppl} at step {s.eval_steps[-1]} "
+                f"(best {s.eval_loss[best]:.4f} at {s.eval_steps[best]})",
             )
         )
     rewards = preference_summary(s.prefs)
@@ -280,9 +283,25 @@ def summarize(events: list[dict], run: RunDir) -> list[tuple[str, str]]:
     return rows
 
 
-def plot(s: Series, out_dir: Path) -> list[Path]:
+def perplexity(loss: float) -> str:
+    """exp(loss), or 'overflow' beyond what a float holds."""
+    return f"{math.exp(loss):,.2f}" if loss < 700 else "overflow"
+
+
+def smoothed(values: list[float], weight: float = 0.9) -> list[float]:
+    """TensorBoard's smoothing: an exponential moving average with its start-up bias divided out, so the
+    first points are not pulled towards 0."""
+    out, avg = [], 0.0
+    for i, v in enumerate(values, start=1):
+        avg = weight * avg + (1 - weight) * v
+        out.append(avg / (1 - weight**i))
+    return out
+
+
+def plot(s: Series, out_dir: Path, name: str = "") -> list[Path]:
     """loss.png, (preference runs) rewards.png and reward_accuracy.png, lr.png, throughput.png, memory.png
-    (only those with data) in out_dir."""
+    (only those with data) in out_dir. NAME (the run's) heads every title and is the PNGs' Title metadata;
+    legends sit beside the axes, never over the lines."""
     import matplotlib
 
     matplotlib.use("Agg")  # files only; never a display
@@ -291,16 +310,22 @@ def plot(s: Series, out_dir: Path) -> list[Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     written: list[Path] = []
 
-    def save(fig, name: str) -> None:
+    def save(fig, file: str) -> None:
+        for ax in fig.axes:
+            if ax.get_legend_handles_labels()[0]:
+                ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0, fontsize="small")
         fig.tight_layout()
-        path = out_dir / name
-        fig.savefig(path, dpi=110)
+        path = out_dir / file
+        fig.savefig(path, dpi=110, metadata={"Title": f"{name}: {file.removesuffix('.png')}" if name else file})
         plt.close(fig)
         written.append(path)
 
+    def titled(title: str) -> str:
+        return f"{name}: {title}" if name else title
+
     def axes(title: str, ylabel: str):
         fig, ax = plt.subplots(figsize=(8, 4.5))
-        ax.set_title(title)
+        ax.set_title(titled(title))
         ax.set_xlabel("step")
         ax.set_ylabel(ylabel)
         ax.grid(True, alpha=0.3)
@@ -308,12 +333,12 @@ def plot(s: Series, out_dir: Path) -> list[Path]:
 
     if s.steps:
         fig, ax = axes("loss", "loss")
-        ax.plot(s.steps, s.loss, label="train loss", color="tab:blue", linewidth=1.5)
+        ax.plot(s.steps, s.loss, label="train loss", color="tab:blue", linewidth=1.0, alpha=0.35)
+        ax.plot(s.steps, smoothed(s.loss), label="train loss, smoothed", color="tab:blue", linewidth=1.8)
         if s.eval_loss:
             ax.plot(s.eval_steps, s.eval_loss, "o-", label="eval loss", color="tab:orange", linewidth=1.5)
-        ax.legend()
         save(fig, "loss.png")
-        _plot_preference(s.prefs, plt, axes, save)
+        _plot_preference(s.prefs, plt, axes, save, titled)
 
         fig, ax = axes("learning rate", "lr")
         ax.plot(s.steps, s.lr, color="tab:green", linewidth=1.5)
@@ -324,7 +349,6 @@ def plot(s: Series, out_dir: Path) -> list[Path]:
         ax.plot(s.steps, s.tps, label="total", color="tab:purple", linewidth=1.5)
         ax.plot(s.steps, s.tps_gpu, label=f"per {s.per}", color="tab:red", linewidth=1.5)
         ax.set_ylim(bottom=0)
-        ax.legend()
         save(fig, "throughput.png")
 
     if s.mem:
@@ -332,7 +356,6 @@ def plot(s: Series, out_dir: Path) -> list[Path]:
         for r, values in sorted(s.mem.items()):
             ax.plot(s.steps[: len(values)], values, label=f"rank {r}", linewidth=1.5)
         ax.set_ylim(bottom=0)
-        ax.legend()
         save(fig, "memory.png")
     return written
 
@@ -348,14 +371,14 @@ REWARD_PLOTS = (
 )
 
 
-def _plot_preference(prefs: dict[str, tuple[list[int], list[float]]], plt, axes, save) -> None:
+def _plot_preference(prefs: dict[str, tuple[list[int], list[float]]], plt, axes, save, titled) -> None:
     """rewards.png (chosen vs rejected rewards above, their margin below) and reward_accuracy.png (how often
     the chosen reward is the higher one), train and eval; nothing for an SFT run."""
     if any(name in prefs for _, lines in REWARD_PLOTS for name, _, _ in lines):
         # The margin gets its own axis: it is often 100x smaller than the rewards and would lie flat on zero.
         fig, axs = plt.subplots(2, 1, figsize=(8, 6), sharex=True)
         for ax, (title, lines) in zip(axs, REWARD_PLOTS, strict=True):
-            ax.set_title(title)
+            ax.set_title(titled(title))
             ax.set_ylabel("reward")
             ax.grid(True, alpha=0.3)
             for name, label, colour in lines:
@@ -363,7 +386,6 @@ def _plot_preference(prefs: dict[str, tuple[list[int], list[float]]], plt, axes,
                     if prefix + name in prefs:
                         steps, values = prefs[prefix + name]
                         ax.plot(steps, values, style, label=f"{what} {label}", color=colour, linewidth=1.5)
-            ax.legend()
         axs[-1].axhline(0.0, color="grey", linewidth=0.8)  # the margin's sign: which answer the policy prefers
         axs[-1].set_xlabel("step")
         save(fig, "rewards.png")
@@ -375,7 +397,6 @@ def _plot_preference(prefs: dict[str, tuple[list[int], list[float]]], plt, axes,
                 steps, values = prefs[prefix + "reward_accuracy"]
                 ax.plot(steps, values, style, label=f"{what} accuracy", color=colour, linewidth=1.5)
         ax.set_ylim(-0.02, 1.02)
-        ax.legend()
         save(fig, "reward_accuracy.png")
 
 
@@ -396,7 +417,7 @@ def report(
     rows = summarize(events, run)
     with warnings.catch_warnings():  # a tampered value (lr = 1e308) overflows numpy's axis arithmetic: harmless
         warnings.simplefilter("ignore")
-        plots = plot(series(events), run.plots)
+        plots = plot(series(events), run.plots, run.path.parent.name)
     return run, rows, plots
 
 
