@@ -528,13 +528,19 @@ def test_run_name_escaping_runs_dir_writes_nothing(tmp_path):
     assert sorted(p.name for p in tmp_path.rglob("*")) == ["recipe.toml"]
 
 
-@pytest.mark.parametrize("template", ["chatml", "llama-3", "", "{ role }"])
-def test_chat_template_that_is_not_jinja(recipe_file, template):
+@pytest.mark.parametrize("template", ["chatml2", "llama-3", "", "{ role }"])
+def test_chat_template_that_is_no_name_and_not_jinja(recipe_file, template):
     path = recipe_file(BASE_RECIPE.replace('format = "alpaca"', f'format = "chat"\nchat_template = "{template}"'))
     with pytest.raises(UserError) as err:
         load_recipe(path)
-    assert str(err.value).startswith(f"{path}:13: data.chat_template = {template!r}: not a Jinja chat template")
-    assert "leave it unset to use the tokenizer's template" in str(err.value)
+    assert str(err.value).startswith(f"{path}:13: data.chat_template = {template!r}: neither a template name (")
+    assert "chatml, qwen, llama3, gemma, mistral, phi, phi4, 'tokenizer')" in str(err.value)
+
+
+@pytest.mark.parametrize("name", ["chatml", "qwen", "llama3", "gemma", "mistral", "phi", "phi4", "tokenizer"])
+def test_chat_template_names_are_accepted(recipe_file, name):
+    rec = load_recipe(recipe_file(), ['data.format="chat"', f'data.chat_template="{name}"'])
+    assert rec.data.chat_template == name
 
 
 def test_chat_template_with_jinja_is_accepted(recipe_file):

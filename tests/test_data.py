@@ -208,6 +208,73 @@ def test_chat_template_from_the_recipe_and_custom_column(tmp_path, tok):
     assert trained_text(tok, train) == ["Hello\n"]
 
 
+SYSTEM_CHAT = [{"role": "system", "content": "Be brief."}, *CHAT[1:]]
+
+# What each named template makes of SYSTEM_CHAT (the tiny tokenizer's bos/eos are <|bos|>/<|eos|>), and the
+# assistant replies it trains on: the reply and the family's end-of-turn marker.
+NAMED_RENDERINGS = {
+    "chatml": (
+        "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
+        "Hello<|im_end|>\n<|im_start|>user\nBye<|im_end|>\n<|im_start|>assistant\nCiao<|im_end|>\n",
+        ["Hello<|im_end|>\n", "Ciao<|im_end|>\n"],
+    ),
+    "llama3": (
+        "<|bos|><|start_header_id|>system<|end_header_id|>\n\nBe brief.<|eot_id|><|start_header_id|>user"
+        "<|end_header_id|>\n\nHi<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\nHello<|eot_id|>"
+        "<|start_header_id|>user<|end_header_id|>\n\nBye<|eot_id|><|start_header_id|>assistant<|end_header_id|>"
+        "\n\nCiao<|eot_id|>",
+        ["Hello<|eot_id|>", "Ciao<|eot_id|>"],
+    ),
+    "gemma": (
+        "<|bos|><start_of_turn>user\nBe brief.\n\nHi<end_of_turn>\n<start_of_turn>model\nHello<end_of_turn>\n"
+        "<start_of_turn>user\nBye<end_of_turn>\n<start_of_turn>model\nCiao<end_of_turn>\n",
+        ["Hello<end_of_turn>\n", "Ciao<end_of_turn>\n"],
+    ),
+    "mistral": (
+        "<|bos|>[INST] Be brief.\n\nHi [/INST]Hello<|eos|>[INST] Bye [/INST]Ciao<|eos|>",
+        ["Hello<|eos|>", "Ciao<|eos|>"],
+    ),
+    "phi": (
+        "<|system|>\nBe brief.<|end|>\n<|user|>\nHi<|end|>\n<|assistant|>\nHello<|end|>\n<|user|>\nBye<|end|>\n"
+        "<|assistant|>\nCiao<|end|>\n",
+        ["Hello<|end|>\n", "Ciao<|end|>\n"],
+    ),
+    "phi4": (
+        "<|im_start|>system<|im_sep|>Be brief.<|im_end|><|im_start|>user<|im_sep|>Hi<|im_end|><|im_start|>"
+        "assistant<|im_sep|>Hello<|im_end|><|im_start|>user<|im_sep|>Bye<|im_end|><|im_start|>assistant<|im_sep|>"
+        "Ciao<|im_end|>",
+        ["Hello<|im_end|>", "Ciao<|im_end|>"],
+    ),
+}
+
+
+@pytest.mark.parametrize("name", sorted(NAMED_RENDERINGS))
+def test_named_chat_templates_render_the_family_layout_and_train_on_the_replies(tmp_path, tok, name):
+    path = jsonl(tmp_path / "c.jsonl", [{"messages": SYSTEM_CHAT}])
+    train, _ = build_data(recipe({"datasets": [{"path": str(path)}], "format": "chat", "chat_template": name,
+                                  "seq_len": 256}), tok, 0, 1)  # fmt: skip
+    (ids, labels), *rest = docs_of(train)
+    text, replies = NAMED_RENDERINGS[name]
+    assert not rest and tok.decode(ids) == text
+    assert trained_spans(tok, labels) == replies
+
+
+def test_qwen_adds_its_default_system_turn_and_tokenizer_means_the_tokenizers(tmp_path, tok):
+    from launcher.errors import UserError
+
+    path = jsonl(tmp_path / "c.jsonl", [{"messages": CHAT[1:3]}])
+    r = recipe({"datasets": [{"path": str(path)}], "format": "chat", "chat_template": "qwen", "seq_len": 256})
+    (ids, _), *_ = docs_of(build_data(r, tok, 0, 1)[0])
+    assert tok.decode(ids).startswith(
+        "<|im_start|>system\nYou are Qwen, created by Alibaba Cloud. You are a helpful assistant.<|im_end|>\n"
+        "<|im_start|>user\nHi<|im_end|>"
+    )
+    assert tok.chat_template is None
+    r = recipe({"datasets": [{"path": str(path)}], "format": "chat", "chat_template": "tokenizer", "seq_len": 256})
+    with pytest.raises(UserError, match="data.chat_template = 'tokenizer', but the tokenizer has no chat template"):
+        build_data(r, tok, 0, 1)
+
+
 def test_tokenized_format_keeps_ids_and_labels(tmp_path, tok):
     rows = [
         {"input_ids": [5, 6, 7, 8], "labels": [-100, -100, 7, 8]},

@@ -24,6 +24,7 @@ from launcher.data.pack import IGNORE
 from launcher.data.preference import PairIds, PairText, cut_pair, pair_document, pair_length, split_pair, trains_both
 from launcher.data.source import Source, value_kind
 from launcher.data.tokenizer import leading_special_ids
+from launcher.plan.chat_templates import template_text
 
 # Wall-clock limit of one chat-template rendering: real templates take milliseconds; a Jinja loop bomb
 # (range(100000) nested twice) would otherwise render for hours before a rank is even spawned.
@@ -96,7 +97,12 @@ class Renderer:
         # Rows of the model's embedding: an id at or past it is an IndexError on every rank, whatever the
         # tokenizer's length (a tokenizer with added tokens the model was never resized for).
         self.model_vocab = model_vocab
-        self.template = cfg.chat_template or getattr(tokenizer, "chat_template", None) or DEFAULT_CHAT_TEMPLATE
+        try:
+            self.template = template_text(
+                cfg.chat_template, getattr(tokenizer, "chat_template", None), DEFAULT_CHAT_TEMPLATE
+            )
+        except ValueError as err:
+            raise UserError(str(err)) from None
 
     def required_columns(self) -> list[tuple[str, str]]:
         c = self.cfg
