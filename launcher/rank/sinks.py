@@ -66,8 +66,9 @@ def scalars(record: dict[str, Any]) -> tuple[int | None, dict[str, float]]:
         return int(record["step"]), {
             tag: float(record[k]) for k, tag in EVAL_SCALARS.items() if record.get(k) is not None
         }
-    if ev == "loaded":
-        return 0, {"time/load_s": float(record["seconds"])}
+    if ev == "loaded":  # the terminal's "model loaded in" figure, and its "weights" part
+        wall = record.get("wall_s", record["seconds"])  # metrics of runs before wall_s have the part only
+        return 0, {"time/load_s": float(wall), "time/load_weights_s": float(record["seconds"])}
     if ev == "start" and record.get("first_step_after_s") is not None:
         return 0, {"time/first_step_after_s": float(record["first_step_after_s"])}
     return None, {}
