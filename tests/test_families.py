@@ -183,7 +183,7 @@ def test_merged_family_model_gives_the_trained_logits(cli_runs, tmp_path, family
 
     run, _ = cli_runs[family]["zero3"]
     out = tmp_path / "merged"
-    r = run_cli("merge", str(run), "-o", str(out), "--dtype", "float32")
+    r = run_cli("merge", str(run), "-o", str(out), "--dtype", "float32", "--onto", "dequantized")
     assert r.returncode == 0, r.stdout + r.stderr
     config = json.loads((out / "config.json").read_text())
     with safe_open(str(out / "model.safetensors"), "pt") as f:

@@ -291,12 +291,12 @@ def optimizer_step(model, engine, micro: list[dict], objective, counts, device) 
     return sums, engine.step()
 
 
-@torch.no_grad()
 def to_device(batch: dict, device, non_blocking: bool = False) -> dict:
     """The batch's tensors on DEVICE; host values (with_pair_top's int) as they are."""
     return {k: v.to(device, non_blocking=non_blocking) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
+@torch.no_grad()
 def evaluate(model, data, micro_batch: int, d, device, objective=None) -> dict[str, float]:
     """The objective over the whole validation set ('eval_loss' and, for preference objectives, the eval
     rewards); each rank takes every world-th micro-batch."""
