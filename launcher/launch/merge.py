@@ -157,8 +157,10 @@ def merge_base(recipe, onto: str) -> str:
     merge_and_unload on the original model gives), or 'dequantized' (the 4-bit or int8 weights the adapter
     was trained against). A base with no quantization is its own original; a pre-quantized checkpoint has
     nothing but its dequantized weights."""
-    if onto == "dequantized" or recipe.quant.bits == "none" or not dense_weights_at(recipe):
-        return "dequantized" if recipe.quant.bits != "none" else "original"
+    if recipe.quant.bits == "none":
+        return "original"
+    if onto == "dequantized" or not dense_weights_at(recipe):
+        return "dequantized"
     return "original"
 
 
