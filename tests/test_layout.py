@@ -19,7 +19,17 @@ LAUNCHER = Path(__file__).resolve().parent.parent / "launcher"
 # Lowest first; a module may import its own layer or a lower one. "x.*" is the package x and all below it;
 # the most specific pattern wins (launcher.rank.model.fill is rank.model, launcher.rank.loop is rank).
 LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
-    ("base", ("launcher", "launcher.atomic", "launcher.errors", "launcher.procs", "launcher.safe_files")),
+    (
+        "base",
+        (
+            "launcher",
+            "launcher.atomic",
+            "launcher.errors",
+            "launcher.procs",
+            "launcher.progress",
+            "launcher.safe_files",
+        ),
+    ),
     ("plan", ("launcher.plan.*",)),
     ("rundir", ("launcher.rundir",)),
     ("data", ("launcher.data.*",)),

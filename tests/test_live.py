@@ -20,6 +20,7 @@ from pathlib import Path
 
 from rich.console import Console
 
+from launcher import progress
 from launcher.rundir import RunDir
 from launcher.ui import live
 
@@ -40,9 +41,9 @@ def check_golden(name: str, text: str) -> None:
 def snapshot(events: list[dict], at: list[int], title: str = "tiny-cpu  fsdp x 2 (cpu)") -> str:
     """The view after each event index in `at`, as plain text of a fixed-width, colourless console."""
     console = Console(width=100, record=True, force_terminal=False, color_system=None, file=io.StringIO())
-    st = live.RunState(title=title, layers=2)
+    st = progress.RunState(title=title, layers=2)
     for i, e in enumerate(events):
-        live.update(st, e)
+        progress.update(st, e)
         if i in at:
             console.rule(f"after event {i} ({e['event']})")
             console.print(live.render(st))
@@ -64,7 +65,7 @@ def test_live_view_snapshot():
 
 
 def test_plain_lines_snapshot_have_no_control_codes():
-    lines = list(live.plain_lines(EVENTS, live.RunState(layers=2)))
+    lines = list(progress.plain_lines(EVENTS, progress.RunState(layers=2)))
     text = "\n".join(lines) + "\n"
     assert "\x1b" not in text and "\r" not in text
     check_golden("plain-tiny.txt", text)
@@ -91,48 +92,48 @@ def test_a_preference_run_shows_its_reward_margin_and_accuracy():
 
 
 def test_a_preference_run_has_margin_and_accuracy_in_its_plain_lines():
-    lines = list(live.plain_lines(ORPO, live.RunState(layers=2)))
+    lines = list(progress.plain_lines(ORPO, progress.RunState(layers=2)))
     assert lines[6] == (
         "step 1/6  loss 6.3401  margin 0.0001157  acc 0.469  lr 1.50e-03  grad 1.185  7788 tok/s (7788/rank)  "
         "peak r0 0.45 GiB (host RSS)  ETA 0:00:03"
     )
     assert "eval  step 3  loss 6.2720  margin 0.0001854  acc 0.531" in lines
     assert "eval  step 6  loss 6.2593  margin 0.0001054  acc 0.531" in lines
-    assert list(live.plain_lines(DPO, live.RunState(layers=2))) == lines  # the plain line shows no ORPO term
+    assert list(progress.plain_lines(DPO, progress.RunState(layers=2))) == lines  # the plain line shows no ORPO term
 
 
 def test_an_sft_run_shows_no_rewards():
-    plain = "\n".join(live.plain_lines(EVENTS, live.RunState(layers=2)))
+    plain = "\n".join(progress.plain_lines(EVENTS, progress.RunState(layers=2)))
     final = snapshot(EVENTS, [len(EVENTS) - 1])
     for text in (plain, final):
         assert "margin" not in text and "acc " not in text and "rewards" not in text
 
 
 def test_eta_uses_the_step_rate_after_the_first_step():
-    st = live.RunState()
-    live.update(st, {"event": "start", "time": 0.0, "total_steps": 100, "world": 1, "first_step_after_s": 1})
+    st = progress.RunState()
+    progress.update(st, {"event": "start", "time": 0.0, "total_steps": 100, "world": 1, "first_step_after_s": 1})
     base = {"event": "step", "total_steps": 100, "loss": 1.0, "lr": 1e-4, "tokens_per_s_per_gpu": 1.0}
-    live.update(st, {**base, "time": 50.0, "step": 1, "step_time_s": 50.0})  # warm-up step: slow
+    progress.update(st, {**base, "time": 50.0, "step": 1, "step_time_s": 50.0})  # warm-up step: slow
     assert st.eta() == 99 * 50.0
-    live.update(st, {**base, "time": 60.0, "step": 11, "step_time_s": 1.0})  # then 1 step/s
+    progress.update(st, {**base, "time": 60.0, "step": 11, "step_time_s": 1.0})  # then 1 step/s
     assert st.eta() == 89.0
 
 
 def test_gpu_memory_per_rank_wins_over_host_rss():
-    st = live.RunState()
+    st = progress.RunState()
     step = {"event": "step", "time": 1.0, "step": 1, "total_steps": 2, "loss": 2.0, "lr": 1e-4}
-    live.update(st, {**step, "host_rss_gb": 3.0, "gpu_reserved_gb": 10.0, "rank_gpu_reserved_gb": [10.0, 12.5]})
-    live.update(st, {"event": "done", "time": 2.0, "host_rss_gb": 3.5})  # host-only numbers must not replace
+    progress.update(st, {**step, "host_rss_gb": 3.0, "gpu_reserved_gb": 10.0, "rank_gpu_reserved_gb": [10.0, 12.5]})
+    progress.update(st, {"event": "done", "time": 2.0, "host_rss_gb": 3.5})  # host-only numbers must not replace
     assert st.peak_kind == "GPU reserved"
-    assert live.fmt_peaks(st) == "r0 10.00 r1 12.50 GiB (GPU reserved)"
+    assert progress.fmt_peaks(st) == "r0 10.00 r1 12.50 GiB (GPU reserved)"
 
 
 def test_loading_progress_reports_layers_and_bytes_per_second():
-    st = live.RunState(layers=32)
-    live.update(st, {"event": "loading", "time": 100.0, "phase": "model", "rank": 0})
+    st = progress.RunState(layers=32)
+    progress.update(st, {"event": "loading", "time": 100.0, "phase": "model", "rank": 0})
     e = {"event": "loading", "time": 104.0, "phase": "model", "tensor": "model.layers.7.mlp.down_proj.weight"}
-    live.update(st, {**e, "bytes_read": 2 * 2**30})
-    assert live.format_event(e, st) == "loading model: layer 8/32, 2.00 GiB read, 512.0 MiB/s"
+    progress.update(st, {**e, "bytes_read": 2 * 2**30})
+    assert progress.format_event(e, st) == "loading model: layer 8/32, 2.00 GiB read, 512.0 MiB/s"
 
 
 def _writer_script(metrics: Path) -> str:
@@ -172,7 +173,7 @@ def test_follow_live_draws_on_a_terminal(tmp_path):
 
 
 def test_a_diverged_run_gets_its_line():
-    from launcher.ui.live import format_event
+    from launcher.progress import format_event
 
     line = format_event({"event": "diverged", "step": 4, "loss": "nan", "grad_norm": "inf", "time": 1.0})
     assert line == "stopped at step 4: loss nan, gradient norm inf"
@@ -184,7 +185,7 @@ def test_per_rank_figures_say_gpu_only_for_gpu_ranks():
     step = {"event": "step", "step": 1, "total_steps": 2, "loss": 1.0, "lr": 1e-3, "grad_norm": 0.5,
             "tokens_per_s": 200.0, "tokens_per_s_per_gpu": 100.0, "step_time_s": 1.0}  # fmt: skip
     for memory, unit in (({"host_rss_gb": 1.0}, "rank"), ({"gpu_reserved_gb": 2.0, "host_rss_gb": 1.0}, "gpu")):
-        st = live.RunState()
+        st = progress.RunState()
         e = {**step, **memory}
-        live.update(st, e)
-        assert f"200 tok/s (100/{unit})" in live.format_event(e, st), (unit, live.format_event(e, st))
+        progress.update(st, e)
+        assert f"200 tok/s (100/{unit})" in progress.format_event(e, st), (unit, progress.format_event(e, st))

@@ -157,14 +157,14 @@ def test_sink_scalars_follow_the_metrics_records():
 
 def test_tensorboard_load_time_is_the_terminals():
     """time/load_s is the whole load the live view reports as "model loaded in", not only its weights part."""
-    from launcher.ui import live
+    from launcher import progress
 
     events = [{"event": "loading", "time": 100.0, "phase": "model"},
               {"event": "loaded", "time": 114.3, "seconds": 1.2, "wall_s": 14.3, "bytes_read": 0}]  # fmt: skip
-    st = live.RunState()
+    st = progress.RunState()
     for e in events:
-        live.update(st, e)
-    assert live.format_event(events[1], st).startswith("model loaded in 14.3s (weights 1.2s")
+        progress.update(st, e)
+    assert progress.format_event(events[1], st).startswith("model loaded in 14.3s (weights 1.2s")
     assert sinks.scalars(events[1]) == (0, {"time/load_s": 14.3, "time/load_weights_s": 1.2})
 
 

@@ -17,10 +17,10 @@ from pathlib import Path
 from typing import Any
 
 from launcher.errors import UserError
+from launcher.progress import fmt_duration
 from launcher.rank.sinks import PREFERENCE_FIELDS
 from launcher.rundir import METRICS_FILE, RunDir
 from launcher.safe_files import open_regular
-from launcher.ui.live import fmt_duration
 
 # What `qlaunch report` reads of each event, and what it must be. metrics.jsonl may come from a crashed run
 # (its last line cut short) or a tampered copy: an event that breaks these rules is skipped and counted,
