@@ -152,6 +152,11 @@ def test_accelerate_launch_starts_the_same_training(parity, tmp_path):
     ]
     p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    # Rank 0 shows the progress qlaunch's follower would have shown (its own output still goes to its log).
+    shown = p.stdout.splitlines()
+    assert any(line.startswith("step 1/") and " loss " in line for line in shown), p.stdout[-3000:]
+    assert any(line.startswith("done: ") for line in shown), p.stdout[-3000:]
+    assert not any(line.startswith("[rank ") for line in shown), p.stdout[-3000:]
     got, want = read_run(out), parity["zero2"]
     assert rel(series(got, "loss"), series(want, "loss")) <= 1e-6
     assert rel(series(got, "grad_norm"), series(want, "grad_norm")) <= 1e-6

@@ -113,7 +113,8 @@ def peak_memory_gb(device: torch.device) -> dict[str, float]:
     return out
 
 
-def run_training(run: RunDir, d) -> None:
+def run_training(run: RunDir, d, terminal=None) -> None:
+    """`terminal`: rank 0's own stdout when no qlaunch follows the run (worker._unfollowed_terminal)."""
     from launcher.rank.metrics import Metrics
 
     t_spawn = float(os.environ.get("QLAUNCH_SPAWN_TIME", time.time()))
@@ -122,7 +123,10 @@ def run_training(run: RunDir, d) -> None:
     metrics = Metrics(run.metrics, enabled=d.rank == 0)
     try:  # a failing rank ends with os._exit (worker.leave): its sinks must be flushed here
         if d.rank == 0:
-            metrics.sinks = open_sinks(recipe, run.path, warn=lambda msg: metrics("warning", message=msg))
+            layers = (run_plan.plan.memory or {}).get("layers")
+            metrics.sinks = open_sinks(
+                recipe, run.path, lambda msg: metrics("warning", message=msg), terminal=terminal, layers=layers
+            )
         _train(run, d, recipe, run_plan, metrics, t_spawn)
     finally:
         metrics.close()

@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, TextIO
 
 from launcher.rundir import TENSORBOARD_DIR
 
@@ -126,9 +126,33 @@ class WandbSink:
         self.run.finish()
 
 
-def open_sinks(recipe, run_dir: Path, warn: Callable[[str], None]) -> list[Sink]:
-    """The sinks the recipe's [log] section asks for; a missing optional package costs one warning."""
-    out: list[Sink] = []
+class TerminalSink:
+    """The plain progress lines `qlaunch run` prints, written by rank 0 itself to a terminal nobody follows."""
+
+    def __init__(self, out: TextIO, run_dir: Path, layers: int | None):
+        from launcher.progress import RunState
+
+        self.out, self.state = out, RunState(layers=layers)
+        print(f"qlaunch: {run_dir} (every rank's own output: {run_dir / 'logs'})", file=out, flush=True)
+
+    def write(self, record: dict[str, Any]) -> None:
+        from launcher.progress import format_event, update
+
+        update(self.state, record)
+        line = format_event(record, self.state)
+        if line:
+            print(line, file=self.out, flush=True)
+
+    def close(self) -> None:
+        self.out.flush()
+
+
+def open_sinks(
+    recipe, run_dir: Path, warn: Callable[[str], None], terminal: TextIO | None = None, layers: int | None = None
+) -> list[Sink]:
+    """The sinks the recipe's [log] section asks for (a missing optional package costs one warning), and the
+    progress lines on `terminal` when one is given (a run no qlaunch follows)."""
+    out: list[Sink] = [TerminalSink(terminal, run_dir, layers)] if terminal is not None else []
     said = warn
 
     def warn(msg: str) -> None:

@@ -53,7 +53,9 @@ def main(argv: list[str] | None = None) -> int:
     # A second argument names this node in a run directory shared by several nodes (its logs' folder).
     run = RunDir(Path(argv[0]).resolve(), argv[1] if len(argv) > 1 else None)
     d = Dist.from_env()
+    terminal = None
     if os.environ.get("QLAUNCH_NO_REDIRECT") != "1":
+        terminal = _unfollowed_terminal(d)
         redirect_output(run.rank_log(d.rank))
     print(
         f"[rank {d.rank}] start pid={os.getpid()} world={d.world} restart={os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}",
@@ -62,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         from launcher.rank.loop import run_training
 
-        run_training(run, d)
+        run_training(run, d, terminal)
         return 0
     except UserError as err:  # bad input found only here, or a diverged run (TrainingDiverged)
         _write_error(run, d.rank, str(err), err.kind)
@@ -73,6 +75,17 @@ def main(argv: list[str] | None = None) -> int:
         sys.stdout.flush()
         _write_error(run, d.rank, f"{type(err).__name__}: {err}".splitlines()[0][:500], "crash")
         return 1
+
+
+def _unfollowed_terminal(d: Dist):
+    """Rank 0's own stdout, kept before it goes to the rank's log, when no qlaunch follows the run.
+
+    `qlaunch run` (and the script `qlaunch slurm` writes, which runs it) tails metrics.jsonl on the launching
+    terminal and says it spawned the ranks (QLAUNCH_SPAWN_TIME). An outside launcher (`accelerate launch`,
+    torchrun) does not: without these lines its terminal would stay silent until the run ends."""
+    if d.rank != 0 or "QLAUNCH_SPAWN_TIME" in os.environ:
+        return None
+    return os.fdopen(os.dup(1), "w", buffering=1)
 
 
 def _write_error(run: RunDir, rank: int, message: str, kind: str) -> None:
