@@ -173,6 +173,23 @@ def test_plan_command_prints_breakdown_verdict_and_suggestions(recipe_file):
     assert "suggestions:" in out and "--gpus 4" in out
     assert "global batch 4 = micro 1 x 2 ranks x 2 accum" in out  # auto, nothing fits: the smallest
     assert "\x1b" not in out
+
+
+def test_plan_says_which_device_it_plans_for(recipe_file, big):
+    """The estimate is per GPU even where the run itself would use CPU processes; `qlaunch plan` says which
+    GPUs it planned for, and on a machine without one, what `qlaunch run` would start there instead."""
+    from launcher.launch.prepare import planned_for
+
+    r = run_cli("plan", str(recipe_file()), "--gpu-mem-gb", "24")
+    assert r.returncode == 0, r.stderr
+    line = next(x for x in r.stdout.splitlines() if x.startswith("planned for: "))
+    assert line.startswith("planned for: 2 GPU(s) of 24 GiB"), line
+    assert r.stdout.index("planned for: ") < r.stdout.index("per-GPU memory: ")  # said before the numbers
+    plan = make_plan(big, Cluster(), model=SHAPE)
+    here = planned_for(plan, Cluster(), 80 * GiB)
+    assert "this machine has no GPU, so `qlaunch run` here starts 2 CPU process(es) (gloo)" in here, here
+    cards = planned_for(plan, Cluster(cuda_devices=8, gpu_memory_bytes=80 * GiB), 80 * GiB)
+    assert cards == "planned for: 2 GPU(s) of 80 GiB (this machine has 8 CUDA GPU(s))"
     # With room, 'auto' takes the largest micro-batch (in-process: same planner, no second CLI start).
     tiny = ModelShape.from_config(json.loads((TINY_MODEL / "config.json").read_text()))
     rec = load_recipe(recipe_file(), ["train.micro_batch=auto"])

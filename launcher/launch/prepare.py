@@ -122,6 +122,18 @@ def print_plan(rec: Recipe, plan: Plan) -> None:
     print(f"model: {rec.model.path} ({rec.model.init})  quant: {quant}  lora r={rec.lora.rank} alpha={rec.lora.alpha}")
 
 
+def planned_for(plan: Plan, cluster, gpu_mem: int) -> str:
+    """What the memory estimate is for, said before it: on a machine without a GPU the run itself uses CPU
+    processes, yet the estimate is for the GPUs the recipe is meant for."""
+    cards = f"{plan.world_size} GPU(s) of {gpu_mem / 2**30:.0f} GiB"
+    if cluster.cuda_devices:
+        return f"planned for: {cards} (this machine has {cluster.cuda_devices} CUDA GPU(s))"
+    return (
+        f"planned for: {cards}; this machine has no GPU, so `qlaunch run` here starts {plan.world_size} CPU "
+        "process(es) (gloo) and the estimate is what each GPU would need (--gpu-mem-gb sets the card's size)"
+    )
+
+
 def show_plan(recipe_file: str, overrides: list[str], gpu_mem_gb: float | None) -> None:
     """`qlaunch plan`: the plan as `run` would make it here, and the per-GPU memory estimate with advice."""
     from rich.console import Console
@@ -141,13 +153,12 @@ def show_plan(recipe_file: str, overrides: list[str], gpu_mem_gb: float | None) 
     if shape.layer is None:
         print("(the model does not build here: its layers are counted as Llama's from config.json)")
     gpu_mem = planned_gpu_memory(rec, cluster)  # the card, or launch.gpu_memory_gb when smaller
+    print(planned_for(plan, cluster, gpu_mem))
     est = memory.estimate(
         rec, shape, plan.world_size, plan.micro_batch, plan.gradient_checkpointing, gpu_mem, plan.nproc_per_node
     )
     tips = suggestions(rec, shape, est)
     Console(highlight=False).print(render(est, tips, plan.backend))
-    if not cluster.gpu_memory_bytes:
-        print(f"(no GPU here: planned for a {gpu_mem / 2**30:.0f} GiB GPU; --gpu-mem-gb sets another size)")
 
 
 def write_config_dir(recipe_file: str, overrides: list[str], out: str, node_rank: int, master_addr: str) -> None:
