@@ -549,6 +549,42 @@ def test_chat_template_with_jinja_is_accepted(recipe_file):
         assert rec.data.chat_template == template
 
 
+TEMPLATE_TEXT = "{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}"
+
+
+def test_chat_template_file_is_read_relative_to_the_recipe_into_the_run_recipe(tmp_path, monkeypatch):
+    """A .jinja name is a file beside the recipe (not in the current directory); its text replaces the name in
+    the resolved recipe, which the run directory keeps, so the run no longer depends on the file."""
+    (tmp_path / "proj/templates").mkdir(parents=True)
+    (tmp_path / "proj/templates/mine.jinja").write_text(TEMPLATE_TEXT)
+    recipe = tmp_path / "proj/recipe.toml"
+    recipe.write_text(
+        BASE_RECIPE.replace('format = "alpaca"', 'format = "chat"\nchat_template = "templates/mine.jinja"')
+    )
+    (tmp_path / "work/templates").mkdir(parents=True)
+    (tmp_path / "work/templates/mine.jinja").write_text("{{ 'planted' }}")  # same relative name, other directory
+    monkeypatch.chdir(tmp_path / "work")
+    assert load_recipe(recipe).data.chat_template == TEMPLATE_TEXT
+    # with --set, a relative name is where it was typed: the current directory
+    assert load_recipe(recipe, ['data.chat_template="templates/mine.jinja"']).data.chat_template == "{{ 'planted' }}"
+
+
+@pytest.mark.parametrize(
+    "content, expect",
+    [
+        (None, ["data.chat_template = 'missing.jinja':", "missing.jinja does not exist"]),
+        ("no braces at all", ["mine.jinja: the chat template file (data.chat_template) holds no Jinja"]),
+        (b"\xff\xfe{{ x }}", ["mine.jinja: the chat template file (data.chat_template) is not UTF-8 text"]),
+    ],
+)
+def test_chat_template_file_that_is_missing_or_not_a_template(tmp_path, content, expect):
+    name = "missing.jinja" if content is None else "mine.jinja"
+    if content is not None:
+        (tmp_path / name).write_bytes(content if isinstance(content, bytes) else content.encode())
+    text = BASE_RECIPE.replace('format = "alpaca"', f'format = "chat"\nchat_template = "{name}"')
+    check_error(tmp_path, text, expect=expect)
+
+
 # ---------------------------------------------------------------- paths: relative to the recipe file
 
 

@@ -93,6 +93,21 @@ NAMED: dict[str, str] = {
 # data.chat_template = "tokenizer": the tokenizer's own template (refused if it has none).
 TOKENIZER = "tokenizer"
 
+# data.chat_template = "templates/mine.jinja": a file of Jinja text (what transformers saves as
+# chat_template.jinja), relative to the recipe; loading the recipe puts its text in place of the name, so the
+# run directory's recipe does not depend on the file afterwards.
+TEMPLATE_FILE_SUFFIXES = (".jinja", ".j2", ".jinja2")
+MAX_TEMPLATE_BYTES = 1_000_000
+
+
+def is_template_file(value: str) -> bool:
+    """Whether VALUE names a template file rather than being a name or Jinja text (which has braces)."""
+    return "{" not in value and "\n" not in value and value.lower().endswith(TEMPLATE_FILE_SUFFIXES)
+
+
+def is_named_or_file(value: str) -> bool:
+    return value in NAMED or value == TOKENIZER or is_template_file(value)
+
 
 def template_text(value: str | None, tokenizer_template: str | None, fallback: str) -> str:
     """The Jinja text data.chat_template stands for: a name's, the tokenizer's ("tokenizer", or unset when

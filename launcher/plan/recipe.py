@@ -21,7 +21,7 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
-from launcher.plan.chat_templates import NAMED, TOKENIZER
+from launcher.plan.chat_templates import NAMED, TOKENIZER, is_named_or_file
 from launcher.plan.limits import (
     MAX_DATASET_WEIGHT,
     MAX_EPOCHS,
@@ -247,8 +247,8 @@ class DataConfig(_Section):
     )
     chat_template: str | None = Field(
         None,
-        description="Chat template of `chat` and conversational `preference` records: a name (chatml, qwen, llama3, "
-        "gemma, mistral, phi, phi4), 'tokenizer' (its own; the default when it has one), or Jinja text.",
+        description="Chat template of `chat`/conversational `preference` records: a name (chatml, qwen, llama3, gemma, "
+        "mistral, phi, phi4), 'tokenizer' (its own; the default if it has one), Jinja text, or a .jinja file of it.",
     )
     train_on_prompt: Bool = Field(
         False,
@@ -297,10 +297,10 @@ class DataConfig(_Section):
     @field_validator("chat_template")
     @classmethod
     def _jinja(cls, template: str | None) -> str | None:
-        if template is not None and template not in NAMED and template != TOKENIZER and not is_jinja_template(template):
+        if template is not None and not is_named_or_file(template) and not is_jinja_template(template):
             raise ValueError(
                 f"data.chat_template = {short_value(template)}: neither a template name ({', '.join(NAMED)}, "
-                f"{TOKENIZER!r}) nor Jinja chat template text (with '{{{{' or '{{%')"
+                f"{TOKENIZER!r}), a .jinja file, nor Jinja chat template text (with '{{{{' or '{{%')"
             )
         return template
 

@@ -18,8 +18,18 @@ from pydantic import (
     ValidationError,
 )
 
-from launcher.errors import RecipeError
-from launcher.plan.recipe import SCHEMA_KEYS, Recipe, is_section, override_label, recipe_to_dict, short_value
+from launcher.errors import RecipeError, UserError
+from launcher.plan.chat_templates import MAX_TEMPLATE_BYTES, is_template_file
+from launcher.plan.recipe import (
+    SCHEMA_KEYS,
+    Recipe,
+    is_jinja_template,
+    is_section,
+    override_label,
+    recipe_to_dict,
+    short_value,
+)
+from launcher.safe_files import read_regular
 
 
 def section_of(key: str, through_lists: bool = False) -> type[BaseModel] | None:
@@ -334,7 +344,7 @@ HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 
 DATA_FILE_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv", ".arrow")
 
-PATH_KEYS = ("model.path", "model.tokenizer", "data.datasets", "data.val_path")
+PATH_KEYS = ("model.path", "model.tokenizer", "data.datasets", "data.val_path", "data.chat_template")
 
 
 def _set_on_command_line(key: str, overrides: list[str]) -> bool:
@@ -382,7 +392,27 @@ def resolve_paths(recipe: Recipe, base: Path, from_command_line: set[str] | froz
     model = m.model_copy(update={"path": fix("model.path", m.path), "tokenizer": fix("model.tokenizer", m.tokenizer)})
     ds = [x.model_copy(update={"path": fix("data.datasets", x.path, True)}) for x in d.datasets]
     data = d.model_copy(update={"datasets": ds, "val_path": fix("data.val_path", d.val_path, True)})
+    if d.chat_template is not None and is_template_file(d.chat_template):
+        where = cwd if "data.chat_template" in from_command_line else base
+        data = data.model_copy(update={"chat_template": read_template_file(d.chat_template, where)})
     return recipe.model_copy(update={"model": model, "data": data})
+
+
+def read_template_file(value: str, base: Path) -> str:
+    """The Jinja text of data.chat_template's file (relative to `base`), checked as the recipe checks text."""
+    path = Path(value).expanduser()
+    path = path if path.is_absolute() else base / path
+    what = "chat template file (data.chat_template)"
+    if not path.exists():
+        raise UserError(f"data.chat_template = {value!r}: {path} does not exist (a relative name is read from {base})")
+    raw = read_regular(path, what, MAX_TEMPLATE_BYTES)
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise UserError(f"{path}: the {what} is not UTF-8 text") from None
+    if not is_jinja_template(text):
+        raise UserError(f"{path}: the {what} holds no Jinja ('{{{{' or '{{%'); it must be a chat template's text")
+    return text
 
 
 def dump_toml(recipe: Recipe) -> str:
