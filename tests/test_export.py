@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -19,7 +20,34 @@ def trained(tmp_path_factory) -> Path:
     recipe.write_text(BASE_RECIPE.replace("lr = 1e-3", "lr = 3e-2").replace("max_steps = 2", "max_steps = 4"))
     r = run_cli("run", str(recipe), "--set", f'log.runs_dir="{tmp}"')
     assert r.returncode == 0, r.stdout + r.stderr
-    return next(tmp.glob("t/*/adapter")).parent
+    run = next(tmp.glob("t/*/adapter")).parent
+    (run.parent / "terminal.json").write_text(json.dumps({"stdout": r.stdout, "stderr": r.stderr}))
+    return run
+
+
+# What `qlaunch run` itself prints on the launching terminal (plain lines: tests capture it, no TTY).
+RUN_LINE_STARTS = (
+    "[data] ",
+    "run directory: ",
+    "loading model",
+    "model loaded in ",
+    "tokenizing data",
+    "training ",
+    "step ",
+    "eval  step ",
+    "adapter saved: ",
+    "done: ",
+)
+
+
+def test_run_prints_only_its_own_lines(trained):
+    """The libraries' notices (bitsandbytes' kernels line, transformers' FutureWarnings, DeepSpeed's
+    accelerator line, progress bars) stay in the ranks' logs; the terminal gets qlaunch's lines only."""
+    terminal = json.loads((trained.parent / "terminal.json").read_text())
+    assert terminal["stderr"] == "", terminal["stderr"]
+    lines = terminal["stdout"].splitlines()
+    assert any(x.startswith("step 4/4 ") for x in lines), lines
+    assert [x for x in lines if not x.startswith(RUN_LINE_STARTS)] == []
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
