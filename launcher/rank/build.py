@@ -44,6 +44,16 @@ def compile_layers(recipe: Recipe, device: torch.device) -> bool:
     return c is True or (c == "auto" and auto)
 
 
+def enable_activation_checkpointing(causal_lm) -> None:
+    """Non-reentrant activation checkpointing of every decoder layer. transformers 5.2x renamed
+    gradient_checkpointing_enable (which now warns that it is deprecated); older releases have only that."""
+    enable = getattr(causal_lm, "activation_checkpointing_enable", None)
+    if enable is not None:
+        enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        causal_lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
 def build_model(
     recipe: Recipe,
     device: torch.device,
@@ -102,7 +112,7 @@ def build_model(
             # Unsharded runs have no mixed-precision policy: hold frozen dense weights in compute dtype.
             p.data = p.data.to(compute)
     if recipe.train.gradient_checkpointing:
-        causal_lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_activation_checkpointing(causal_lm)
     loss_model = CausalLMLoss(causal_lm)
     if mesh is not None:
         from launcher.rank.parallel.fsdp import apply_fsdp
