@@ -5,7 +5,9 @@
 Rows: `q<M>` is qlaunch (`python -m launcher.cli run recipes/llama8b-dpo-rehearsal.toml --gpus 1`) at
 train.micro_batch = M packed rows; `t<M>` is TRL at the same number of pairs per micro-batch (M rows x the
 pairs a row holds) and the same pairs per optimizer step (gradient accumulation makes up the rest).
-`q<M>-eager` is the qlaunch row with train.compile = false.
+`q<M>-eager` is the qlaunch row with train.compile = false, `q<M>-single` with parallel.backend = "none" (one
+process without FSDP2's wrapping, which at world 1 shards nothing but still gathers each layer into a buffer of
+its own); suffixes combine (`q1-single-eager`).
 
 Both sides: the same Llama-3.1-8B-shaped checkpoint of random bf16 weights, written once to OUT/model-bf16
 (or --model) by scripts/bench.py's writer and quantized as it loads (qlaunch: the recipe with model.path set
@@ -66,7 +68,7 @@ def median_after(xs: list[float], warmup: int) -> float | None:
 # ------------------------------------------------------------------ qlaunch
 
 
-def run_qlaunch(row: str, mb: int, eager: bool, a, out: Path, model: Path) -> dict:
+def run_qlaunch(row: str, mb: int, variants: set[str], a, out: Path, model: Path) -> dict:
     runs = out / f"runs-{row}"
     cmd = [sys.executable, "-m", "launcher.cli", "run", str(RECIPE), "--gpus", "1"]
     sets = [
@@ -77,7 +79,9 @@ def run_qlaunch(row: str, mb: int, eager: bool, a, out: Path, model: Path) -> di
         f'log.runs_dir="{runs}"',
         "checkpoint.every_steps=0",
         "checkpoint.save_final_adapter=false",
-    ] + (["train.compile=false"] if eager else [])
+    ]
+    sets += ["train.compile=false"] if "eager" in variants else []
+    sets += ['parallel.backend="none"'] if "single" in variants else []
     for s in sets:
         cmd += ["--set", s]
     rc = sh(cmd, out / f"{row}.log", a.timeout)
@@ -315,7 +319,10 @@ def main() -> None:
         pairs, accum = mb * per_row, GLOBAL_ROWS // mb
         t = time.time()
         if row.startswith("q"):
-            r = run_qlaunch(row, mb, row.endswith("-eager"), a, out, model)
+            variants = set(row.split("-")[1:])
+            if variants - {"eager", "single"}:
+                raise SystemExit(f"row {row}: suffixes are -eager and -single")
+            r = run_qlaunch(row, mb, variants, a, out, model)
             r["who"] = "qlaunch"
         else:
             r = run_trl(row, pairs, accum, a, out, model)
