@@ -82,26 +82,20 @@ def adapters_scaled_to_zero(model: nn.Module):
 
     Each layer then returns base + 0 * lora = base exactly, through the same operations (and the same
     compiled graph) as the policy's forward; adapters_off would switch to another graph, whose kernels round
-    differently. Not for DoRA, whose output at scale 0 is not the base's. Tensor scales (scales_as_tensors)
-    are zeroed in place, outside any forward whose backward is pending.
+    differently. Not for DoRA, whose output at scale 0 is not the base's. The scales are the tensors of
+    scales_as_tensors, zeroed in place, outside any forward whose backward is pending.
     """
     layers = lora_layers(model)
     before = [{k: float(v) for k, v in m.scaling.items()} for m in layers]
     for m in layers:
-        for k, v in m.scaling.items():
-            if isinstance(v, torch.Tensor):
-                v.zero_()
-            else:
-                m.scaling[k] = 0.0
+        for v in m.scaling.values():
+            v.zero_()
     try:
         yield
     finally:
         for m, b in zip(layers, before, strict=True):
             for k, v in b.items():
-                if isinstance(m.scaling[k], torch.Tensor):
-                    m.scaling[k].fill_(v)
-                else:
-                    m.scaling[k] = v
+                m.scaling[k].fill_(v)
 
 
 @dataclass(frozen=True)
@@ -162,6 +156,8 @@ class Preference:
         # no-grad forward with the adapters bypassed is another compiled graph: 8B, H200, bf16, its
         # log-probabilities differed from the policy's by ~0.5 nats a sequence (DPO loss 0.67-0.73 at step 1).
         self.same_graph_reference = same_graph_reference
+        if same_graph_reference:
+            scales_as_tensors(peft_model)  # one graph for both passes (see scales_as_tensors)
         self.kind = t.objective
         self.beta, self.loss_type, self.smoothing = t.dpo.beta, t.dpo.loss, t.dpo.label_smoothing
         self.orpo_weight = t.orpo.odds_ratio_weight
@@ -258,6 +254,4 @@ def make_objective(recipe, peft_model: nn.Module, compiled: bool = False):
     if recipe.train.objective == "sft":
         return SFT()
     same = compiled and not recipe.lora.use_dora and recipe.parallel.backend != "deepspeed"
-    if same:
-        scales_as_tensors(peft_model)
     return Preference(recipe, peft_model, same_graph_reference=same)
