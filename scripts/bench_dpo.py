@@ -153,19 +153,14 @@ def trl_worker(a) -> None:
     """One TRL DPOTrainer run as its documentation sets up QLoRA DPO: the 4-bit base and a peft_config."""
     import torch
     import trl
+    from bench_peer import peer_quantization
     from datasets import Dataset
     from peft import LoraConfig
-    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, TrainerCallback
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
     from trl import DPOConfig, DPOTrainer
 
     t0 = time.time()
-    bnb = BitsAndBytesConfig(
-        load_in_4bit=True,
-        bnb_4bit_quant_type="nf4",
-        bnb_4bit_use_double_quant=True,
-        bnb_4bit_compute_dtype=torch.bfloat16,
-        bnb_4bit_quant_storage=torch.bfloat16,
-    )
+    bnb = peer_quantization()  # the Trainer peer's, scripts/ being this file's import path
     gpu = torch.cuda.is_available()  # no GPU: a CPU smoke test of this function on the tiny model
 
     def sync() -> None:

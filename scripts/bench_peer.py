@@ -32,6 +32,20 @@ class Tokens(torch.utils.data.Dataset):
         return {"input_ids": ids, "labels": ids.clone()}
 
 
+def peer_quantization():
+    """The peers' quantization (this Trainer row and scripts/bench_dpo.py's TRL rows): NF4, double quant, bf16
+    compute and bf16 storage, as qlaunch's benchmark recipes quantize."""
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.bfloat16,
+        bnb_4bit_quant_storage=torch.bfloat16,
+    )
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--model", required=True)
@@ -47,7 +61,6 @@ def main() -> None:
     from peft import LoraConfig, get_peft_model
     from transformers import (
         AutoModelForCausalLM,
-        BitsAndBytesConfig,
         Trainer,
         TrainerCallback,
         TrainingArguments,
@@ -58,15 +71,8 @@ def main() -> None:
     if torch.cuda.is_available():  # as the PEFT examples do: bnb quantizes onto the current device
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
     t_load = time.time()
-    bnb = BitsAndBytesConfig(
-        load_in_4bit=True,
-        bnb_4bit_quant_type="nf4",
-        bnb_4bit_use_double_quant=True,
-        bnb_4bit_compute_dtype=torch.bfloat16,
-        bnb_4bit_quant_storage=torch.bfloat16,
-    )
     model = AutoModelForCausalLM.from_pretrained(
-        a.model, quantization_config=bnb, dtype=torch.bfloat16, attn_implementation="sdpa"
+        a.model, quantization_config=peer_quantization(), dtype=torch.bfloat16, attn_implementation="sdpa"
     )
     model = get_peft_model(
         model,
