@@ -49,6 +49,9 @@ NnodesOpt = Annotated[
 ]
 
 
+RECIPE_HELP = "Recipe TOML file, or a bundled recipe's name (`qlaunch recipes` lists them)."
+
+
 def _version(value: bool) -> None:
     if value:
         print(f"qlaunch {__version__}")
@@ -69,7 +72,7 @@ def run(
     recipe: Annotated[
         str | None,
         typer.Argument(
-            help="Recipe TOML file (see `qlaunch recipes`). Optional with --resume RUN_DIR|CHECKPOINT_DIR, which "
+            help=f"{RECIPE_HELP} Optional with --resume RUN_DIR|CHECKPOINT_DIR, which "
             "continues under the run's own resolved recipe (plus any --set/--gpus given here)."
         ),
     ] = None,
@@ -142,8 +145,8 @@ def run(
     Ctrl-C killed the ranks; otherwise the failing workers' status.
 
     Examples:
-      qlaunch run recipes/tiny-cpu.toml --gpus 2
-      qlaunch run recipes/llama70b-qlora.toml --gpus 8 --set train.lr=1e-4
+      qlaunch run tiny-cpu --gpus 2
+      qlaunch run llama70b-qlora --gpus 8 --set train.lr=1e-4
       qlaunch run --resume runs/tiny/20261204-120000
     """
     from launcher.launch.run import RunRequest
@@ -171,7 +174,7 @@ def run(
 
 @app.command()
 def slurm(
-    recipe: Annotated[str, typer.Argument(help="Recipe TOML file.")],
+    recipe: Annotated[str, typer.Argument(help=RECIPE_HELP)],
     nodes: Annotated[int, typer.Option("--nodes", min=1, max=MAX_NODES, help="Nodes to allocate.")],
     gpus_per_node: Annotated[
         int, typer.Option("--gpus-per-node", min=1, max=MAX_GPUS_PER_NODE, help="GPUs (ranks) per node.")
@@ -201,7 +204,7 @@ def slurm(
     """Write an sbatch script that runs RECIPE on N nodes (one `qlaunch run` per node, requeued on preemption).
 
     Example:
-      qlaunch slurm recipes/llama70b-qlora.toml --nodes 2 --gpus-per-node 8
+      qlaunch slurm llama70b-qlora --nodes 2 --gpus-per-node 4
     """
     import shlex
 
@@ -227,7 +230,7 @@ def slurm(
 
 @app.command()
 def plan(
-    recipe: Annotated[str, typer.Argument(help="Recipe TOML file.")],
+    recipe: Annotated[str, typer.Argument(help=RECIPE_HELP)],
     gpus: GpusOpt = None,
     nnodes: NnodesOpt = None,
     set_: SetOpt = None,
@@ -244,7 +247,7 @@ def plan(
     """Show the run's plan: world size, batch split, backend settings and the per-GPU memory estimate.
 
     Example:
-      qlaunch plan recipes/llama8b-rehearsal.toml --gpus 1 --gpu-mem-gb 24
+      qlaunch plan llama8b-rehearsal --gpus 1 --gpu-mem-gb 24
     """
     from launcher.launch.prepare import flag_overrides, show_plan
 
@@ -253,7 +256,7 @@ def plan(
 
 @app.command()
 def config(
-    recipe: Annotated[str, typer.Argument(help="Recipe TOML file.")],
+    recipe: Annotated[str, typer.Argument(help=RECIPE_HELP)],
     out: Annotated[str, typer.Option("-o", "--out", help="Directory to write into (created if missing).")],
     gpus: GpusOpt = None,
     nnodes: NnodesOpt = None,
@@ -267,7 +270,7 @@ def config(
     `accelerate launch --config_file OUT/accelerate_config.yaml -m launcher.rank.worker OUT` can start.
 
     Example:
-      qlaunch config recipes/tiny-cpu.toml -o cfg --gpus 2
+      qlaunch config tiny-cpu -o cfg --gpus 2
     """
     from launcher.launch.prepare import flag_overrides, write_config_dir
 
@@ -281,7 +284,8 @@ def recipes() -> None:
     Example:
       qlaunch recipes
     """
-    from launcher.plan.recipe_file import bundled_recipes, read_toml
+    from launcher.plan.bundled import bundled_recipes
+    from launcher.plan.recipe_file import read_toml
 
     for p in bundled_recipes():
         data, _ = read_toml(p)
