@@ -277,20 +277,45 @@ def config(
     write_config_dir(recipe, flag_overrides(set_, gpus, nnodes), out, node_rank, master_addr)
 
 
-@app.command()
-def recipes() -> None:
-    """List the bundled recipes.
+recipes_app = typer.Typer(context_settings={"help_option_names": ["-h", "--help"]})
+app.add_typer(recipes_app, name="recipes")
+
+
+@recipes_app.callback(invoke_without_command=True)
+def recipes(ctx: typer.Context) -> None:
+    """List the bundled recipes (name, model, GPUs, what each is for), or copy one to edit.
+
+    `qlaunch run NAME` (and plan, config, slurm) takes a bundled name from any directory;
+    `qlaunch recipes cp NAME [DEST]` writes a copy to edit.
 
     Example:
       qlaunch recipes
     """
-    from launcher.plan.bundled import bundled_recipes
-    from launcher.plan.recipe_file import read_toml
+    if ctx.invoked_subcommand is not None:
+        return
+    from rich.console import Console
 
-    for p in bundled_recipes():
-        data, _ = read_toml(p)
-        model = data.get("model", {}).get("path", "?")
-        print(f"recipes/{p.name:<28} {data.get('name', p.stem):<22} {model}")
+    from launcher.launch.bundled_recipes import recipes_table
+
+    Console(highlight=False).print(recipes_table())
+
+
+@recipes_app.command("cp")
+def recipes_cp(
+    name: Annotated[str, typer.Argument(help="A bundled recipe's name (see `qlaunch recipes`).")],
+    dest: Annotated[str, typer.Argument(help="Directory to copy into (created if missing), or a .toml path.")] = ".",
+    force: Annotated[bool, typer.Option("--force", help="Overwrite an existing file.")] = False,
+) -> None:
+    """Copy a bundled recipe to edit: its model and data paths point at the bundled assets, so it runs anywhere.
+
+    An existing file is kept unless --force.
+
+    Example:
+      qlaunch recipes cp tiny-cpu my-recipes
+    """
+    from launcher.launch.bundled_recipes import copy_recipe
+
+    print(f"wrote {copy_recipe(name, dest, force)}")
 
 
 @app.command()
@@ -435,6 +460,7 @@ def _command_path(ctx, argv: list[str]) -> str:
     if len(names) > 1:
         return " ".join(reversed(names))
     commands = {c.name or c.callback.__name__ for c in app.registered_commands if c.callback}
+    commands |= {g.name for g in app.registered_groups if isinstance(g.name, str)}  # qlaunch recipes
     first = next((a for a in argv if not a.startswith("-")), None)
     return f"{PROG} {first}" if first in commands else PROG
 

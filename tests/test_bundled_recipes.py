@@ -1,4 +1,5 @@
-"""Recipes are package data: a bundled name works from any directory and from an installed wheel."""
+"""Recipes are package data: a bundled name works from any directory and from an installed wheel;
+`qlaunch recipes` is a table; `qlaunch recipes cp` writes a copy that runs from anywhere."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from launcher.plan.bundled import ASSETS_DIR, RECIPES_DIR, recipe_path
+from launcher.plan.bundled import ASSETS_DIR, RECIPES_DIR, bundled_recipes, portable_text, recipe_path
 from tests.conftest import ROOT, assert_one_line_error, run_cli
 
 WIDE = {"COLUMNS": "250"}  # rich wraps the table to the terminal; a pipe counts as 80 columns
@@ -125,3 +126,90 @@ def test_run_with_an_unknown_name_is_one_line_listing_the_bundled_names(tmp_path
     )
     assert line.endswith("bundled: " + ", ".join(recipe_names()))
     assert list(tmp_path.iterdir()) == []  # nothing written at all (no data cache either)
+
+
+# ---------------------------------------------------------------- qlaunch recipes
+
+
+def test_every_bundled_recipe_opens_with_what_it_is_for():
+    for path in bundled_recipes():
+        first = path.read_text().splitlines()[0]
+        assert first.startswith("# ") and len(first) <= 120, path.name
+
+
+def test_recipes_is_a_table_of_name_model_gpus_and_purpose(tmp_path):
+    r = run_cli("recipes", cwd=tmp_path, env=WIDE)
+    assert r.returncode == 0, r.stderr
+    header = r.stdout.splitlines()[0].split()
+    assert [w for w in header if w.isalpha()] == ["name", "model", "GPUs", "for"]
+    rows = {line.split()[0]: line for line in r.stdout.splitlines()[2:] if line.strip()}
+    assert sorted(rows) == recipe_names()
+    for name in recipe_names():
+        text = (RECIPES_DIR / f"{name}.toml").read_text()
+        data = tomllib.loads(text)
+        model = Path(data["model"]["path"]).name
+        cells = [c.strip() for c in rows[name].split("│")]
+        assert cells[0] == name
+        assert cells[1] == (f"{model} (random)" if data["model"].get("init") == "random" else model)
+        assert cells[2] == str(data["launch"]["gpus"])
+        assert cells[3] == text.splitlines()[0].removeprefix("# ")
+
+
+# ---------------------------------------------------------------- qlaunch recipes cp
+
+
+def test_portable_text_makes_only_the_relative_local_paths_absolute(tmp_path):
+    (tmp_path / "m").mkdir()
+    (tmp_path / "d.jsonl").write_text("{}\n")
+    text = (
+        "# uses 'm' and ../m in prose\n"
+        '[model]\npath = "m"\ntokenizer = "org/tok"\n'
+        "[data]\ndatasets = [{ path = 'd.jsonl' }, { path = \"gone.jsonl\" }]\n"
+        f'val_path = "{tmp_path / "d.jsonl"}"\n'
+    )
+    out = portable_text(text, tmp_path)
+    assert out == (
+        "# uses 'm' and ../m in prose\n"
+        f'[model]\npath = "{tmp_path / "m"}"\ntokenizer = "org/tok"\n'
+        f'[data]\ndatasets = [{{ path = "{tmp_path / "d.jsonl"}" }}, {{ path = "gone.jsonl" }}]\n'
+        f'val_path = "{tmp_path / "d.jsonl"}"\n'
+    )
+
+
+def test_a_copied_recipe_plans_and_configures_from_another_directory(tmp_path):
+    here, there = tmp_path / "here", tmp_path / "there"
+    here.mkdir()
+    there.mkdir()
+    r = run_cli("recipes", "cp", "tiny-cpu", "mine", cwd=here)
+    assert r.returncode == 0 and r.stdout.strip() == "wrote mine/tiny-cpu.toml", r.stdout + r.stderr
+    copy = here / "mine" / "tiny-cpu.toml"
+    bundled = (RECIPES_DIR / "tiny-cpu.toml").read_text()
+    text = copy.read_text()
+    assert "../assets" not in text and f'path = "{ASSETS_DIR / "tiny-llama"}"' in text
+    assert [ln for ln in text.splitlines() if ln.startswith("#")] == [
+        ln for ln in bundled.splitlines() if ln.startswith("#")
+    ]  # comments kept
+    assert len(text.splitlines()) == len(bundled.splitlines())  # and the layout
+
+    plan = run_cli("plan", str(copy), "--gpus", "2", cwd=there)
+    assert plan.returncode == 0 and "recipe: tiny-cpu" in plan.stdout, plan.stderr
+    cfg = run_cli("config", str(copy), "-o", "cfg", cwd=there)
+    assert cfg.returncode == 0, cfg.stderr
+    rec = tomllib.loads((there / "cfg" / "recipe.toml").read_text())
+    assert rec["data"]["val_path"] == str(ASSETS_DIR / "tiny-data" / "val.jsonl")
+
+    copy.write_text(text + "# my edit\n")
+    again = run_cli("recipes", "cp", "tiny-cpu", "mine", cwd=here)
+    assert_one_line_error(again, ["mine/tiny-cpu.toml: already exists", "--force"], here / "runs")
+    assert copy.read_text().endswith("# my edit\n")  # kept
+    forced = run_cli("recipes", "cp", "tiny-cpu.toml", str(copy), "--force", cwd=there)
+    assert forced.returncode == 0 and copy.read_text() == text, forced.stderr
+
+
+def test_copying_an_unknown_name_lists_the_bundled_ones(tmp_path):
+    r = run_cli("recipes", "cp", "phi4-rehersal", cwd=tmp_path)
+    line = assert_one_line_error(
+        r, ["phi4-rehersal: no bundled recipe of that name (did you mean phi4-rehearsal?)"], tmp_path / "runs"
+    )
+    assert line.endswith("bundled: " + ", ".join(recipe_names()))
+    assert list(tmp_path.iterdir()) == []
