@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml requirements-cpu.txt
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(VENV)/bin/qlaunch run recipes/tiny-cpu.toml --gpus 2
+	$(VENV)/bin/qlaunch run tiny-cpu --gpus 2
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

@@ -49,6 +49,9 @@ NnodesOpt = Annotated[
 ]
 
 
+RECIPE_HELP = "Recipe TOML file, or a bundled recipe's name (`qlaunch recipes` lists them)."
+
+
 def _version(value: bool) -> None:
     if value:
         print(f"qlaunch {__version__}")
@@ -69,7 +72,7 @@ def run(
     recipe: Annotated[
         str | None,
         typer.Argument(
-            help="Recipe TOML file (see `qlaunch recipes`). Optional with --resume RUN_DIR|CHECKPOINT_DIR, which "
+            help=f"{RECIPE_HELP} Optional with --resume RUN_DIR|CHECKPOINT_DIR, which "
             "continues under the run's own resolved recipe (plus any --set/--gpus given here)."
         ),
     ] = None,
@@ -142,8 +145,8 @@ def run(
     Ctrl-C killed the ranks; otherwise the failing workers' status.
 
     Examples:
-      qlaunch run recipes/tiny-cpu.toml --gpus 2
-      qlaunch run recipes/llama70b-qlora.toml --gpus 8 --set train.lr=1e-4
+      qlaunch run tiny-cpu --gpus 2
+      qlaunch run llama70b-qlora --gpus 8 --set train.lr=1e-4
       qlaunch run --resume runs/tiny/20261204-120000
     """
     from launcher.launch.run import RunRequest
@@ -171,7 +174,7 @@ def run(
 
 @app.command()
 def slurm(
-    recipe: Annotated[str, typer.Argument(help="Recipe TOML file.")],
+    recipe: Annotated[str, typer.Argument(help=RECIPE_HELP)],
     nodes: Annotated[int, typer.Option("--nodes", min=1, max=MAX_NODES, help="Nodes to allocate.")],
     gpus_per_node: Annotated[
         int, typer.Option("--gpus-per-node", min=1, max=MAX_GPUS_PER_NODE, help="GPUs (ranks) per node.")
@@ -201,7 +204,7 @@ def slurm(
     """Write an sbatch script that runs RECIPE on N nodes (one `qlaunch run` per node, requeued on preemption).
 
     Example:
-      qlaunch slurm recipes/llama70b-qlora.toml --nodes 2 --gpus-per-node 8
+      qlaunch slurm llama70b-qlora --nodes 2 --gpus-per-node 4
     """
     import shlex
 
@@ -227,7 +230,7 @@ def slurm(
 
 @app.command()
 def plan(
-    recipe: Annotated[str, typer.Argument(help="Recipe TOML file.")],
+    recipe: Annotated[str, typer.Argument(help=RECIPE_HELP)],
     gpus: GpusOpt = None,
     nnodes: NnodesOpt = None,
     set_: SetOpt = None,
@@ -244,7 +247,7 @@ def plan(
     """Show the run's plan: world size, batch split, backend settings and the per-GPU memory estimate.
 
     Example:
-      qlaunch plan recipes/llama8b-rehearsal.toml --gpus 1 --gpu-mem-gb 24
+      qlaunch plan llama8b-rehearsal --gpus 1 --gpu-mem-gb 24
     """
     from launcher.launch.prepare import flag_overrides, show_plan
 
@@ -253,7 +256,7 @@ def plan(
 
 @app.command()
 def config(
-    recipe: Annotated[str, typer.Argument(help="Recipe TOML file.")],
+    recipe: Annotated[str, typer.Argument(help=RECIPE_HELP)],
     out: Annotated[str, typer.Option("-o", "--out", help="Directory to write into (created if missing).")],
     gpus: GpusOpt = None,
     nnodes: NnodesOpt = None,
@@ -267,26 +270,52 @@ def config(
     `accelerate launch --config_file OUT/accelerate_config.yaml -m launcher.rank.worker OUT` can start.
 
     Example:
-      qlaunch config recipes/tiny-cpu.toml -o cfg --gpus 2
+      qlaunch config tiny-cpu -o cfg --gpus 2
     """
     from launcher.launch.prepare import flag_overrides, write_config_dir
 
     write_config_dir(recipe, flag_overrides(set_, gpus, nnodes), out, node_rank, master_addr)
 
 
-@app.command()
-def recipes() -> None:
-    """List the bundled recipes.
+recipes_app = typer.Typer(context_settings={"help_option_names": ["-h", "--help"]})
+app.add_typer(recipes_app, name="recipes")
+
+
+@recipes_app.callback(invoke_without_command=True)
+def recipes(ctx: typer.Context) -> None:
+    """List the bundled recipes (name, model, GPUs, what each is for), or copy one to edit.
+
+    `qlaunch run NAME` (and plan, config, slurm) takes a bundled name from any directory;
+    `qlaunch recipes cp NAME [DEST]` writes a copy to edit.
 
     Example:
       qlaunch recipes
     """
-    from launcher.plan.recipe_file import bundled_recipes, read_toml
+    if ctx.invoked_subcommand is not None:
+        return
+    from rich.console import Console
 
-    for p in bundled_recipes():
-        data, _ = read_toml(p)
-        model = data.get("model", {}).get("path", "?")
-        print(f"recipes/{p.name:<28} {data.get('name', p.stem):<22} {model}")
+    from launcher.launch.bundled_recipes import recipes_table
+
+    Console(highlight=False).print(recipes_table())
+
+
+@recipes_app.command("cp")
+def recipes_cp(
+    name: Annotated[str, typer.Argument(help="A bundled recipe's name (see `qlaunch recipes`).")],
+    dest: Annotated[str, typer.Argument(help="Directory to copy into (created if missing), or a .toml path.")] = ".",
+    force: Annotated[bool, typer.Option("--force", help="Overwrite an existing file.")] = False,
+) -> None:
+    """Copy a bundled recipe to edit: its model and data paths point at the bundled assets, so it runs anywhere.
+
+    An existing file is kept unless --force.
+
+    Example:
+      qlaunch recipes cp tiny-cpu my-recipes
+    """
+    from launcher.launch.bundled_recipes import copy_recipe
+
+    print(f"wrote {copy_recipe(name, dest, force)}")
 
 
 @app.command()
@@ -431,6 +460,7 @@ def _command_path(ctx, argv: list[str]) -> str:
     if len(names) > 1:
         return " ".join(reversed(names))
     commands = {c.name or c.callback.__name__ for c in app.registered_commands if c.callback}
+    commands |= {g.name for g in app.registered_groups if isinstance(g.name, str)}  # qlaunch recipes
     first = next((a for a in argv if not a.startswith("-")), None)
     return f"{PROG} {first}" if first in commands else PROG
 

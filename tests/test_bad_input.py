@@ -65,9 +65,9 @@ def test_missing_required_key(tmp_path):
 def test_unknown_recipe_path_suggests_bundled(tmp_path):
     r = run_cli("run", "recipes/tiny-cpuu.toml", cwd=Path(__file__).resolve().parent.parent)
     assert r.returncode == 2
-    assert (
-        r.stderr.strip()
-        == "qlaunch: error: recipes/tiny-cpuu.toml: recipe file not found (did you mean recipes/tiny-cpu.toml?)"
+    assert r.stderr.strip().startswith(
+        "qlaunch: error: recipes/tiny-cpuu.toml: no such recipe file, nor a bundled recipe (did you mean tiny-cpu?); "
+        "bundled: gemma3-12b-rehearsal, "
     )
 
 

@@ -6,7 +6,8 @@ import re
 
 import pytest
 
-from launcher.plan.recipe_file import bundled_recipes, load_recipe
+from launcher.plan.bundled import bundled_recipes
+from launcher.plan.recipe_file import load_recipe
 from tests.conftest import ROOT, run_cli
 
 RECIPES = [p.name for p in bundled_recipes()]
@@ -51,7 +52,7 @@ def test_70b_plan_for_8_gpus():
 
 def test_recipes_list_and_explain():
     r = run_cli("recipes")
-    assert r.returncode == 0 and "recipes/tiny-cpu.toml" in r.stdout
+    assert r.returncode == 0 and "tiny-cpu" in r.stdout
     r = run_cli("explain", "quant.storage_dtype")
     assert r.returncode == 0 and "must equal the dtype FSDP computes in" in r.stdout
     r = run_cli("explain", "lora.rnak")

@@ -1,5 +1,5 @@
 """Reading a recipe: TOML with size and nesting limits, --set overrides, validation errors as one line that
-names the file, key and line, path resolution, writing a resolved recipe back as TOML, the bundled recipes."""
+names the file, key and line, path resolution, writing a resolved recipe back as TOML."""
 
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ from pydantic import (
 )
 
 from launcher.errors import RecipeError, UserError
+from launcher.plan.bundled import names_hint, recipe_path
 from launcher.plan.chat_templates import MAX_TEMPLATE_BYTES, is_template_file
 from launcher.plan.recipe import (
     SCHEMA_KEYS,
@@ -272,14 +273,7 @@ MAX_NESTING = 32
 
 
 def _not_found(path: str | Path) -> RecipeError:
-    hint = ""
-    bundled = bundled_recipes()
-    close = difflib.get_close_matches(Path(path).stem, [b.stem for b in bundled], n=1)
-    if close:
-        hint = f" (did you mean recipes/{close[0]}.toml?)"
-    elif bundled:
-        hint = " (bundled recipes: " + ", ".join(f"recipes/{b.name}" for b in bundled) + ")"
-    return RecipeError(f"{path}: recipe file not found{hint}")
+    return RecipeError(f"{path}: no such recipe file, nor a bundled recipe{names_hint(str(path))}")
 
 
 def _read_recipe_bytes(path: str | Path) -> bytes:
@@ -353,6 +347,9 @@ def _set_on_command_line(key: str, overrides: list[str]) -> bool:
 
 
 def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
+    """The recipe file at PATH, or the bundled recipe PATH names (tiny-cpu), with the overrides applied,
+    validated, and its local paths made absolute."""
+    path = recipe_path(path)
     data, text = read_toml(path)
     recipe_dir = Path(path).resolve().parent
     items = list(overrides or [])
@@ -454,8 +451,3 @@ def _to_toml(d: dict[str, Any], prefix: str = "") -> str:
     for k, v in tables:
         out += f"\n\n[{prefix}{k}]\n" + _to_toml(v, f"{prefix}{k}.")
     return out.strip("\n") + "\n"
-
-
-def bundled_recipes() -> list[Path]:
-    root = Path(__file__).resolve().parents[2] / "recipes"
-    return sorted(root.glob("*.toml")) if root.is_dir() else []
