@@ -119,7 +119,7 @@ def test_plain_click_exceptions_are_handled_like_typers():
     )
 
 
-COMMANDS = ["run", "slurm", "plan", "config", "recipes", "explain", "quantize", "doctor", "report", "merge"]
+COMMANDS = ["run", "slurm", "plan", "config", "recipes", "explain", "quantize", "doctor", "report", "merge", "generate"]
 
 
 def _examples(help_text: str) -> list[list[str]]:
