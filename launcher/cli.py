@@ -432,7 +432,7 @@ def generate(
     and the assistant header of the run's chat template), so the model continues with a trained reply.
 
     Example:
-      qlaunch generate runs/tiny/20261204-120000 --prompt "Reverse the word." --max-new-tokens 32
+      qlaunch generate runs/tiny/20261204-120000 --prompt "Reverse the word."
     """
     from launcher.launch.generate import check_flags, generate_run
     from launcher.launch.quiet import quiet_libraries
