@@ -20,13 +20,18 @@ class SamplesConfig(Section):
         description="Prompts to complete with the adapter as it trains, every train.eval_every steps (when > 0) "
         "and after the last step: greedy decoding, rendered as training renders a prompt (alpaca: the "
         "instruction with its '### Response:' header; chat: one user message and the template's assistant "
-        "header; text, tokenized and preference: the text as it is). Logged as `samples` events in "
+        "header; text: the text after the tokenizer's leading special tokens; tokenized and preference: the "
+        "text with the tokenizer's own special tokens). Logged as `samples` events in "
         "metrics.jsonl, TensorBoard text (samples/<n>), a line in the terminal and `qlaunch report`. Every "
         "rank runs the generation together (sharded models need all of them); compiled layers run eagerly "
         "for it. Empty: no samples.",
     )
     max_new_tokens: Int = Field(
-        32, ge=1, le=MAX_NEW_TOKENS, description="Tokens generated per sample prompt at most (stops at EOS)."
+        32,
+        ge=1,
+        le=MAX_NEW_TOKENS,
+        description="Tokens generated per sample prompt at most (a reply stops earlier at EOS or at the chat "
+        "template's end-of-turn token).",
     )
 
     @field_validator("prompts")
