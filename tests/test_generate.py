@@ -258,3 +258,24 @@ def test_generate_sampling_flags_are_checked(trained):
 def test_bad_samples_keys(tmp_path, recipe_file, setting, expect):
     r = run_cli("run", str(recipe_file()), "--set", setting, cwd=tmp_path)
     assert_one_line_error(r, expect, tmp_path / "runs")
+
+
+def test_a_chat_reply_stops_at_the_templates_end_of_turn_token():
+    from transformers import AutoTokenizer
+
+    from launcher.data.render import Renderer
+    from launcher.plan.recipe import DataConfig
+
+    tok = AutoTokenizer.from_pretrained(TINY_MODEL)
+    tok.add_special_tokens({"additional_special_tokens": ["<|eot_id|>"]})
+    eot = tok.convert_tokens_to_ids("<|eot_id|>")
+    data = [{"path": "x.jsonl"}]
+    assert Renderer(DataConfig(datasets=data, format="chat", chat_template="llama3"), tok).stop_ids() == [
+        tok.eos_token_id,
+        eot,
+    ]
+    # ChatML's <|im_end|> is no token of this tokenizer, and alpaca replies end with EOS alone.
+    assert Renderer(DataConfig(datasets=data, format="chat", chat_template="chatml"), tok).stop_ids() == [
+        tok.eos_token_id
+    ]
+    assert Renderer(DataConfig(datasets=data, format="alpaca"), tok).stop_ids() == [tok.eos_token_id]
