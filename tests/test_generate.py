@@ -47,16 +47,18 @@ def events(run: Path, kind: str) -> list[dict]:
     return [e for e in recs if e["event"] == kind]
 
 
-def reference(run: Path | None, prompts: list[str]) -> list[str]:
-    """Greedy completions by transformers' own 4-bit loading (BitsAndBytesConfig as the recipe's [quant]) with
-    PEFT's PeftModel.from_pretrained(RUN/adapter), or the base alone (RUN None); the prompt in the alpaca
-    layout the recipe trains on. FSDP2 ran the LoRA matmuls in bf16 (its mixed precision), so the
-    reference's LoRA weights are bf16 too."""
+def alpaca_prompt(prompt: str) -> str:
+    return f"### Instruction:\n{prompt}\n\n### Response:\n"
+
+
+def reference_model(run: Path | None, lora_dtype=torch.bfloat16):
+    """transformers' own 4-bit loading (BitsAndBytesConfig as the recipe's [quant]) with PEFT's
+    PeftModel.from_pretrained(RUN/adapter), or the base alone (RUN None), in eval mode. FSDP2 ran the LoRA
+    matmuls in bf16 (its mixed precision), so the reference's LoRA weights are bf16 unless LORA_DTYPE says."""
     import bitsandbytes as bnb
     from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-    tok = AutoTokenizer.from_pretrained(TINY_MODEL)
     quant = BitsAndBytesConfig(
         load_in_4bit=True,
         bnb_4bit_quant_type="nf4",
@@ -72,11 +74,19 @@ def reference(run: Path | None, prompts: list[str]) -> list[str]:
         model = PeftModel.from_pretrained(model, str(run / "adapter"))
         for name, p in model.named_parameters():
             if "lora_" in name:
-                p.data = p.data.to(torch.bfloat16)
-    model.eval()
+                p.data = p.data.to(lora_dtype)
+    return model.eval()
+
+
+def reference(run: Path | None, prompts: list[str]) -> list[str]:
+    """Greedy completions by reference_model, the prompt in the alpaca layout the recipe trains on."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(TINY_MODEL)
+    model = reference_model(run)
     out = []
     for prompt in prompts:
-        ids = tok(f"### Instruction:\n{prompt}\n\n### Response:\n")["input_ids"]
+        ids = tok(alpaca_prompt(prompt))["input_ids"]
         x = torch.tensor([ids])
         with torch.no_grad():
             y = model.generate(
@@ -103,6 +113,21 @@ def test_generate_is_peft_on_the_4bit_base_token_for_token(trained, generated):
     assert r.stdout == ref[0] + "\n"  # only the completion, nothing else on stdout
     assert r.stderr == ""  # no library noise
     assert generated == ref
+
+
+def test_generate_builds_the_function_the_run_trained(trained):
+    """Logits, not only greedy tokens (which a small difference rarely flips): the model generate builds
+    computes what the PEFT reference with bf16 LoRA computes, and not what fp32 LoRA would."""
+    from launcher.launch.generate import load_trained
+
+    built, tok, _, _ = load_trained(trained, "cpu")
+    x = torch.tensor([tok(alpaca_prompt(PROMPTS[0]))["input_ids"]])
+    with torch.no_grad():
+        ours = built.causal_lm.eval()(input_ids=x).logits.float()
+        bf16 = reference_model(trained)(input_ids=x).logits.float()
+        fp32 = reference_model(trained, torch.float32)(input_ids=x).logits.float()
+    assert torch.equal(ours, bf16), (ours - bf16).abs().max()
+    assert not torch.equal(ours, fp32)
 
 
 def test_fsdp_samples_at_the_last_step_are_what_generate_gives(trained, generated):

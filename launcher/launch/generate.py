@@ -69,24 +69,13 @@ def trained_lora_dtype(recipe):
     return torch.float32 if recipe.parallel.backend == "none" else DTYPES[recipe.quant.compute_dtype]
 
 
-def generate_run(
-    run_dir: Path,
-    prompt: str,
-    max_new_tokens: int = 128,
-    device: str = "auto",
-    base: str = "quantized",
-    temperature: float | None = None,
-    top_p: float | None = None,
-    seed: int = 0,
-) -> str:
-    """The completion of PROMPT by the run's exported adapter (greedy unless temperature or top_p is given)."""
+def load_trained(run_dir: Path, device: str = "auto", base: str = "quantized"):
+    """(the built model with the run's adapter loaded, its tokenizer, the recipe it was built from, the
+    torch device): the base as the run trained it, or its original weights (BASE 'original')."""
     from launcher.data.tokenizer import build_tokenizer
     from launcher.launch.merge import load_adapter_into, read_adapter, trained_run
     from launcher.rank.build import build_model
-    from launcher.rank.sample import rendered_prompts, sample_texts
 
-    check_flags(prompt, max_new_tokens, device, base)
-    sampling = sampling_settings(temperature, top_p)
     run = trained_run(run_dir)
     trained = run.load_recipe()
     recipe = generation_recipe(trained, base)
@@ -98,7 +87,25 @@ def generate_run(
     for p in built.peft_model.parameters():
         if p.requires_grad:
             p.data = p.data.to(lora)
-    tokenizer = build_tokenizer(recipe, built.model_dir)
+    return built, build_tokenizer(recipe, built.model_dir), recipe, where
+
+
+def generate_run(
+    run_dir: Path,
+    prompt: str,
+    max_new_tokens: int = 128,
+    device: str = "auto",
+    base: str = "quantized",
+    temperature: float | None = None,
+    top_p: float | None = None,
+    seed: int = 0,
+) -> str:
+    """The completion of PROMPT by the run's exported adapter (greedy unless temperature or top_p is given)."""
+    from launcher.rank.sample import rendered_prompts, sample_texts
+
+    check_flags(prompt, max_new_tokens, device, base)
+    sampling = sampling_settings(temperature, top_p)
+    built, tokenizer, recipe, where = load_trained(run_dir, device, base)
     prompts, stop_ids = rendered_prompts(recipe.data, tokenizer, [prompt])
     (done,) = sample_texts(
         built.causal_lm, tokenizer, prompts, max_new_tokens, stop_ids, where, sampling=sampling, seed=seed
