@@ -433,6 +433,45 @@ def merge(
     print(f"wrote {path}")
 
 
+@app.command()
+def generate(
+    run_dir: Annotated[str, typer.Argument(help="A finished run directory (with adapter/).")],
+    prompt: Annotated[
+        str, typer.Option("--prompt", help="The text to complete, rendered as the run rendered prompts.")
+    ],
+    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", help="Tokens to generate at most.")] = 128,
+    device: Annotated[str, typer.Option("--device", help="auto (a GPU if there is one), cpu or cuda.")] = "auto",
+    base: Annotated[
+        str,
+        typer.Option(
+            "--base",
+            help="quantized: the 4-bit/int8 base exactly as trained (the default). original: model.path's own "
+            "weights (unquantized), the adapter beside them.",
+        ),
+    ] = "quantized",
+    temperature: Annotated[
+        float | None, typer.Option("--temperature", help="Sample at this temperature (default: greedy).")
+    ] = None,
+    top_p: Annotated[float | None, typer.Option("--top-p", help="Sample from this nucleus (default: greedy).")] = None,
+    seed: Annotated[int, typer.Option("--seed", help="Seed of the sampling (with --temperature/--top-p).")] = 0,
+) -> None:
+    """Complete a prompt with a run's adapter on its base; prints only the completion.
+
+    The prompt is rendered as training rendered one (alpaca: its '### Response:' header; chat: a user turn
+    and the assistant header of the run's chat template), so the model continues with a trained reply.
+
+    Example:
+      qlaunch generate runs/tiny/20261204-120000 --prompt "Reverse the word."
+    """
+    from launcher.launch.generate import check_flags, generate_run
+    from launcher.launch.quiet import quiet_libraries
+
+    check_flags(prompt, max_new_tokens, device, base)
+    with quiet_libraries():
+        text = generate_run(Path(run_dir), prompt, max_new_tokens, device, base, temperature, top_p, seed)
+    print(text)
+
+
 def _exception_classes(name: str) -> tuple[type[BaseException], ...]:
     """The exception class `name` as click and typer's vendored copy of click define it, where installed.
 

@@ -18,6 +18,7 @@ Events (all carry `time`; unknown events and fields are ignored):
   checkpointing  step (a write started);  checkpoint  path, step, seconds (a write finished)
   resumed   step, path;  preempted  step, path (stopped on request after a checkpoint)
   diverged  step, loss, grad_norm (as text: NaN and inf are not JSON; the run stops there)
+  samples   step, samples ([{prompt, completion}]: train.samples' generations at an evaluation)
   adapter   path;  warning  message;  done
 """
 
@@ -105,6 +106,8 @@ def update(st: RunState, e: dict) -> None:
     if t is not None:
         st.first_time = t if st.first_time is None else st.first_time
         st.last_time = t
+    if ev == "samples":  # shown as its own line; nothing of the state changes
+        return
     if ev == "loading":
         phase = e.get("phase", "model")
         if phase == "model":
@@ -293,6 +296,8 @@ def format_event(e: dict, st: RunState | None = None) -> str | None:
     if ev == "eval":
         prefs = preference_text(e, "eval_")
         return f"eval  step {e['step']}  loss {e['eval_loss']:.4f}" + (f"  {prefs}" if prefs else "")
+    if ev == "samples":
+        return samples_line(e)
     if ev == "loading":
         phase = e.get("phase", "model")
         if phase == "model":
@@ -333,6 +338,17 @@ def format_event(e: dict, st: RunState | None = None) -> str | None:
         wall = (st.last_time - st.first_time) if st.first_time is not None and st.last_time is not None else None
         return f"done: {e.get('steps', st.total_steps)} steps in {fmt_duration(wall)}"
     return None
+
+
+def samples_line(e: dict, width: int = 48) -> str:
+    """One short line of a `samples` event: each prompt and its completion cut to WIDTH characters and
+    quoted as Python does (a newline shows as \\n, so the line stays one line); the report shows them whole."""
+
+    def cut(text: str) -> str:
+        return repr(text if len(text) <= width else text[: width - 3] + "...")
+
+    shown = "  ".join(f"{cut(s['prompt'])} -> {cut(s['completion'])}" for s in e.get("samples", []))
+    return f"samples step {e.get('step', '?')}  {shown}"
 
 
 def plain_lines(events: Iterable[dict], st: RunState | None = None) -> Iterator[str]:

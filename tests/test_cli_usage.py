@@ -119,7 +119,7 @@ def test_plain_click_exceptions_are_handled_like_typers():
     )
 
 
-COMMANDS = ["run", "slurm", "plan", "config", "recipes", "explain", "quantize", "doctor", "report", "merge"]
+COMMANDS = ["run", "slurm", "plan", "config", "recipes", "explain", "quantize", "doctor", "report", "merge", "generate"]
 COMMANDS += ["recipes cp"]  # a command's own sub-command
 
 

@@ -45,6 +45,10 @@ DEFAULT_CHAT_TEMPLATE = (
 )
 
 
+# The end-of-turn markers of the named templates (plan/chat_templates.py) and of common tokenizer templates.
+END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>", "<|eot|>")
+
+
 @dataclass
 class RenderStats:
     rows: int = 0
@@ -320,6 +324,35 @@ class Renderer:
             pos = len(end)
         segs.append((full[pos:], False))
         return [s for s in segs if s[0]]
+
+    def prompt_ids(self, prompt: str) -> list[int]:
+        """PROMPT's token ids as training renders the part before a reply, so that a model continues with the
+        reply it was trained on: alpaca the instruction and its '### Response:' header, chat one user message
+        and the template's assistant header (tokenized without the tokenizer's specials, as chat rows are),
+        text the bos and the text; tokenized and preference runs have no prompt layout of their own, so the
+        text is tokenized as it is, with the tokenizer's own special tokens (as string preference prompts are)."""
+        fmt = self.cfg.format
+        if fmt == "alpaca":
+            return self.bos + list(
+                self.tok(ALPACA_PROMPT_NO_INPUT.format(instruction=prompt), add_special_tokens=False)["input_ids"]
+            )
+        if fmt == "chat":
+            text = self._apply([{"role": "user", "content": prompt}], True, "a sample prompt")
+            return list(self.tok(text, add_special_tokens=False)["input_ids"])
+        if fmt == "text":
+            return self.bos + list(self.tok(prompt, add_special_tokens=False)["input_ids"])
+        return list(self.tok(prompt)["input_ids"])
+
+    def stop_ids(self) -> list[int]:
+        """Token ids that end a generated reply: EOS, and for templated formats each end-of-turn marker the
+        template writes that is one token of this tokenizer (a llama3 reply ends with <|eot_id|>, not EOS)."""
+        out = [] if self.eos is None else [self.eos]
+        if self.cfg.format in ("chat", "preference"):
+            for marker in END_OF_TURN:
+                ids = self.tok.convert_tokens_to_ids(marker) if marker in self.template else None
+                if isinstance(ids, int) and ids != self.tok.unk_token_id and ids not in out:
+                    out.append(ids)
+        return out
 
     def check_ids(self, ids: list[int], where: object) -> None:
         """Ids the tokenizer produced must have a row in the model's embedding."""

@@ -164,6 +164,19 @@ def merge_base(recipe, onto: str) -> str:
     return "original"
 
 
+def trained_run(run_dir: Path):
+    """The run directory RUN_DIR, once it is one and holds an exported adapter (one line naming it otherwise)."""
+    from launcher.errors import UserError
+    from launcher.rundir import RunDir
+
+    run = RunDir(Path(run_dir))
+    if not run.recipe.is_file():
+        raise UserError(f"{run_dir}: not a run directory (no recipe.toml)")
+    if not os.path.lexists(run.adapter / ADAPTER_FILE):
+        raise UserError(f"{run_dir}: the run has no exported adapter (adapter/adapter_model.safetensors)")
+    return run
+
+
 def merge_run(run_dir: Path, out: Path, dtype: str = "bfloat16", onto: str = "original", say=lambda line: None) -> Path:
     """`qlaunch merge`: the run's adapter added to its base (merge_base: the original weights by default,
     or the dequantized ones it trained against) -> a plain Hugging Face model directory. SAY gets one line
@@ -172,13 +185,8 @@ def merge_run(run_dir: Path, out: Path, dtype: str = "bfloat16", onto: str = "or
     from launcher.errors import UserError
     from launcher.rank.build import build_model
     from launcher.rank.model.skeleton import DTYPES
-    from launcher.rundir import RunDir
 
-    run = RunDir(Path(run_dir))
-    if not run.recipe.is_file():
-        raise UserError(f"{run_dir}: not a run directory (no recipe.toml)")
-    if not os.path.lexists(run.adapter / ADAPTER_FILE):
-        raise UserError(f"{run_dir}: the run has no exported adapter (adapter/adapter_model.safetensors)")
+    run = trained_run(run_dir)
     if out.exists() and not out.is_dir():
         raise UserError(f"{out}: exists and is not a directory")
     if out.exists() and any(out.iterdir()):

@@ -6,22 +6,19 @@ descriptions are the documentation: `qlaunch explain KEY` prints them.
 
 from __future__ import annotations
 
-import datetime
 import re
 from typing import Annotated, Any, Literal
 
 from pydantic import (
-    AfterValidator,
     BaseModel,
     BeforeValidator,
-    ConfigDict,
     Field,
     field_validator,
     model_validator,
 )
-from pydantic_core import PydanticCustomError
 
 from launcher.plan.chat_templates import NAMED, TOKENIZER, is_named_or_file
+from launcher.plan.eval_samples import SamplesConfig
 from launcher.plan.limits import (
     MAX_DATASET_WEIGHT,
     MAX_EPOCHS,
@@ -34,73 +31,10 @@ from launcher.plan.limits import (
     MAX_STEPS,
     SEED_LIMIT,
 )
+from launcher.plan.recipe_types import Beta, Bool, Float, Int, PathText, Section, short_value, toml_integer
 
 DType = Literal["bfloat16", "float16", "float32"]
 
-
-def _not_a_bool(value: Any) -> Any:
-    # pydantic takes true as 1 for numbers; `gpus = true` or `lr = true` is a mistake, not 1.
-    if isinstance(value, bool):
-        raise PydanticCustomError("bool_for_number", "input should be a number, not true or false")
-    return value
-
-
-# A decimal number as someone would type it in quotes by mistake ("8", "1e-3"); not "nan" or "inf", which are
-# words that happen to parse.
-_NUMERAL = re.compile(r"\s*[+-]?(\d[\d_]*\.?\d*|\.\d+)([eE][+-]?\d+)?\s*")
-
-
-def _is_numeral(text: str) -> bool:
-    return _NUMERAL.fullmatch(text) is not None
-
-
-def _toml_integer(value: Any) -> Any:
-    # TOML has integers and floats of their own; pydantic's lax mode would also take 1e3 (a float) and "8"
-    # (a string) for an integer, so a typo such as `rank = 1e3` silently became rank 1000.
-    _not_a_bool(value)
-    if isinstance(value, float):
-        hint = f" (write {int(value)})" if value.is_integer() and abs(value) < 1e18 else ""  # no 300-digit hint
-        raise PydanticCustomError("int_from_float", "input should be an integer, not a float{hint}", {"hint": hint})
-    if isinstance(value, str) and _is_numeral(value):
-        raise PydanticCustomError(
-            "number_in_quotes", "input should be an integer, not a string (write it without quotes)"
-        )
-    return value  # other strings: pydantic's own 'unable to parse' message
-
-
-def _toml_number(value: Any) -> Any:
-    _not_a_bool(value)
-    if isinstance(value, str) and _is_numeral(value):
-        raise PydanticCustomError(
-            "number_in_quotes", "input should be a number, not a string (write it without quotes)"
-        )
-    return value
-
-
-def _toml_bool(value: Any) -> Any:
-    # pydantic's lax mode reads 1, "yes" or "on" as true: `trust_remote_code = 1` must not switch code on.
-    if not isinstance(value, bool):
-        raise PydanticCustomError("bool_type", "input should be true or false")
-    return value
-
-
-def _not_blank(text: str) -> str:
-    # '' would resolve to the recipe's own directory (or the current one) and be reported as a model there.
-    if not text.strip():
-        raise PydanticCustomError("empty_path", "input should be a path, not an empty string")
-    return text
-
-
-Int = Annotated[int, BeforeValidator(_toml_integer)]
-
-Float = Annotated[float, BeforeValidator(_toml_number)]
-
-Bool = Annotated[bool, BeforeValidator(_toml_bool)]
-
-PathText = Annotated[str, AfterValidator(_not_blank)]
-
-# Adam's moment decay rates: 1 would never forget, and a rate outside [0, 1) diverges.
-Beta = Annotated[Float, Field(ge=0.0, lt=1.0)]
 
 # Run names become a directory under log.runs_dir: one plain path component, never '.', '..' or hidden.
 RUN_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}")
@@ -114,24 +48,7 @@ def is_jinja_template(text: str) -> bool:
     return "{{" in text or "{%" in text
 
 
-def short_value(value: Any, limit: int = 80) -> str:
-    """repr of a recipe value (booleans, dates and times as TOML writes them), cut to fit a one-line message."""
-    if isinstance(value, bool):
-        shown = "true" if value else "false"
-    elif isinstance(value, datetime.date | datetime.time):
-        shown = value.isoformat()  # `lr = 1979-05-27` is a TOML date; datetime.date(1979, 5, 27) is Python's
-    else:
-        shown = repr(value)
-    return shown if len(shown) <= limit else shown[: limit - 3] + "..."
-
-
-class _Section(BaseModel):
-    # allow_inf_nan=False: inf/nan (TOML's inf, nan, and 1e400, which overflows to inf) in any float field
-    # would train to NaN or crash the ranks; they are refused where the recipe is validated.
-    model_config = ConfigDict(frozen=True, extra="forbid", validate_default=True, allow_inf_nan=False)
-
-
-class ModelConfig(_Section):
+class ModelConfig(Section):
     path: PathText = Field(
         description="Local Hugging Face model directory (config.json + *.safetensors), a directory written "
         "by `qlaunch quantize`, or a hub id (resolved through the huggingface_hub cache)."
@@ -153,8 +70,8 @@ class ModelConfig(_Section):
     tokenizer: PathText | None = Field(None, description="Tokenizer path or hub id; defaults to `model.path`.")
 
 
-class QuantConfig(_Section):
-    bits: Annotated[Literal[4, 8, "none"], BeforeValidator(_toml_integer)] = Field(
+class QuantConfig(Section):
+    bits: Annotated[Literal[4, 8, "none"], BeforeValidator(toml_integer)] = Field(
         4,
         description="4 = bitsandbytes NF4/FP4 (QLoRA); 8 = LLM.int8 (bitsandbytes Linear8bitLt, outlier threshold "
         "6.0; replicated weights only: parallel.backend 'none' or DeepSpeed stage 2); 'none' = plain LoRA on the "
@@ -162,7 +79,7 @@ class QuantConfig(_Section):
     )
     type: Literal["nf4", "fp4"] = Field("nf4", description="4-bit data type.")
     double_quant: Bool = Field(True, description="Quantize the per-block scales again (saves ~0.4 bit/param).")
-    blocksize: Annotated[Literal[32, 64, 128, 256], BeforeValidator(_toml_integer)] = Field(
+    blocksize: Annotated[Literal[32, 64, 128, 256], BeforeValidator(toml_integer)] = Field(
         64, description="Elements per quantization block."
     )
     compute_dtype: DType = Field(
@@ -176,7 +93,7 @@ class QuantConfig(_Section):
     skip_modules: list[str] = Field(["lm_head"], description="Linear layers (by name suffix) that stay unquantized.")
 
 
-class LoraConfig(_Section):
+class LoraConfig(Section):
     rank: Int = Field(16, ge=1, le=1024, description="LoRA rank r.")
     alpha: Float = Field(32.0, gt=0, description="LoRA alpha; the update is scaled by alpha / rank.")
     dropout: Float = Field(0.0, ge=0.0, lt=1.0, description="Dropout on the LoRA input.")
@@ -194,7 +111,7 @@ class LoraConfig(_Section):
     )
 
 
-class DatasetSpec(_Section):
+class DatasetSpec(Section):
     path: PathText = Field(
         description="A .jsonl/.json/.parquet/.csv/.arrow file, a directory written by Dataset.save_to_disk, a "
         "directory of data files, or a hub dataset name (org/name)."
@@ -209,7 +126,7 @@ class DatasetSpec(_Section):
     split: str = Field("train", description="Split name for hub datasets and saved DatasetDicts (files have one).")
 
 
-class DataConfig(_Section):
+class DataConfig(Section):
     datasets: list[DatasetSpec] = Field(min_length=1, description="Training datasets (mixed by weight).")
     format: Literal["text", "alpaca", "chat", "tokenized", "preference"] = Field(
         "text",
@@ -305,7 +222,7 @@ class DataConfig(_Section):
         return template
 
 
-class DPOConfig(_Section):
+class DPOConfig(Section):
     beta: Float = Field(
         0.1,
         gt=0.0,
@@ -328,7 +245,7 @@ class DPOConfig(_Section):
     )
 
 
-class ORPOConfig(_Section):
+class ORPOConfig(Section):
     odds_ratio_weight: Float = Field(
         0.1,
         gt=0.0,
@@ -337,7 +254,7 @@ class ORPOConfig(_Section):
     )
 
 
-class TrainConfig(_Section):
+class TrainConfig(Section):
     objective: Literal["sft", "dpo", "orpo"] = Field(
         "sft",
         description="'sft': next-token cross-entropy on the labelled tokens. 'dpo': direct preference "
@@ -373,7 +290,13 @@ class TrainConfig(_Section):
         "and with log.memory_steps.",
     )
     seed: Int = Field(0, ge=0, lt=SEED_LIMIT, description="Seed for data order and dropout.")
-    eval_every: Int = Field(0, ge=0, le=MAX_STEPS, description="Run validation every N steps (0 = never).")
+    eval_every: Int = Field(
+        0, ge=0, le=MAX_STEPS, description="Run validation (and train.samples) every N steps (0 = never)."
+    )
+    samples: SamplesConfig = Field(
+        default_factory=SamplesConfig,
+        description="Prompts completed by the adapter at each evaluation and after the last step.",
+    )
 
     @model_validator(mode="after")
     def _length(self) -> TrainConfig:
@@ -384,7 +307,7 @@ class TrainConfig(_Section):
         return self
 
 
-class FSDPConfig(_Section):
+class FSDPConfig(Section):
     reshard_after_forward: Bool | Literal["auto"] = Field(
         "auto",
         description="Free each gathered decoder layer after its forward and gather it again for backward (less "
@@ -399,8 +322,8 @@ class FSDPConfig(_Section):
     hybrid: Bool = Field(False, description="Shard within a node, replicate across nodes (HSDP).")
 
 
-class DeepSpeedConfig(_Section):
-    stage: Annotated[Literal[2, 3], BeforeValidator(_toml_integer)] = Field(
+class DeepSpeedConfig(Section):
+    stage: Annotated[Literal[2, 3], BeforeValidator(toml_integer)] = Field(
         3,
         description="ZeRO stage: 2 partitions optimizer state and gradients (every rank holds the whole frozen "
         "4-bit model); 3 also partitions the parameters, 4-bit weights included.",
@@ -415,7 +338,7 @@ class DeepSpeedConfig(_Section):
     )
 
 
-class ParallelConfig(_Section):
+class ParallelConfig(Section):
     backend: Literal["fsdp", "deepspeed", "none"] = Field(
         "fsdp",
         description="'fsdp' (FSDP2 fully_shard), 'deepspeed' (ZeRO), or 'none' (single process, no wrapping).",
@@ -424,7 +347,7 @@ class ParallelConfig(_Section):
     deepspeed: DeepSpeedConfig = Field(default_factory=DeepSpeedConfig, description="DeepSpeed options.")
 
 
-class CheckpointConfig(_Section):
+class CheckpointConfig(Section):
     every_steps: Int = Field(
         0,
         ge=0,
@@ -436,7 +359,7 @@ class CheckpointConfig(_Section):
     save_final_adapter: Bool = Field(True, description="Export the PEFT adapter at the end of training.")
 
 
-class LaunchConfig(_Section):
+class LaunchConfig(Section):
     gpus: Int = Field(
         1,
         ge=1,
@@ -461,7 +384,7 @@ class LaunchConfig(_Section):
     )
 
 
-class LogConfig(_Section):
+class LogConfig(Section):
     every_steps: Int = Field(1, ge=1, le=MAX_STEPS, description="Write a metrics line every N steps.")
     runs_dir: PathText = Field("runs", description="Where run directories are created.")
     tensorboard: Bool = Field(False, description="Also write TensorBoard event files (needs tensorboard).")
@@ -491,7 +414,7 @@ class LogConfig(_Section):
         return self
 
 
-class Recipe(_Section):
+class Recipe(Section):
     name: str = Field(
         description="Run name; the run directory is runs/<name>/<timestamp>/. Letters, digits, '.', '_' and '-' "
         "(not first: '.'), at most 128 characters."

@@ -29,6 +29,7 @@ from launcher.rank.export import model_card, save_adapter
 from launcher.rank.objective import SFT, make_objective
 from launcher.rank.parallel import make_engine
 from launcher.rank.profiling import MemoryRecorder, StepProfiler
+from launcher.rank.sample import fsdp_root, rendered_prompts, sample_texts
 from launcher.rank.sinks import gather_per_rank, open_sinks
 from launcher.rundir import RunDir, RunPlan
 
@@ -192,6 +193,7 @@ def _train(run: RunDir, d, recipe, run_plan: RunPlan, metrics, t_spawn: float) -
     objective = make_objective(recipe, built.peft_model, built.compiled)
     final: dict[str, float] = {}  # the last step's and evaluation's figures, for the adapter's model card
     batches = StepBatches(train_data, sampler, pin=device.type == "cuda", preference=objective.preference)
+    sample_prompts, stop_ids = rendered_prompts(recipe.data, tokenizer, recipe.train.samples.prompts)
     for step in range(start_step, total_steps):
         profiler.begin(step + 1)
         memory.begin(step + 1)
@@ -244,10 +246,15 @@ def _train(run: RunDir, d, recipe, run_plan: RunPlan, metrics, t_spawn: float) -
             )
             print(f"[rank {d.rank}] step {step + 1}/{total_steps} loss {loss:.4f}", flush=True)
             data_s = 0.0
-        if val_data is not None and t.eval_every and ((step + 1) % t.eval_every == 0 or step == total_steps - 1):
+        eval_due = bool(t.eval_every) and ((step + 1) % t.eval_every == 0 or step == total_steps - 1)
+        if val_data is not None and eval_due:
             evaluated = evaluate(model, val_data, plan.micro_batch, d, device, objective)
             final.update({f"final_{k}": v for k, v in evaluated.items()})
             metrics("eval", step=step + 1, **evaluated)
+        if sample_prompts and (eval_due or step == total_steps - 1):  # every rank: a sharded model decodes together
+            done = sample_texts(built.causal_lm, tokenizer, sample_prompts, t.samples.max_new_tokens, stop_ids,
+                                device, fsdp_root(built.loss_model))  # fmt: skip
+            metrics("samples", step=step + 1, samples=done)
 
         every = recipe.checkpoint.every_steps
         if preempted or (every and (step + 1) % every == 0 and step + 1 < total_steps):

@@ -74,6 +74,23 @@ def scalars(record: dict[str, Any]) -> tuple[int | None, dict[str, float]]:
     return None, {}
 
 
+def texts(record: dict[str, Any]) -> tuple[int | None, dict[str, str]]:
+    """(step, {tag: Markdown}) of a `samples` record, one tag per prompt (samples/0, samples/1, ...) so that
+    TensorBoard's text tab shows each prompt's completions step by step; empty for other events."""
+    if record.get("event") != "samples":
+        return None, {}
+    return int(record["step"]), {f"samples/{i}": sample_markdown(s) for i, s in enumerate(record["samples"])}
+
+
+def sample_markdown(sample: dict[str, str]) -> str:
+    """Prompt and completion as Markdown code blocks (4-space indent: no text inside can close them)."""
+
+    def block(text: str) -> str:
+        return "\n".join("    " + line for line in (text or " ").split("\n"))
+
+    return f"**prompt**\n\n{block(sample['prompt'])}\n\n**completion**\n\n{block(sample['completion'])}"
+
+
 class TensorBoardSink:
     def __init__(self, log_dir: Path):
         from torch.utils.tensorboard import SummaryWriter  # needs the tensorboard package
@@ -84,7 +101,10 @@ class TensorBoardSink:
         step, values = scalars(record)
         for tag, v in values.items():
             self.writer.add_scalar(tag, v, global_step=step, walltime=record.get("time"))
-        if record.get("event") in ("eval", "done", "checkpoint"):
+        step, markdown = texts(record)
+        for tag, text in markdown.items():
+            self.writer.add_text(tag, text, global_step=step, walltime=record.get("time"))
+        if record.get("event") in ("eval", "samples", "done", "checkpoint"):
             self.writer.flush()
 
     def close(self) -> None:

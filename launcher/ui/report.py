@@ -26,6 +26,7 @@ from launcher.safe_files import open_regular
 # (its last line cut short) or a tampered copy: an event that breaks these rules is skipped and counted,
 # never a traceback. Loss and lr may be NaN or infinite (a diverged run logs them); times may not.
 INT, NUMBER, TEXT, NUMBERS = "an integer", "a number", "a string", "a list of numbers"
+SAMPLES = "a list of {prompt, completion} strings"
 
 COMMON_FIELDS: dict[str, tuple[str, bool]] = {
     "event": (TEXT, True),
@@ -56,6 +57,7 @@ EVENT_FIELDS: dict[str, dict[str, tuple[str, bool]]] = {
     "start": {"first_step_after_s": (NUMBER, False)},
     "checkpoint": {"path": (TEXT, True)},
     "adapter": {"path": (TEXT, True)},
+    "samples": {"step": (INT, True), "samples": (SAMPLES, True)},
 }
 
 _MAX_INT = 2**63  # beyond any step or byte count; also what a float can take without overflowing
@@ -72,6 +74,11 @@ def _fits(value: Any, kind: str) -> bool:
         return isinstance(value, float) or (isinstance(value, int) and abs(value) < _MAX_INT)
     if kind == NUMBERS:
         return isinstance(value, list) and all(_fits(v, NUMBER) for v in value)
+    if kind == SAMPLES:
+        return isinstance(value, list) and all(
+            isinstance(v, dict) and isinstance(v.get("prompt"), str) and isinstance(v.get("completion"), str)
+            for v in value
+        )
     return isinstance(value, str)
 
 
@@ -280,7 +287,18 @@ def summarize(events: list[dict], run: RunDir) -> list[tuple[str, str]]:
         rows.append(("checkpoints", "none"))
     if "adapter" in by:
         rows.append(("adapter", by["adapter"][-1]["path"]))
+    if "samples" in by:
+        rows += sample_rows(by["samples"][-1])
     return rows
+
+
+def sample_rows(event: dict) -> list[tuple[str, str]]:
+    """The last samples event's prompts and completions, whole (train.samples), one row each."""
+    last = event["samples"]
+    return [
+        (f"sample {i + 1} (step {event['step']})", f"{s['prompt']!r} -> {s['completion']!r}")
+        for i, s in enumerate(last)
+    ]
 
 
 def perplexity(loss: float) -> str:
