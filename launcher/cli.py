@@ -297,7 +297,8 @@ def recipes(ctx: typer.Context) -> None:
 
     from launcher.launch.bundled_recipes import recipes_table
 
-    Console(highlight=False).print(recipes_table())
+    # Piped (no terminal width), rich would wrap the purpose column at 80 characters: one row a line instead.
+    Console(highlight=False, width=None if sys.stdout.isatty() else 240).print(recipes_table())
 
 
 @recipes_app.command("cp")
