@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-ASSETS = ROOT / "assets"
+# Where the assets are (repo-root assets/ links there): resolved recipes name this real path.
+ASSETS = ROOT / "launcher" / "bundled" / "assets"
 TINY_MODEL = ASSETS / "tiny-llama"
 TINY_DATA = ASSETS / "tiny-data"
 
