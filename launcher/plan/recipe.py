@@ -34,54 +34,9 @@ from launcher.plan.limits import (
     MAX_STEPS,
     SEED_LIMIT,
 )
+from launcher.plan.toml_values import toml_bool, toml_integer, toml_number
 
 DType = Literal["bfloat16", "float16", "float32"]
-
-
-def _not_a_bool(value: Any) -> Any:
-    # pydantic takes true as 1 for numbers; `gpus = true` or `lr = true` is a mistake, not 1.
-    if isinstance(value, bool):
-        raise PydanticCustomError("bool_for_number", "input should be a number, not true or false")
-    return value
-
-
-# A decimal number as someone would type it in quotes by mistake ("8", "1e-3"); not "nan" or "inf", which are
-# words that happen to parse.
-_NUMERAL = re.compile(r"\s*[+-]?(\d[\d_]*\.?\d*|\.\d+)([eE][+-]?\d+)?\s*")
-
-
-def _is_numeral(text: str) -> bool:
-    return _NUMERAL.fullmatch(text) is not None
-
-
-def _toml_integer(value: Any) -> Any:
-    # TOML has integers and floats of their own; pydantic's lax mode would also take 1e3 (a float) and "8"
-    # (a string) for an integer, so a typo such as `rank = 1e3` silently became rank 1000.
-    _not_a_bool(value)
-    if isinstance(value, float):
-        hint = f" (write {int(value)})" if value.is_integer() and abs(value) < 1e18 else ""  # no 300-digit hint
-        raise PydanticCustomError("int_from_float", "input should be an integer, not a float{hint}", {"hint": hint})
-    if isinstance(value, str) and _is_numeral(value):
-        raise PydanticCustomError(
-            "number_in_quotes", "input should be an integer, not a string (write it without quotes)"
-        )
-    return value  # other strings: pydantic's own 'unable to parse' message
-
-
-def _toml_number(value: Any) -> Any:
-    _not_a_bool(value)
-    if isinstance(value, str) and _is_numeral(value):
-        raise PydanticCustomError(
-            "number_in_quotes", "input should be a number, not a string (write it without quotes)"
-        )
-    return value
-
-
-def _toml_bool(value: Any) -> Any:
-    # pydantic's lax mode reads 1, "yes" or "on" as true: `trust_remote_code = 1` must not switch code on.
-    if not isinstance(value, bool):
-        raise PydanticCustomError("bool_type", "input should be true or false")
-    return value
 
 
 def _not_blank(text: str) -> str:
@@ -91,11 +46,11 @@ def _not_blank(text: str) -> str:
     return text
 
 
-Int = Annotated[int, BeforeValidator(_toml_integer)]
+Int = Annotated[int, BeforeValidator(toml_integer)]
 
-Float = Annotated[float, BeforeValidator(_toml_number)]
+Float = Annotated[float, BeforeValidator(toml_number)]
 
-Bool = Annotated[bool, BeforeValidator(_toml_bool)]
+Bool = Annotated[bool, BeforeValidator(toml_bool)]
 
 PathText = Annotated[str, AfterValidator(_not_blank)]
 
@@ -154,7 +109,7 @@ class ModelConfig(_Section):
 
 
 class QuantConfig(_Section):
-    bits: Annotated[Literal[4, 8, "none"], BeforeValidator(_toml_integer)] = Field(
+    bits: Annotated[Literal[4, 8, "none"], BeforeValidator(toml_integer)] = Field(
         4,
         description="4 = bitsandbytes NF4/FP4 (QLoRA); 8 = LLM.int8 (bitsandbytes Linear8bitLt, outlier threshold "
         "6.0; replicated weights only: parallel.backend 'none' or DeepSpeed stage 2); 'none' = plain LoRA on the "
@@ -162,7 +117,7 @@ class QuantConfig(_Section):
     )
     type: Literal["nf4", "fp4"] = Field("nf4", description="4-bit data type.")
     double_quant: Bool = Field(True, description="Quantize the per-block scales again (saves ~0.4 bit/param).")
-    blocksize: Annotated[Literal[32, 64, 128, 256], BeforeValidator(_toml_integer)] = Field(
+    blocksize: Annotated[Literal[32, 64, 128, 256], BeforeValidator(toml_integer)] = Field(
         64, description="Elements per quantization block."
     )
     compute_dtype: DType = Field(
@@ -400,7 +355,7 @@ class FSDPConfig(_Section):
 
 
 class DeepSpeedConfig(_Section):
-    stage: Annotated[Literal[2, 3], BeforeValidator(_toml_integer)] = Field(
+    stage: Annotated[Literal[2, 3], BeforeValidator(toml_integer)] = Field(
         3,
         description="ZeRO stage: 2 partitions optimizer state and gradients (every rank holds the whole frozen "
         "4-bit model); 3 also partitions the parameters, 4-bit weights included.",
