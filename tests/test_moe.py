@@ -14,12 +14,14 @@ The FSDP2 runs are the family harness's (tests/family_worker.py): one torch-elas
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from tests.conftest import BASE_RECIPE, TINY_MODEL
 from tests.families import AUX, MOE_FAMILIES, make_checkpoint, model_keys
 from tests.test_bad_input import check_error
-from tests.test_families import _worker, rel
+from tests.test_families import ZERO3, _cli_run, _worker, rel
 
 pytestmark = pytest.mark.slow
 
@@ -166,3 +168,35 @@ def test_aux_loss_is_in_the_loss_and_its_gradient(runs, family):
 def test_not_yet_supported_is_refused_in_one_line(checkpoints, tmp_path, sets, expect):
     recipe = BASE_RECIPE.replace(str(TINY_MODEL), str(checkpoints / "qwen3_moe"))
     check_error(tmp_path, recipe, *[x for s in sets for x in ("--set", s)], expect=expect)
+
+
+def _aux_losses(run) -> list[float]:
+    recs = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    return [rec["aux_loss"] for rec in recs if rec["event"] == "step" and "aux_loss" in rec]
+
+
+@pytest.fixture(scope="module")
+def cli_runs(checkpoints, tmp_path_factory) -> dict[str, dict]:
+    """The real CLI, 3 steps, per family: one process accumulating two micro-batches of 2 rows, and DeepSpeed
+    ZeRO-3 over 2 ranks with one each (each unit filled whole, then partitioned: the NF4 experts' storage is
+    partitioned as any parameter)."""
+    out = {}
+    for family in ("qwen3_moe", "mixtral_aux"):
+        tmp = tmp_path_factory.mktemp(family)
+        out[family] = {
+            "ref": _cli_run(tmp, checkpoints / family, "ref", 1, 'parallel.backend="none"'),
+            "zero3": _cli_run(tmp, checkpoints / family, "zero3", 2, *ZERO3),
+        }
+    return out
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "mixtral_aux"])
+def test_zero3_on_two_ranks_equals_one_device(cli_runs, family):
+    """The step losses, gradient norms and (mixtral_aux) the reported load-balancing losses agree."""
+    (ref_run, ref), (got_run, got) = cli_runs[family]["ref"], cli_runs[family]["zero3"]
+    for key in ("loss", "grad_norm"):
+        assert rel(got[key], ref[key]) < 1e-5, (family, key, got[key], ref[key])
+    aux_ref, aux_got = _aux_losses(ref_run), _aux_losses(got_run)
+    assert len(aux_ref) == (3 if family.endswith("_aux") else 0), aux_ref
+    if aux_ref:
+        assert rel(aux_got, aux_ref) < 1e-5, (family, aux_got, aux_ref)
