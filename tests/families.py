@@ -54,14 +54,34 @@ FAMILIES: dict[str, tuple[str, dict, dict[str, str]]] = {
 }
 
 
-def make_checkpoint(family: str, out: Path) -> Path:
-    """Write FAMILY's tiny checkpoint into OUT (a directory) and return it."""
+# Mixture-of-experts families: 4 experts, top-2, every layer sparse (tests/test_moe.py). transformers saves
+# each expert's matrices apart (Qwen3-MoE: experts.E.gate_proj/up_proj/down_proj; Mixtral:
+# block_sparse_moe.experts.E.w1/w3/w2), as the published checkpoints are. The `_aux` variants switch on
+# output_router_logits (both families default to false), with which transformers adds the router's
+# load-balancing loss to the loss; a large coefficient (theirs: 0.001) so that leaving it out shows.
+QWEN3_MOE = dict(
+    num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, decoder_sparse_step=1, norm_topk_prob=True
+)
+MIXTRAL = dict(num_local_experts=4, num_experts_per_tok=2, sliding_window=None)
+AUX = dict(output_router_logits=True, router_aux_loss_coef=0.5)
+MOE_FAMILIES: dict[str, tuple[str, dict, dict[str, str]]] = {
+    "qwen3_moe": ("qwen3_moe", QWEN3_MOE, {}),
+    "mixtral": ("mixtral", MIXTRAL, {}),
+    "qwen3_moe_aux": ("qwen3_moe", {**QWEN3_MOE, **AUX}, {}),
+    "mixtral_aux": ("mixtral", {**MIXTRAL, **AUX}, {}),
+}
+
+ALL_FAMILIES = {**FAMILIES, **MOE_FAMILIES}
+
+
+def make_checkpoint(family: str, out: Path, **extra) -> Path:
+    """Write FAMILY's tiny checkpoint into OUT (a directory) and return it; EXTRA overrides config keys."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    model_type, overrides, _ = FAMILIES[family]
-    config = AutoConfig.for_model(model_type, **{**COMMON, **overrides})
-    torch.manual_seed(sum(map(ord, family)))
+    model_type, overrides, _ = ALL_FAMILIES[family]
+    config = AutoConfig.for_model(model_type, **{**COMMON, **overrides, **extra})
+    torch.manual_seed(sum(map(ord, family.removesuffix("_aux"))))  # an `_aux` variant: its base family's weights
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     with torch.no_grad():  # norms and biases away from their init, so a wrong constant or offset shows
         for p in model.parameters():
@@ -75,7 +95,7 @@ def make_checkpoint(family: str, out: Path) -> Path:
 
 def model_keys(family: str) -> dict[str, str]:
     """The [model] recipe keys FAMILY needs (Gemma 2's soft-capped attention: eager)."""
-    return FAMILIES[family][2]
+    return ALL_FAMILIES[family][2]
 
 
 # bitsandbytes 4-bit variants of the hub's `*-bnb-4bit` format: (quant type, double quant, storage dtype).

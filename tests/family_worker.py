@@ -26,9 +26,10 @@ from launcher.plan.recipe_file import load_recipe  # noqa: E402
 from launcher.rank import loss as loss_module  # noqa: E402
 from launcher.rank.build import build_model  # noqa: E402
 from launcher.rank.loop import optimizer_step  # noqa: E402
+from launcher.rank.model.experts import NF4Experts  # noqa: E402
 from launcher.rank.model.shard import local_view  # noqa: E402
 from launcher.rank.model.skeleton import decoder_layers, input_embedding, is_tied  # noqa: E402
-from launcher.rank.objective import SFT  # noqa: E402
+from launcher.rank.objective import sft_objective  # noqa: E402
 from launcher.rank.parallel.torch_engine import TorchEngine  # noqa: E402
 from tests.families import model_keys  # noqa: E402
 
@@ -90,7 +91,7 @@ def eval_loss(model, batch: dict, rank: int, world: int) -> float:
     total = torch.zeros(2)
     with torch.no_grad():
         for b in rank_micro_batches(batch, rank, world):
-            s, n = model(b["input_ids"], b["labels"], b["position_ids"])
+            s, n, *_ = model(b["input_ids"], b["labels"], b["position_ids"])  # the cross-entropy only
             total += torch.stack([s.float(), n.float()])
     dist.all_reduce(total)
     model.train()
@@ -113,20 +114,27 @@ def run_phase(recipe_path: Path, mesh, rank: int, world: int, with_eval: bool) -
     built = build_model(recipe, torch.device("cpu"), mesh)
     engine = TorchEngine(built.loss_model, recipe, STEPS, "cpu", grad_average_over=world)
     vocab = input_embedding(built.causal_lm).num_embeddings
-    out = {"loss": [], "grad_norm": [], "eval": [], "tied": is_tied(built.causal_lm)}
+    out = {"loss": [], "grad_norm": [], "eval": [], "aux_loss": [], "tied": is_tied(built.causal_lm)}
     out["layers"] = len(decoder_layers(built.causal_lm))  # found again after FSDP2 renamed the classes
     out["base_params"] = len({id(p) for p in built.causal_lm.parameters() if not p.requires_grad})
     out["vocab"] = vocab
+    # (local rows, all rows) of each NF4 experts storage parameter on this rank: the bytes it holds
+    experts = [m for m in built.causal_lm.modules() if isinstance(m, NF4Experts)]
+    out["expert_rows"] = sorted({(local_view(p)[0].shape[0], p.shape[0]) for m in experts for p in m.parameters()})
+    out["bytes_read"] = built.stats.bytes_read
+    objective = sft_objective(built.causal_lm, ROWS // MICRO)
     HEAD_ROWS.clear()
     for step in range(STEPS):
         batch = global_batch(step % 2 if with_eval else step, vocab)
-        n_global = float((batch["labels"][:, 1:] != -100).sum())
+        counts = StepCounts(int((batch["labels"][:, 1:] != -100).sum()))
         sums, norm = optimizer_step(
-            built.loss_model, engine, rank_micro_batches(batch, rank, world), SFT(), StepCounts(int(n_global)), "cpu"
+            built.loss_model, engine, rank_micro_batches(batch, rank, world), objective, counts, "cpu"
         )
-        loss_sum = sums[0]
-        dist.all_reduce(loss_sum)
-        out["loss"].append(float(loss_sum) / n_global)
+        dist.all_reduce(sums)
+        reported = objective.report(sums.tolist(), counts)  # the loop's own step figures
+        out["loss"].append(reported["loss"])
+        if "aux_loss" in reported:
+            out["aux_loss"].append(reported["aux_loss"])
         out["grad_norm"].append(float(norm))
         if with_eval:
             out["eval"].append(eval_loss(built.loss_model, global_batch(0, vocab), rank, world))

@@ -14,7 +14,10 @@ RECIPES = [p.name for p in bundled_recipes()]
 
 
 def test_the_bundled_recipes_are_there():
-    rehearsals = {f"{m}-rehearsal.toml" for m in ("llama8b", "llama8b-dpo", "llama3b", "qwen7b", "gemma3-12b", "phi4")}
+    rehearsals = {
+        f"{m}-rehearsal.toml"
+        for m in ("llama8b", "llama8b-dpo", "llama3b", "qwen7b", "gemma3-12b", "phi4", "qwen3-30b-a3b")
+    }
     assert {"tiny-cpu.toml", "llama70b-qlora.toml", *rehearsals} <= set(RECIPES)
 
 

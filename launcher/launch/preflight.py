@@ -14,6 +14,7 @@ def check(recipe: Recipe) -> None:
     from launcher.plan.model_info import load_config, max_positions, resolve_model_dir
     from launcher.rank.model.fill import open_source, quant_config
     from launcher.rank.model.logits import logit_probe_problem
+    from launcher.rank.model.moe import moe_problem, source_shapes
     from launcher.rank.model.skeleton import checkpoint_shapes, lora_targets, structure_problem
 
     model_dir = resolve_model_dir(recipe)
@@ -30,7 +31,11 @@ def check(recipe: Recipe) -> None:
         raise UserError(f"{model_dir / 'config.json'}: {problem}")
     lora_targets(recipe, skeleton)
     # Headers only: missing shards, corrupt files, wrong dtypes or shapes are found before any rank starts.
-    source, prequantized = open_source(recipe, model_dir, config, checkpoint_shapes(skeleton), "cpu")
+    shapes, _ = source_shapes(skeleton, checkpoint_shapes(skeleton))
+    source, prequantized = open_source(recipe, model_dir, config, shapes, "cpu")
+    problem = moe_problem(recipe, skeleton, prequantized)
+    if problem:
+        raise UserError(f"{model_dir / 'config.json'}: {problem}")
     if prequantized == "bnb":
         hub_layers_check(recipe, skeleton, source, model_dir)
         recipe = recipe.model_copy(update={"quant": quant_config(recipe, skeleton, source, prequantized)})

@@ -109,6 +109,11 @@ class LoraConfig(Section):
     init_seed: Int = Field(
         0, ge=0, lt=SEED_LIMIT, description="Seed of the LoRA A initialisation (identical on all ranks)."
     )
+    train_router: Bool = Field(
+        False,
+        description="Mixture-of-experts models: train the router (the expert-choosing gate) beside the adapters; "
+        "false keeps it frozen in compute dtype. true is not yet supported.",
+    )
 
 
 class DatasetSpec(Section):

@@ -13,7 +13,9 @@ from torch import nn
 from launcher.plan.model_info import load_config, resolve_model_dir
 from launcher.plan.recipe import Recipe
 from launcher.rank.model.dora import install_dequantize, magnitudes_on_meta
+from launcher.rank.model.experts import replace_experts_with_nf4
 from launcher.rank.model.fill import materialize, open_source, quant_config
+from launcher.rank.model.moe import ExpertsSource, checkpoint_name, expert_layout, source_shapes, tensor_name
 from launcher.rank.model.quant import replace_with_4bit, replace_with_int8
 from launcher.rank.model.shard import LoadStats
 from launcher.rank.model.skeleton import (
@@ -74,19 +76,30 @@ def build_model(
     model_dir = resolve_model_dir(recipe)
     config = load_config(recipe, model_dir)
     causal_lm = build_skeleton(recipe, config)
-    # Checkpoint names of every module, recorded before peft moves linears under `.base_layer`.
-    module_names = {m: n for n, m in causal_lm.named_modules()}
-    shapes = checkpoint_shapes(causal_lm)
+    layout = expert_layout(causal_lm)
+
+    def checkpoint_names() -> dict[nn.Module, str]:
+        # Checkpoint names of every module, recorded before peft moves linears under `.base_layer`.
+        return {m: checkpoint_name(n, layout) for n, m in causal_lm.named_modules()}
+
+    module_names = checkpoint_names()
+    # Mixture-of-experts checkpoints store each expert apart: the source reads the fused tensors from those.
+    shapes, fused = source_shapes(causal_lm, checkpoint_shapes(causal_lm))
     constants = constant_inits(causal_lm) if recipe.model.init == "random" else None
+    if constants:
+        constants = {tensor_name(k, layout): v for k, v in constants.items()}
     targets = lora_targets(recipe, causal_lm)
     source, prequant = open_source(recipe, model_dir, config, shapes, device, constants)
+    if fused:
+        source = ExpertsSource(source, fused)
     quant_layers: dict[str, nn.Module] = {}
     if recipe.quant.bits == 4:
         quant_layers = replace_with_4bit(causal_lm, quant_config(recipe, causal_lm, source, prequant))
-        module_names = {m: n for n, m in causal_lm.named_modules()}
+        quant_layers.update(replace_experts_with_nf4(causal_lm, recipe.quant))
+        module_names = checkpoint_names()
     elif recipe.quant.bits == 8:
         quant_layers = replace_with_int8(causal_lm, recipe.quant)
-        module_names = {m: n for n, m in causal_lm.named_modules()}
+        module_names = checkpoint_names()
     peft_cfg = PeftLoraConfig(
         r=recipe.lora.rank,
         lora_alpha=recipe.lora.alpha,
@@ -103,7 +116,7 @@ def build_model(
             peft_model = get_peft_model(causal_lm, peft_cfg)
     else:
         peft_model = get_peft_model(causal_lm, peft_cfg)
-    quant_params = {id(layer.weight) for layer in quant_layers.values()}
+    quant_params = {id(p) for layer in quant_layers.values() for p in layer.parameters(recurse=False) if p.dim() == 2}
     compute = DTYPES[recipe.quant.compute_dtype]
     for p in peft_model.parameters():
         if p.requires_grad:

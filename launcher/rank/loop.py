@@ -190,7 +190,7 @@ def _train(run: RunDir, d, recipe, run_plan: RunPlan, metrics, t_spawn: float) -
     tokens_seen = 0
     t_last = time.perf_counter()
     data_s = 0.0  # host time spent waiting for batches since the last metrics line (the data-loader cost)
-    objective = make_objective(recipe, built.peft_model, built.compiled)
+    objective = make_objective(recipe, built.peft_model, built.compiled, plan.global_batch // plan.micro_batch)
     final: dict[str, float] = {}  # the last step's and evaluation's figures, for the adapter's model card
     batches = StepBatches(train_data, sampler, pin=device.type == "cuda", preference=objective.preference)
     sample_prompts, stop_ids = rendered_prompts(recipe.data, tokenizer, recipe.train.samples.prompts)

@@ -12,6 +12,7 @@ from torch.utils.checkpoint import checkpoint
 from launcher.data.pack import IGNORE  # the label packing gives tokens without a loss
 from launcher.plan.memory import loss_chunk_tokens
 from launcher.rank.model.logits import LogitTransform
+from launcher.rank.model.moe import router_aux
 from launcher.rank.model.skeleton import decoder, output_head
 
 
@@ -40,6 +41,8 @@ class CausalLMLoss(nn.Module):
         self.chunk_tokens = chunk_tokens or loss_chunk_tokens(vocab, self.logits.softcap is not None)
         # Decided before any wrapping: FSDP2 turns the head into a subclass of nn.Linear.
         self.fused_head = plain_head(output_head(causal_lm))
+        # A mixture-of-experts model whose config adds the router's load-balancing loss (moe.RouterAux).
+        self.router_aux = router_aux(causal_lm)
 
     def forward(
         self,
@@ -48,15 +51,17 @@ class CausalLMLoss(nn.Module):
         position_ids: torch.Tensor | None = None,
         per_token: bool = False,
         frozen: bool = False,
-    ) -> tuple[torch.Tensor, torch.Tensor] | torch.Tensor:
-        """(sum of the token losses, number of labelled tokens); with per_token, every token's loss
+    ) -> tuple[torch.Tensor, ...] | torch.Tensor:
+        """(sum of the token losses, number of labelled tokens), and a third value, the micro-batch's router
+        load-balancing loss, where the model adds one (router_aux); with per_token, every token's loss
         (token_losses). One forward for both, so that FSDP's and DeepSpeed's hooks on it run either way.
         FROZEN: values only, the decoder's graph dropped at its output (a reference pass that runs with
         gradients enabled, objective.Preference.reference)."""
-        losses = self.token_losses(input_ids, labels, position_ids, frozen)
+        losses, aux = self._losses(input_ids, labels, position_ids, frozen)
         if per_token:
             return losses
-        return losses.sum(), (labels[:, 1:] != IGNORE).sum()
+        out = (losses.sum(), (labels[:, 1:] != IGNORE).sum())
+        return out if aux is None else (*out, aux)
 
     def token_losses(
         self,
@@ -71,7 +76,12 @@ class CausalLMLoss(nn.Module):
         log-probabilities) can weight each token's gradient; the fused heads keep d/dh per token, so that costs
         nothing over a sum.
         """
-        out = decoder(self.lm)(input_ids=input_ids, position_ids=position_ids, use_cache=False)
+        return self._losses(input_ids, labels, position_ids, frozen)[0]
+
+    def _losses(self, input_ids, labels, position_ids, frozen) -> tuple[torch.Tensor, torch.Tensor | None]:
+        extra = {"output_router_logits": True} if self.router_aux is not None else {}
+        out = decoder(self.lm)(input_ids=input_ids, position_ids=position_ids, use_cache=False, **extra)
+        aux = self.router_aux(out.router_logits) if self.router_aux is not None else None
         hidden = out.last_hidden_state
         if frozen:
             hidden = hidden.detach()
@@ -79,7 +89,7 @@ class CausalLMLoss(nn.Module):
         y = labels[:, 1:].reshape(-1)
         head = output_head(self.lm)
         if self.fused_head:
-            return fused_head_loss(h, head.weight, y, self.chunk_tokens, self.logits)
+            return fused_head_loss(h, head.weight, y, self.chunk_tokens, self.logits), aux
         parts = []
         for s in range(0, h.shape[0], self.chunk_tokens):
             hs, ys = h[s : s + self.chunk_tokens], y[s : s + self.chunk_tokens]
@@ -90,7 +100,7 @@ class CausalLMLoss(nn.Module):
                 parts.append(checkpoint(_module_ce, head, hs, ys, self.logits, use_reentrant=False))
             else:
                 parts.append(_module_ce(head, hs, ys, self.logits))
-        return torch.cat(parts) if parts else h.new_zeros(0, dtype=torch.float32)
+        return (torch.cat(parts) if parts else h.new_zeros(0, dtype=torch.float32)), aux
 
 
 def plain_head(head: nn.Module) -> bool:

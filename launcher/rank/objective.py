@@ -22,20 +22,42 @@ from launcher.rank.sinks import ORPO_FIELDS, PAIR_FIELDS
 
 
 class SFT:
-    """Summed token cross-entropy over the global batch's labelled tokens."""
+    """Summed token cross-entropy over the global batch's labelled tokens; for a mixture-of-experts model whose
+    config adds it (moe.RouterAux), plus the router's load-balancing loss times the model's coefficient.
 
-    names = ("loss",)
+    The load-balancing loss is a product of two means over a batch's tokens (the share of routings to each
+    expert, its mean router probability), so it is no sum a global batch can be split into: it is computed per
+    micro-batch, as transformers' forward computes it for the batch it is given (and its Trainer under
+    gradient accumulation), and averaged over the step's MICRO_BATCHES micro-batches of all ranks. Any world
+    size and accumulation that keep the micro-batch rows give the same loss."""
+
     preference = False
+
+    def __init__(self, aux_coef: float | None = None, micro_batches: int = 1):
+        self.aux_coef = aux_coef
+        self.micro_batches = micro_batches
+        self.names = ("loss",) if aux_coef is None else ("loss", "aux_loss")
 
     def micro(
         self, model, batch: dict, counts: StepCounts, row_weight: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         # row_weight is not needed: evaluation's filler rows have no label, so they add nothing.
-        s, _ = model(batch["input_ids"], batch["labels"], batch["position_ids"])
-        return s / float(max(counts.tokens, 1)), s.detach().float().reshape(1)
+        s, _, *aux = model(batch["input_ids"], batch["labels"], batch["position_ids"])
+        share = s / float(max(counts.tokens, 1))
+        if self.aux_coef is None:
+            return share, s.detach().float().reshape(1)
+        (aux,) = aux
+        share = share + self.aux_coef * aux / self.micro_batches
+        # The micro-batch is counted with its load-balancing loss: evaluation's number of micro-batches is
+        # what the sums are averaged over (its padding passes contribute zeros, count included).
+        return share, torch.stack([s.detach().float(), aux.detach().float(), torch.ones_like(aux.float())])
 
     def report(self, sums: list[float], counts: StepCounts) -> dict[str, float]:
-        return {"loss": sums[0] / max(counts.tokens, 1)}
+        ce = sums[0] / max(counts.tokens, 1)
+        if self.aux_coef is None:
+            return {"loss": ce}
+        aux = sums[1] / max(sums[2], 1.0)
+        return {"loss": ce + self.aux_coef * aux, "aux_loss": aux}
 
 
 @contextmanager
@@ -246,12 +268,21 @@ def log1mexp(x: torch.Tensor) -> torch.Tensor:
     return torch.where(x < -0.6931471805599453, torch.log1p(-torch.exp(x)), torch.log(-torch.expm1(x)))
 
 
-def make_objective(recipe, peft_model: nn.Module, compiled: bool = False):
+def sft_objective(causal_lm: nn.Module, micro_batches: int) -> SFT:
+    """SFT with the model's router load-balancing term where its config adds one, averaged over the step's
+    MICRO_BATCHES (global batch / micro-batch) micro-batches."""
+    from launcher.rank.model.moe import router_aux
+
+    aux = router_aux(causal_lm)
+    return SFT() if aux is None else SFT(aux.coef, micro_batches)
+
+
+def make_objective(recipe, peft_model: nn.Module, compiled: bool = False, micro_batches: int = 1):
     """The recipe's objective. COMPILED: the decoder layers are compiled (build.compile_layers), so the DPO
     reference takes the policy's graph (Preference.reference) — with LoRA under FSDP2 or one device. DoRA's
     output at scale 0 is not the base's, and DeepSpeed's hooks expect every forward with gradients to be
-    followed by its backward: those keep the bypassed no-grad reference."""
+    followed by its backward: those keep the bypassed no-grad reference. MICRO_BATCHES: of a step, all ranks."""
     if recipe.train.objective == "sft":
-        return SFT()
+        return sft_objective(peft_model.get_base_model(), micro_batches)
     same = compiled and not recipe.lora.use_dora and recipe.parallel.backend != "deepspeed"
     return Preference(recipe, peft_model, same_graph_reference=same)

@@ -16,6 +16,7 @@ from launcher.plan.model_info import is_bnb_4bit
 from launcher.plan.recipe import Recipe
 from launcher.rank.model.bnb_hub import QUANT_TYPES, STATE_KEY, check_stored_4bit, hub_quant_config, stored_4bit
 from launcher.rank.model.dora import MAGNITUDE, magnitude_bases, magnitude_rows
+from launcher.rank.model.experts import NF4Experts, fill_experts
 from launcher.rank.model.quant import fill_int8, fill_quantized
 from launcher.rank.model.shard import LoadStats, local_view
 from launcher.rank.model.skeleton import linear_names, retie, shared_parameters
@@ -53,7 +54,9 @@ def lora_init(name: str, shape: tuple[int, ...], seed: int) -> torch.Tensor:
 
 def fill_base_param(module, pname, p, hf_name, source, recipe, device, prequant, quant_layers, stats, progress):
     """Fill one frozen base parameter (4-bit packed, int8 or dense) from the source; shared by every loader."""
-    if module in quant_layers and pname == "weight" and recipe.quant.bits == 8:
+    if isinstance(module, NF4Experts):
+        fill_experts(module, pname, hf_name, source, recipe.quant, device)
+    elif module in quant_layers and pname == "weight" and recipe.quant.bits == 8:
         fill_int8(module, hf_name, source, device)
     elif module in quant_layers and pname == "weight":
         fill_quantized(module, hf_name, source, recipe.quant, device, prequant)

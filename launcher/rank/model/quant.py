@@ -249,7 +249,7 @@ def fill_quantized(
             packed_local, absmax_own = quantize_shard(
                 lambda a, b: source.read_flat(hf_name, a, b, device), n, spans, q, device
             )
-        absmax_full = _all_gather_blocks(absmax_own, -(-n // q.blocksize), world, group, device)
+        absmax_full = all_gather_blocks(absmax_own, -(-n // q.blocksize), world, group, device)
         qs = make_quant_state(absmax_full, (out_f, in_f), q)
     if e1 > e0:
         local.view(torch.uint8).reshape(-1)[: (e1 - e0) // 2].copy_(packed_local)
@@ -310,7 +310,7 @@ def fill_int8(layer: nn.Module, hf_name: str, source, device: torch.device) -> N
     layer.weight = Int8Params(cb, requires_grad=False, has_fp16_weights=False, CB=cb, SCB=scb)
 
 
-def _all_gather_blocks(own: torch.Tensor, total: int, world: int, group, device) -> torch.Tensor:
+def all_gather_blocks(own: torch.Tensor, total: int, world: int, group, device) -> torch.Tensor:
     if world == 1:
         return own.contiguous()
     c = -(-total // world)

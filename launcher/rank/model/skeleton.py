@@ -14,6 +14,7 @@ from torch import nn
 from launcher.errors import UserError
 from launcher.plan.memory import LayerShape
 from launcher.plan.recipe import Recipe
+from launcher.rank.model.moe import LAYOUTS, expert_layout, experts_modules, is_router
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
@@ -163,16 +164,23 @@ def structure_problem(causal_lm: nn.Module) -> str | None:
         where = ", ".join(n for n, _ in found) or "none"
         return f"{cls} needs exactly one list of {'/'.join(sorted(names))} layers (found: {where})"
     config = getattr(causal_lm, "config", None)
+    layout = expert_layout(causal_lm)
     for key in ("num_experts", "num_local_experts", "n_routed_experts"):
         value = getattr(config, key, None)
-        if type(value) is int and value > 1:
-            return f"{cls} is a mixture-of-experts model ({key} = {value}); only dense models are supported yet"
+        if type(value) is int and value > 1 and layout is None:
+            return (
+                f"{cls} is a mixture-of-experts model ({key} = {value}); of those qlaunch trains "
+                f"{', '.join(sorted(LAYOUTS))} only"
+            )
+    fused = {id(p) for _, m in experts_modules(causal_lm) for p in m.parameters(recurse=False)} if layout else set()
     for n, p in causal_lm.named_parameters():
-        if p.dim() > 2:
+        if p.dim() > 2 and id(p) not in fused:
             return f"parameter {n} has {p.dim()} dimensions; qlaunch loads and shards 1-D and 2-D weights only"
     layer_prefix = found[0][0] + "."
     for n, m in causal_lm.named_modules():
         weight = m._parameters.get("weight")
+        if layout is not None and is_router(m):
+            continue  # the MoE router: a dense [experts, hidden] weight in compute dtype, never quantized
         if n.startswith(layer_prefix) and weight is not None and weight.dim() == 2 and not isinstance(m, nn.Linear):
             return (
                 f"module {n} is a {type(m).__name__}, not an nn.Linear; qlaunch quantizes and adapts "
@@ -192,8 +200,9 @@ def structure_problem(causal_lm: nn.Module) -> str | None:
         renames = get_model_conversion_mapping(causal_lm, add_legacy=False)
     except (ImportError, TypeError):
         renames = None
-    if renames:
-        # qlaunch reads each tensor by its module's name; transformers would rename checkpoint keys first.
+    if renames and layout is None:
+        # qlaunch reads each tensor by its module's name; transformers would rename checkpoint keys first. The
+        # MoE families' renames (per-expert tensors, Mixtral's block name) are moe.LAYOUTS, read as transformers does.
         return f"{cls}'s checkpoints store tensors under other names than its modules (transformers renames them)"
     return None
 
@@ -249,7 +258,13 @@ def lora_targets(recipe: Recipe, causal_lm: nn.Module) -> list[str]:
         inside = {id(m) for m in layers.modules()}
         linear = set(names)
         return sorted({n.rsplit(".", 1)[-1] for n, m in causal_lm.named_modules() if id(m) in inside and n in linear})
+    experts = {f"{n}.{pn}" for n, m in experts_modules(causal_lm) for pn, _ in m.named_parameters(recurse=False)}
     for t in recipe.lora.target_modules:
+        if not any(name_matches(n, [t]) for n in names) and any(name_matches(n, [t]) for n in experts | {"experts"}):
+            raise UserError(
+                f"lora.target_modules: {t!r} names the fused experts of a mixture-of-experts layer; "
+                "LoRA on experts is not yet supported (adapt the attention projections)"
+            )
         if not any(name_matches(n, [t]) for n in names):
             leaves = sorted({n.rsplit(".", 1)[-1] for n in names})
             raise UserError(f"lora.target_modules: {t!r} matches no linear layer; this model has {', '.join(leaves)}")
